@@ -1,0 +1,3 @@
+//! Data: chat templates (and, later, preference rows, tokenization and collation).
+
+pub mod chat_template;

@@ -1,0 +1,8 @@
+//! prefalign: align causal language models with human preferences (DPO, ORPO, SimPO) on libtorch.
+//!
+//! The path of data: `data/` (rows, chat templates) -> `model/` (config, architectures, weights, tokenizer)
+//! -> `cli/`.
+
+pub mod cli;
+pub mod data;
+pub mod model;

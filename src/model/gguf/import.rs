@@ -1,0 +1,184 @@
+//! A GGUF file as a Hugging Face model: config from `<arch>.*` metadata, tensors renamed from llama.cpp's
+//! names (with llama.cpp's Q/K row permutation undone for llama), and a tokenizer from `tokenizer.ggml.*`.
+
+use super::dequant::{dequantize, GgmlType};
+use super::reader::{GgufFile, TensorInfo, Value};
+use crate::model::config::{Architecture, ModelConfig, RopeParameters, TokenIds};
+use crate::model::tokenizer::TextTokenizer;
+use crate::model::weights::WeightSource;
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::Tensor;
+
+pub struct GgufModel {
+    pub config: ModelConfig,
+    pub tokenizer: TextTokenizer,
+    pub weights: GgufWeights,
+}
+
+/// The tensors of a GGUF file under Hugging Face names, dequantized to f32 when asked for.
+pub struct GgufWeights {
+    file: GgufFile,
+    /// HF name -> index into `file.tensors`
+    names: BTreeMap<String, usize>,
+    /// (num_heads, num_kv_heads) when Q/K rows must be un-permuted (llama.cpp's llama conversion).
+    unpermute: Option<(i64, i64)>,
+}
+
+impl GgufModel {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let context = || format!("in {}", path.display());
+        let arch_name = file
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .context("GGUF metadata has no general.architecture")
+            .with_context(context)?
+            .to_string();
+        let arch = Architecture::from_model_type(&arch_name).with_context(context)?;
+        let tokenizer = TextTokenizer::from_gguf(&file).with_context(context)?;
+        let config = config_from_metadata(&file, arch, &arch_name, &tokenizer).with_context(context)?;
+        let mut names = BTreeMap::new();
+        for (i, info) in file.tensors.iter().enumerate() {
+            names.insert(hf_tensor_name(&info.name).with_context(context)?, i);
+        }
+        // llama.cpp permutes q/k rows of llama-family models (for its interleaved RoPE); Qwen is left as is.
+        let unpermute = (arch == Architecture::Llama || arch == Architecture::Mistral)
+            .then_some((config.num_attention_heads as i64, config.num_kv_heads() as i64));
+        Ok(Self { config, tokenizer, weights: GgufWeights { file, names, unpermute } })
+    }
+}
+
+fn config_from_metadata(file: &GgufFile, arch: Architecture, prefix: &str, tokenizer: &TextTokenizer) -> Result<ModelConfig> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    let get_u = |k: &str| -> Result<usize> {
+        file.get(&key(k))
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .with_context(|| format!("GGUF metadata has no integer {}", key(k)))
+    };
+    let opt_u = |k: &str| file.get(&key(k)).and_then(Value::as_u64).map(|v| v as usize);
+    let opt_f = |k: &str| file.get(&key(k)).and_then(Value::as_f64);
+    let hidden_size = get_u("embedding_length")?;
+    let num_attention_heads = get_u("attention.head_count")?;
+    let head_dim = opt_u("attention.key_length").filter(|&d| d != hidden_size / num_attention_heads);
+    let vocab_size = opt_u("vocab_size").unwrap_or(tokenizer.vocab_size());
+    let has_output = file.tensors.iter().any(|t| t.name == "output.weight");
+    let token_id = |k: &str| file.get(&format!("tokenizer.ggml.{k}")).and_then(Value::as_i64).map(TokenIds::One);
+    let rope_scaling = match file.get(&key("rope.scaling.type")).and_then(Value::as_str) {
+        None | Some("none") => None,
+        Some("linear") => Some(RopeParameters {
+            rope_type: Some("linear".into()),
+            factor: opt_f("rope.scaling.factor"),
+            ..Default::default()
+        }),
+        Some(other) => bail!("unsupported GGUF rope scaling type \"{other}\""),
+    };
+    let config = ModelConfig {
+        architectures: vec![arch.class_name().to_string()],
+        model_type: arch.model_type().to_string(),
+        vocab_size,
+        hidden_size,
+        intermediate_size: get_u("feed_forward_length")?,
+        num_hidden_layers: get_u("block_count")?,
+        num_attention_heads,
+        num_key_value_heads: Some(opt_u("attention.head_count_kv").unwrap_or(num_attention_heads)),
+        head_dim,
+        hidden_act: "silu".into(),
+        max_position_embeddings: opt_u("context_length").unwrap_or(2048),
+        rms_norm_eps: opt_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
+        rope_theta: Some(opt_f("rope.freq_base").unwrap_or(10_000.0)),
+        rope_scaling,
+        rope_parameters: None,
+        attention_bias: Some(file.tensors.iter().any(|t| t.name == "blk.0.attn_q.bias") && arch != Architecture::Qwen2),
+        mlp_bias: false,
+        tie_word_embeddings: !has_output,
+        sliding_window: None,
+        use_sliding_window: false,
+        max_window_layers: None,
+        layer_types: None,
+        bos_token_id: token_id("bos_token_id"),
+        eos_token_id: token_id("eos_token_id"),
+        pad_token_id: token_id("padding_token_id"),
+        dtype: Some("float32".into()),
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// llama.cpp tensor name -> Hugging Face name.
+fn hf_tensor_name(gguf_name: &str) -> Result<String> {
+    let fixed = match gguf_name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Ok(name.to_string());
+    }
+    let unknown = || anyhow::anyhow!("unknown GGUF tensor name {gguf_name}");
+    let rest = gguf_name.strip_prefix("blk.").ok_or_else(unknown)?;
+    let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
+    let (part, suffix) = rest.rsplit_once('.').ok_or_else(unknown)?;
+    let hf_part = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return Err(unknown()),
+    };
+    Ok(format!("model.layers.{layer}.{hf_part}.{suffix}"))
+}
+
+/// Undoes llama.cpp's `permute(w, n_head)`: rows grouped as [head, half, 2] go back to [head, 2, half].
+fn unpermute_rows(w: &Tensor, heads: i64) -> Tensor {
+    let shape = w.size();
+    let rest: Vec<i64> = shape[1..].to_vec();
+    let half = shape[0] / heads / 2;
+    let mut grouped = vec![heads, half, 2];
+    grouped.extend(&rest);
+    w.reshape(grouped.as_slice()).transpose(1, 2).reshape(shape.as_slice())
+}
+
+impl GgufWeights {
+    fn dequantize(&self, info: &TensorInfo) -> Result<Tensor> {
+        let ty = GgmlType::from_id(info.ggml_type).with_context(|| format!("tensor {}", info.name))?;
+        let count = info.element_count() as usize;
+        let bytes = self.file.tensor_bytes(info, ty.byte_len(count).with_context(|| format!("tensor {}", info.name))?)?;
+        let values = dequantize(ty, bytes);
+        Ok(Tensor::from_slice(&values).reshape(info.shape().as_slice()))
+    }
+}
+
+impl WeightSource for GgufWeights {
+    fn describe(&self) -> String {
+        self.file.path.display().to_string()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.names.keys().cloned().collect()
+    }
+
+    fn tensor(&self, name: &str) -> Result<Option<Tensor>> {
+        let Some(&index) = self.names.get(name) else { return Ok(None) };
+        let tensor = self.dequantize(&self.file.tensors[index])?;
+        Ok(Some(match self.unpermute {
+            Some((heads, _)) if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") => {
+                unpermute_rows(&tensor, heads)
+            }
+            Some((_, kv_heads)) if name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias") => {
+                unpermute_rows(&tensor, kv_heads)
+            }
+            _ => tensor,
+        }))
+    }
+}

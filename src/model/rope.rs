@@ -1,0 +1,88 @@
+//! Rotary position embeddings, computed as transformers does (f32 frequencies, cos/sin cast to the
+//! activations' dtype), including the `linear` and `llama3` frequency scalings.
+
+use crate::model::config::ModelConfig;
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    Linear { factor: f64 },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_positions: f64 },
+}
+
+impl RopeScaling {
+    pub fn from_config(config: &ModelConfig) -> Result<Self> {
+        let rope = config.rope();
+        let required = |value: Option<f64>, name: &str| match value {
+            Some(v) => Ok(v),
+            None => bail!("rope type \"{}\" needs `{name}`", rope.rope_type.as_deref().unwrap_or("")),
+        };
+        Ok(match rope.rope_type.as_deref().unwrap_or("default") {
+            "default" => Self::None,
+            "linear" => Self::Linear { factor: required(rope.factor, "factor")? },
+            "llama3" => Self::Llama3 {
+                factor: required(rope.factor, "factor")?,
+                low_freq_factor: required(rope.low_freq_factor, "low_freq_factor")?,
+                high_freq_factor: required(rope.high_freq_factor, "high_freq_factor")?,
+                original_max_positions: required(
+                    rope.original_max_position_embeddings.map(|v| v as f64),
+                    "original_max_position_embeddings",
+                )?,
+            },
+            other => bail!("unsupported rope type \"{other}\" (supported: default, linear, llama3)"),
+        })
+    }
+}
+
+pub struct Rope {
+    inv_freq: Tensor, // [head_dim / 2], f32
+}
+
+impl Rope {
+    pub fn new(config: &ModelConfig, device: Device) -> Result<Self> {
+        let dim = config.head_dim() as i64;
+        let theta = config.rope().rope_theta.unwrap_or(10_000.0);
+        // 1 / theta^(2i/d), in f32 like transformers.
+        let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / dim as f64;
+        let mut inv_freq = Tensor::from(theta).to_kind(Kind::Float).to_device(device).pow(&exponents).reciprocal();
+        match RopeScaling::from_config(config)? {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => inv_freq = inv_freq / factor,
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions } => {
+                let low_freq_wavelen = original_max_positions / low_freq_factor;
+                let high_freq_wavelen = original_max_positions / high_freq_factor;
+                // PyTorch's `scalar / tensor` is `tensor.reciprocal() * scalar`; written the same way for equal rounding.
+                let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+                // Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+                let divided: Tensor = &inv_freq / factor;
+                let scaled = divided.where_self(&wavelen.gt(low_freq_wavelen), &inv_freq);
+                let ratio = wavelen.reciprocal() * original_max_positions;
+                let smooth = (ratio - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let one_minus_smooth: Tensor = 1.0 - &smooth;
+                let smoothed = one_minus_smooth * &scaled / factor + &smooth * &scaled;
+                let is_medium = wavelen.ge(high_freq_wavelen).logical_and(&wavelen.le(low_freq_wavelen));
+                inv_freq = smoothed.where_self(&is_medium, &scaled);
+            }
+        }
+        Ok(Self { inv_freq })
+    }
+
+    /// cos and sin for positions `start..start+len`, each [len, head_dim], in `kind`.
+    pub fn cos_sin(&self, start: i64, len: i64, kind: Kind) -> (Tensor, Tensor) {
+        let positions = Tensor::arange_start(start, start + len, (Kind::Float, self.inv_freq.device()));
+        let freqs = positions.outer(&self.inv_freq); // [len, head_dim/2]
+        let angles = Tensor::cat(&[&freqs, &freqs], -1); // [len, head_dim]
+        (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
+    }
+}
+
+/// x * cos + rotate_half(x) * sin, with x [batch, heads, len, head_dim] and cos/sin [len, head_dim].
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let x1 = x.narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    let rotated = Tensor::cat(&[&x2.neg(), &x1], 3);
+    x * cos + rotated * sin
+}

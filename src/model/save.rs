@@ -1,0 +1,51 @@
+//! Saving a model as a Hugging Face folder that transformers loads: config.json, safetensors weights (sharded
+//! past a size limit), generation_config.json and the tokenizer files.
+
+use crate::model::device::dtype_name;
+use crate::model::weights::{save_safetensors, write_atomically};
+use crate::model::LoadedModel;
+use anyhow::{Context, Result};
+use serde_json::json;
+use std::path::Path;
+use tch::Tensor;
+
+/// transformers' default `max_shard_size` ("5GB").
+pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+pub fn save_hf(model: &LoadedModel, dir: &Path, max_shard_bytes: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let variables = model.vs.variables();
+    let mut tensors: Vec<(String, Tensor)> = variables.into_iter().collect();
+    tensors.sort_by(|a, b| natural_key(&a.0).cmp(&natural_key(&b.0)));
+    let dtype = tensors.first().map_or(tch::Kind::Float, |(_, t)| t.kind());
+    save_safetensors(dir, &tensors, max_shard_bytes)?;
+
+    let config = model.config();
+    let mut config_json = serde_json::to_value(config)?;
+    config_json["dtype"] = json!(dtype_name(dtype));
+    config_json["torch_dtype"] = json!(dtype_name(dtype)); // what transformers < 4.56 reads
+    write_json(dir, "config.json", &config_json)?;
+
+    let mut generation = json!({});
+    for (key, value) in [("bos_token_id", &config.bos_token_id), ("eos_token_id", &config.eos_token_id), ("pad_token_id", &config.pad_token_id)] {
+        if let Some(value) = value {
+            generation[key] = serde_json::to_value(value)?;
+        }
+    }
+    write_json(dir, "generation_config.json", &generation)?;
+
+    if let Some(tokenizer) = &model.tokenizer {
+        tokenizer.save_hf(dir, config.max_position_embeddings)?;
+    }
+    Ok(())
+}
+
+fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    write_atomically(&dir.join(name), |tmp| Ok(std::fs::write(tmp, &text)?))
+}
+
+/// Sorts "model.layers.10" after "model.layers.9" so shards follow layer order.
+fn natural_key(name: &str) -> Vec<(String, u64)> {
+    name.split('.').map(|part| part.parse::<u64>().map_or((part.to_string(), 0), |n| (String::new(), n))).collect()
+}
