@@ -127,9 +127,11 @@ pub struct ModelConfig {
     pub eos_token_id: Option<TokenIds>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pad_token_id: Option<TokenIds>,
-    /// `torch_dtype` before transformers 5, `dtype` since.
-    #[serde(default, alias = "torch_dtype", skip_serializing_if = "Option::is_none")]
+    /// The weights' dtype: `dtype` since transformers 4.56, `torch_dtype` before (files may carry both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
 }
 
 fn default_hidden_act() -> String {

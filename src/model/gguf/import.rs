@@ -1,8 +1,7 @@
 //! A GGUF file as a Hugging Face model: config from `<arch>.*` metadata, tensors renamed from llama.cpp's
 //! names (with llama.cpp's Q/K row permutation undone for llama), and a tokenizer from `tokenizer.ggml.*`.
 
-use super::dequant::{dequantize, GgmlType};
-use super::reader::{GgufFile, TensorInfo, Value};
+use super::reader::{GgufFile, Value};
 use crate::model::config::{Architecture, ModelConfig, RopeParameters, TokenIds};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::weights::WeightSource;
@@ -102,6 +101,7 @@ fn config_from_metadata(file: &GgufFile, arch: Architecture, prefix: &str, token
         eos_token_id: token_id("eos_token_id"),
         pad_token_id: token_id("padding_token_id"),
         dtype: Some("float32".into()),
+        torch_dtype: None,
     };
     config.validate()?;
     Ok(config)
@@ -149,16 +149,6 @@ fn unpermute_rows(w: &Tensor, heads: i64) -> Tensor {
     w.reshape(grouped.as_slice()).transpose(1, 2).reshape(shape.as_slice())
 }
 
-impl GgufWeights {
-    fn dequantize(&self, info: &TensorInfo) -> Result<Tensor> {
-        let ty = GgmlType::from_id(info.ggml_type).with_context(|| format!("tensor {}", info.name))?;
-        let count = info.element_count() as usize;
-        let bytes = self.file.tensor_bytes(info, ty.byte_len(count).with_context(|| format!("tensor {}", info.name))?)?;
-        let values = dequantize(ty, bytes);
-        Ok(Tensor::from_slice(&values).reshape(info.shape().as_slice()))
-    }
-}
-
 impl WeightSource for GgufWeights {
     fn describe(&self) -> String {
         self.file.path.display().to_string()
@@ -170,7 +160,7 @@ impl WeightSource for GgufWeights {
 
     fn tensor(&self, name: &str) -> Result<Option<Tensor>> {
         let Some(&index) = self.names.get(name) else { return Ok(None) };
-        let tensor = self.dequantize(&self.file.tensors[index])?;
+        let tensor = self.file.dequantize(&self.file.tensors[index])?;
         Ok(Some(match self.unpermute {
             Some((heads, _)) if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") => {
                 unpermute_rows(&tensor, heads)

@@ -2,10 +2,12 @@
 //! Layout: magic "GGUF", version u32, tensor count u64, kv count u64, kvs, tensor infos, padding to
 //! `general.alignment`, tensor data. All little-endian.
 
+use super::dequant::{dequantize, GgmlType};
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use tch::Tensor;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -219,6 +221,18 @@ impl GgufFile {
         self.mmap.get(start..start + byte_len).with_context(|| {
             format!("tensor {} in {} runs past the end of the file", info.name, self.path.display())
         })
+    }
+
+    /// The tensor as f32 in its PyTorch shape.
+    pub fn dequantize(&self, info: &TensorInfo) -> Result<Tensor> {
+        let ty = GgmlType::from_id(info.ggml_type).with_context(|| format!("tensor {}", info.name))?;
+        let byte_len = ty.byte_len(info.element_count() as usize).with_context(|| format!("tensor {}", info.name))?;
+        let values = dequantize(ty, self.tensor_bytes(info, byte_len)?);
+        Ok(Tensor::from_slice(&values).reshape(info.shape().as_slice()))
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
