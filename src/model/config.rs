@@ -50,8 +50,11 @@ impl Architecture {
 /// RoPE parameters: transformers < 5 writes `rope_theta` + `rope_scaling`, transformers 5 `rope_parameters`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RopeParameters {
-    #[serde(default, alias = "type", skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_type: Option<String>,
+    /// The older spelling of `rope_type` (some files carry both).
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub legacy_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -219,13 +222,57 @@ impl ModelConfig {
     /// RoPE parameters, whichever way the file spells them.
     pub fn rope(&self) -> RopeParameters {
         let mut rope = self.rope_parameters.clone().or_else(|| self.rope_scaling.clone()).unwrap_or_default();
-        if rope.rope_theta.is_none() {
-            rope.rope_theta = Some(self.rope_theta.unwrap_or(10_000.0));
-        }
+        rope.rope_type = rope.rope_type.or(rope.legacy_type.take());
+        rope.rope_theta = rope.rope_theta.or(self.rope_theta).or(Some(10_000.0));
         rope
     }
 
     pub fn eos_token_ids(&self) -> Vec<i64> {
         self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::rope::RopeScaling;
+
+    fn parse(json: &str) -> ModelConfig {
+        serde_json::from_str(json).unwrap()
+    }
+
+    const BASE: &str = r#""model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "unknown_key": [1, 2]"#;
+
+    #[test]
+    fn transformers_4_and_5_rope_spellings_agree() {
+        let v4 = parse(&format!(
+            r#"{{{BASE}, "rope_theta": 500000.0, "rope_scaling": {{"type": "llama3", "rope_type": "llama3",
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}}}"#
+        ));
+        let v5 = parse(&format!(
+            r#"{{{BASE}, "rope_parameters": {{"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}}}"#
+        ));
+        assert_eq!(v4.rope().rope_theta, Some(500000.0));
+        assert_eq!(RopeScaling::from_config(&v4).unwrap(), RopeScaling::from_config(&v5).unwrap());
+        assert!(matches!(RopeScaling::from_config(&v4).unwrap(), RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    #[test]
+    fn defaults_and_token_id_lists() {
+        let config = parse(&format!(r#"{{{BASE}, "eos_token_id": [2, 7], "torch_dtype": "bfloat16"}}"#));
+        assert_eq!(config.num_kv_heads(), 2);
+        assert_eq!(config.head_dim(), 8);
+        assert_eq!(config.rope().rope_theta, Some(10_000.0));
+        assert_eq!(config.eos_token_ids(), vec![2, 7]);
+        assert!(!config.tie_word_embeddings);
+        assert_eq!(config.torch_dtype.as_deref(), Some("bfloat16"));
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_without_saying_so() {
+        let config = parse(&format!("{{{}}}", BASE.replace("\"llama\"", "\"qwen2\"")));
+        assert!(config.qkv_bias() && !config.o_bias());
     }
 }

@@ -118,6 +118,9 @@ fn hf_tensor_name(gguf_name: &str) -> Result<String> {
     if let Some(name) = fixed {
         return Ok(name.to_string());
     }
+    if gguf_name == "rope_freqs.weight" {
+        bail!("GGUF tensor rope_freqs.weight (llama3-style RoPE frequency factors) is not supported yet; convert the original Hugging Face model instead");
+    }
     let unknown = || anyhow::anyhow!("unknown GGUF tensor name {gguf_name}");
     let rest = gguf_name.strip_prefix("blk.").ok_or_else(unknown)?;
     let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
