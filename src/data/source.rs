@@ -1,0 +1,151 @@
+//! Reading preference rows from JSONL, JSON (an array of objects) or Parquet (a file or a folder of shards), each
+//! optionally gzipped where the format allows. Every row keeps its location (`file:line`, `file[index]`,
+//! `file row N`) so that later errors can name it.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{Map, Value};
+use std::io::{BufRead, Read};
+use std::path::{Path, PathBuf};
+
+/// One row as read, before any interpretation.
+#[derive(Debug, Clone)]
+pub struct RawRow {
+    pub location: String,
+    pub fields: Map<String, Value>,
+}
+
+/// Reads every row of a file, or of every data file in a folder (sorted by name).
+pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
+    if !path.exists() {
+        bail!("dataset {} does not exist", path.display());
+    }
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot list {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && DataFormat::of(p).is_ok())
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("no .parquet, .jsonl or .json files in {}", path.display());
+        }
+        let mut rows = Vec::new();
+        for file in files {
+            rows.extend(read_file(&file)?);
+        }
+        return Ok(rows);
+    }
+    read_file(path)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataFormat {
+    JsonLines,
+    JsonArray,
+    Parquet,
+}
+
+impl DataFormat {
+    fn of(path: &Path) -> Result<Self> {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let name = name.strip_suffix(".gz").unwrap_or(name);
+        Ok(match name.rsplit_once('.').map(|(_, ext)| ext) {
+            Some("jsonl" | "ndjson") => Self::JsonLines,
+            Some("json") => Self::JsonArray,
+            Some("parquet") => Self::Parquet,
+            _ => bail!("{}: unknown dataset format (expected .jsonl, .json or .parquet, optionally .gz)", path.display()),
+        })
+    }
+}
+
+fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    Ok(if path.extension().is_some_and(|e| e == "gz") { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) })
+}
+
+fn read_file(path: &Path) -> Result<Vec<RawRow>> {
+    let shown = path.display();
+    match DataFormat::of(path)? {
+        DataFormat::JsonLines => {
+            let mut reader = std::io::BufReader::new(open_maybe_gzip(path)?);
+            let mut rows = Vec::new();
+            let mut line = Vec::new();
+            for number in 1.. {
+                line.clear();
+                if reader.read_until(b'\n', &mut line).with_context(|| format!("{shown}:{number}: read error"))? == 0 {
+                    break;
+                }
+                let text = std::str::from_utf8(&line)
+                    .map_err(|e| anyhow::anyhow!("{shown}:{number}: invalid UTF-8 at byte {}", e.valid_up_to()))?;
+                if text.trim().is_empty() {
+                    continue;
+                }
+                let location = format!("{shown}:{number}");
+                let value: Value =
+                    serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{location}: invalid JSON: {e}"))?;
+                rows.push(RawRow { fields: into_object(value, &location)?, location });
+            }
+            Ok(rows)
+        }
+        DataFormat::JsonArray => {
+            let mut bytes = Vec::new();
+            open_maybe_gzip(path)?.read_to_end(&mut bytes).with_context(|| format!("cannot read {shown}"))?;
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|e| anyhow::anyhow!("{shown}: invalid UTF-8 at byte {}", e.valid_up_to()))?;
+            let value: Value = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{shown}: invalid JSON: {e}"))?;
+            let Value::Array(items) = value else {
+                bail!("{shown}: expected a JSON array of objects (use .jsonl for one object per line)");
+            };
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    let location = format!("{shown}[{i}]");
+                    Ok(RawRow { fields: into_object(item, &location)?, location })
+                })
+                .collect()
+        }
+        DataFormat::Parquet => read_parquet(path),
+    }
+}
+
+fn into_object(value: Value, location: &str) -> Result<Map<String, Value>> {
+    match value {
+        Value::Object(map) => Ok(map),
+        other => bail!("{location}: expected a JSON object, found {}", json_kind(&other)),
+    }
+}
+
+pub fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Parquet rows through arrow's JSON writer, so nested columns (lists of messages) arrive as JSON too.
+fn read_parquet(path: &Path) -> Result<Vec<RawRow>> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let shown = path.display();
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{shown} is not a valid Parquet file"))?
+        .build()?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.with_context(|| format!("{shown}: cannot decode a row group"))?;
+        let mut writer = arrow_json::ArrayWriter::new(Vec::new());
+        writer.write(&batch)?;
+        writer.finish()?;
+        let json: Vec<Value> = serde_json::from_slice(&writer.into_inner())?;
+        for value in json {
+            let location = format!("{shown} row {}", rows.len());
+            rows.push(RawRow { fields: into_object(value, &location)?, location });
+        }
+    }
+    Ok(rows)
+}
