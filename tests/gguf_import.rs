@@ -5,7 +5,7 @@
 mod common;
 
 use common::{error_text, fixture, read_tensors, smollm2_gguf, to_vec_i64};
-use prefalign::data::chat_template::{ChatTemplate, Message};
+use prefalign::data::chat_template::Message;
 use prefalign::model::generate::{generate, SamplingOptions};
 use prefalign::model::gguf::reader::Value;
 use prefalign::model::{self, gguf::GgufFile};
@@ -130,12 +130,7 @@ fn smollm2_gguf_matches_transformers() {
     assert_eq!((config.num_hidden_layers, config.hidden_size, config.vocab_size), (30, 576, 49152));
     assert_eq!((config.num_attention_heads, config.num_kv_heads()), (9, 3));
     assert!(config.tie_word_embeddings);
-    let template = ChatTemplate::new(
-        tokenizer.chat_template.as_deref().unwrap(),
-        tokenizer.bos_token.as_deref(),
-        tokenizer.eos_token.as_deref(),
-    )
-    .unwrap();
+    let template = tokenizer.chat_template().unwrap();
     let mut worst = 0f64;
     for (i, prompt) in fx.json["prompts"].as_array().unwrap().iter().enumerate() {
         let rendered = template.render(&[Message::new("user", prompt.as_str().unwrap())], true).unwrap();

@@ -1,7 +1,7 @@
 //! `prefalign generate`: text from a model, through its chat template unless `--raw`.
 
 use crate::cli::ModelArgs;
-use crate::data::chat_template::{ChatTemplate, Message};
+use crate::data::chat_template::Message;
 use crate::model::generate::{generate, SamplingOptions};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -39,10 +39,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let prompt_ids = if args.raw {
         tokenizer.encode(&args.prompt, true)?
     } else {
-        let source = tokenizer.chat_template.as_deref().with_context(|| {
+        let template = tokenizer.chat_template().with_context(|| {
             format!("{} has no chat template; pass --raw to continue plain text", args.model.model.display())
         })?;
-        let template = ChatTemplate::new(source, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())?;
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
             messages.push(Message::new("system", system));

@@ -6,26 +6,29 @@ use anyhow::{anyhow, Result};
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde::Serialize;
 
+/// A chat message; fields beyond role and content (tool calls, names…) are passed to the template as they are.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.to_string(), content: content.to_string() }
+        Self { role: role.to_string(), content: content.to_string(), extra: Default::default() }
     }
 }
 
 pub struct ChatTemplate {
     env: Environment<'static>,
-    bos_token: String,
-    eos_token: String,
+    /// The tokenizer's special tokens (`bos_token`, `eos_token`, …), which transformers passes to every render.
+    special_tokens: Vec<(String, String)>,
 }
 
 impl ChatTemplate {
-    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
+    pub fn new(source: &str, special_tokens: Vec<(String, String)>) -> Result<Self> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -38,20 +41,28 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| anyhow!("the chat template does not parse: {e:#}"))?;
-        Ok(Self { env, bos_token: bos_token.unwrap_or("").into(), eos_token: eos_token.unwrap_or("").into() })
+        Ok(Self { env, special_tokens })
     }
 
     /// Renders `messages` (with the assistant header appended when `add_generation_prompt`).
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self.env.get_template("chat").expect("added in new()");
-        template
-            .render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => &self.bos_token,
-                eos_token => &self.eos_token,
-            })
-            .map_err(|e| anyhow!("chat template error: {e:#}"))
+        let mut context: std::collections::BTreeMap<&str, Value> =
+            self.special_tokens.iter().map(|(k, v)| (k.as_str(), Value::from(v.as_str()))).collect();
+        context.insert("messages", Value::from_serialize(messages));
+        context.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        template.render(context).map_err(|e| anyhow!("chat template error: {e:#}"))
+    }
+
+    /// transformers' `continue_final_message=True`: render, then cut after the final message's (stripped)
+    /// content so that the model continues it.
+    pub fn render_continuing(&self, messages: &[Message]) -> Result<String> {
+        let rendered = self.render(messages, false)?;
+        let last = messages.last().map(|m| m.content.trim()).unwrap_or("");
+        match rendered.rfind(last) {
+            Some(at) => Ok(rendered[..at + last.len()].to_string()),
+            None => Err(anyhow!("continue_final_message: the final message does not appear in the rendered chat")),
+        }
     }
 }
 

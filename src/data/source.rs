@@ -14,8 +14,28 @@ pub struct RawRow {
     pub fields: Map<String, Value>,
 }
 
+/// A row that cannot be used, and why; callers fail on it or skip and count it (`--skip-invalid-rows`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidRow {
+    pub location: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for InvalidRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.location, self.reason)
+    }
+}
+
+/// Rows of a dataset, with the lines that could not be read as rows (bad JSON, invalid UTF-8).
+#[derive(Debug, Default)]
+pub struct ReadRows {
+    pub rows: Vec<RawRow>,
+    pub invalid: Vec<InvalidRow>,
+}
+
 /// Reads every row of a file, or of every data file in a folder (sorted by name).
-pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
+pub fn read_rows(path: &Path) -> Result<ReadRows> {
     if !path.exists() {
         bail!("dataset {} does not exist", path.display());
     }
@@ -29,11 +49,13 @@ pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
         if files.is_empty() {
             bail!("no .parquet, .jsonl or .json files in {}", path.display());
         }
-        let mut rows = Vec::new();
+        let mut all = ReadRows::default();
         for file in files {
-            rows.extend(read_file(&file)?);
+            let part = read_file(&file)?;
+            all.rows.extend(part.rows);
+            all.invalid.extend(part.invalid);
         }
-        return Ok(rows);
+        return Ok(all);
     }
     read_file(path)
 }
@@ -63,29 +85,35 @@ fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read>> {
     Ok(if path.extension().is_some_and(|e| e == "gz") { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) })
 }
 
-fn read_file(path: &Path) -> Result<Vec<RawRow>> {
+fn read_file(path: &Path) -> Result<ReadRows> {
     let shown = path.display();
     match DataFormat::of(path)? {
         DataFormat::JsonLines => {
             let mut reader = std::io::BufReader::new(open_maybe_gzip(path)?);
-            let mut rows = Vec::new();
+            let mut out = ReadRows::default();
             let mut line = Vec::new();
             for number in 1.. {
                 line.clear();
                 if reader.read_until(b'\n', &mut line).with_context(|| format!("{shown}:{number}: read error"))? == 0 {
                     break;
                 }
-                let text = std::str::from_utf8(&line)
-                    .map_err(|e| anyhow::anyhow!("{shown}:{number}: invalid UTF-8 at byte {}", e.valid_up_to()))?;
-                if text.trim().is_empty() {
-                    continue;
-                }
                 let location = format!("{shown}:{number}");
-                let value: Value =
-                    serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{location}: invalid JSON: {e}"))?;
-                rows.push(RawRow { fields: into_object(value, &location)?, location });
+                let parsed = std::str::from_utf8(&line)
+                    .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))
+                    .and_then(|text| {
+                        if text.trim().is_empty() {
+                            return Ok(None);
+                        }
+                        let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+                        into_object(value).map(Some)
+                    });
+                match parsed {
+                    Ok(Some(fields)) => out.rows.push(RawRow { location, fields }),
+                    Ok(None) => {}
+                    Err(reason) => out.invalid.push(InvalidRow { location, reason }),
+                }
             }
-            Ok(rows)
+            Ok(out)
         }
         DataFormat::JsonArray => {
             let mut bytes = Vec::new();
@@ -96,23 +124,24 @@ fn read_file(path: &Path) -> Result<Vec<RawRow>> {
             let Value::Array(items) = value else {
                 bail!("{shown}: expected a JSON array of objects (use .jsonl for one object per line)");
             };
-            items
-                .into_iter()
-                .enumerate()
-                .map(|(i, item)| {
-                    let location = format!("{shown}[{i}]");
-                    Ok(RawRow { fields: into_object(item, &location)?, location })
-                })
-                .collect()
+            let mut out = ReadRows::default();
+            for (i, item) in items.into_iter().enumerate() {
+                let location = format!("{shown}[{i}]");
+                match into_object(item) {
+                    Ok(fields) => out.rows.push(RawRow { location, fields }),
+                    Err(reason) => out.invalid.push(InvalidRow { location, reason }),
+                }
+            }
+            Ok(out)
         }
         DataFormat::Parquet => read_parquet(path),
     }
 }
 
-fn into_object(value: Value, location: &str) -> Result<Map<String, Value>> {
+fn into_object(value: Value) -> Result<Map<String, Value>, String> {
     match value {
         Value::Object(map) => Ok(map),
-        other => bail!("{location}: expected a JSON object, found {}", json_kind(&other)),
+        other => Err(format!("expected a JSON object, found {}", json_kind(&other))),
     }
 }
 
@@ -128,14 +157,14 @@ pub fn json_kind(value: &Value) -> &'static str {
 }
 
 /// Parquet rows through arrow's JSON writer, so nested columns (lists of messages) arrive as JSON too.
-fn read_parquet(path: &Path) -> Result<Vec<RawRow>> {
+fn read_parquet(path: &Path) -> Result<ReadRows> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let shown = path.display();
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .with_context(|| format!("{shown} is not a valid Parquet file"))?
         .build()?;
-    let mut rows = Vec::new();
+    let mut out = ReadRows::default();
     for batch in reader {
         let batch = batch.with_context(|| format!("{shown}: cannot decode a row group"))?;
         let mut writer = arrow_json::ArrayWriter::new(Vec::new());
@@ -143,9 +172,10 @@ fn read_parquet(path: &Path) -> Result<Vec<RawRow>> {
         writer.finish()?;
         let json: Vec<Value> = serde_json::from_slice(&writer.into_inner())?;
         for value in json {
-            let location = format!("{shown} row {}", rows.len());
-            rows.push(RawRow { fields: into_object(value, &location)?, location });
+            let location = format!("{shown} row {}", out.rows.len());
+            let fields = into_object(value).map_err(|e| anyhow::anyhow!("{location}: {e}"))?;
+            out.rows.push(RawRow { location, fields });
         }
     }
-    Ok(rows)
+    Ok(out)
 }

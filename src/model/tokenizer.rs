@@ -158,6 +158,20 @@ impl TextTokenizer {
         })
     }
 
+    /// The special tokens as transformers passes them to chat templates.
+    pub fn special_tokens(&self) -> Vec<(String, String)> {
+        [("bos_token", &self.bos_token), ("eos_token", &self.eos_token), ("pad_token", &self.pad_token), ("unk_token", &self.unk_token)]
+            .into_iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
+            .collect()
+    }
+
+    /// The model's chat template, ready to render.
+    pub fn chat_template(&self) -> Result<crate::data::chat_template::ChatTemplate> {
+        let source = self.chat_template.as_deref().context("the tokenizer has no chat template")?;
+        crate::data::chat_template::ChatTemplate::new(source, self.special_tokens())
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

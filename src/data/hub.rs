@@ -1,0 +1,418 @@
+//! Hugging Face Hub downloads: a dataset split's data files, and a model's folder.
+//!
+//! Files land in the cache that Python's `huggingface_hub` uses (`$HF_HOME/hub/{datasets,models}--org--name/`
+//! with `blobs/`, `snapshots/<commit>/...` and `refs/<revision>`), so either tool reuses the other's downloads.
+//! `HF_ENDPOINT`, `HF_HOME`, `HF_TOKEN` (else the `$HF_HOME/token` file) and `HF_HUB_OFFLINE` are honoured.
+//!
+//! The `hf-hub` crate does the HTTP, the cache layout, locking and resumable downloads (an interrupted file stays
+//! a `blobs/<etag>.part` and is resumed with a `Range` request, never linked into a snapshot). What it lacks is
+//! written here: offline mode and listing a cached snapshot, `HF_TOKEN`, readable errors from the Hub's status
+//! codes, reuse of cached files only while they belong to the revision's current commit, and choosing the files.
+
+use anyhow::{anyhow, bail, Context, Result};
+use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
+use hf_hub::api::RepoInfo;
+use hf_hub::{Cache, Repo, RepoType};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+/// The branch where the Hub keeps its automatic Parquet conversion of a dataset.
+const PARQUET_REVISION: &str = "refs/convert/parquet";
+/// File endings `data::source` reads.
+const DATA_EXTENSIONS: [&str; 8] =
+    [".parquet", ".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz", ".parquet.gz"];
+/// Model files fetched when the repo has them; weights are added from what the repo holds.
+const MODEL_FILES: [&str; 10] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+];
+const SINGLE_WEIGHTS: &str = "model.safetensors";
+const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+
+/// Local data files (parquet/jsonl/json, possibly .gz) for split `split` (and config `config`) of Hub dataset `repo`
+/// ("org/name"), downloaded or taken from the cache.
+///
+/// Files are chosen like the `datasets` library's defaults (see [`split_files`]) on the `main` branch; when none
+/// match, the Hub's Parquet conversion (`refs/convert/parquet`, `{config or default}/{split}/*.parquet`) is used.
+pub fn dataset_files(repo: &str, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>> {
+    let main = HubRepo::new(repo, RepoType::Dataset, "main")?;
+    let parquet = HubRepo::new(repo, RepoType::Dataset, PARQUET_REVISION)?;
+    if main.api.is_none() {
+        return cached_dataset_files(&main, &parquet, config, split);
+    }
+    let listing = main.list()?.ok_or_else(|| main.not_found())?;
+    let chosen = split_files(&listing.files, config, split);
+    if !chosen.is_empty() {
+        return chosen.iter().map(|f| main.fetch(f, &listing.sha)).collect();
+    }
+    // No file names the split: the Hub may still have converted the dataset (a loading script, odd names).
+    let converted = parquet.list()?;
+    if let Some(converted) = &converted {
+        let chosen = parquet_files(&converted.files, config, split);
+        if !chosen.is_empty() {
+            tracing::info!("{}: using the Hub's Parquet conversion ({PARQUET_REVISION})", main.name());
+            return chosen.iter().map(|f| parquet.fetch(f, &converted.sha)).collect();
+        }
+    }
+    let mut available = data_files(&listing.files).collect::<Vec<_>>();
+    available.extend(converted.iter().flat_map(|c| c.files.iter().map(String::as_str).filter(|f| f.ends_with(".parquet"))));
+    bail!("{}", split_not_found(&main, config, split, &available, ""))
+}
+
+/// A local folder holding a Hub model's config.json, tokenizer files, chat template and safetensors weights
+/// (single, or sharded per model.safetensors.index.json), at `revision` (a branch, tag or commit; default `main`).
+pub fn model_dir(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let hub = HubRepo::new(repo, RepoType::Model, revision.unwrap_or("main"))?;
+    if hub.api.is_none() {
+        let dir = hub.cached_snapshot().ok_or_else(|| hub.not_cached("config.json"))?;
+        check_model_dir(&hub, &dir)?;
+        return Ok(dir);
+    }
+    let listing = hub.list()?.ok_or_else(|| hub.not_found())?;
+    let listed = |name: &str| listing.files.iter().any(|f| f == name);
+    if !listed("config.json") {
+        bail!("{} has no config.json: not a transformers model (for a GGUF file, download it and pass its path)", hub.name());
+    }
+    let mut wanted: Vec<String> = MODEL_FILES.iter().filter(|f| listed(f)).map(|f| f.to_string()).collect();
+    if listed(SINGLE_WEIGHTS) {
+        wanted.push(SINGLE_WEIGHTS.into());
+    } else if listed(WEIGHTS_INDEX) {
+        let index = hub.fetch(WEIGHTS_INDEX, &listing.sha)?;
+        for shard in shard_names(&index)? {
+            if !listed(&shard) {
+                bail!("{} lists shard {shard} in {WEIGHTS_INDEX}, but the repo has no such file", hub.name());
+            }
+            wanted.push(shard);
+        }
+    } else {
+        bail!(
+            "{} has no {SINGLE_WEIGHTS} or {WEIGHTS_INDEX} (prefalign reads safetensors weights only); files: {}",
+            hub.name(),
+            listing.files.join(", ")
+        );
+    }
+    let paths = wanted.iter().map(|f| hub.fetch(f, &listing.sha)).collect::<Result<Vec<_>>>()?;
+    // Every file of one commit sits in the same snapshot folder (config.json is first), as the loaders want.
+    let dir = paths[0].parent().context("config.json has no parent folder")?.to_path_buf();
+    check_model_dir(&hub, &dir)?;
+    Ok(dir)
+}
+
+/// Whether a --dataset / --model argument names a Hub repo: "org/name" with the Hub's allowed characters, not an
+/// existing local path, and not ending like a data or weights file (so a mistyped local path is reported as one).
+pub fn looks_like_repo_id(arg: &str) -> bool {
+    let part_ok = |p: &str| {
+        (1..=96).contains(&p.len())
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && !p.starts_with(['-', '.'])
+            && !p.ends_with(['-', '.'])
+            && !p.contains("--")
+            && !p.contains("..")
+    };
+    let file_like = [".gguf", ".safetensors", ".bin", ".gz", ".txt", ".csv"]
+        .iter()
+        .chain(DATA_EXTENSIONS.iter())
+        .any(|ext| arg.to_ascii_lowercase().ends_with(ext));
+    matches!(arg.split_once('/'), Some((org, name)) if part_ok(org) && part_ok(name))
+        && !file_like
+        && !Path::new(arg).exists()
+}
+
+/// The data files of `files` (repo paths) for `split`, sorted, as the `datasets` library would pick them without a
+/// `configs:` section in the README: with a config, only files under a folder named after it; then files in a
+/// folder named `split` or whose name is `split` followed by `-`, `.`, or `_` and a digit. (`_` only before a digit,
+/// so that `train` does not also take `train_prefs-*.parquet` and `train_sft-*.parquet`.)
+pub fn split_files<'a>(files: &'a [String], config: Option<&str>, split: &str) -> Vec<&'a str> {
+    let mut chosen: Vec<&str> = data_files(files)
+        .filter(|f| {
+            let (dirs, name) = dirs_and_name(f);
+            config.is_none_or(|c| dirs.contains(&c)) && (dirs.contains(&split) || name_is_split(name, split))
+        })
+        .collect();
+    chosen.sort();
+    chosen
+}
+
+/// Files of the Parquet conversion for a split: `{config}/{split}/*.parquet`, or `{config}/partial-{split}/...`
+/// where the Hub converted only the first rows of a large split.
+fn parquet_files<'a>(files: &'a [String], config: Option<&str>, split: &str) -> Vec<&'a str> {
+    let config = config.unwrap_or("default");
+    let in_dir = |dir: &str| {
+        let mut chosen: Vec<&str> = files
+            .iter()
+            .map(String::as_str)
+            .filter(|f| f.ends_with(".parquet") && f.rsplit_once('/').is_some_and(|(d, _)| d == format!("{config}/{dir}")))
+            .collect();
+        chosen.sort();
+        chosen
+    };
+    let full = in_dir(split);
+    if !full.is_empty() {
+        return full;
+    }
+    let partial = in_dir(&format!("partial-{split}"));
+    if !partial.is_empty() {
+        tracing::warn!("the Hub converted only part of split {split} to Parquet; using that part");
+    }
+    partial
+}
+
+fn data_files(files: &[String]) -> impl Iterator<Item = &str> {
+    files.iter().map(String::as_str).filter(|f| DATA_EXTENSIONS.iter().any(|ext| f.ends_with(ext)))
+}
+
+fn dirs_and_name(path: &str) -> (Vec<&str>, &str) {
+    match path.rsplit_once('/') {
+        Some((dirs, name)) => (dirs.split('/').collect(), name),
+        None => (Vec::new(), path),
+    }
+}
+
+fn name_is_split(name: &str, split: &str) -> bool {
+    let Some(rest) = name.strip_prefix(split) else { return false };
+    rest.starts_with(['-', '.']) || rest.strip_prefix('_').is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// The split a data file seems to belong to, for error messages: its folder when the name is a bare shard number
+/// (`default/train/0000.parquet`), else the name up to `-`, `.` or `_<digit>` (`train_prefs-00000-of-00001`).
+fn split_name_of(path: &str) -> String {
+    let (dirs, name) = dirs_and_name(path);
+    if name.starts_with(|c: char| c.is_ascii_digit()) {
+        return dirs.last().unwrap_or(&name).trim_start_matches("partial-").to_string();
+    }
+    let end = name
+        .char_indices()
+        .find(|&(i, c)| c == '-' || c == '.' || (c == '_' && name[i + 1..].starts_with(|d: char| d.is_ascii_digit())))
+        .map_or(name.len(), |(i, _)| i);
+    name[..end].to_string()
+}
+
+fn split_not_found(hub: &HubRepo, config: Option<&str>, split: &str, available: &[&str], note: &str) -> String {
+    let mut splits: Vec<String> = available.iter().map(|f| split_name_of(f)).collect();
+    splits.sort();
+    splits.dedup();
+    let shown: Vec<&str> = available.iter().take(20).copied().collect();
+    let more = if available.len() > shown.len() { format!(" (and {} more)", available.len() - shown.len()) } else { String::new() };
+    let config = config.map(|c| format!(" (config {c})")).unwrap_or_default();
+    if available.is_empty() {
+        return format!("no data files for split {split:?}{config} in {}{note}: the repo has no .parquet/.jsonl/.json files", hub.name());
+    }
+    format!(
+        "no data files for split {split:?}{config} in {}{note}; splits that seem available: {}; data files: {}{more}",
+        hub.name(),
+        splits.join(", "),
+        shown.join(", ")
+    )
+}
+
+/// Offline: the split's files among those already in the cache (main branch first, then the Parquet conversion).
+fn cached_dataset_files(main: &HubRepo, parquet: &HubRepo, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>> {
+    type Select = for<'a> fn(&'a [String], Option<&str>, &str) -> Vec<&'a str>;
+    let mut cached = Vec::new();
+    for (hub, select) in [(main, split_files as Select), (parquet, parquet_files as Select)] {
+        let Some(dir) = hub.cached_snapshot() else { continue };
+        let files = list_tree(&dir);
+        let chosen = select(&files, config, split);
+        if !chosen.is_empty() {
+            return Ok(chosen.iter().map(|f| dir.join(f)).collect());
+        }
+        cached.extend(data_files(&files).map(str::to_string));
+    }
+    if cached.is_empty() {
+        bail!("{}", main.not_cached("any data file"));
+    }
+    let cached: Vec<&str> = cached.iter().map(String::as_str).collect();
+    bail!("{}", split_not_found(main, config, split, &cached, " among the cached files (HF_HUB_OFFLINE is set)"))
+}
+
+/// Relative paths ('/'-separated) of the files under `dir`, following the snapshot's symlinks to blobs.
+fn list_tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.is_file() {
+                let rel = path.strip_prefix(dir).unwrap_or(&path);
+                out.push(rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/"));
+            }
+        }
+    }
+    out
+}
+
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).with_context(|| format!("cannot read {}", index.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let map = json["weight_map"].as_object().with_context(|| format!("{} has no \"weight_map\" object", index.display()))?;
+    let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
+/// The folder has what the loaders need: config.json and every weights file.
+fn check_model_dir(hub: &HubRepo, dir: &Path) -> Result<()> {
+    let mut needed = vec!["config.json".to_string()];
+    if !dir.join(SINGLE_WEIGHTS).exists() {
+        let index = dir.join(WEIGHTS_INDEX);
+        if !index.exists() {
+            return Err(hub.not_cached(SINGLE_WEIGHTS));
+        }
+        needed.extend(shard_names(&index)?);
+    }
+    match needed.iter().find(|f| !dir.join(f).exists()) {
+        Some(missing) => Err(hub.not_cached(missing)),
+        None => Ok(()),
+    }
+}
+
+/// A repo's file names at one commit.
+struct Listing {
+    sha: String,
+    files: Vec<String>,
+}
+
+/// One repo at one revision; `api` is `None` in offline mode.
+struct HubRepo {
+    id: String,
+    kind: &'static str,
+    repo: Repo,
+    cache: Cache,
+    endpoint: String,
+    api: Option<Api>,
+}
+
+impl HubRepo {
+    fn new(id: &str, kind: RepoType, revision: &str) -> Result<Self> {
+        let endpoint = std::env::var("HF_ENDPOINT")
+            .ok()
+            .filter(|e| !e.trim().is_empty())
+            .map_or(DEFAULT_ENDPOINT.to_string(), |e| e.trim().trim_end_matches('/').to_string());
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true"));
+        let api = if offline {
+            None
+        } else {
+            // hf-hub reads HF_HOME and the token file but not HF_TOKEN, which Python's client prefers.
+            let token = std::env::var("HF_TOKEN").ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+            let mut builder = ApiBuilder::from_env()
+                .with_endpoint(endpoint.clone())
+                .with_progress(std::io::stderr().is_terminal())
+                // Each retry resumes the partial file where the connection dropped.
+                .with_retries(3);
+            if token.is_some() {
+                builder = builder.with_token(token);
+            }
+            Some(builder.build().context("cannot set up the Hugging Face Hub client")?)
+        };
+        let repo = Repo::with_revision(id.to_string(), kind, revision.to_string());
+        let kind = if matches!(kind, RepoType::Dataset) { "dataset" } else { "model" };
+        Ok(Self { id: id.to_string(), kind, repo, cache: Cache::from_env(), endpoint, api })
+    }
+
+    fn name(&self) -> String {
+        match self.repo.revision() {
+            "main" => format!("{} {}", self.kind, self.id),
+            rev => format!("{} {} (revision {rev})", self.kind, self.id),
+        }
+    }
+
+    fn repo_dir(&self) -> PathBuf {
+        self.cache.path().join(self.repo.folder_name())
+    }
+
+    /// The commit the cache last saw for this revision (`refs/<revision>`).
+    fn cached_commit(&self) -> Option<String> {
+        let commit = std::fs::read_to_string(self.repo_dir().join("refs").join(self.repo.revision())).ok()?;
+        Some(commit.trim().to_string())
+    }
+
+    fn cached_snapshot(&self) -> Option<PathBuf> {
+        let dir = self.repo_dir().join("snapshots").join(self.cached_commit()?);
+        dir.is_dir().then_some(dir)
+    }
+
+    fn not_found(&self) -> anyhow::Error {
+        anyhow!(
+            "{} not found at {} (check the name and revision; a private or gated repo needs HF_TOKEN)",
+            self.name(),
+            self.endpoint
+        )
+    }
+
+    fn not_cached(&self, file: &str) -> anyhow::Error {
+        anyhow!(
+            "{file} of {} is not in the cache {} and HF_HUB_OFFLINE is set; run once online to download it",
+            self.name(),
+            self.repo_dir().display()
+        )
+    }
+
+    /// The revision's commit and file names (`GET {endpoint}/api/{kind}s/{repo}/revision/{revision}`);
+    /// `None` when the Hub says the revision does not exist.
+    fn list(&self) -> Result<Option<Listing>> {
+        let api = self.api.as_ref().expect("list() is only called online");
+        match api.repo(self.repo.clone()).info_request().call() {
+            Ok(response) => {
+                let info: RepoInfo = response
+                    .into_json()
+                    .with_context(|| format!("unexpected answer from {} listing {}", self.endpoint, self.name()))?;
+                Ok(Some(Listing { sha: info.sha, files: info.siblings.into_iter().map(|s| s.rfilename).collect() }))
+            }
+            Err(e) => {
+                let message = e.to_string();
+                let Some(response) = e.into_response() else {
+                    bail!("cannot reach {} to list {}: {message} (HF_HUB_OFFLINE=1 uses the cache only)", self.endpoint, self.name());
+                };
+                // The Hub answers 401 for missing repos too (so as not to reveal private ones) and marks the case.
+                let code = response.header("x-error-code").unwrap_or_default().to_string();
+                match response.status() {
+                    404 if code != "RepoNotFound" => Ok(None),
+                    401 | 404 => Err(self.not_found()),
+                    403 => bail!("access to {} is denied at {} (gated: accept its terms, and set HF_TOKEN)", self.name(), self.endpoint),
+                    status => bail!("{} answered HTTP {status} listing {}: {message}", self.endpoint, self.name()),
+                }
+            }
+        }
+    }
+
+    /// The local path of `file` at commit `sha`: the cached copy if the cache's revision is still at `sha`,
+    /// else a fresh download (hf-hub's `get` alone would keep serving a stale snapshot after the repo changes).
+    fn fetch(&self, file: &str, sha: &str) -> Result<PathBuf> {
+        let api = self.api.as_ref().expect("fetch() is only called online");
+        if self.cached_commit().as_deref() == Some(sha) {
+            if let Some(path) = self.cache.repo(self.repo.clone()).get(file) {
+                return Ok(path);
+            }
+        }
+        tracing::info!("downloading {file} of {} from {}", self.name(), self.endpoint);
+        api.repo(self.repo.clone()).download(file).map_err(|e| {
+            let what = format!("cannot download {file} of {} from {}", self.name(), self.endpoint);
+            match e {
+                ApiError::RequestError(e) => {
+                    let message = e.to_string();
+                    match (*e).into_response().map(|r| r.status()) {
+                        Some(404) => anyhow!("{what}: no such file"),
+                        Some(401 | 403) => anyhow!("{what}: access denied (set HF_TOKEN to a token with access)"),
+                        _ => anyhow!("{what}: {message}"),
+                    }
+                }
+                e => anyhow::Error::new(e)
+                    .context(format!("{what} (the partial download is kept as a .part file and resumed next time)")),
+            }
+        })
+    }
+}

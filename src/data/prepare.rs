@@ -1,0 +1,156 @@
+//! The whole data path for one objective: rows -> pairs (format detection or the HH-RLHF converter) -> token
+//! ids by TRL's rules -> TRL's drops. Nothing disappears silently: invalid rows fail the run (or, with
+//! `skip_invalid_rows`, are counted), and every dropped pair is listed with its reason.
+
+use crate::data::example::{detect_format, parse_row, Columns, DatasetFormat, PreferencePair, Validation};
+use crate::data::hh_rlhf;
+use crate::data::source::{InvalidRow, ReadRows};
+use crate::data::tokenize::{tokenize_dpo, tokenize_orpo, PairTokenizer, TokenizedPair};
+use crate::data::collate::TruncationMode;
+use anyhow::{bail, Result};
+
+/// Whose tokenization rules apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rules {
+    /// DPOTrainer (also CPO/SimPO-style objectives that share its data path)
+    Dpo,
+    /// ORPOTrainer
+    Orpo,
+}
+
+/// How rows are interpreted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowFormat {
+    /// detected from the columns, as TRL does
+    Auto,
+    /// Anthropic HH-RLHF transcripts, cut at the last assistant turn
+    HhRlhf,
+}
+
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
+    pub rules: Rules,
+    pub row_format: RowFormat,
+    pub columns: Columns,
+    /// `None`: no truncation and no drop (DPO); ORPO uses 512 then, as TRL does.
+    pub max_length: Option<usize>,
+    pub truncation_mode: TruncationMode,
+    pub skip_invalid_rows: bool,
+    pub validation: Validation,
+    /// ORPO: keep pairs whose completion truncation empties (TRL keeps them; their loss is NaN).
+    pub keep_empty_completions: bool,
+}
+
+impl PrepareOptions {
+    pub fn new(rules: Rules) -> Self {
+        Self {
+            rules,
+            row_format: RowFormat::Auto,
+            columns: Columns::default(),
+            max_length: Some(1024),
+            truncation_mode: TruncationMode::KeepStart,
+            skip_invalid_rows: false,
+            validation: Validation::default(),
+            keep_empty_completions: false,
+        }
+    }
+}
+
+/// A pair left out by TRL's rules, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dropped {
+    pub location: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Default)]
+pub struct PrepareReport {
+    pub rows_read: usize,
+    pub format: Option<DatasetFormat>,
+    /// Rows that could not be used (skipped with `skip_invalid_rows`).
+    pub invalid: Vec<InvalidRow>,
+    /// Pairs TRL's rules leave out (DPO: the prompt fills max_length; ORPO: an empty completion).
+    pub dropped: Vec<Dropped>,
+    /// Pairs with at least one completion cut by max_length (at collation for DPO).
+    pub truncated: usize,
+}
+
+pub struct Prepared {
+    pub pairs: Vec<TokenizedPair>,
+    pub report: PrepareReport,
+}
+
+/// Rows as preference pairs (before tokenization), with the invalid ones set aside.
+pub fn to_pairs(read: ReadRows, options: &PrepareOptions) -> (Vec<PreferencePair>, PrepareReport) {
+    let mut report = PrepareReport { rows_read: read.rows.len() + read.invalid.len(), invalid: read.invalid, ..Default::default() };
+    let mut pairs = Vec::new();
+    let format = read.rows.first().map(|first| detect_format(first, &options.columns));
+    for row in &read.rows {
+        let parsed = match (options.row_format, format) {
+            (RowFormat::HhRlhf, _) => hh_rlhf::convert_row(row, &options.columns),
+            (RowFormat::Auto, Some(format)) => parse_row(row, format, &options.columns, options.validation),
+            (RowFormat::Auto, None) => unreachable!("there is a first row"),
+        };
+        match parsed {
+            Ok(pair) => pairs.push(pair),
+            Err(invalid) => report.invalid.push(invalid),
+        }
+    }
+    report.format = match options.row_format {
+        RowFormat::HhRlhf => Some(DatasetFormat::Conversational),
+        RowFormat::Auto => format,
+    };
+    (pairs, report)
+}
+
+/// Reads, validates and tokenizes a dataset for `options.rules`.
+pub fn prepare(read: ReadRows, tok: &PairTokenizer, options: &PrepareOptions) -> Result<Prepared> {
+    let (pairs, mut report) = to_pairs(read, options);
+    let mut tokenized = Vec::with_capacity(pairs.len());
+    for pair in &pairs {
+        let result = match options.rules {
+            Rules::Dpo => tokenize_dpo(pair, tok),
+            Rules::Orpo => tokenize_orpo(pair, tok, options.max_length.unwrap_or(512)),
+        };
+        match result {
+            Ok(t) => tokenized.push(t),
+            Err(reason) => report.invalid.push(InvalidRow { location: pair.location.clone(), reason }),
+        }
+    }
+    if !report.invalid.is_empty() && !options.skip_invalid_rows {
+        let first = &report.invalid[0];
+        let more = report.invalid.len() - 1;
+        bail!(
+            "{first}{}; fix the data or pass --skip-invalid-rows to skip and count such rows",
+            if more > 0 { format!(" (and {more} more invalid rows)") } else { String::new() }
+        );
+    }
+    let mut kept = Vec::with_capacity(tokenized.len());
+    for pair in tokenized {
+        match drop_reason(&pair, options) {
+            Some(reason) => report.dropped.push(Dropped { location: pair.location.clone(), reason }),
+            None => {
+                let limit = options.max_length.unwrap_or(usize::MAX);
+                report.truncated += usize::from(pair.chosen.ids.len() > limit || pair.rejected.ids.len() > limit);
+                kept.push(pair);
+            }
+        }
+    }
+    if kept.is_empty() {
+        bail!("no usable preference pairs ({} rows read, {} invalid, {} dropped)", report.rows_read, report.invalid.len(), report.dropped.len());
+    }
+    Ok(Prepared { pairs: kept, report })
+}
+
+fn drop_reason(pair: &TokenizedPair, options: &PrepareOptions) -> Option<String> {
+    match (options.rules, options.max_length) {
+        // DPOTrainer's filter: with keep_start, a prompt that fills max_length leaves nothing to score.
+        (Rules::Dpo, Some(max)) if options.truncation_mode == TruncationMode::KeepStart && pair.prompt_ids.len() >= max => {
+            Some(format!("the prompt has {} tokens, at least max_length ({max})", pair.prompt_ids.len()))
+        }
+        (Rules::Orpo, _) if !options.keep_empty_completions && (pair.chosen.completion().is_empty() || pair.rejected.completion().is_empty()) => {
+            Some("truncation to max_length leaves an empty completion (TRL would train on a NaN loss)".into())
+        }
+        _ => None,
+    }
+}
