@@ -39,9 +39,15 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", |format: String| chrono::Local::now().format(&format).to_string());
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat", source.to_string())
+        env.add_template_owned("chat", rewrite_generation_tags(source))
             .map_err(|e| anyhow!("the chat template does not parse: {e:#}"))?;
         Ok(Self { env, special_tokens })
+    }
+
+    /// Makes `strftime_now` report `date` instead of today (templates like Llama 3.x print the date, so token ids
+    /// depend on it; fixing it makes a run reproducible on another day).
+    pub fn fix_date(&mut self, date: chrono::NaiveDate) {
+        self.env.add_function("strftime_now", move |format: String| date.format(&format).to_string());
     }
 
     /// Renders `messages` (with the assistant header appended when `add_generation_prompt`).
@@ -51,6 +57,9 @@ impl ChatTemplate {
             self.special_tokens.iter().map(|(k, v)| (k.as_str(), Value::from(v.as_str()))).collect();
         context.insert("messages", Value::from_serialize(messages));
         context.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        // transformers passes these as None when unused; templates test them with `is none` / `is defined`.
+        context.insert("tools", Value::from(()));
+        context.insert("documents", Value::from(()));
         template.render(context).map_err(|e| anyhow!("chat template error: {e:#}"))
     }
 
@@ -64,6 +73,18 @@ impl ChatTemplate {
             None => Err(anyhow!("continue_final_message: the final message does not appear in the rendered chat")),
         }
     }
+}
+
+/// transformers' `{% generation %}…{% endgeneration %}` block (it marks assistant text and renders its body);
+/// minijinja has no such tag, so it becomes an always-true `if` with the same whitespace control.
+fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = source.to_string();
+    for (tag, replacement) in [("endgeneration", "endif"), ("generation", "if true")] {
+        for (open, close) in [("{%", "%}"), ("{%-", "%}"), ("{%", "-%}"), ("{%-", "-%}")] {
+            out = out.replace(&format!("{open} {tag} {close}"), &format!("{open} {replacement} {close}"));
+        }
+    }
+    out
 }
 
 /// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`: ", " and ": " separators when compact.

@@ -1,0 +1,464 @@
+//! Hub downloads against a local server that answers the Hub's URL paths with the Hub's headers
+//! (`x-repo-commit`, `etag`, `content-range` for `Range` requests, `x-error-code` on errors).
+//! The functions read HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE / HF_TOKEN, so the tests that set them take LOCK.
+
+use prefalign::data::hub::{dataset_files, looks_like_repo_id, model_dir, split_files};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// What the server answers on one path.
+#[derive(Clone)]
+enum Reply {
+    Json(String),
+    /// A file at a commit; `truncate` sends the headers of the whole range but only half of its bytes, then closes.
+    File { bytes: Vec<u8>, commit: String, truncate: bool },
+    /// HTTP 404 with the Hub's `x-error-code` (RepoNotFound, RevisionNotFound, EntryNotFound).
+    Missing(&'static str),
+}
+
+/// Routes of a fake Hub; unknown paths are answered like a missing repo.
+#[derive(Default)]
+struct FakeHub {
+    routes: HashMap<String, Reply>,
+    /// When set, every request must carry `Authorization: Bearer <token>` (a private repo).
+    token: Option<String>,
+}
+
+impl FakeHub {
+    /// A repo at `rev`: the listing at `/api/{kind}s/{repo}/revision/{rev}` and each file at `resolve`.
+    fn repo(mut self, kind: &str, repo: &str, rev: &str, commit: &str, files: &[(&str, &[u8])]) -> Self {
+        let rev = rev.replace('/', "%2F");
+        let siblings: Vec<_> = files.iter().map(|(name, _)| serde_json::json!({ "rfilename": name })).collect();
+        let info = serde_json::json!({ "id": repo, "sha": commit, "siblings": siblings });
+        self.routes.insert(format!("/api/{kind}s/{repo}/revision/{rev}"), Reply::Json(info.to_string()));
+        let prefix = if kind == "dataset" { format!("/datasets/{repo}") } else { format!("/{repo}") };
+        for (name, bytes) in files {
+            let reply = Reply::File { bytes: bytes.to_vec(), commit: commit.into(), truncate: false };
+            self.routes.insert(format!("{prefix}/resolve/{rev}/{name}"), reply);
+        }
+        self
+    }
+
+    fn missing(mut self, path: &str, code: &'static str) -> Self {
+        self.routes.insert(path.into(), Reply::Missing(code));
+        self
+    }
+
+    fn truncating(mut self) -> Self {
+        for reply in self.routes.values_mut() {
+            if let Reply::File { truncate, .. } = reply {
+                *truncate = true;
+            }
+        }
+        self
+    }
+
+    fn serve(self) -> Server {
+        Server::start(self)
+    }
+}
+
+/// The running fake Hub; stops when dropped, or by itself after a minute.
+struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(hub: FakeHub) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, log2) = (stop.clone(), log.clone());
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let _ = answer(&hub, stream, &log2);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self { addr, stop, log, thread: Some(thread) }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Request paths served so far (and forgets them).
+    fn take_log(&self) -> Vec<String> {
+        std::mem::take(&mut self.log.lock().unwrap())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Answers one request (the connection is closed after it, so the client never reuses it).
+fn answer(hub: &FakeHub, stream: TcpStream, log: &Mutex<Vec<String>>) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let path = line.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap().to_string();
+    let mut headers = HashMap::new();
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = header.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    log.lock().unwrap().push(path.clone());
+    let mut out = stream;
+    let send = |out: &mut TcpStream, status: &str, extra: &[(&str, String)], body: &[u8], claimed: usize| {
+        let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {claimed}\r\nConnection: close\r\n");
+        for (k, v) in extra {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        out.write_all(head.as_bytes())?;
+        out.write_all(b"\r\n")?;
+        out.write_all(body)?;
+        out.flush()
+    };
+    if let Some(token) = &hub.token {
+        if headers.get("authorization") != Some(&format!("Bearer {token}")) {
+            let body = br#"{"error":"Invalid credentials in Authorization header"}"#;
+            return send(&mut out, "401 Unauthorized", &[("x-error-code", "RepoNotFound".into())], body, body.len());
+        }
+    }
+    match hub.routes.get(&path).cloned().unwrap_or(Reply::Missing("RepoNotFound")) {
+        Reply::Json(body) => {
+            send(&mut out, "200 OK", &[("Content-Type", "application/json".into())], body.as_bytes(), body.len())
+        }
+        Reply::Missing(code) => {
+            let body = format!(r#"{{"error":"{code}"}}"#);
+            send(&mut out, "404 Not Found", &[("x-error-code", code.into())], body.as_bytes(), body.len())
+        }
+        Reply::File { bytes, commit, truncate } => {
+            // `Range: bytes=a-` or `bytes=a-b`, as hf-hub sends (0-0 to read the metadata, then from the resume point).
+            let (start, end) = headers
+                .get("range")
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.split_once('-'))
+                .map(|(a, b)| (a.parse().unwrap(), b.parse().map_or(bytes.len() - 1, |b: usize| b.min(bytes.len() - 1))))
+                .unwrap_or((0, bytes.len() - 1));
+            let body = &bytes[start..=end];
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut hasher);
+            let extra = [
+                ("x-repo-commit", commit),
+                ("etag", format!("\"{:016x}\"", hasher.finish())),
+                ("content-range", format!("bytes {start}-{end}/{}", bytes.len())),
+            ];
+            let sent = if truncate && body.len() > 1 { &body[..body.len() / 2] } else { body };
+            send(&mut out, "206 Partial Content", &extra, sent, body.len())
+        }
+    }
+}
+
+/// Takes LOCK and points the Hub variables at `endpoint` and `home`.
+fn hub_env(endpoint: &str, home: &Path, offline: bool, token: Option<&str>) -> MutexGuard<'static, ()> {
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    set_env(endpoint, home, offline, token);
+    guard
+}
+
+fn set_env(endpoint: &str, home: &Path, offline: bool, token: Option<&str>) {
+    std::env::set_var("HF_ENDPOINT", endpoint);
+    std::env::set_var("HF_HOME", home);
+    if offline {
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+    } else {
+        std::env::remove_var("HF_HUB_OFFLINE");
+    }
+    match token {
+        Some(token) => std::env::set_var("HF_TOKEN", token),
+        None => std::env::remove_var("HF_TOKEN"),
+    }
+}
+
+fn err_text<T: std::fmt::Debug>(result: anyhow::Result<T>) -> String {
+    format!("{:#}", result.expect_err("expected an error"))
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+const TRAIN: &[u8] = b"{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}\n";
+const TEST: &[u8] = b"{\"prompt\":\"x\",\"chosen\":\"y\",\"rejected\":\"z\"}\n";
+
+fn prefs_hub() -> FakeHub {
+    let files: &[(&str, &[u8])] = &[
+        ("README.md", b"# prefs"),
+        ("data/train-00000-of-00001.jsonl", TRAIN),
+        ("data/test-00000-of-00001.jsonl", TEST),
+    ];
+    FakeHub::default().repo("dataset", "org/prefs", "main", "c0ffee01", files).missing(
+        "/api/datasets/org/prefs/revision/refs%2Fconvert%2Fparquet",
+        "RevisionNotFound",
+    )
+}
+
+#[test]
+fn dataset_split_downloads_into_the_python_cache_layout_and_works_offline() {
+    let home = tempfile::tempdir().unwrap();
+    let server = prefs_hub().serve();
+    let _env = hub_env(&server.url(), home.path(), false, None);
+
+    let files = dataset_files("org/prefs", None, "train").unwrap();
+    let repo_dir = home.path().join("hub/datasets--org--prefs");
+    assert_eq!(files, vec![repo_dir.join("snapshots/c0ffee01/data/train-00000-of-00001.jsonl")]);
+    assert_eq!(read(&files[0]), TRAIN);
+    assert_eq!(std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(), "c0ffee01");
+    assert!(std::fs::symlink_metadata(&files[0]).unwrap().file_type().is_symlink(), "snapshots link to blobs/");
+    let test = dataset_files("org/prefs", None, "test").unwrap();
+    assert_eq!(read(&test[0]), TEST);
+
+    // A second call lists the repo again but downloads nothing.
+    server.take_log();
+    assert_eq!(dataset_files("org/prefs", None, "train").unwrap(), files);
+    assert_eq!(server.take_log(), vec!["/api/datasets/org/prefs/revision/main"]);
+
+    // Offline, with no server at all: served from the cache.
+    let endpoint = server.url();
+    drop(server);
+    set_env(&endpoint, home.path(), true, None);
+    assert_eq!(dataset_files("org/prefs", None, "train").unwrap(), files);
+    let text = err_text(dataset_files("org/prefs", None, "validation"));
+    assert!(text.contains("validation") && text.contains("train") && text.contains("HF_HUB_OFFLINE"), "{text}");
+    let text = err_text(dataset_files("org/other", None, "train"));
+    assert!(text.contains("org/other") && text.contains("not in the cache"), "{text}");
+    let text = err_text(model_dir("org/tiny", None));
+    assert!(text.contains("org/tiny") && text.contains("config.json"), "{text}");
+}
+
+#[test]
+fn dataset_config_selects_a_folder_of_gzipped_jsonl() {
+    let home = tempfile::tempdir().unwrap();
+    let files: &[(&str, &[u8])] = &[
+        ("harmless-base/train.jsonl.gz", b"harmless train"),
+        ("harmless-base/test.jsonl.gz", b"harmless test"),
+        ("helpful-base/train.jsonl.gz", b"helpful train"),
+    ];
+    let server = FakeHub::default().repo("dataset", "org/hh", "main", "abc123", files).serve();
+    let _env = hub_env(&server.url(), home.path(), false, None);
+
+    let harmless = dataset_files("org/hh", Some("harmless-base"), "train").unwrap();
+    assert_eq!(harmless.len(), 1);
+    assert_eq!(read(&harmless[0]), b"harmless train");
+    let all: Vec<Vec<u8>> = dataset_files("org/hh", None, "train").unwrap().iter().map(|p| read(p)).collect();
+    assert_eq!(all, vec![b"harmless train".to_vec(), b"helpful train".to_vec()]);
+}
+
+#[test]
+fn dataset_without_matching_files_falls_back_to_the_parquet_conversion() {
+    let home = tempfile::tempdir().unwrap();
+    let main: &[(&str, &[u8])] = &[("README.md", b"# scripted"), ("scripted.py", b"import datasets")];
+    let converted: &[(&str, &[u8])] = &[
+        ("default/train/0000.parquet", b"PAR1 train PAR1"),
+        ("default/test/0000.parquet", b"PAR1 test PAR1"),
+    ];
+    let server = FakeHub::default()
+        .repo("dataset", "org/scripted", "main", "main0001", main)
+        .repo("dataset", "org/scripted", "refs/convert/parquet", "conv0001", converted)
+        .serve();
+    let _env = hub_env(&server.url(), home.path(), false, None);
+
+    let files = dataset_files("org/scripted", None, "train").unwrap();
+    let repo_dir = home.path().join("hub/datasets--org--scripted");
+    assert_eq!(files, vec![repo_dir.join("snapshots/conv0001/default/train/0000.parquet")]);
+    assert_eq!(read(&files[0]), b"PAR1 train PAR1");
+    assert_eq!(std::fs::read_to_string(repo_dir.join("refs/refs/convert/parquet")).unwrap(), "conv0001");
+
+    let text = err_text(dataset_files("org/scripted", None, "validation"));
+    assert!(text.contains("validation") && text.contains("splits that seem available: test, train"), "{text}");
+
+    let endpoint = server.url();
+    drop(server);
+    set_env(&endpoint, home.path(), true, None);
+    assert_eq!(dataset_files("org/scripted", None, "train").unwrap(), files);
+}
+
+#[test]
+fn missing_repo_names_the_repo_and_the_endpoint() {
+    let home = tempfile::tempdir().unwrap();
+    let server = FakeHub::default().serve();
+    let _env = hub_env(&server.url(), home.path(), false, None);
+
+    let text = err_text(dataset_files("org/nope", None, "train"));
+    assert!(text.contains("dataset org/nope") && text.contains(&server.url()), "{text}");
+    let text = err_text(model_dir("org/nope", Some("v2")));
+    assert!(text.contains("model org/nope (revision v2)") && text.contains(&server.url()), "{text}");
+}
+
+#[test]
+fn missing_split_lists_the_available_splits() {
+    let home = tempfile::tempdir().unwrap();
+    let files: &[(&str, &[u8])] = &[
+        ("data/train_prefs-00000-of-00001.parquet", b"1"),
+        ("data/test_prefs-00000-of-00001.parquet", b"2"),
+        ("data/train_sft-00000-of-00001.parquet", b"3"),
+    ];
+    let server = prefs_hub()
+        .repo("dataset", "org/uf", "main", "d00d", files)
+        .missing("/api/datasets/org/uf/revision/refs%2Fconvert%2Fparquet", "RevisionNotFound")
+        .serve();
+    let _env = hub_env(&server.url(), home.path(), false, None);
+
+    let text = err_text(dataset_files("org/prefs", None, "validation"));
+    assert!(text.contains("\"validation\"") && text.contains("splits that seem available: test, train"), "{text}");
+    assert!(text.contains("data/test-00000-of-00001.jsonl"), "{text}");
+    // "train" must not silently mix train_prefs and train_sft.
+    let text = err_text(dataset_files("org/uf", None, "train"));
+    assert!(text.contains("test_prefs, train_prefs, train_sft"), "{text}");
+    assert_eq!(dataset_files("org/uf", None, "train_prefs").unwrap().len(), 1);
+}
+
+#[test]
+fn truncated_download_fails_naming_the_file_and_is_completed_next_time() {
+    let home = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..100_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let files: &[(&str, &[u8])] = &[("data/train-00000-of-00001.parquet", &big)];
+    let hub = || FakeHub::default().repo("dataset", "org/big", "main", "beef", files);
+    let server = hub().truncating().serve();
+    let _env = hub_env(&server.url(), home.path(), false, None);
+
+    let text = err_text(dataset_files("org/big", None, "train"));
+    assert!(text.contains("data/train-00000-of-00001.parquet") && text.contains("org/big"), "{text}");
+    let repo_dir = home.path().join("hub/datasets--org--big");
+    assert!(!repo_dir.join("snapshots/beef/data/train-00000-of-00001.parquet").exists(), "not linked as complete");
+    let blobs: Vec<String> = std::fs::read_dir(repo_dir.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(blobs.iter().all(|b| b.ends_with(".part") || b.ends_with(".lock")), "{blobs:?}");
+    drop(server);
+
+    let server = hub().serve();
+    set_env(&server.url(), home.path(), false, None);
+    let files = dataset_files("org/big", None, "train").unwrap();
+    assert_eq!(read(&files[0]), big);
+}
+
+#[test]
+fn private_repo_uses_hf_token() {
+    let home = tempfile::tempdir().unwrap();
+    let files: &[(&str, &[u8])] = &[("train.jsonl", TRAIN)];
+    let mut hub = FakeHub::default().repo("dataset", "org/private", "main", "5ec4e7", files);
+    hub.token = Some("hf_secret".into());
+    let server = hub.serve();
+    let _env = hub_env(&server.url(), home.path(), false, None);
+
+    let text = err_text(dataset_files("org/private", None, "train"));
+    assert!(text.contains("org/private") && text.contains("HF_TOKEN"), "{text}");
+    set_env(&server.url(), home.path(), false, Some("hf_secret"));
+    assert_eq!(read(&dataset_files("org/private", None, "train").unwrap()[0]), TRAIN);
+}
+
+#[test]
+fn sharded_model_with_tokenizer_files() {
+    let home = tempfile::tempdir().unwrap();
+    let index = br#"{"metadata":{"total_size":8},"weight_map":{"a":"model-00001-of-00002.safetensors","b":"model-00002-of-00002.safetensors","c":"model-00002-of-00002.safetensors"}}"#;
+    let files: &[(&str, &[u8])] = &[
+        (".gitattributes", b"*.safetensors filter=lfs"),
+        ("README.md", b"# tiny"),
+        ("config.json", br#"{"model_type":"llama"}"#),
+        ("generation_config.json", b"{}"),
+        ("tokenizer.json", b"{\"model\":{}}"),
+        ("tokenizer_config.json", b"{}"),
+        ("special_tokens_map.json", b"{}"),
+        ("chat_template.jinja", b"{{ messages }}"),
+        ("model.safetensors.index.json", index),
+        ("model-00001-of-00002.safetensors", b"shard one"),
+        ("model-00002-of-00002.safetensors", b"shard two"),
+        ("pytorch_model.bin", b"not wanted"),
+    ];
+    let server = FakeHub::default().repo("model", "org/tiny", "main", "feed", files).serve();
+    let _env = hub_env(&server.url(), home.path(), false, None);
+
+    let dir = model_dir("org/tiny", None).unwrap();
+    assert_eq!(dir, home.path().join("hub/models--org--tiny/snapshots/feed"));
+    for (name, bytes) in &files[2..11] {
+        assert_eq!(read(&dir.join(name)), *bytes, "{name}");
+    }
+    let log = server.take_log();
+    assert!(!log.iter().any(|p| p.ends_with("pytorch_model.bin") || p.ends_with("README.md")), "{log:?}");
+
+    let endpoint = server.url();
+    drop(server);
+    set_env(&endpoint, home.path(), true, None);
+    assert_eq!(model_dir("org/tiny", None).unwrap(), dir);
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let text = err_text(model_dir("org/tiny", None));
+    assert!(text.contains("model-00002-of-00002.safetensors") && text.contains("org/tiny"), "{text}");
+}
+
+#[test]
+fn split_file_selection() {
+    let files: Vec<String> = [
+        "README.md",
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+        "data/test-00000-of-00001.parquet",
+        "train.jsonl",
+        "train_0.json",
+        "train_prefs.jsonl",
+        "pretrain-notes.jsonl",
+        "default/train/0000.parquet",
+        "cfg/validation.json.gz",
+        "train.csv",
+    ]
+    .map(String::from)
+    .to_vec();
+    assert_eq!(
+        split_files(&files, None, "train"),
+        vec![
+            "data/train-00000-of-00002.parquet",
+            "data/train-00001-of-00002.parquet",
+            "default/train/0000.parquet",
+            "train.jsonl",
+            "train_0.json",
+        ]
+    );
+    assert_eq!(split_files(&files, Some("default"), "train"), vec!["default/train/0000.parquet"]);
+    assert_eq!(split_files(&files, Some("cfg"), "validation"), vec!["cfg/validation.json.gz"]);
+    assert!(split_files(&files, Some("cfg"), "train").is_empty());
+}
+
+#[test]
+fn repo_id_detection() {
+    for id in ["HuggingFaceTB/SmolLM2-135M-Instruct", "Anthropic/hh-rlhf", "Qwen/Qwen2.5-0.5B", "trl-lib/ultrafeedback_binarized"] {
+        assert!(looks_like_repo_id(id), "{id}");
+    }
+    for arg in ["gpt2", "/abs/path", "./x/y", "a/b/c", "data/prefs.jsonl", "models/m.gguf", "org/-bad", "org/a--b", "org/"] {
+        assert!(!looks_like_repo_id(arg), "{arg}");
+    }
+    // An existing local folder wins over the repo reading (tests run in the package root).
+    assert!(Path::new("tests/fixtures").is_dir() && !looks_like_repo_id("tests/fixtures"));
+}
