@@ -20,8 +20,10 @@ const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// The branch where the Hub keeps its automatic Parquet conversion of a dataset.
 const PARQUET_REVISION: &str = "refs/convert/parquet";
 /// File endings `data::source` reads.
-const DATA_EXTENSIONS: [&str; 8] =
-    [".parquet", ".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz", ".parquet.gz"];
+const DATA_EXTENSIONS: [&str; 7] = [".parquet", ".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz"];
+/// JSON files that are metadata, not rows (the `datasets` library skips them too; `save_to_disk` writes the last two).
+const NOT_DATA: [&str; 5] =
+    ["config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"];
 /// Model files fetched when the repo has them; weights are added from what the repo holds.
 const MODEL_FILES: [&str; 10] = [
     "config.json",
@@ -64,7 +66,8 @@ pub fn dataset_files(repo: &str, config: Option<&str>, split: &str) -> Result<Ve
         }
     }
     let mut available = data_files(&listing.files).collect::<Vec<_>>();
-    available.extend(converted.iter().flat_map(|c| c.files.iter().map(String::as_str).filter(|f| f.ends_with(".parquet"))));
+    available
+        .extend(converted.iter().flat_map(|c| c.files.iter().map(String::as_str).filter(|f| f.ends_with(".parquet"))));
     bail!("{}", split_not_found(&main, config, split, &available, ""))
 }
 
@@ -73,14 +76,17 @@ pub fn dataset_files(repo: &str, config: Option<&str>, split: &str) -> Result<Ve
 pub fn model_dir(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
     let hub = HubRepo::new(repo, RepoType::Model, revision.unwrap_or("main"))?;
     if hub.api.is_none() {
-        let dir = hub.cached_snapshot().ok_or_else(|| hub.not_cached("config.json"))?;
+        let dir = hub.cached_snapshot().ok_or_else(|| hub.not_cached(None))?;
         check_model_dir(&hub, &dir)?;
         return Ok(dir);
     }
     let listing = hub.list()?.ok_or_else(|| hub.not_found())?;
     let listed = |name: &str| listing.files.iter().any(|f| f == name);
     if !listed("config.json") {
-        bail!("{} has no config.json: not a transformers model (for a GGUF file, download it and pass its path)", hub.name());
+        bail!(
+            "{} has no config.json: not a transformers model (for a GGUF file, download it and pass its path)",
+            hub.name()
+        );
     }
     let mut wanted: Vec<String> = MODEL_FILES.iter().filter(|f| listed(f)).map(|f| f.to_string()).collect();
     if listed(SINGLE_WEIGHTS) {
@@ -150,7 +156,9 @@ fn parquet_files<'a>(files: &'a [String], config: Option<&str>, split: &str) -> 
         let mut chosen: Vec<&str> = files
             .iter()
             .map(String::as_str)
-            .filter(|f| f.ends_with(".parquet") && f.rsplit_once('/').is_some_and(|(d, _)| d == format!("{config}/{dir}")))
+            .filter(|f| {
+                f.ends_with(".parquet") && f.rsplit_once('/').is_some_and(|(d, _)| d == format!("{config}/{dir}"))
+            })
             .collect();
         chosen.sort();
         chosen
@@ -167,7 +175,10 @@ fn parquet_files<'a>(files: &'a [String], config: Option<&str>, split: &str) -> 
 }
 
 fn data_files(files: &[String]) -> impl Iterator<Item = &str> {
-    files.iter().map(String::as_str).filter(|f| DATA_EXTENSIONS.iter().any(|ext| f.ends_with(ext)))
+    files
+        .iter()
+        .map(String::as_str)
+        .filter(|f| DATA_EXTENSIONS.iter().any(|ext| f.ends_with(ext)) && !NOT_DATA.contains(&dirs_and_name(f).1))
 }
 
 fn dirs_and_name(path: &str) -> (Vec<&str>, &str) {
@@ -197,14 +208,23 @@ fn split_name_of(path: &str) -> String {
 }
 
 fn split_not_found(hub: &HubRepo, config: Option<&str>, split: &str, available: &[&str], note: &str) -> String {
+    let mut available = available.to_vec();
+    available.sort();
     let mut splits: Vec<String> = available.iter().map(|f| split_name_of(f)).collect();
     splits.sort();
     splits.dedup();
     let shown: Vec<&str> = available.iter().take(20).copied().collect();
-    let more = if available.len() > shown.len() { format!(" (and {} more)", available.len() - shown.len()) } else { String::new() };
+    let more = if available.len() > shown.len() {
+        format!(" (and {} more)", available.len() - shown.len())
+    } else {
+        String::new()
+    };
     let config = config.map(|c| format!(" (config {c})")).unwrap_or_default();
     if available.is_empty() {
-        return format!("no data files for split {split:?}{config} in {}{note}: the repo has no .parquet/.jsonl/.json files", hub.name());
+        return format!(
+            "no data files for split {split:?}{config} in {}{note}: the repo has no .parquet/.jsonl/.json files",
+            hub.name()
+        );
     }
     format!(
         "no data files for split {split:?}{config} in {}{note}; splits that seem available: {}; data files: {}{more}",
@@ -228,7 +248,7 @@ fn cached_dataset_files(main: &HubRepo, parquet: &HubRepo, config: Option<&str>,
         cached.extend(data_files(&files).map(str::to_string));
     }
     if cached.is_empty() {
-        bail!("{}", main.not_cached("any data file"));
+        bail!("{}", main.not_cached(None));
     }
     let cached: Vec<&str> = cached.iter().map(String::as_str).collect();
     bail!("{}", split_not_found(main, config, split, &cached, " among the cached files (HF_HUB_OFFLINE is set)"))
@@ -256,7 +276,8 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).with_context(|| format!("cannot read {}", index.display()))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
-    let map = json["weight_map"].as_object().with_context(|| format!("{} has no \"weight_map\" object", index.display()))?;
+    let map =
+        json["weight_map"].as_object().with_context(|| format!("{} has no \"weight_map\" object", index.display()))?;
     let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
     shards.sort();
     shards.dedup();
@@ -269,12 +290,12 @@ fn check_model_dir(hub: &HubRepo, dir: &Path) -> Result<()> {
     if !dir.join(SINGLE_WEIGHTS).exists() {
         let index = dir.join(WEIGHTS_INDEX);
         if !index.exists() {
-            return Err(hub.not_cached(SINGLE_WEIGHTS));
+            return Err(hub.not_cached(Some(SINGLE_WEIGHTS)));
         }
         needed.extend(shard_names(&index)?);
     }
     match needed.iter().find(|f| !dir.join(f).exists()) {
-        Some(missing) => Err(hub.not_cached(missing)),
+        Some(missing) => Err(hub.not_cached(Some(missing))),
         None => Ok(()),
     }
 }
@@ -353,16 +374,17 @@ impl HubRepo {
         )
     }
 
-    fn not_cached(&self, file: &str) -> anyhow::Error {
+    /// Offline and `file` (or, with `None`, the whole repo) is not cached.
+    fn not_cached(&self, file: Option<&str>) -> anyhow::Error {
+        let what = file.map_or_else(|| self.name(), |f| format!("{f} of {}", self.name()));
         anyhow!(
-            "{file} of {} is not in the cache {} and HF_HUB_OFFLINE is set; run once online to download it",
-            self.name(),
+            "{what} is not in the cache {} and HF_HUB_OFFLINE is set; run once online to download it",
             self.repo_dir().display()
         )
     }
 
     /// The revision's commit and file names (`GET {endpoint}/api/{kind}s/{repo}/revision/{revision}`);
-    /// `None` when the Hub says the revision does not exist.
+    /// `None` on a 404 other than RepoNotFound, i.e. a missing revision (such as a dataset the Hub never converted).
     fn list(&self) -> Result<Option<Listing>> {
         let api = self.api.as_ref().expect("list() is only called online");
         match api.repo(self.repo.clone()).info_request().call() {
@@ -375,14 +397,22 @@ impl HubRepo {
             Err(e) => {
                 let message = e.to_string();
                 let Some(response) = e.into_response() else {
-                    bail!("cannot reach {} to list {}: {message} (HF_HUB_OFFLINE=1 uses the cache only)", self.endpoint, self.name());
+                    bail!(
+                        "cannot reach {} to list {}: {message} (HF_HUB_OFFLINE=1 uses the cache only)",
+                        self.endpoint,
+                        self.name()
+                    );
                 };
                 // The Hub answers 401 for missing repos too (so as not to reveal private ones) and marks the case.
                 let code = response.header("x-error-code").unwrap_or_default().to_string();
                 match response.status() {
                     404 if code != "RepoNotFound" => Ok(None),
                     401 | 404 => Err(self.not_found()),
-                    403 => bail!("access to {} is denied at {} (gated: accept its terms, and set HF_TOKEN)", self.name(), self.endpoint),
+                    403 => bail!(
+                        "access to {} is denied at {} (gated: accept its terms, and set HF_TOKEN)",
+                        self.name(),
+                        self.endpoint
+                    ),
                     status => bail!("{} answered HTTP {status} listing {}: {message}", self.endpoint, self.name()),
                 }
             }
@@ -410,8 +440,9 @@ impl HubRepo {
                         _ => anyhow!("{what}: {message}"),
                     }
                 }
-                e => anyhow::Error::new(e)
+                e @ (ApiError::IoError(_) | ApiError::TooManyRetries(_)) => anyhow::Error::new(e)
                     .context(format!("{what} (the partial download is kept as a .part file and resumed next time)")),
+                e => anyhow::Error::new(e).context(what),
             }
         })
     }
