@@ -3,7 +3,7 @@
 use crate::cli::ModelArgs;
 use crate::data::chat_template::Message;
 use crate::model::generate::{generate, SamplingOptions};
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use std::io::Write;
 
@@ -39,9 +39,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let prompt_ids = if args.raw {
         tokenizer.encode(&args.prompt, true)?
     } else {
-        let template = tokenizer.chat_template().with_context(|| {
-            format!("{} has no chat template; pass --raw to continue plain text", args.model.model.display())
-        })?;
+        if tokenizer.chat_template.is_none() {
+            bail!("{} has no chat template; pass --raw to continue plain text", args.model.model);
+        }
+        let template = tokenizer.chat_template()?;
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
             messages.push(Message::new("system", system));

@@ -1,6 +1,8 @@
 //! The `prefalign` command line: one file per subcommand.
 
 mod convert;
+mod data;
+mod eval;
 mod generate;
 
 use clap::{Args, Parser, Subcommand};
@@ -19,14 +21,25 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Convert a model (e.g. a GGUF file) into a Hugging Face folder
     Convert(convert::ConvertArgs),
+    /// Score a model (and a reference) on preference data: log-probs, rewards, TRL's eval metrics
+    Eval(eval::EvalArgs),
+    /// Look at preference data as a trainer will see it
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Rows read, format, drops, token-length percentiles and examples through the chat template
+    Inspect(data::InspectArgs),
 }
 
 /// Where a model comes from and how it is placed, shared by every subcommand that loads one.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A Hugging Face model folder or a .gguf file
+    /// A Hugging Face model folder, a .gguf file, or a Hub model "org/name"
     #[arg(long, visible_alias = "model-name-or-path")]
-    pub model: PathBuf,
+    pub model: String,
     /// cpu, cuda, cuda:N or auto
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -39,8 +52,21 @@ impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<crate::model::LoadedModel> {
         let device = crate::model::device::parse_device(&self.device)?;
         let dtype = crate::model::device::parse_dtype(&self.dtype)?;
-        crate::model::load(&self.model, device, dtype)
+        crate::model::load(&resolve_model(&self.model)?, device, dtype)
     }
+
+    /// The same placement for another model (a reference model).
+    pub fn with_model(&self, model: &str) -> Self {
+        Self { model: model.to_string(), ..self.clone() }
+    }
+}
+
+/// A local model path, or a Hub model id downloaded (or taken from the cache) to a local folder.
+pub fn resolve_model(model: &str) -> anyhow::Result<PathBuf> {
+    if !std::path::Path::new(model).exists() && crate::data::hub::looks_like_repo_id(model) {
+        return crate::data::hub::model_dir(model, None);
+    }
+    Ok(PathBuf::from(model))
 }
 
 /// Runs the CLI; returns the process exit code. User mistakes print one `error:` line chain, no backtrace.
@@ -56,6 +82,8 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Data(DataCommand::Inspect(args)) => data::inspect(args),
     };
     match result {
         Ok(()) => 0,

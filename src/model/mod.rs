@@ -53,6 +53,18 @@ pub fn load(path: &Path, device: Device, dtype: Kind) -> Result<LoadedModel> {
     build(config, &weights, tokenizer, device, dtype)
 }
 
+/// Only the tokenizer of a model folder or GGUF file (no weights are read).
+pub fn load_tokenizer(path: &Path) -> Result<TextTokenizer> {
+    if !path.exists() {
+        bail!("model path {} does not exist", path.display());
+    }
+    if path.is_file() {
+        let file = gguf::GgufFile::open(path)?;
+        return TextTokenizer::from_gguf(&file).with_context(|| format!("in {}", path.display()));
+    }
+    TextTokenizer::from_hf_dir(path)
+}
+
 fn build(
     config: ModelConfig,
     weights: &dyn WeightSource,

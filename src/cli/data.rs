@@ -1,0 +1,191 @@
+//! Dataset flags shared by every subcommand that reads preference data, and `prefalign data inspect`.
+
+use crate::data::collate::TruncationMode;
+use crate::data::hub;
+use crate::data::prepare::{prepare, PrepareOptions, Prepared, RowFormat, Rules};
+use crate::data::source::{read_rows, ReadRows};
+use crate::data::tokenize::{PairTokenizer, TokenizedPair};
+use crate::model::tokenizer::TextTokenizer;
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FormatArg {
+    /// detected from the columns, as TRL does
+    Auto,
+    /// Anthropic HH-RLHF transcripts, cut at the last "\n\nAssistant:"
+    HhRlhf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TruncationArg {
+    KeepStart,
+    KeepEnd,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DatasetArgs {
+    /// A .jsonl/.json/.parquet file (optionally .gz), a folder of them, or a Hub dataset "org/name"
+    #[arg(long, visible_alias = "dataset-name")]
+    pub dataset: String,
+    /// Hub dataset configuration (subset)
+    #[arg(long)]
+    pub dataset_config: Option<String>,
+    /// Hub dataset split
+    #[arg(long, default_value = "train")]
+    pub dataset_split: String,
+    #[arg(long, default_value = "prompt")]
+    pub prompt_column: String,
+    #[arg(long, default_value = "chosen")]
+    pub chosen_column: String,
+    #[arg(long, default_value = "rejected")]
+    pub rejected_column: String,
+    /// How rows are read
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dataset_format: FormatArg,
+    /// Skip (and count) rows that cannot be used instead of stopping at the first
+    #[arg(long)]
+    pub skip_invalid_rows: bool,
+    /// Accept empty completions, as TRL does
+    #[arg(long)]
+    pub allow_empty_completions: bool,
+    /// ORPO: keep pairs whose truncated completion is empty (TRL keeps them; their loss is NaN)
+    #[arg(long)]
+    pub keep_empty_completions: bool,
+    /// Longest prompt+completion in tokens
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    #[arg(long, value_enum, default_value = "keep-start")]
+    pub truncation_mode: TruncationArg,
+    /// Use only the first N rows
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl DatasetArgs {
+    pub fn truncation_mode(&self) -> TruncationMode {
+        match self.truncation_mode {
+            TruncationArg::KeepStart => TruncationMode::KeepStart,
+            TruncationArg::KeepEnd => TruncationMode::KeepEnd,
+        }
+    }
+
+    /// The rows of the dataset, from a local path or the Hub.
+    pub fn read(&self) -> Result<ReadRows> {
+        let mut read = if Path::new(&self.dataset).exists() || !hub::looks_like_repo_id(&self.dataset) {
+            read_rows(Path::new(&self.dataset))?
+        } else {
+            let mut all = ReadRows::default();
+            for file in hub::dataset_files(&self.dataset, self.dataset_config.as_deref(), &self.dataset_split)? {
+                let part = read_rows(&file)?;
+                all.rows.extend(part.rows);
+                all.invalid.extend(part.invalid);
+            }
+            all
+        };
+        if let Some(limit) = self.limit {
+            read.rows.truncate(limit);
+        }
+        if read.rows.is_empty() && read.invalid.is_empty() {
+            bail!("dataset {} has no rows", self.dataset);
+        }
+        Ok(read)
+    }
+
+    pub fn options(&self, rules: Rules) -> PrepareOptions {
+        let mut options = PrepareOptions::new(rules);
+        options.row_format = match self.dataset_format {
+            FormatArg::Auto => RowFormat::Auto,
+            FormatArg::HhRlhf => RowFormat::HhRlhf,
+        };
+        options.columns.prompt = self.prompt_column.clone();
+        options.columns.chosen = self.chosen_column.clone();
+        options.columns.rejected = self.rejected_column.clone();
+        options.max_length = Some(self.max_length);
+        options.truncation_mode = self.truncation_mode();
+        options.skip_invalid_rows = self.skip_invalid_rows;
+        options.validation.allow_empty_completions = self.allow_empty_completions;
+        options.keep_empty_completions = self.keep_empty_completions;
+        options
+    }
+
+    /// Reads and tokenizes the dataset for `rules`.
+    pub fn prepare(&self, tokenizer: &TextTokenizer, rules: Rules) -> Result<Prepared> {
+        let tok = PairTokenizer::new(tokenizer)?;
+        prepare(self.read()?, &tok, &self.options(rules))
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RulesArg {
+    Dpo,
+    Orpo,
+}
+
+impl RulesArg {
+    pub fn rules(self) -> Rules {
+        match self {
+            RulesArg::Dpo => Rules::Dpo,
+            RulesArg::Orpo => Rules::Orpo,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    data: DatasetArgs,
+    /// The model whose tokenizer and chat template apply (a Hugging Face folder, a .gguf file or a Hub id)
+    #[arg(long, visible_alias = "model-name-or-path")]
+    model: String,
+    /// Whose tokenization rules to apply
+    #[arg(long, value_enum, default_value = "dpo")]
+    trainer: RulesArg,
+    /// How many examples to print
+    #[arg(long, default_value_t = 2)]
+    examples: usize,
+}
+
+fn percentiles(mut lengths: Vec<usize>) -> String {
+    lengths.sort_unstable();
+    let at = |q: f64| lengths[((lengths.len() - 1) as f64 * q).round() as usize];
+    format!("min {:>5}  p50 {:>5}  p90 {:>5}  p99 {:>5}  max {:>5}", lengths[0], at(0.5), at(0.9), at(0.99), lengths[lengths.len() - 1])
+}
+
+pub fn inspect(args: InspectArgs) -> Result<()> {
+    let tokenizer = crate::model::load_tokenizer(&crate::cli::resolve_model(&args.model)?)?;
+    let rules = args.trainer.rules();
+    let prepared = args.data.prepare(&tokenizer, rules)?;
+    let report = &prepared.report;
+    println!("dataset      {}", args.data.dataset);
+    println!("rows read    {}", report.rows_read);
+    println!("format       {}", report.format.map_or("unknown", |f| f.name()));
+    println!("pairs kept   {}", prepared.pairs.len());
+    println!("invalid      {} (skipped)", report.invalid.len());
+    for invalid in report.invalid.iter().take(5) {
+        println!("  {invalid}");
+    }
+    println!("dropped      {} (TRL's {} rules)", report.dropped.len(), if rules == Rules::Dpo { "DPO" } else { "ORPO" });
+    for dropped in report.dropped.iter().take(5) {
+        println!("  {}: {}", dropped.location, dropped.reason);
+    }
+    println!("truncated    {} pairs have a sequence longer than max_length {}", report.truncated, args.data.max_length);
+    let pairs = &prepared.pairs;
+    println!("tokens       (prompt / chosen / rejected completion)");
+    println!("  prompt     {}", percentiles(pairs.iter().map(|p| p.prompt_ids.len()).collect()));
+    println!("  chosen     {}", percentiles(pairs.iter().map(|p| p.chosen.completion().len()).collect()));
+    println!("  rejected   {}", percentiles(pairs.iter().map(|p| p.rejected.completion().len()).collect()));
+    for pair in pairs.iter().take(args.examples) {
+        print_example(&tokenizer, pair)?;
+    }
+    Ok(())
+}
+
+fn print_example(tokenizer: &TextTokenizer, pair: &TokenizedPair) -> Result<()> {
+    println!("\n--- {} ---", pair.location);
+    println!("[prompt]\n{}", tokenizer.decode(&pair.chosen.ids[..pair.chosen.prompt_len], false)?);
+    println!("[chosen]\n{}", tokenizer.decode(pair.chosen.completion(), false)?);
+    println!("[rejected]\n{}", tokenizer.decode(pair.rejected.completion(), false)?);
+    Ok(())
+}

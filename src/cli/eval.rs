@@ -1,0 +1,71 @@
+//! `prefalign eval`: per-example log-probs and rewards of a model (and a reference) on preference data, with
+//! TRL's evaluation metrics.
+
+use crate::cli::data::{DatasetArgs, RulesArg};
+use crate::cli::ModelArgs;
+use crate::objective::evaluate::{evaluate, EvalObjective, EvalOptions};
+use anyhow::{Context, Result};
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A reference model (same tokenizer); without one, rewards are reference-free (β·log-prob)
+    #[arg(long)]
+    ref_model: Option<String>,
+    #[command(flatten)]
+    data: DatasetArgs,
+    /// dpo: summed log-probs and the sigmoid DPO loss; orpo: averaged log-probs and the ORPO loss
+    #[arg(long, value_enum, default_value = "dpo")]
+    objective: RulesArg,
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    #[arg(long, visible_alias = "per-device-eval-batch-size", default_value_t = 4)]
+    batch_size: usize,
+    /// Write one JSON object per example here
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let policy = args.model.load()?;
+    let reference = args.ref_model.as_ref().map(|r| args.model.with_model(r).load()).transpose()?;
+    let tokenizer = policy.tokenizer()?;
+    let rules = args.objective.rules();
+    let prepared = args.data.prepare(tokenizer, rules)?;
+    let pad = tokenizer.pad_token.as_deref().or(tokenizer.eos_token.as_deref()).context("the tokenizer has neither pad_token nor eos_token")?;
+    let options = EvalOptions {
+        objective: match args.objective {
+            RulesArg::Dpo => EvalObjective::Dpo,
+            RulesArg::Orpo => EvalObjective::Orpo,
+        },
+        beta: args.beta,
+        batch_size: args.batch_size,
+        pad_id: tokenizer.token_id(pad).with_context(|| format!("pad token {pad:?} is not in the vocabulary"))?,
+        truncation: match args.objective {
+            RulesArg::Dpo => Some((args.data.max_length, args.data.truncation_mode())),
+            RulesArg::Orpo => None,
+        },
+    };
+    let result = evaluate(&policy.model, reference.as_ref().map(|r| &r.model), &prepared.pairs, &options);
+    if let Some(path) = &args.output {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
+        for example in &result.examples {
+            writeln!(file, "{}", serde_json::to_string(example)?)?;
+        }
+        file.flush()?;
+    }
+    let report = &prepared.report;
+    eprintln!(
+        "{} pairs scored ({} rows read, {} invalid skipped, {} dropped by TRL's rules)",
+        prepared.pairs.len(),
+        report.rows_read,
+        report.invalid.len(),
+        report.dropped.len()
+    );
+    println!("{}", serde_json::to_string_pretty(&result.metrics)?);
+    Ok(())
+}
