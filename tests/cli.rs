@@ -64,3 +64,56 @@ fn convert_then_generate_from_the_hf_folder() {
     ]);
     assert!(stdout.contains("Paris"), "{stdout}");
 }
+
+/// A complete model folder: the tiny eval policy's weights with the SmolLM2 tokenizer files beside them.
+fn tiny_model_dir(dir: &std::path::Path, which: &str) -> std::path::PathBuf {
+    let out = dir.join(which);
+    std::fs::create_dir_all(&out).unwrap();
+    for src in [common::fixture(&format!("eval/{which}")), common::fixture("trl_data/tokenizer")] {
+        for entry in std::fs::read_dir(src).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
+        }
+    }
+    out
+}
+
+#[test]
+fn eval_writes_per_example_scores_and_trl_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = tiny_model_dir(dir.path(), "tiny_policy");
+    let reference = tiny_model_dir(dir.path(), "tiny_ref");
+    let output = dir.path().join("per_example.jsonl");
+    let dataset = common::fixture("trl_data/standard.jsonl");
+    let (stdout, stderr) = prefalign(&[
+        "eval", "--model", policy.to_str().unwrap(), "--ref-model", reference.to_str().unwrap(), "--dataset",
+        dataset.to_str().unwrap(), "--max-length", "64", "--allow-empty-completions", "--output", output.to_str().unwrap(),
+    ]);
+    assert!(stderr.contains("12 pairs scored (14 rows read, 0 invalid skipped, 2 dropped by TRL's rules)"), "{stderr}");
+    let metrics: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("eval/dpo_standard.json")).unwrap()).unwrap();
+    for name in ["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen"] {
+        let (ours, theirs) = (metrics[name].as_f64().unwrap(), expected["metrics"][name].as_f64().unwrap());
+        assert!((ours - theirs).abs() <= 1e-4 * theirs.abs().max(1.0), "{name}: {ours} vs {theirs}");
+    }
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&output).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 12);
+    let first = &expected["rows"][0];
+    assert!((lines[0]["chosen_logps"].as_f64().unwrap() - first["chosen_logps"].as_f64().unwrap()).abs() < 1e-3);
+    assert!(lines[0]["ref_chosen_logps"].is_f64() && lines[0]["chosen_tokens"] == 5);
+}
+
+#[test]
+fn data_inspect_reports_counts_and_examples() {
+    let tokenizer = common::fixture("trl_data/tokenizer");
+    let dataset = common::fixture("trl_data/standard.jsonl");
+    let (stdout, _) = prefalign(&[
+        "data", "inspect", "--model", tokenizer.to_str().unwrap(), "--dataset", dataset.to_str().unwrap(),
+        "--max-length", "64", "--allow-empty-completions", "--examples", "1",
+    ]);
+    for expected in ["rows read    14", "pairs kept   12", "dropped      2", "standard.jsonl:8: the prompt has", "[chosen]\n It is blue.<|im_end|>"] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+}

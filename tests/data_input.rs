@@ -1,0 +1,157 @@
+//! Reading preference data: every source format, column mapping, the HH-RLHF converter on the real file, and
+//! bad input that names the file, line, column and row (or is skipped and counted).
+
+mod common;
+
+use common::{error_text, fixture};
+use prefalign::data::prepare::{prepare, to_pairs, PrepareOptions, RowFormat, Rules};
+use prefalign::data::source::{read_rows, RawRow};
+use prefalign::data::tokenize::PairTokenizer;
+use prefalign::model::tokenizer::TextTokenizer;
+use std::path::Path;
+
+fn fields(rows: &[RawRow]) -> Vec<serde_json::Value> {
+    rows.iter().map(|r| serde_json::Value::Object(r.fields.clone())).collect()
+}
+
+fn tokenizer() -> TextTokenizer {
+    TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap()
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// Prepares `path` for DPO with `edit` applied to the default options.
+fn prepare_file(path: &Path, edit: impl FnOnce(&mut PrepareOptions)) -> anyhow::Result<prefalign::data::prepare::Prepared> {
+    let tokenizer = tokenizer();
+    let tok = PairTokenizer::new(&tokenizer)?;
+    let mut options = PrepareOptions::new(Rules::Dpo);
+    edit(&mut options);
+    prepare(read_rows(path)?, &tok, &options)
+}
+
+#[test]
+fn parquet_file_and_folder_of_shards_read_like_jsonl() {
+    let jsonl = read_rows(&fixture("trl_data/standard.jsonl")).unwrap();
+    let parquet = read_rows(&fixture("parquet/standard.parquet")).unwrap();
+    assert_eq!(fields(&parquet.rows), fields(&jsonl.rows));
+    assert!(parquet.rows[0].location.ends_with("standard.parquet row 0"));
+    let jsonl = read_rows(&fixture("trl_data/conversational.jsonl")).unwrap();
+    let shards = read_rows(&fixture("parquet/conversational")).unwrap();
+    assert_eq!(fields(&shards.rows), fields(&jsonl.rows));
+}
+
+#[test]
+fn json_array_and_gzip() {
+    let rows = read_rows(&fixture("trl_data/standard.jsonl")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let array = serde_json::to_vec(&fields(&rows.rows)).unwrap();
+    let json = write(dir.path(), "data.json", &array);
+    assert_eq!(fields(&read_rows(&json).unwrap().rows), fields(&rows.rows));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &std::fs::read(fixture("trl_data/standard.jsonl")).unwrap()).unwrap();
+    let gzipped = write(dir.path(), "data.jsonl.gz", &gz.finish().unwrap());
+    assert_eq!(fields(&read_rows(&gzipped).unwrap().rows), fields(&rows.rows));
+    let err = error_text(read_rows(&write(dir.path(), "data.csv", b"a,b")));
+    assert!(err.contains("unknown dataset format"), "{err}");
+}
+
+const GOOD: &str = r#"{"prompt": "Hi", "chosen": " Hello!", "rejected": " Go away."}"#;
+
+#[test]
+fn malformed_json_line_names_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "bad.jsonl", format!("{GOOD}\n{GOOD}\n{{\"prompt\": \"Hi\", \"chosen\": \n{GOOD}\n").as_bytes());
+    let err = error_text(prepare_file(&path, |_| {}));
+    assert!(err.contains("bad.jsonl:3: invalid JSON") && err.contains("--skip-invalid-rows"), "{err}");
+    let prepared = prepare_file(&path, |o| o.skip_invalid_rows = true).unwrap();
+    assert_eq!((prepared.report.rows_read, prepared.report.invalid.len(), prepared.pairs.len()), (4, 1, 3));
+}
+
+#[test]
+fn invalid_utf8_names_the_line_and_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = format!("{GOOD}\n").into_bytes();
+    bytes.extend(b"{\"prompt\": \"caf\xe9\", \"chosen\": \"a\", \"rejected\": \"b\"}\n");
+    let path = write(dir.path(), "latin1.jsonl", &bytes);
+    let err = error_text(prepare_file(&path, |_| {}));
+    assert!(err.contains("latin1.jsonl:2: invalid UTF-8 at byte 15"), "{err}");
+}
+
+#[test]
+fn missing_and_mistyped_columns_name_column_and_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "cols.jsonl", format!("{GOOD}\n{{\"prompt\": \"Hi\", \"chosen\": \"a\"}}\n").as_bytes());
+    let err = error_text(prepare_file(&path, |_| {}));
+    assert!(err.contains("cols.jsonl:2: missing column \"rejected\" (the row has: chosen, prompt)"), "{err}");
+    let path = write(dir.path(), "types.jsonl", format!("{GOOD}\n{{\"prompt\": \"Hi\", \"chosen\": 5, \"rejected\": \"b\"}}\n").as_bytes());
+    let err = error_text(prepare_file(&path, |_| {}));
+    assert!(err.contains("types.jsonl:2: column \"chosen\": expected a string like the first row, found a number"), "{err}");
+}
+
+#[test]
+fn column_mapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "mapped.jsonl", br#"{"question": "Hi", "good": " Hello!", "bad": " Go away."}"#);
+    let err = error_text(prepare_file(&path, |_| {}));
+    assert!(err.contains("missing column \"chosen\""), "{err}");
+    let prepared = prepare_file(&path, |o| {
+        o.columns.prompt = "question".into();
+        o.columns.chosen = "good".into();
+        o.columns.rejected = "bad".into();
+    })
+    .unwrap();
+    assert_eq!(prepared.pairs.len(), 1);
+}
+
+#[test]
+fn empty_completions_and_broken_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "empty.jsonl", br#"{"prompt": "Hi", "chosen": "", "rejected": "b"}"#);
+    let err = error_text(prepare_file(&path, |_| {}));
+    assert!(err.contains("empty.jsonl:1: column \"chosen\" is empty"), "{err}");
+    assert_eq!(prepare_file(&path, |o| o.validation.allow_empty_completions = true).unwrap().pairs.len(), 1);
+
+    let user = r#"{"role": "user", "content": "Hi"}"#;
+    let assistant = r#"{"role": "assistant", "content": "Hello"}"#;
+    let system = r#"{"role": "system", "content": "Be brief."}"#;
+    let lines = [
+        format!(r#"{{"prompt": [{user}], "chosen": [{assistant}], "rejected": [{assistant}]}}"#),
+        format!(r#"{{"prompt": [{user}], "chosen": [{user}], "rejected": [{assistant}]}}"#),
+        format!(r#"{{"prompt": [{user}, {system}], "chosen": [{assistant}], "rejected": [{assistant}]}}"#),
+        format!(r#"{{"prompt": [{{"role": "narrator", "content": "x"}}], "chosen": [{assistant}], "rejected": [{assistant}]}}"#),
+    ];
+    let path = write(dir.path(), "roles.jsonl", lines.join("\n").as_bytes());
+    let err = error_text(prepare_file(&path, |_| {}));
+    assert!(err.contains("roles.jsonl:2: column \"chosen\": the completion starts with a \"user\" message"), "{err}");
+    assert!(err.contains("and 2 more invalid rows"), "{err}");
+    let prepared = prepare_file(&path, |o| o.skip_invalid_rows = true).unwrap();
+    let reasons: Vec<&str> = prepared.report.invalid.iter().map(|i| i.reason.as_str()).collect();
+    assert_eq!(prepared.pairs.len(), 1);
+    assert!(reasons[1].contains("message 1 is a system message"), "{reasons:?}");
+    assert!(reasons[2].contains("unknown role \"narrator\""), "{reasons:?}");
+}
+
+/// The real Anthropic HH-RLHF harmless test split through the converter: every row is accounted for.
+#[test]
+fn hh_rlhf_harmless_pairs() {
+    let path = common::repo_path("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz");
+    let mut options = PrepareOptions::new(Rules::Dpo);
+    options.row_format = RowFormat::HhRlhf;
+    let (pairs, report) = to_pairs(read_rows(&path).unwrap(), &options);
+    assert_eq!(report.rows_read, 2312);
+    assert_eq!(pairs.len() + report.invalid.len(), 2312);
+    assert!(report.invalid.len() < 20, "{} invalid", report.invalid.len());
+    let prepared = prepare_file(&path, |o| {
+        o.row_format = RowFormat::HhRlhf;
+        o.skip_invalid_rows = true;
+        o.max_length = Some(512);
+    })
+    .unwrap();
+    assert_eq!(prepared.pairs.len() + prepared.report.dropped.len() + prepared.report.invalid.len(), 2312);
+    // Whole answers: every completion ends with the template's end of turn.
+    assert!(prepared.pairs.iter().all(|p| p.chosen.completion().ends_with(&[2, 198])));
+}
