@@ -23,6 +23,145 @@ impl PairLogps {
     }
 }
 
+/// TRL's DPO `loss_type`s: one table of per-pair losses over the same inputs (`LossInputs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpoLoss {
+    Sigmoid,
+    Hinge,
+    Ipo,
+    ExoPair,
+    NcaPair,
+    Robust,
+    BcoPair,
+    SppoHard,
+    Aot,
+    AotUnpaired,
+    ApoZero,
+    ApoDown,
+    Discopop,
+    Sft,
+    SigmoidNorm,
+}
+
+impl DpoLoss {
+    pub const ALL: [(&'static str, DpoLoss); 15] = [
+        ("sigmoid", Self::Sigmoid),
+        ("hinge", Self::Hinge),
+        ("ipo", Self::Ipo),
+        ("exo_pair", Self::ExoPair),
+        ("nca_pair", Self::NcaPair),
+        ("robust", Self::Robust),
+        ("bco_pair", Self::BcoPair),
+        ("sppo_hard", Self::SppoHard),
+        ("aot", Self::Aot),
+        ("aot_unpaired", Self::AotUnpaired),
+        ("apo_zero", Self::ApoZero),
+        ("apo_down", Self::ApoDown),
+        ("discopop", Self::Discopop),
+        ("sft", Self::Sft),
+        ("sigmoid_norm", Self::SigmoidNorm),
+    ];
+
+    pub fn parse(name: &str) -> anyhow::Result<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, l)| *l).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
+            anyhow::anyhow!("unknown loss_type \"{name}\" (expected one of: {})", names.join(", "))
+        })
+    }
+}
+
+/// Everything the DPO losses read, for a batch of B pairs.
+pub struct LossInputs<'a> {
+    pub policy: &'a PairLogps,
+    pub reference: &'a PairLogps,
+    /// Completion tokens of each chosen / rejected sequence, [B] each (unshifted, as TRL's ipo/sigmoid_norm use).
+    pub chosen_tokens: &'a Tensor,
+    pub rejected_tokens: &'a Tensor,
+    /// Per-token log-probs of the chosen rows and their (shifted) completion mask, [B, T-1] each, for `sft`.
+    pub chosen_token_logps: &'a Tensor,
+    pub chosen_token_mask: &'a Tensor,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LossParams {
+    pub beta: f64,
+    pub label_smoothing: f64,
+    pub discopop_tau: f64,
+}
+
+impl DpoLoss {
+    /// The loss of each pair, [B] (TRL's `per_sequence_loss`).
+    pub fn per_pair(self, x: &LossInputs, p: LossParams) -> Tensor {
+        let beta = p.beta;
+        let chosen_ratio = &x.policy.chosen - &x.reference.chosen; // log πθ(c)/πref(c)
+        let rejected_ratio = &x.policy.rejected - &x.reference.rejected;
+        let delta = &chosen_ratio - &rejected_ratio;
+        let eps = p.label_smoothing;
+        let smoothed = |d: &Tensor| -(d * beta).log_sigmoid() * (1.0 - eps) - (d * -beta).log_sigmoid() * eps;
+        let per_token = |ratio: &Tensor, tokens: &Tensor| ratio / tokens.clamp_min(1.0);
+        let one_minus = |t: Tensor| -t + 1.0;
+        match self {
+            Self::Sigmoid => -(&delta * beta).log_sigmoid(),
+            Self::Hinge => one_minus(&delta * beta).relu(),
+            Self::Ipo => {
+                let d = per_token(&chosen_ratio, x.chosen_tokens) - per_token(&rejected_ratio, x.rejected_tokens);
+                (d - 1.0 / (2.0 * beta)).square()
+            }
+            Self::ExoPair => {
+                let z = &delta * beta;
+                let (log_pw, log_pl) = ((-eps).ln_1p(), eps.ln());
+                z.sigmoid() * (z.log_sigmoid() - log_pw) + (-&z).sigmoid() * ((-&z).log_sigmoid() - log_pl)
+            }
+            Self::NcaPair => {
+                let (c, r) = (&chosen_ratio * beta, &rejected_ratio * beta);
+                -c.log_sigmoid() - (-&c).log_sigmoid() * 0.5 - (-r).log_sigmoid() * 0.5
+            }
+            Self::Robust => {
+                let clean = -(&delta * beta).log_sigmoid() * (1.0 - eps);
+                let flipped = -(&delta * -beta).log_sigmoid() * eps;
+                (clean - flipped) / (1.0 - 2.0 * eps)
+            }
+            Self::BcoPair => -(&chosen_ratio * beta).log_sigmoid() - (&rejected_ratio * -beta).log_sigmoid(),
+            Self::SppoHard => (&chosen_ratio - 0.5 / beta).square() + (&rejected_ratio + 0.5 / beta).square(),
+            Self::Aot => {
+                let (policy, _) = (&x.policy.chosen - &x.policy.rejected).sort(0, false);
+                let (reference, _) = (&x.reference.chosen - &x.reference.rejected).sort(0, false);
+                smoothed(&(policy - reference))
+            }
+            Self::AotUnpaired => {
+                let (chosen, _) = chosen_ratio.sort(0, false);
+                let (rejected, _) = rejected_ratio.sort(0, false);
+                smoothed(&(chosen - rejected))
+            }
+            Self::ApoZero => one_minus((&chosen_ratio * beta).sigmoid()) + (&rejected_ratio * beta).sigmoid(),
+            Self::ApoDown => (&chosen_ratio * beta).sigmoid() + one_minus((&delta * beta).sigmoid()),
+            Self::Discopop => {
+                let z = &delta * beta;
+                let modulation = (&z / p.discopop_tau).sigmoid();
+                -z.log_sigmoid() * one_minus(modulation.shallow_clone()) + (-&z).exp() * modulation
+            }
+            Self::Sft => {
+                let mask = x.chosen_token_mask;
+                let nll = -(x.chosen_token_logps * mask).sum(None) / mask.sum(None);
+                nll.expand([x.policy.chosen.size()[0]], false)
+            }
+            Self::SigmoidNorm => {
+                let d = per_token(&chosen_ratio, x.chosen_tokens) - per_token(&rejected_ratio, x.rejected_tokens);
+                -(d * beta).log_sigmoid()
+            }
+        }
+    }
+}
+
+/// Σ_k weight_k · mean(loss_k) over the configured `loss_type`s (TRL's `loss_weights`).
+pub fn combined_loss(losses: &[(DpoLoss, f64)], x: &LossInputs, p: LossParams) -> Tensor {
+    losses
+        .iter()
+        .map(|(loss, weight)| loss.per_pair(x, p).mean(None) * *weight)
+        .reduce(|a, b| a + b)
+        .expect("at least one loss type")
+}
+
 /// The sigmoid DPO loss per pair, [B]: -log σ(β · ((πc - refc) - (πr - refr))).
 pub fn sigmoid_loss(policy: &PairLogps, reference: &PairLogps, beta: f64) -> Tensor {
     let delta = (&policy.chosen - &reference.chosen) - (&policy.rejected - &reference.rejected);
