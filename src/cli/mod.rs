@@ -4,6 +4,7 @@ mod convert;
 mod data;
 mod eval;
 mod generate;
+mod train;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -21,6 +22,10 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Convert a model (e.g. a GGUF file) into a Hugging Face folder
     Convert(convert::ConvertArgs),
+    /// Train with DPO (or one of TRL's DPO loss variants)
+    Dpo(train::DpoArgs),
+    /// Train with ORPO (odds-ratio preference optimization, no reference model)
+    Orpo(train::OrpoArgs),
     /// Score a model (and a reference) on preference data: log-probs, rewards, TRL's eval metrics
     Eval(eval::EvalArgs),
     /// Look at preference data as a trainer will see it
@@ -83,6 +88,8 @@ pub fn main() -> i32 {
         Command::Generate(args) => generate::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Dpo(args) => train::run_dpo(args),
+        Command::Orpo(args) => train::run_orpo(args),
         Command::Data(DataCommand::Inspect(args)) => data::inspect(args),
     };
     match result {

@@ -180,6 +180,8 @@ pub struct CausalLm {
     norm: RmsNorm,
     lm_head: Option<Tensor>, // [vocab, hidden]; None when tied to embed_tokens
     rope: Rope,
+    /// transformers builds `nn.Embedding(..., padding_idx=pad_token_id)`: that row gets no gradient from lookups.
+    padding_idx: i64,
 }
 
 impl CausalLm {
@@ -198,6 +200,7 @@ impl CausalLm {
             lm_head: (!config.tie_word_embeddings)
                 .then(|| (root / "lm_head").var("weight", &[vocab, hidden], nn::Init::Const(0.0))),
             rope: Rope::new(config, root.device())?,
+            padding_idx: config.pad_token_id.as_ref().and_then(|ids| ids.to_vec().first().copied()).unwrap_or(-1),
             config: config.clone(),
         })
     }
@@ -235,7 +238,7 @@ impl CausalLm {
             Some(past_mask) => Tensor::cat(&[past_mask, &new_mask], 1),
             None => new_mask,
         };
-        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [batch, len, hidden]
+        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, self.padding_idx, false, false); // [batch, len, hidden]
         let (cos, sin) = self.rope.cos_sin(past, len, x.kind());
         let mut masks: Vec<(Option<i64>, Tensor)> = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {

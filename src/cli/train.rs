@@ -1,0 +1,177 @@
+//! `prefalign dpo` and `prefalign orpo`: train a model on preference data with TRL's parameter names, and save
+//! it as a Hugging Face folder in --output-dir.
+
+use crate::cli::data::DatasetArgs;
+use crate::cli::ModelArgs;
+use crate::data::collate::SamplingStrategy;
+use crate::data::prepare::Rules;
+use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
+use crate::objective::dpo::{DpoLoss, LossParams};
+use crate::objective::Objective;
+use crate::train::optimizer::AdamWConfig;
+use crate::train::schedule::Schedule;
+use crate::train::trainer::{train, TrainerConfig};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SamplingArg {
+    Sequential,
+    Random,
+}
+
+/// The trainer flags shared by every objective (transformers' TrainingArguments names).
+#[derive(Args, Debug)]
+pub struct TrainerArgs {
+    #[arg(long, default_value = "prefalign-output")]
+    output_dir: PathBuf,
+    #[arg(long, default_value_t = 1e-6)]
+    learning_rate: f64,
+    /// constant, constant_with_warmup, linear, cosine, cosine_with_min_lr
+    #[arg(long, default_value = "linear")]
+    lr_scheduler_type: String,
+    /// cosine_with_min_lr: the final rate as a fraction of --learning-rate
+    #[arg(long, default_value_t = 0.0)]
+    min_lr_rate: f64,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = 0.0)]
+    warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    adam_beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    adam_beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    adam_epsilon: f64,
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 8)]
+    per_device_train_batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    gradient_accumulation_steps: usize,
+    #[arg(long, default_value_t = 3.0)]
+    num_train_epochs: f64,
+    /// Total optimizer steps; overrides --num-train-epochs when > 0
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    max_steps: i64,
+    #[arg(long, default_value_t = 10)]
+    logging_steps: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "random")]
+    train_sampling_strategy: SamplingArg,
+}
+
+#[derive(Args, Debug)]
+pub struct DpoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The reference model; default: a frozen copy of the policy
+    #[arg(long)]
+    ref_model: Option<String>,
+    /// Score against a zero reference (no reference model)
+    #[arg(long)]
+    reference_free: bool,
+    #[command(flatten)]
+    data: DatasetArgs,
+    #[command(flatten)]
+    trainer: TrainerArgs,
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    /// One or more of TRL's loss types, comma-separated (sigmoid, hinge, ipo, robust, …)
+    #[arg(long, default_value = "sigmoid", value_delimiter = ',')]
+    loss_type: Vec<String>,
+    /// One weight per loss type (default: 1 each)
+    #[arg(long, value_delimiter = ',')]
+    loss_weights: Vec<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+    #[arg(long, default_value_t = 0.05)]
+    discopop_tau: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct OrpoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DatasetArgs,
+    #[command(flatten)]
+    trainer: TrainerArgs,
+    /// λ, the weight of the odds-ratio term
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+}
+
+pub fn run_dpo(args: DpoArgs) -> Result<()> {
+    let losses: Vec<DpoLoss> = args.loss_type.iter().map(|n| DpoLoss::parse(n)).collect::<Result<_>>()?;
+    let weights = if args.loss_weights.is_empty() { vec![1.0; losses.len()] } else { args.loss_weights.clone() };
+    if weights.len() != losses.len() {
+        bail!("--loss-weights has {} values for {} loss types", weights.len(), losses.len());
+    }
+    let objective = Objective::Dpo {
+        losses: losses.into_iter().zip(weights).collect(),
+        params: LossParams { beta: args.beta, label_smoothing: args.label_smoothing, discopop_tau: args.discopop_tau },
+        reference_free: args.reference_free,
+    };
+    let reference = match (&args.ref_model, args.reference_free) {
+        (_, true) => None,
+        (Some(path), false) => Some(path.clone()),
+        (None, false) => Some(args.model.model.clone()), // a frozen copy of the policy, as TRL makes
+    };
+    run(&args.model, reference, &args.data, &args.trainer, Rules::Dpo, &objective)
+}
+
+pub fn run_orpo(args: OrpoArgs) -> Result<()> {
+    run(&args.model, None, &args.data, &args.trainer, Rules::Orpo, &Objective::Orpo { beta: args.beta })
+}
+
+fn run(model: &ModelArgs, reference: Option<String>, data: &DatasetArgs, t: &TrainerArgs, rules: Rules, objective: &Objective) -> Result<()> {
+    let policy = model.load()?;
+    let mut reference = reference.map(|r| model.with_model(&r).load()).transpose()?;
+    if let Some(reference) = reference.as_mut() {
+        reference.vs.freeze();
+    }
+    let tokenizer = policy.tokenizer()?;
+    let prepared = data.prepare(tokenizer, rules)?;
+    let report = &prepared.report;
+    eprintln!(
+        "{} pairs ({} rows read, {} invalid skipped, {} dropped by TRL's rules)",
+        prepared.pairs.len(),
+        report.rows_read,
+        report.invalid.len(),
+        report.dropped.len()
+    );
+    let pad = tokenizer.pad_token.as_deref().or(tokenizer.eos_token.as_deref()).context("the tokenizer has neither pad_token nor eos_token")?;
+    let config = TrainerConfig {
+        output_dir: t.output_dir.clone(),
+        learning_rate: t.learning_rate,
+        schedule: Schedule::parse(&t.lr_scheduler_type, t.min_lr_rate)?,
+        warmup_steps: t.warmup_steps,
+        warmup_ratio: t.warmup_ratio,
+        optimizer: AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_epsilon, weight_decay: t.weight_decay },
+        max_grad_norm: t.max_grad_norm,
+        per_device_train_batch_size: t.per_device_train_batch_size,
+        gradient_accumulation_steps: t.gradient_accumulation_steps.max(1),
+        num_train_epochs: t.num_train_epochs,
+        max_steps: t.max_steps,
+        logging_steps: t.logging_steps,
+        seed: t.seed,
+        sampling: match t.train_sampling_strategy {
+            SamplingArg::Sequential => SamplingStrategy::Sequential,
+            SamplingArg::Random => SamplingStrategy::Random,
+        },
+        pad_id: tokenizer.token_id(pad).with_context(|| format!("pad token {pad:?} is not in the vocabulary"))?,
+        truncation: match rules {
+            Rules::Dpo => Some((data.max_length, data.truncation_mode())),
+            Rules::Orpo => None,
+        },
+    };
+    train(&policy.vs, &policy.model, reference.as_ref().map(|r| &r.model), &prepared.pairs, objective, &config)?;
+    save_hf(&policy, &t.output_dir, DEFAULT_MAX_SHARD_BYTES)?;
+    eprintln!("saved the trained model to {}", t.output_dir.display());
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Training: AdamW (`optimizer`), learning-rate schedules (`schedule`) and the loop (`trainer`).
+
+pub mod optimizer;
+pub mod schedule;
+pub mod trainer;
