@@ -9,7 +9,9 @@ use prefalign::data::prepare::{prepare, PrepareOptions, Rules};
 use prefalign::data::source::read_rows;
 use prefalign::data::tokenize::PairTokenizer;
 use prefalign::model::{self, tokenizer::TextTokenizer};
-use prefalign::objective::evaluate::{evaluate, EvalObjective, EvalOptions};
+use prefalign::objective::dpo::{DpoLoss, LossParams};
+use prefalign::objective::evaluate::{evaluate, EvalOptions};
+use prefalign::objective::Objective;
 use serde_json::Value;
 use tch::{Device, Kind};
 
@@ -23,7 +25,12 @@ fn check(trainer: &str, data: &str) {
         serde_json::from_str(&std::fs::read_to_string(fixture(&format!("eval/{trainer}_{data}.json"))).unwrap()).unwrap();
     let tokenizer = TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap();
     let tok = PairTokenizer::new(&tokenizer).unwrap();
-    let (rules, objective) = if trainer == "dpo" { (Rules::Dpo, EvalObjective::Dpo) } else { (Rules::Orpo, EvalObjective::Orpo) };
+    let (rules, objective) = if trainer == "dpo" {
+        let params = LossParams { beta: 0.1, label_smoothing: 0.0, discopop_tau: 0.05 };
+        (Rules::Dpo, Objective::Dpo { losses: vec![(DpoLoss::Sigmoid, 1.0)], params, reference_free: false })
+    } else {
+        (Rules::Orpo, Objective::Orpo { beta: 0.1 })
+    };
     let mut options = PrepareOptions::new(rules);
     options.max_length = Some(64);
     options.validation.allow_empty_completions = true;
@@ -31,22 +38,21 @@ fn check(trainer: &str, data: &str) {
     let policy = model::load(&fixture("eval/tiny_policy"), Device::Cpu, Kind::Float).unwrap();
     let reference = (trainer == "dpo").then(|| model::load(&fixture("eval/tiny_ref"), Device::Cpu, Kind::Float).unwrap());
     let eval_options = EvalOptions {
-        objective,
-        beta: 0.1,
         batch_size: 4,
         pad_id: 2,
         truncation: (trainer == "dpo").then_some((64, TruncationMode::KeepStart)),
     };
-    let result = evaluate(&policy.model, reference.as_ref().map(|r| &r.model), &prepared.pairs, &eval_options);
+    let result = evaluate(&policy.model, reference.as_ref().map(|r| &r.model), &prepared.pairs, &objective, &eval_options);
 
     // ORPO rows whose completion truncation empties are dropped by default (TRL would score NaN for them).
     let rows: Vec<&Value> = expected["rows"].as_array().unwrap().iter().filter(|r| !r["chosen_logps"].is_null()).collect();
     assert_eq!(result.examples.len(), rows.len(), "{trainer}_{data}: examples");
     for (ours, row) in result.examples.iter().zip(&rows) {
         let at = format!("{trainer}_{data} {}", ours.location);
-        let (c, r) = match objective {
-            EvalObjective::Dpo => (ours.chosen_logps, ours.rejected_logps),
-            EvalObjective::Orpo => (ours.chosen_logps_avg, ours.rejected_logps_avg),
+        let (c, r) = if trainer == "dpo" {
+            (ours.chosen_logps, ours.rejected_logps)
+        } else {
+            (ours.chosen_logps_avg, ours.rejected_logps_avg)
         };
         close(c, row["chosen_logps"].as_f64().unwrap(), &format!("{at} chosen_logps"));
         close(r, row["rejected_logps"].as_f64().unwrap(), &format!("{at} rejected_logps"));

@@ -10,26 +10,28 @@ use prefalign::data::prepare::{prepare, PrepareOptions, Rules};
 use prefalign::data::source::read_rows;
 use prefalign::data::tokenize::PairTokenizer;
 use prefalign::model::{self, tokenizer::TextTokenizer};
+use prefalign::objective::cpo::{CpoLoss, CpoParams};
 use prefalign::objective::dpo::{DpoLoss, LossParams};
 use prefalign::objective::Objective;
 use prefalign::train::optimizer::AdamWConfig;
 use prefalign::train::schedule::Schedule;
-use prefalign::train::trainer::{train, TrainerConfig};
+use prefalign::train::trainer::{train, TrainInputs, TrainerConfig};
 use serde_json::Value;
 use tch::{Device, Kind};
 
 fn check(name: &str) {
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(&format!("training/{name}.json"))).unwrap()).unwrap();
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture(&format!("{name}.json"))).unwrap()).unwrap();
     let settings = &expected["settings"];
     let s = |key: &str| settings[key].as_str().unwrap_or_else(|| panic!("setting {key}")).to_string();
     let f = |key: &str| settings[key].as_f64().unwrap_or_else(|| panic!("setting {key}"));
-    let is_dpo = s("trainer") == "DPOTrainer";
+    let trainer = s("trainer");
+    let is_dpo = trainer == "DPOTrainer";
     let tokenizer = TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap();
     let tok = PairTokenizer::new(&tokenizer).unwrap();
     let mut options = PrepareOptions::new(if is_dpo { Rules::Dpo } else { Rules::Orpo });
     options.max_length = Some(f("max_length") as usize);
     options.validation.allow_empty_completions = true;
+    options.keep_empty_completions = true; // CPO keeps them (finite with summed log-probs)
     let pairs = prepare(read_rows(&repo_path(&s("dataset"))).unwrap(), &tok, &options).unwrap().pairs;
 
     let policy = model::load(&repo_path(&s("policy")), Device::Cpu, Kind::Float).unwrap();
@@ -40,6 +42,15 @@ fn check(name: &str) {
             params: LossParams { beta: f("beta"), label_smoothing: f("label_smoothing"), discopop_tau: 0.05 },
             reference_free: false,
         }
+    } else if trainer == "CPOTrainer" {
+        let params = CpoParams {
+            loss: CpoLoss::Sigmoid,
+            beta: f("beta"),
+            label_smoothing: f("label_smoothing"),
+            cpo_alpha: f("cpo_alpha"),
+            simpo_gamma: f("simpo_gamma"),
+        };
+        Objective::Cpo(params.with_loss_type(&s("loss_type")).unwrap())
     } else {
         Objective::Orpo { beta: f("beta") }
     };
@@ -64,12 +75,19 @@ fn check(name: &str) {
         num_train_epochs: 1.0,
         max_steps: f("max_steps") as i64,
         logging_steps: 1,
+        save_steps: 0,
+        save_total_limit: None,
+        eval_steps: 0,
+        per_device_eval_batch_size: 4,
+        skip_nonfinite: false,
+        resume_from_checkpoint: None,
         seed: 42,
         sampling: SamplingStrategy::Sequential,
         pad_id: 2,
         truncation: is_dpo.then_some((f("max_length") as usize, TruncationMode::KeepStart)),
     };
-    let rows = train(&policy.vs, &policy.model, reference.as_ref().map(|r| &r.model), &pairs, &objective, &config).unwrap();
+    let inputs = TrainInputs { policy: &policy, reference: reference.as_ref(), train: &pairs, eval: None, objective: &objective };
+    let rows = train(&inputs, &config).unwrap();
 
     let history = expected["log_history"].as_array().unwrap();
     assert_eq!(rows.len(), history.len(), "{name}: logged steps");
@@ -82,6 +100,7 @@ fn check(name: &str) {
             assert!((got - want).abs() <= tolerance, "{name} step {step}: {key} = {got}, TRL {want}");
         }
     }
+    let name = name.rsplit('/').next().unwrap();
     let line_count = std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap().lines().count();
     assert_eq!(line_count, history.len());
     for (param, stats) in expected["final_params"].as_object().unwrap() {
@@ -95,40 +114,164 @@ fn check(name: &str) {
 
 #[test]
 fn dpo_sigmoid_with_a_reference_model() {
-    check("dpo_sigmoid_ref_model");
+    check("training/dpo_sigmoid_ref_model");
 }
 
 #[test]
 fn dpo_sigmoid_reference_copy_conversational() {
-    check("dpo_sigmoid_ref_copy_conversational");
+    check("training/dpo_sigmoid_ref_copy_conversational");
 }
 
 #[test]
 fn dpo_ipo() {
-    check("dpo_ipo");
+    check("training/dpo_ipo");
 }
 
 #[test]
 fn dpo_hinge() {
-    check("dpo_hinge");
+    check("training/dpo_hinge");
 }
 
 #[test]
 fn dpo_robust_label_smoothing() {
-    check("dpo_robust");
+    check("training/dpo_robust");
 }
 
 #[test]
 fn dpo_qwen2_implicit_prompt() {
-    check("dpo_qwen2_implicit");
+    check("training/dpo_qwen2_implicit");
 }
 
 #[test]
 fn orpo_standard() {
-    check("orpo_standard");
+    check("training/orpo_standard");
 }
 
 #[test]
 fn orpo_conversational() {
-    check("orpo_conversational");
+    check("training/orpo_conversational");
+}
+
+#[test]
+fn cpo_sigmoid() {
+    check("cpo/cpo_sigmoid");
+}
+
+#[test]
+fn simpo() {
+    check("cpo/simpo");
+}
+
+#[test]
+fn cpo_conversational() {
+    check("cpo/cpo_conversational");
+}
+
+/// A tiny DPO setup on the fixture data, for the resume and non-finite tests.
+struct Setup {
+    policy: prefalign::model::LoadedModel,
+    reference: prefalign::model::LoadedModel,
+    pairs: Vec<prefalign::data::tokenize::TokenizedPair>,
+}
+
+fn setup(rules: Rules, max_length: usize, keep_empty: bool) -> Setup {
+    let tokenizer = TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap();
+    let tok = PairTokenizer::new(&tokenizer).unwrap();
+    let mut options = PrepareOptions::new(rules);
+    options.max_length = Some(max_length);
+    options.validation.allow_empty_completions = true;
+    options.keep_empty_completions = keep_empty;
+    let pairs = prepare(read_rows(&fixture("trl_data/standard.jsonl")).unwrap(), &tok, &options).unwrap().pairs;
+    let policy = model::load(&fixture("eval/tiny_policy"), Device::Cpu, Kind::Float).unwrap();
+    let mut reference = model::load(&fixture("eval/tiny_ref"), Device::Cpu, Kind::Float).unwrap();
+    reference.vs.freeze();
+    Setup { policy, reference, pairs }
+}
+
+fn small_config(out: &std::path::Path) -> TrainerConfig {
+    TrainerConfig {
+        output_dir: out.to_path_buf(),
+        learning_rate: 1e-3,
+        schedule: Schedule::Cosine,
+        warmup_steps: 1,
+        warmup_ratio: 0.0,
+        optimizer: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+        max_grad_norm: 1.0,
+        per_device_train_batch_size: 2,
+        gradient_accumulation_steps: 2,
+        num_train_epochs: 1.0,
+        max_steps: 6,
+        logging_steps: 2,
+        save_steps: 3,
+        save_total_limit: Some(1),
+        eval_steps: 0,
+        per_device_eval_batch_size: 4,
+        skip_nonfinite: false,
+        resume_from_checkpoint: None,
+        seed: 7,
+        sampling: SamplingStrategy::Random,
+        pad_id: 2,
+        truncation: Some((64, TruncationMode::KeepStart)),
+    }
+}
+
+fn sigmoid_dpo() -> Objective {
+    Objective::Dpo {
+        losses: vec![(DpoLoss::Sigmoid, 1.0)],
+        params: LossParams { beta: 0.1, label_smoothing: 0.0, discopop_tau: 0.05 },
+        reference_free: false,
+    }
+}
+
+/// Stop after step 3 (a checkpoint mid logging window, mid epoch, random order, gradient accumulation),
+/// resume in a fresh process state, and the final weights equal an uninterrupted run's bit for bit.
+#[test]
+fn resume_is_bit_for_bit() {
+    let objective = sigmoid_dpo();
+    let uninterrupted_dir = tempfile::tempdir().unwrap();
+    let a = setup(Rules::Dpo, 64, false);
+    let config = small_config(uninterrupted_dir.path());
+    let inputs = TrainInputs { policy: &a.policy, reference: Some(&a.reference), train: &a.pairs, eval: Some(&a.pairs[..4]), objective: &objective };
+    let rows_a = train(&inputs, &TrainerConfig { eval_steps: 3, ..config.clone() }).unwrap();
+    let checkpoint = uninterrupted_dir.path().join("checkpoint-3");
+    assert!(checkpoint.join("model.safetensors").exists() && checkpoint.join("trainer_state.json").exists());
+    // The checkpoint is a model folder transformers-style loaders read.
+    model::load(&checkpoint, Device::Cpu, Kind::Float).unwrap();
+
+    let resumed_dir = tempfile::tempdir().unwrap();
+    let b = setup(Rules::Dpo, 64, false);
+    let inputs = TrainInputs { policy: &b.policy, reference: Some(&b.reference), train: &b.pairs, eval: Some(&b.pairs[..4]), objective: &objective };
+    let resumed = TrainerConfig { output_dir: resumed_dir.path().to_path_buf(), resume_from_checkpoint: Some(checkpoint), eval_steps: 3, ..config };
+    let rows_b = train(&inputs, &resumed).unwrap();
+
+    let (va, vb) = (a.policy.vs.variables(), b.policy.vs.variables());
+    for (name, tensor) in &va {
+        assert!(tensor.equal(&vb[name]), "{name} differs after resuming");
+    }
+    // The rows logged after the checkpoint are identical too.
+    let after: Vec<_> = rows_a.into_iter().filter(|r| r["step"].as_u64().unwrap() > 3).collect();
+    assert_eq!(after, rows_b);
+}
+
+#[test]
+fn nonfinite_loss_stops_naming_step_and_rows_or_is_skipped() {
+    // ORPO pairs whose prompt fills max_length keep an empty completion here (TRL's behaviour): a NaN loss.
+    let s = setup(Rules::Orpo, 64, true);
+    let objective = Objective::Orpo { beta: 0.1 };
+    let out = tempfile::tempdir().unwrap();
+    let config = TrainerConfig {
+        per_device_train_batch_size: 4,
+        gradient_accumulation_steps: 1,
+        sampling: SamplingStrategy::Sequential,
+        truncation: None,
+        save_steps: 1,
+        ..small_config(out.path())
+    };
+    let inputs = TrainInputs { policy: &s.policy, reference: None, train: &s.pairs, eval: None, objective: &objective };
+    let err = format!("{:#}", train(&inputs, &config).unwrap_err());
+    assert!(err.contains("non-finite loss NaN at step 2") && err.contains("standard.jsonl:8"), "{err}");
+    assert!(err.contains("last good checkpoint: ") && err.contains("checkpoint-1"), "{err}");
+    let rows = train(&inputs, &TrainerConfig { skip_nonfinite: true, save_steps: 0, ..config }).unwrap();
+    assert_eq!(rows.last().unwrap()["step"], 6);
+    assert!(rows.last().unwrap()["skipped_nonfinite"].as_u64().unwrap() >= 1);
 }

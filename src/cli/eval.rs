@@ -3,7 +3,9 @@
 
 use crate::cli::data::{DatasetArgs, RulesArg};
 use crate::cli::ModelArgs;
-use crate::objective::evaluate::{evaluate, EvalObjective, EvalOptions};
+use crate::objective::dpo::{DpoLoss, LossParams};
+use crate::objective::evaluate::{evaluate, EvalOptions};
+use crate::objective::Objective;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::io::Write;
@@ -37,12 +39,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let rules = args.objective.rules();
     let prepared = args.data.prepare(tokenizer, rules)?;
     let pad = tokenizer.pad_token.as_deref().or(tokenizer.eos_token.as_deref()).context("the tokenizer has neither pad_token nor eos_token")?;
-    let options = EvalOptions {
-        objective: match args.objective {
-            RulesArg::Dpo => EvalObjective::Dpo,
-            RulesArg::Orpo => EvalObjective::Orpo,
+    let objective = match args.objective {
+        RulesArg::Dpo => Objective::Dpo {
+            losses: vec![(DpoLoss::Sigmoid, 1.0)],
+            params: LossParams { beta: args.beta, label_smoothing: 0.0, discopop_tau: 0.05 },
+            reference_free: reference.is_none(),
         },
-        beta: args.beta,
+        RulesArg::Orpo => Objective::Orpo { beta: args.beta },
+    };
+    let options = EvalOptions {
         batch_size: args.batch_size,
         pad_id: tokenizer.token_id(pad).with_context(|| format!("pad token {pad:?} is not in the vocabulary"))?,
         truncation: match args.objective {
@@ -50,7 +55,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             RulesArg::Orpo => None,
         },
     };
-    let result = evaluate(&policy.model, reference.as_ref().map(|r| &r.model), &prepared.pairs, &options);
+    let result = evaluate(&policy.model, reference.as_ref().map(|r| &r.model), &prepared.pairs, &objective, &options);
     if let Some(path) = &args.output {
         let mut file = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
         for example in &result.examples {

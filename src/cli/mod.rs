@@ -26,6 +26,8 @@ enum Command {
     Dpo(train::DpoArgs),
     /// Train with ORPO (odds-ratio preference optimization, no reference model)
     Orpo(train::OrpoArgs),
+    /// Train with CPO or SimPO (reference-free; --loss-type simpo)
+    Cpo(train::CpoArgs),
     /// Score a model (and a reference) on preference data: log-probs, rewards, TRL's eval metrics
     Eval(eval::EvalArgs),
     /// Look at preference data as a trainer will see it
@@ -90,6 +92,7 @@ pub fn main() -> i32 {
         Command::Eval(args) => eval::run(args),
         Command::Dpo(args) => train::run_dpo(args),
         Command::Orpo(args) => train::run_orpo(args),
+        Command::Cpo(args) => train::run_cpo(args),
         Command::Data(DataCommand::Inspect(args)) => data::inspect(args),
     };
     match result {

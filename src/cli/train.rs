@@ -1,4 +1,4 @@
-//! `prefalign dpo` and `prefalign orpo`: train a model on preference data with TRL's parameter names, and save
+//! `prefalign dpo`, `orpo` and `cpo`: train a model on preference data with TRL's parameter names, and save
 //! it as a Hugging Face folder in --output-dir.
 
 use crate::cli::data::DatasetArgs;
@@ -6,11 +6,12 @@ use crate::cli::ModelArgs;
 use crate::data::collate::SamplingStrategy;
 use crate::data::prepare::Rules;
 use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
+use crate::objective::cpo::{CpoLoss, CpoParams};
 use crate::objective::dpo::{DpoLoss, LossParams};
 use crate::objective::Objective;
 use crate::train::optimizer::AdamWConfig;
 use crate::train::schedule::Schedule;
-use crate::train::trainer::{train, TrainerConfig};
+use crate::train::trainer::{list_checkpoints, train, TrainInputs, TrainerConfig};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -59,10 +60,38 @@ pub struct TrainerArgs {
     max_steps: i64,
     #[arg(long, default_value_t = 10)]
     logging_steps: usize,
+    /// Write a checkpoint every N optimizer steps (0: none)
+    #[arg(long, default_value_t = 0)]
+    save_steps: usize,
+    /// Keep only the newest N checkpoints
+    #[arg(long)]
+    save_total_limit: Option<usize>,
+    /// Continue from a checkpoint folder, or "last" for the newest in --output-dir
+    #[arg(long)]
+    resume_from_checkpoint: Option<String>,
+    /// Evaluate on --eval-dataset every N optimizer steps (0: never)
+    #[arg(long, default_value_t = 0)]
+    eval_steps: usize,
+    #[arg(long, default_value_t = 8)]
+    per_device_eval_batch_size: usize,
+    /// Skip (and count) batches whose loss or gradient is not finite, instead of stopping
+    #[arg(long)]
+    skip_nonfinite: bool,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     #[arg(long, value_enum, default_value = "random")]
     train_sampling_strategy: SamplingArg,
+}
+
+/// Held-out preference data for evaluation during training.
+#[derive(Args, Debug)]
+pub struct EvalDataArgs {
+    /// Evaluation data (file, folder or Hub id), read with the same column and format flags as --dataset
+    #[arg(long)]
+    eval_dataset: Option<String>,
+    /// The Hub split of --eval-dataset
+    #[arg(long, default_value = "test")]
+    dataset_test_split: String,
 }
 
 #[derive(Args, Debug)]
@@ -77,6 +106,8 @@ pub struct DpoArgs {
     reference_free: bool,
     #[command(flatten)]
     data: DatasetArgs,
+    #[command(flatten)]
+    eval_data: EvalDataArgs,
     #[command(flatten)]
     trainer: TrainerArgs,
     #[arg(long, default_value_t = 0.1)]
@@ -100,10 +131,50 @@ pub struct OrpoArgs {
     #[command(flatten)]
     data: DatasetArgs,
     #[command(flatten)]
+    eval_data: EvalDataArgs,
+    #[command(flatten)]
     trainer: TrainerArgs,
     /// λ, the weight of the odds-ratio term
     #[arg(long, default_value_t = 0.1)]
     beta: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct CpoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DatasetArgs,
+    #[command(flatten)]
+    eval_data: EvalDataArgs,
+    #[command(flatten)]
+    trainer: TrainerArgs,
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    /// sigmoid, hinge, ipo, simpo, or alphapo (SimPO without the NLL term)
+    #[arg(long, default_value = "sigmoid")]
+    loss_type: String,
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+    /// Weight of the NLL term on the chosen completions
+    #[arg(long, default_value_t = 1.0)]
+    cpo_alpha: f64,
+    /// SimPO's target reward margin γ
+    #[arg(long, default_value_t = 0.5)]
+    simpo_gamma: f64,
+}
+
+pub fn run_cpo(args: CpoArgs) -> Result<()> {
+    let params = CpoParams {
+        loss: CpoLoss::Sigmoid,
+        beta: args.beta,
+        label_smoothing: args.label_smoothing,
+        cpo_alpha: args.cpo_alpha,
+        simpo_gamma: args.simpo_gamma,
+    }
+    .with_loss_type(&args.loss_type)?;
+    // CPOTrainer shares ORPOTrainer's data path.
+    run(&args.model, None, &args.data, &args.eval_data, &args.trainer, Rules::Orpo, &Objective::Cpo(params))
 }
 
 pub fn run_dpo(args: DpoArgs) -> Result<()> {
@@ -122,14 +193,22 @@ pub fn run_dpo(args: DpoArgs) -> Result<()> {
         (Some(path), false) => Some(path.clone()),
         (None, false) => Some(args.model.model.clone()), // a frozen copy of the policy, as TRL makes
     };
-    run(&args.model, reference, &args.data, &args.trainer, Rules::Dpo, &objective)
+    run(&args.model, reference, &args.data, &args.eval_data, &args.trainer, Rules::Dpo, &objective)
 }
 
 pub fn run_orpo(args: OrpoArgs) -> Result<()> {
-    run(&args.model, None, &args.data, &args.trainer, Rules::Orpo, &Objective::Orpo { beta: args.beta })
+    run(&args.model, None, &args.data, &args.eval_data, &args.trainer, Rules::Orpo, &Objective::Orpo { beta: args.beta })
 }
 
-fn run(model: &ModelArgs, reference: Option<String>, data: &DatasetArgs, t: &TrainerArgs, rules: Rules, objective: &Objective) -> Result<()> {
+fn run(
+    model: &ModelArgs,
+    reference: Option<String>,
+    data: &DatasetArgs,
+    eval_data: &EvalDataArgs,
+    t: &TrainerArgs,
+    rules: Rules,
+    objective: &Objective,
+) -> Result<()> {
     let policy = model.load()?;
     let mut reference = reference.map(|r| model.with_model(&r).load()).transpose()?;
     if let Some(reference) = reference.as_mut() {
@@ -145,6 +224,25 @@ fn run(model: &ModelArgs, reference: Option<String>, data: &DatasetArgs, t: &Tra
         report.invalid.len(),
         report.dropped.len()
     );
+    let eval_pairs = match &eval_data.eval_dataset {
+        Some(dataset) => {
+            let eval_args = DatasetArgs { dataset: dataset.clone(), dataset_split: eval_data.dataset_test_split.clone(), limit: None, ..data.clone() };
+            let eval = eval_args.prepare(tokenizer, rules)?;
+            eprintln!("{} evaluation pairs from {dataset}", eval.pairs.len());
+            Some(eval.pairs)
+        }
+        None => None,
+    };
+    let resume_from_checkpoint = match t.resume_from_checkpoint.as_deref() {
+        None => None,
+        Some("last" | "true") => Some(
+            list_checkpoints(&t.output_dir)?
+                .pop()
+                .map(|(_, path)| path)
+                .with_context(|| format!("no checkpoint-* folder in {} to resume from", t.output_dir.display()))?,
+        ),
+        Some(path) => Some(PathBuf::from(path)),
+    };
     let pad = tokenizer.pad_token.as_deref().or(tokenizer.eos_token.as_deref()).context("the tokenizer has neither pad_token nor eos_token")?;
     let config = TrainerConfig {
         output_dir: t.output_dir.clone(),
@@ -159,6 +257,12 @@ fn run(model: &ModelArgs, reference: Option<String>, data: &DatasetArgs, t: &Tra
         num_train_epochs: t.num_train_epochs,
         max_steps: t.max_steps,
         logging_steps: t.logging_steps,
+        save_steps: t.save_steps,
+        save_total_limit: t.save_total_limit,
+        eval_steps: t.eval_steps,
+        per_device_eval_batch_size: t.per_device_eval_batch_size,
+        skip_nonfinite: t.skip_nonfinite,
+        resume_from_checkpoint,
         seed: t.seed,
         sampling: match t.train_sampling_strategy {
             SamplingArg::Sequential => SamplingStrategy::Sequential,
@@ -170,7 +274,14 @@ fn run(model: &ModelArgs, reference: Option<String>, data: &DatasetArgs, t: &Tra
             Rules::Orpo => None,
         },
     };
-    train(&policy.vs, &policy.model, reference.as_ref().map(|r| &r.model), &prepared.pairs, objective, &config)?;
+    let inputs = TrainInputs {
+        policy: &policy,
+        reference: reference.as_ref(),
+        train: &prepared.pairs,
+        eval: eval_pairs.as_deref(),
+        objective,
+    };
+    train(&inputs, &config)?;
     save_hf(&policy, &t.output_dir, DEFAULT_MAX_SHARD_BYTES)?;
     eprintln!("saved the trained model to {}", t.output_dir.display());
     Ok(())

@@ -47,6 +47,15 @@ impl SafetensorsFiles {
         } else {
             bail!("no model.safetensors or model.safetensors.index.json in {}", dir.display());
         };
+        Self::open_files(paths)
+    }
+
+    /// Opens one safetensors file of any name.
+    pub fn open_dir_file(path: &Path) -> Result<Self> {
+        Self::open_files(vec![path.to_path_buf()])
+    }
+
+    fn open_files(paths: Vec<PathBuf>) -> Result<Self> {
         let mut files = Vec::new();
         let mut tensor_index = BTreeMap::new();
         for path in paths {
@@ -173,8 +182,6 @@ fn to_owned_view(tensor: &Tensor) -> Result<OwnedView> {
 /// Writes `tensors` as `model.safetensors`, or as `model-0000i-of-0000n.safetensors` shards plus
 /// `model.safetensors.index.json` when they exceed `max_shard_bytes` (transformers' layout).
 pub fn save_safetensors(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: usize) -> Result<Vec<PathBuf>> {
-    let metadata: Option<std::collections::HashMap<String, String>> =
-        Some([("format".to_string(), "pt".to_string())].into());
     let mut shards: Vec<Vec<(&String, OwnedView)>> = vec![Vec::new()];
     let mut shard_bytes = 0usize;
     let mut total_bytes = 0usize;
@@ -196,11 +203,7 @@ pub fn save_safetensors(dir: &Path, tensors: &[(String, Tensor)], max_shard_byte
         let file_name =
             if count == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, count) };
         let path = dir.join(&file_name);
-        let views: Vec<(&str, &OwnedView)> = shard.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        write_atomically(&path, |tmp| {
-            safetensors::serialize_to_file(views.iter().map(|(n, v)| (*n, *v)), metadata.clone(), tmp)
-                .map_err(anyhow::Error::from)
-        })?;
+        write_views(&path, shard)?;
         for (name, _) in shard {
             weight_map.insert((*name).clone(), serde_json::Value::String(file_name.clone()));
         }
@@ -214,6 +217,22 @@ pub fn save_safetensors(dir: &Path, tensors: &[(String, Tensor)], max_shard_byte
         written.push(path);
     }
     Ok(written)
+}
+
+/// Writes `tensors` into the single safetensors file `path`.
+pub fn save_safetensors_file(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(name, tensor)| Ok((name, to_owned_view(tensor).with_context(|| format!("tensor {name}"))?)))
+        .collect::<Result<Vec<_>>>()?;
+    write_views(path, &views)
+}
+
+fn write_views(path: &Path, views: &[(&String, OwnedView)]) -> Result<()> {
+    let metadata: Option<std::collections::HashMap<String, String>> = Some([("format".to_string(), "pt".to_string())].into());
+    write_atomically(path, |tmp| {
+        safetensors::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), metadata, tmp).map_err(anyhow::Error::from)
+    })
 }
 
 /// Writes through a temporary file in the same folder and renames it into place.

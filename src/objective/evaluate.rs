@@ -1,29 +1,20 @@
-//! Scoring a model on preference pairs: per-example log-probs (of the policy and of a reference), and TRL's
-//! evaluation metrics over sequential batches, averaged per batch as `Trainer.evaluate()` does (the loss is
-//! weighted by batch size, like transformers' eval loop).
+//! Scoring a model on preference pairs: per-example log-probs (of the policy and of a reference), and the
+//! objective's loss and metrics over sequential batches, averaged per batch as TRL's `evaluate()` does (the
+//! loss weighted by batch size, like transformers' eval loop).
 
 use crate::data::collate::{collate, TruncationMode};
 use crate::data::tokenize::TokenizedPair;
 use crate::model::decoder::CausalLm;
-use crate::objective::dpo::{self, PairLogps};
+use crate::objective::cpo::CpoLoss;
+use crate::objective::dpo::PairLogps;
 use crate::objective::logps::score_tokens;
 use crate::objective::metrics::MetricLog;
-use crate::objective::orpo;
+use crate::objective::Objective;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EvalObjective {
-    /// summed log-probs, sigmoid DPO loss and metrics
-    Dpo,
-    /// averaged log-probs, ORPO loss and metrics (no reference)
-    Orpo,
-}
-
 pub struct EvalOptions {
-    pub objective: EvalObjective,
-    pub beta: f64,
     pub batch_size: usize,
     pub pad_id: i64,
     /// DPO truncates at collation; ORPO pairs arrive truncated.
@@ -58,10 +49,17 @@ fn values(t: &Tensor) -> Vec<f64> {
     Vec::<f64>::try_from(t.to_kind(Kind::Double).to_device(tch::Device::Cpu)).expect("1-d tensor")
 }
 
-pub fn evaluate(policy: &CausalLm, reference: Option<&CausalLm>, pairs: &[TokenizedPair], options: &EvalOptions) -> EvalResult {
+pub fn evaluate(
+    policy: &CausalLm,
+    reference: Option<&CausalLm>,
+    pairs: &[TokenizedPair],
+    objective: &Objective,
+    options: &EvalOptions,
+) -> EvalResult {
     let mut log = MetricLog::default();
     let mut examples = Vec::with_capacity(pairs.len());
     let (mut loss_sum, mut preferred) = (0.0, 0usize);
+    let beta = objective.beta();
     tch::no_grad(|| {
         for chunk in pairs.chunks(options.batch_size.max(1)) {
             let refs: Vec<&TokenizedPair> = chunk.iter().collect();
@@ -70,28 +68,23 @@ pub fn evaluate(policy: &CausalLm, reference: Option<&CausalLm>, pairs: &[Tokeni
             let summed = PairLogps::from_sequences(&scores.summed_logps());
             let averaged = PairLogps::from_sequences(&scores.averaged_logps());
             let tokens = PairLogps::from_sequences(&scores.completion_tokens());
-            // Without a reference model the reference log-probs are zero (reference-free rewards).
-            let reference_logps = match reference {
-                Some(r) => PairLogps::from_sequences(&score_tokens(r, &batch).summed_logps()),
-                None => PairLogps::zeros_like(&summed),
-            };
-            let (loss, chosen_rewards, rejected_rewards) = match options.objective {
-                EvalObjective::Dpo => {
-                    let loss = dpo::sigmoid_loss(&summed, &reference_logps, options.beta).mean(Kind::Float);
-                    dpo::log_batch_metrics(&mut log, &scores, &summed, &reference_logps, options.beta);
-                    (loss, (&summed.chosen - &reference_logps.chosen) * options.beta, (&summed.rejected - &reference_logps.rejected) * options.beta)
-                }
-                EvalObjective::Orpo => {
-                    let terms = orpo::orpo_terms(&scores, options.beta);
-                    orpo::log_batch_metrics(&mut log, &scores, &terms, options.beta);
-                    (terms.loss.shallow_clone(), &terms.chosen_logps * options.beta, &terms.rejected_logps * options.beta)
-                }
-            };
+            let reference_logps = reference.map(|r| PairLogps::from_sequences(&score_tokens(r, &batch).summed_logps()));
+            let loss = objective.batch_loss(&scores, reference_logps.as_ref(), &mut log);
             loss_sum += loss.double_value(&[]) * chunk.len() as f64;
-            let (c, r) = match options.objective {
-                EvalObjective::Dpo => (values(&summed.chosen), values(&summed.rejected)),
-                EvalObjective::Orpo => (values(&averaged.chosen), values(&averaged.rejected)),
+            // The log-probs the objective compares: summed for DPO, averaged for ORPO.
+            let (compared, rewards) = match objective {
+                Objective::Dpo { .. } => {
+                    let zero = PairLogps::zeros_like(&summed);
+                    let r = reference_logps.as_ref().unwrap_or(&zero);
+                    (&summed, ((&summed.chosen - &r.chosen) * beta, (&summed.rejected - &r.rejected) * beta))
+                }
+                Objective::Orpo { .. } => (&averaged, (&averaged.chosen * beta, &averaged.rejected * beta)),
+                Objective::Cpo(p) => {
+                    let logps = if matches!(p.loss, CpoLoss::Ipo | CpoLoss::Simpo) { &averaged } else { &summed };
+                    (logps, (&logps.chosen * beta, &logps.rejected * beta))
+                }
             };
+            let (c, r) = (values(&compared.chosen), values(&compared.rejected));
             preferred += c.iter().zip(&r).filter(|(c, r)| c > r).count();
             let columns = [
                 values(&summed.chosen),
@@ -100,10 +93,10 @@ pub fn evaluate(policy: &CausalLm, reference: Option<&CausalLm>, pairs: &[Tokeni
                 values(&averaged.rejected),
                 values(&tokens.chosen),
                 values(&tokens.rejected),
-                values(&chosen_rewards),
-                values(&rejected_rewards),
+                values(&rewards.0),
+                values(&rewards.1),
             ];
-            let reference_columns = reference.map(|_| (values(&reference_logps.chosen), values(&reference_logps.rejected)));
+            let reference_columns = reference_logps.as_ref().map(|r| (values(&r.chosen), values(&r.rejected)));
             for (i, pair) in chunk.iter().enumerate() {
                 examples.push(ExampleScores {
                     location: pair.location.clone(),

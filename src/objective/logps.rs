@@ -13,6 +13,8 @@ pub struct TokenScores {
     pub entropy: Tensor,
     /// mean over the vocabulary of the logits, [2B, T-1]
     pub mean_logits: Tensor,
+    /// the same at the last position, which scores no token, [2B]
+    pub last_mean_logits: Tensor,
     /// next token is the argmax, [2B, T-1] bool
     pub is_top1: Tensor,
     /// shifted completion mask (1 where the scored token is a completion token), [2B, T-1] f32
@@ -45,6 +47,7 @@ pub fn score_tokens(model: &CausalLm, batch: &Batch) -> TokenScores {
     let attention = batch.attention_mask.to_device(device);
     let logits = model.forward(&input_ids, Some(&attention)).to_kind(Kind::Float); // [2B, T, V]
     let len = logits.size()[1];
+    let last_mean_logits = logits.select(1, len - 1).mean_dim(-1, false, Kind::Float); // [2B]
     let logits = logits.narrow(1, 0, len - 1); // [2B, T-1, V]
     let next = input_ids.narrow(1, 1, len - 1); // [2B, T-1]
     let log_probs = logits.log_softmax(-1, Kind::Float);
@@ -57,6 +60,7 @@ pub fn score_tokens(model: &CausalLm, batch: &Batch) -> TokenScores {
         logps,
         entropy,
         mean_logits,
+        last_mean_logits,
         is_top1,
         completion_mask: shift(&batch.completion_mask),
         attention_mask: shift(&batch.attention_mask),

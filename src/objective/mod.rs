@@ -1,6 +1,7 @@
-//! Objectives over per-token scores: DPO (`dpo`), ORPO (`orpo`), their shared log-prob machinery (`logps`),
+//! Objectives over per-token scores: DPO (`dpo`), ORPO (`orpo`), CPO/SimPO (`cpo`), their shared log-prob machinery (`logps`),
 //! TRL's metric averaging (`metrics`) and scoring a model on a dataset (`evaluate`).
 
+pub mod cpo;
 pub mod dpo;
 pub mod evaluate;
 pub mod logps;
@@ -19,9 +20,20 @@ pub enum Objective {
     Dpo { losses: Vec<(DpoLoss, f64)>, params: LossParams, reference_free: bool },
     /// ORPO with λ = `beta`.
     Orpo { beta: f64 },
+    /// CPO / SimPO (reference-free).
+    Cpo(cpo::CpoParams),
 }
 
 impl Objective {
+    /// β of DPO, λ of ORPO: the scale of the implicit rewards.
+    pub fn beta(&self) -> f64 {
+        match self {
+            Objective::Dpo { params, .. } => params.beta,
+            Objective::Orpo { beta } => *beta,
+            Objective::Cpo(p) => p.beta,
+        }
+    }
+
     pub fn needs_reference(&self) -> bool {
         matches!(self, Objective::Dpo { reference_free: false, .. })
     }
@@ -58,6 +70,7 @@ impl Objective {
                 orpo::log_batch_metrics(log, scores, &terms, *beta);
                 terms.loss
             }
+            Objective::Cpo(params) => cpo::batch_loss(scores, params, log),
         }
     }
 }

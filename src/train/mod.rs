@@ -2,4 +2,5 @@
 
 pub mod optimizer;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;

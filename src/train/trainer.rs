@@ -1,20 +1,25 @@
 //! The training loop, step for step like transformers' Trainer driving TRL's DPO/ORPO losses: batches in a
-//! seeded order, gradient accumulation, clipping, AdamW, the schedule, and a `metrics.jsonl` line per logging
-//! step with TRL's keys.
+//! seeded order, gradient accumulation, clipping, AdamW, the schedule, a `metrics.jsonl` line per logging step
+//! with TRL's keys, evaluation every `eval_steps`, and checkpoints that resume bit for bit.
 
 use crate::data::collate::{collate, epoch_order, SamplingStrategy, TruncationMode};
 use crate::data::tokenize::TokenizedPair;
-use crate::model::decoder::CausalLm;
+use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
+use crate::model::weights::{load_into, save_safetensors_file, SafetensorsFiles, WeightSource};
+use crate::model::LoadedModel;
 use crate::objective::dpo::PairLogps;
+use crate::objective::evaluate::{evaluate, EvalOptions};
 use crate::objective::logps::score_tokens;
 use crate::objective::metrics::MetricLog;
 use crate::objective::Objective;
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::schedule::{warmup_steps, Schedule};
+use crate::train::tensorboard::TensorBoardWriter;
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use std::io::Write;
-use std::path::PathBuf;
-use tch::nn::VarStore;
+use std::path::{Path, PathBuf};
 use tch::Kind;
 
 /// The trainer's settings, named as in transformers' TrainingArguments / TRL's configs.
@@ -33,75 +38,100 @@ pub struct TrainerConfig {
     /// > 0 overrides `num_train_epochs`
     pub max_steps: i64,
     pub logging_steps: usize,
+    /// 0: no checkpoints
+    pub save_steps: usize,
+    /// keep only the newest N checkpoints
+    pub save_total_limit: Option<usize>,
+    /// 0: no evaluation during training
+    pub eval_steps: usize,
+    pub per_device_eval_batch_size: usize,
     pub seed: u64,
     pub sampling: SamplingStrategy,
     pub pad_id: i64,
     /// DPO truncates at collation; ORPO pairs arrive truncated.
     pub truncation: Option<(usize, TruncationMode)>,
+    /// Skip (and count) batches with a non-finite loss or gradient instead of stopping.
+    pub skip_nonfinite: bool,
+    pub resume_from_checkpoint: Option<PathBuf>,
 }
 
-/// Where the batches come from: the pairs in a seeded order per epoch.
+/// Where training stands; saved in every checkpoint (`trainer_state.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Progress {
+    global_step: usize,
+    /// data position: epoch and index into that epoch's order
+    epoch: u64,
+    position: usize,
+    num_tokens: i64,
+    loss_since_log: f64,
+    steps_since_log: usize,
+    pending: MetricLog,
+    skipped_nonfinite: usize,
+}
+
+/// The pairs in a seeded order per epoch, consumed batch by batch.
 struct BatchCursor<'a> {
     pairs: &'a [TokenizedPair],
     batch_size: usize,
     sampling: SamplingStrategy,
     seed: u64,
-    epoch: u64,
     order: Vec<usize>,
-    position: usize,
 }
 
 impl<'a> BatchCursor<'a> {
-    fn new(pairs: &'a [TokenizedPair], batch_size: usize, sampling: SamplingStrategy, seed: u64) -> Self {
-        Self { pairs, batch_size, sampling, seed, epoch: 0, order: epoch_order(pairs.len(), sampling, seed, 0), position: 0 }
-    }
-
     fn batches_per_epoch(&self) -> usize {
         self.pairs.len().div_ceil(self.batch_size)
     }
 
-    /// The next batch (the last of an epoch may be smaller); moves to the next epoch at the end.
-    fn next(&mut self) -> Vec<&'a TokenizedPair> {
-        if self.position >= self.order.len() {
-            self.epoch += 1;
-            self.order = epoch_order(self.pairs.len(), self.sampling, self.seed, self.epoch);
-            self.position = 0;
+    /// The next batch from `progress`'s position (the last of an epoch may be smaller), advancing it.
+    fn next(&mut self, progress: &mut Progress) -> Vec<&'a TokenizedPair> {
+        if progress.position >= self.pairs.len() {
+            progress.epoch += 1;
+            progress.position = 0;
         }
-        let end = (self.position + self.batch_size).min(self.order.len());
-        let batch = self.order[self.position..end].iter().map(|&i| &self.pairs[i]).collect();
-        self.position = end;
+        if progress.position == 0 || self.order.is_empty() {
+            self.order = epoch_order(self.pairs.len(), self.sampling, self.seed, progress.epoch);
+        }
+        let end = (progress.position + self.batch_size).min(self.order.len());
+        let batch = self.order[progress.position..end].iter().map(|&i| &self.pairs[i]).collect();
+        progress.position = end;
         batch
     }
 
     /// Epochs done as a fraction, as transformers logs `epoch`.
-    fn epoch_progress(&self) -> f64 {
-        self.epoch as f64 + self.position.div_ceil(self.batch_size) as f64 / self.batches_per_epoch() as f64
+    fn epoch_progress(&self, progress: &Progress) -> f64 {
+        progress.epoch as f64 + progress.position.div_ceil(self.batch_size) as f64 / self.batches_per_epoch() as f64
     }
 }
 
-/// Trains `policy` (whose parameters live in `vs`) on `pairs`; returns the logged rows.
-pub fn train(
-    vs: &VarStore,
-    policy: &CausalLm,
-    reference: Option<&CausalLm>,
-    pairs: &[TokenizedPair],
-    objective: &Objective,
-    config: &TrainerConfig,
-) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+pub struct TrainInputs<'a> {
+    pub policy: &'a LoadedModel,
+    pub reference: Option<&'a LoadedModel>,
+    pub train: &'a [TokenizedPair],
+    pub eval: Option<&'a [TokenizedPair]>,
+    pub objective: &'a Objective,
+}
+
+/// Trains the policy; returns every row written to `metrics.jsonl` by this run.
+pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<String, Value>>> {
+    let TrainInputs { policy, reference, objective, .. } = *inputs;
+    let pairs = inputs.train;
     if pairs.is_empty() {
         bail!("no training pairs");
     }
     if objective.needs_reference() && reference.is_none() {
         bail!("this objective needs a reference model");
     }
-    tch::manual_seed(config.seed as i64);
     std::fs::create_dir_all(&config.output_dir).with_context(|| format!("cannot create {}", config.output_dir.display()))?;
-    let metrics_path = config.output_dir.join("metrics.jsonl");
-    let mut metrics_file = std::io::BufWriter::new(
-        std::fs::File::create(&metrics_path).with_context(|| format!("cannot create {}", metrics_path.display()))?,
-    );
+    tch::manual_seed(config.seed as i64);
 
-    let mut cursor = BatchCursor::new(pairs, config.per_device_train_batch_size, config.sampling, config.seed);
+    let mut cursor = BatchCursor {
+        pairs,
+        batch_size: config.per_device_train_batch_size.max(1),
+        sampling: config.sampling,
+        seed: config.seed,
+        order: Vec::new(),
+    };
     let updates_per_epoch = cursor.batches_per_epoch().div_ceil(config.gradient_accumulation_steps).max(1);
     let total_steps = if config.max_steps > 0 {
         config.max_steps as usize
@@ -111,47 +141,220 @@ pub fn train(
     let warmup = warmup_steps(config.warmup_steps, config.warmup_ratio, total_steps);
     let lr_at = |step: usize| config.learning_rate * config.schedule.factor(step, warmup, total_steps);
 
-    let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config.optimizer);
-    let mut log = MetricLog::default();
+    let mut optimizer = AdamW::new(policy.vs.variables().into_iter().collect(), config.optimizer);
+    let mut progress = Progress::default();
+    let mut last_checkpoint: Option<PathBuf> = None;
+    if let Some(checkpoint) = &config.resume_from_checkpoint {
+        progress = restore(checkpoint, policy, &mut optimizer)?;
+        last_checkpoint = Some(checkpoint.clone());
+        eprintln!("resuming from {} at step {}", checkpoint.display(), progress.global_step);
+    }
+    let mut metrics = MetricsFile::open(&config.output_dir, progress.global_step)?;
+    let bar = progress_bar(total_steps, progress.global_step);
+    let started = std::time::Instant::now();
+    let tokens_at_start = progress.num_tokens;
     let mut rows = Vec::new();
-    let (mut loss_since_log, mut steps_since_log, mut num_tokens) = (0.0, 0usize, 0i64);
-    for step in 0..total_steps {
+
+    while progress.global_step < total_steps {
+        let step = progress.global_step;
         let mut step_loss = 0.0;
+        let mut nonfinite: Option<String> = None;
+        let mut batch_rows = Vec::new();
         for _ in 0..config.gradient_accumulation_steps {
-            let batch = collate(&cursor.next(), config.pad_id, config.truncation);
-            num_tokens += batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
-            let reference_logps = reference.map(|r| tch::no_grad(|| PairLogps::from_sequences(&score_tokens(r, &batch).summed_logps())));
-            let scores = score_tokens(policy, &batch);
-            let loss = objective.batch_loss(&scores, reference_logps.as_ref(), &mut log) / config.gradient_accumulation_steps as f64;
+            let batch_pairs = cursor.next(&mut progress);
+            batch_rows.extend(batch_pairs.iter().map(|p| p.location.clone()));
+            let batch = collate(&batch_pairs, config.pad_id, config.truncation);
+            progress.num_tokens += batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
+            let reference_logps = reference
+                .map(|r| tch::no_grad(|| PairLogps::from_sequences(&score_tokens(&r.model, &batch).summed_logps())));
+            let scores = score_tokens(&policy.model, &batch);
+            let loss = objective.batch_loss(&scores, reference_logps.as_ref(), &mut progress.pending)
+                / config.gradient_accumulation_steps as f64;
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                nonfinite = Some(format!("loss {value}"));
+                break;
+            }
             loss.backward();
-            step_loss += loss.double_value(&[]);
+            step_loss += value;
         }
-        let grad_norm = if config.max_grad_norm > 0.0 { Some(optimizer.clip_grad_norm(config.max_grad_norm)) } else { None };
+        let grad_norm = match (&nonfinite, config.max_grad_norm > 0.0) {
+            (None, true) => Some(optimizer.clip_grad_norm(config.max_grad_norm)),
+            _ => None,
+        };
+        if nonfinite.is_none() && grad_norm.is_some_and(|n| !n.is_finite()) {
+            nonfinite = Some(format!("gradient norm {}", grad_norm.unwrap_or(f64::NAN)));
+        }
+        if let Some(what) = nonfinite {
+            optimizer.zero_grad();
+            if !config.skip_nonfinite {
+                bail!(
+                    "non-finite {what} at step {} (batch rows: {}); last good checkpoint: {}; pass --skip-nonfinite to skip such batches",
+                    step + 1,
+                    batch_rows.join(", "),
+                    last_checkpoint.as_ref().map_or("none".to_string(), |p| p.display().to_string())
+                );
+            }
+            progress.skipped_nonfinite += 1;
+            eprintln!("warning: skipped a batch with a non-finite {what} at step {} ({})", step + 1, batch_rows.join(", "));
+            continue;
+        }
         optimizer.step(lr_at(step));
         optimizer.zero_grad();
-        loss_since_log += step_loss;
-        steps_since_log += 1;
+        progress.loss_since_log += step_loss;
+        progress.steps_since_log += 1;
+        progress.global_step += 1;
+        let global_step = progress.global_step;
 
-        let global_step = step + 1;
         if global_step % config.logging_steps.max(1) == 0 || global_step == total_steps {
-            let mut row = serde_json::Map::new();
-            row.insert("loss".into(), (loss_since_log / steps_since_log as f64).into());
+            let mut row = Map::new();
+            row.insert("loss".into(), (progress.loss_since_log / progress.steps_since_log as f64).into());
             if let Some(norm) = grad_norm {
                 row.insert("grad_norm".into(), norm.into());
             }
-            row.insert("learning_rate".into(), lr_at(global_step).into());
-            for (name, value) in log.drain_means("") {
+            row.insert("learning_rate".into(), lr_at(step).into());
+            for (name, value) in progress.pending.drain_means("") {
                 row.insert(name, value.into());
             }
-            row.insert("num_tokens".into(), (num_tokens as f64).into());
-            row.insert("epoch".into(), cursor.epoch_progress().into());
-            row.insert("step".into(), global_step.into());
-            writeln!(metrics_file, "{}", serde_json::Value::Object(row.clone()))?;
-            metrics_file.flush()?;
-            tracing::info!("step {global_step}/{total_steps}: {}", serde_json::Value::Object(row.clone()));
-            rows.push(row);
-            (loss_since_log, steps_since_log) = (0.0, 0);
+            row.insert("num_tokens".into(), (progress.num_tokens as f64).into());
+            if progress.skipped_nonfinite > 0 {
+                row.insert("skipped_nonfinite".into(), progress.skipped_nonfinite.into());
+            }
+            (progress.loss_since_log, progress.steps_since_log) = (0.0, 0);
+            let tokens_per_second = (progress.num_tokens - tokens_at_start) as f64 / started.elapsed().as_secs_f64();
+            bar.set_message(format!(
+                "loss {:.4}  reward acc {}  {tokens_per_second:.0} tok/s",
+                row["loss"].as_f64().unwrap_or(f64::NAN),
+                row.get("rewards/accuracies").and_then(Value::as_f64).map_or("-".into(), |a| format!("{a:.2}")),
+            ));
+            rows.push(metrics.write(row, cursor.epoch_progress(&progress), global_step)?);
+        }
+        if let Some(eval_pairs) = inputs.eval.filter(|_| config.eval_steps > 0 && global_step % config.eval_steps == 0) {
+            let options = EvalOptions {
+                batch_size: config.per_device_eval_batch_size,
+                pad_id: config.pad_id,
+                truncation: config.truncation,
+            };
+            let result = evaluate(&policy.model, reference.map(|r| &r.model), eval_pairs, objective, &options);
+            let row = result.metrics.into_iter().map(|(k, v)| (k, Value::from(v))).collect();
+            rows.push(metrics.write(row, cursor.epoch_progress(&progress), global_step)?);
+        }
+        bar.set_position(global_step as u64);
+        if config.save_steps > 0 && global_step % config.save_steps == 0 && global_step < total_steps {
+            last_checkpoint = Some(save_checkpoint(&config.output_dir, policy, &optimizer, &progress, config.save_total_limit)?);
         }
     }
+    bar.finish();
     Ok(rows)
+}
+
+/// Step, loss, reward accuracy, tokens/s and ETA on stderr (hidden when stderr is not a terminal).
+fn progress_bar(total: usize, done: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  eta {eta}").expect("valid template"),
+    );
+    bar.set_position(done as u64);
+    bar
+}
+
+/// `metrics.jsonl` (truncated to the rows up to the resumed step and appended to from there) and TensorBoard
+/// event files under `runs/`.
+struct MetricsFile {
+    file: std::io::BufWriter<std::fs::File>,
+    tensorboard: TensorBoardWriter,
+}
+
+impl MetricsFile {
+    fn open(out: &Path, resume_step: usize) -> Result<Self> {
+        let path = &out.join("metrics.jsonl");
+        let kept: Vec<String> = match std::fs::read_to_string(path) {
+            Ok(text) if resume_step > 0 => text
+                .lines()
+                .filter(|line| {
+                    serde_json::from_str::<Value>(line).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= resume_step)
+                })
+                .map(str::to_string)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut file = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
+        for line in kept {
+            writeln!(file, "{line}")?;
+        }
+        Ok(Self { file, tensorboard: TensorBoardWriter::create(&out.join("runs"))? })
+    }
+
+    fn write(&mut self, mut row: Map<String, Value>, epoch: f64, step: usize) -> Result<Map<String, Value>> {
+        row.insert("epoch".into(), epoch.into());
+        row.insert("step".into(), step.into());
+        writeln!(self.file, "{}", Value::Object(row.clone()))?;
+        self.file.flush()?;
+        self.tensorboard.add_metrics(&row, step as i64)?;
+        tracing::info!("{}", serde_json::Value::Object(row.clone()));
+        Ok(row)
+    }
+}
+
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    progress: Progress,
+    optimizer_step: i64,
+}
+
+/// Writes `checkpoint-<step>` (a loadable model folder plus optimizer and trainer state) atomically: into a
+/// temporary folder renamed at the end, so a crash never leaves a half-written checkpoint.
+fn save_checkpoint(out: &Path, policy: &LoadedModel, optimizer: &AdamW, progress: &Progress, keep: Option<usize>) -> Result<PathBuf> {
+    let name = format!("checkpoint-{}", progress.global_step);
+    let final_dir = out.join(&name);
+    let tmp = out.join(format!(".{name}.partial"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    save_hf(policy, &tmp, DEFAULT_MAX_SHARD_BYTES)?;
+    save_safetensors_file(&tmp.join(OPTIMIZER_FILE), &optimizer.state_tensors())?;
+    let state = CheckpointState { progress: progress.clone(), optimizer_step: optimizer.step };
+    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move {} into place", final_dir.display()))?;
+    if let Some(keep) = keep {
+        let mut checkpoints = list_checkpoints(out)?;
+        while checkpoints.len() > keep.max(1) {
+            let (_, oldest) = checkpoints.remove(0);
+            std::fs::remove_dir_all(&oldest).with_context(|| format!("cannot remove {}", oldest.display()))?;
+        }
+    }
+    Ok(final_dir)
+}
+
+/// `checkpoint-<step>` folders of `out`, oldest first.
+pub fn list_checkpoints(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(out)
+        .with_context(|| format!("cannot list {}", out.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("checkpoint-").and_then(|s| s.parse().ok()).map(|step| (step, e.path()))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+fn restore(checkpoint: &Path, policy: &LoadedModel, optimizer: &mut AdamW) -> Result<Progress> {
+    let state_path = checkpoint.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("{} is not a prefalign checkpoint (no {STATE_FILE})", checkpoint.display()))?;
+    let state: CheckpointState = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", state_path.display()))?;
+    let weights = SafetensorsFiles::open_dir(checkpoint)?;
+    load_into(&policy.vs, &weights)?;
+    let moments_file = SafetensorsFiles::open_dir_file(&checkpoint.join(OPTIMIZER_FILE))?;
+    let moments = moments_file
+        .names()
+        .into_iter()
+        .map(|n| Ok((n.clone(), moments_file.tensor(&n)?.expect("listed"))))
+        .collect::<Result<_>>()?;
+    optimizer.load_state(&moments, state.optimizer_step)?;
+    Ok(state.progress)
 }
