@@ -117,3 +117,54 @@ fn data_inspect_reports_counts_and_examples() {
         assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
     }
 }
+
+fn prefalign_err(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_prefalign")).args(args).output().unwrap();
+    assert!(!output.status.success(), "prefalign {args:?} should fail");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A recipe in TRL's YAML keys, overridden by a flag; checkpoints; resuming the last checkpoint; the trained
+/// model saved as a loadable Hugging Face folder.
+#[test]
+fn dpo_from_a_yaml_recipe_with_checkpoints_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(dir.path(), "tiny_policy");
+    let out = dir.path().join("out");
+    let recipe = dir.path().join("recipe.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "model_name_or_path: {}\ndataset_name: {}\nbeta: 0.1\nloss_type: [sigmoid, sft]\nloss_weights: [1.0, 0.5]\n\
+             learning_rate: 1.0e-3\nper_device_train_batch_size: 4\nmax_steps: 2\nlogging_steps: 1\nsave_steps: 2\n\
+             max_length: 64\nallow_empty_completions: true\noutput_dir: {}\nreport_to: none\ntrain_sampling_strategy: sequential\n",
+            model.display(),
+            common::fixture("trl_data/standard.jsonl").display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let recipe = recipe.to_str().unwrap();
+    let (_, stderr) = prefalign(&["dpo", "--config", recipe, "--max-steps", "4"]);
+    assert!(stderr.contains("\"report_to\" has no effect"), "{stderr}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4, "the flag overrides the recipe's max_steps");
+    assert!(out.join("checkpoint-2/trainer_state.json").exists());
+    assert!(std::fs::read_dir(out.join("runs")).unwrap().count() >= 1, "TensorBoard events");
+    let trained = prefalign::model::load(&out, tch::Device::Cpu, tch::Kind::Float).unwrap();
+
+    // Resume from checkpoint-2 and reach the same weights.
+    let (_, stderr) = prefalign(&["dpo", "--config", recipe, "--max-steps", "4", "--resume-from-checkpoint", "last"]);
+    assert!(stderr.contains("resuming from") && stderr.contains("checkpoint-2"), "{stderr}");
+    let resumed = prefalign::model::load(&out, tch::Device::Cpu, tch::Kind::Float).unwrap();
+    for (name, tensor) in trained.vs.variables() {
+        assert!(tensor.equal(&resumed.vs.variables()[&name]), "{name}");
+    }
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(), metrics);
+
+    let err = prefalign_err(&["dpo", "--config", recipe, "--lerning-rate", "1"]);
+    assert!(err.contains("--lerning-rate"), "{err}");
+    std::fs::write(dir.path().join("typo.yaml"), "lerning_rate: 0.1\n").unwrap();
+    let err = prefalign_err(&["dpo", "--config", dir.path().join("typo.yaml").to_str().unwrap()]);
+    assert!(err.contains("unknown key \"lerning_rate\"; did you mean \"learning_rate\"?"), "{err}");
+}

@@ -1,16 +1,23 @@
 //! The `prefalign` command line: one file per subcommand.
 
+mod config;
 mod convert;
 mod data;
 mod eval;
 mod generate;
 mod train;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "prefalign", version, about = "Align causal language models with human preferences (DPO, ORPO, SimPO)")]
+#[command(
+    name = "prefalign",
+    version,
+    about = "Align causal language models with human preferences (DPO, ORPO, SimPO)",
+    after_help = "Training commands also take --config recipe.yaml with TRL / alignment-handbook keys; flags override it.",
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,7 +58,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// f32 or bf16
-    #[arg(long, default_value = "f32")]
+    #[arg(long, visible_alias = "torch-dtype", default_value = "f32")]
     pub dtype: String,
 }
 
@@ -85,7 +92,14 @@ pub fn main() -> i32 {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
-    let cli = Cli::parse();
+    let argv = match config::expand(std::env::args_os().collect(), &Cli::command()) {
+        Ok(argv) => argv,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return 2;
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Convert(args) => convert::run(args),
