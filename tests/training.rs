@@ -15,7 +15,7 @@ use prefalign::objective::dpo::{DpoLoss, LossParams};
 use prefalign::objective::Objective;
 use prefalign::train::optimizer::AdamWConfig;
 use prefalign::train::schedule::Schedule;
-use prefalign::train::trainer::{train, TrainInputs, TrainerConfig};
+use prefalign::train::trainer::{train, Reference, TrainInputs, TrainerConfig};
 use serde_json::Value;
 use tch::{Device, Kind};
 
@@ -86,7 +86,8 @@ fn check(name: &str) {
         pad_id: 2,
         truncation: is_dpo.then_some((f("max_length") as usize, TruncationMode::KeepStart)),
     };
-    let inputs = TrainInputs { policy: &policy, reference: reference.as_ref(), train: &pairs, eval: None, objective: &objective };
+    let reference = reference.as_ref().map_or(Reference::None, Reference::Model);
+    let inputs = TrainInputs { policy: &policy, reference, train: &pairs, eval: None, objective: &objective };
     let rows = train(&inputs, &config).unwrap();
 
     let history = expected["log_history"].as_array().unwrap();
@@ -231,7 +232,7 @@ fn resume_is_bit_for_bit() {
     let uninterrupted_dir = tempfile::tempdir().unwrap();
     let a = setup(Rules::Dpo, 64, false);
     let config = small_config(uninterrupted_dir.path());
-    let inputs = TrainInputs { policy: &a.policy, reference: Some(&a.reference), train: &a.pairs, eval: Some(&a.pairs[..4]), objective: &objective };
+    let inputs = TrainInputs { policy: &a.policy, reference: Reference::Model(&a.reference), train: &a.pairs, eval: Some(&a.pairs[..4]), objective: &objective };
     let rows_a = train(&inputs, &TrainerConfig { eval_steps: 3, ..config.clone() }).unwrap();
     let checkpoint = uninterrupted_dir.path().join("checkpoint-3");
     assert!(checkpoint.join("model.safetensors").exists() && checkpoint.join("trainer_state.json").exists());
@@ -240,7 +241,7 @@ fn resume_is_bit_for_bit() {
 
     let resumed_dir = tempfile::tempdir().unwrap();
     let b = setup(Rules::Dpo, 64, false);
-    let inputs = TrainInputs { policy: &b.policy, reference: Some(&b.reference), train: &b.pairs, eval: Some(&b.pairs[..4]), objective: &objective };
+    let inputs = TrainInputs { policy: &b.policy, reference: Reference::Model(&b.reference), train: &b.pairs, eval: Some(&b.pairs[..4]), objective: &objective };
     let resumed = TrainerConfig { output_dir: resumed_dir.path().to_path_buf(), resume_from_checkpoint: Some(checkpoint), eval_steps: 3, ..config };
     let rows_b = train(&inputs, &resumed).unwrap();
 
@@ -267,11 +268,42 @@ fn nonfinite_loss_stops_naming_step_and_rows_or_is_skipped() {
         save_steps: 1,
         ..small_config(out.path())
     };
-    let inputs = TrainInputs { policy: &s.policy, reference: None, train: &s.pairs, eval: None, objective: &objective };
+    let inputs = TrainInputs { policy: &s.policy, reference: Reference::None, train: &s.pairs, eval: None, objective: &objective };
     let err = format!("{:#}", train(&inputs, &config).unwrap_err());
     assert!(err.contains("non-finite loss NaN at step 2") && err.contains("standard.jsonl:8"), "{err}");
     assert!(err.contains("last good checkpoint: ") && err.contains("checkpoint-1"), "{err}");
     let rows = train(&inputs, &TrainerConfig { skip_nonfinite: true, save_steps: 0, ..config }).unwrap();
     assert_eq!(rows.last().unwrap()["step"], 6);
     assert!(rows.last().unwrap()["skipped_nonfinite"].as_u64().unwrap() >= 1);
+}
+
+/// Reference log-probs computed once (and read back from the on-disk cache the second time) train exactly
+/// like running the reference model at every step.
+#[test]
+fn precomputed_reference_matches_the_reference_model() {
+    let cache = tempfile::tempdir().unwrap();
+    std::env::set_var("PREFALIGN_CACHE", cache.path());
+    let objective = sigmoid_dpo();
+    let run = |precomputed: bool| {
+        let s = setup(Rules::Dpo, 64, false);
+        let out = tempfile::tempdir().unwrap();
+        let config = TrainerConfig {
+            per_device_train_batch_size: 4,
+            gradient_accumulation_steps: 1,
+            sampling: SamplingStrategy::Sequential,
+            save_steps: 0,
+            ..small_config(out.path())
+        };
+        let logps = precomputed.then(|| {
+            prefalign::objective::reference::precompute(&s.reference.model, &s.reference.vs, &s.pairs, 2, config.truncation, 4).unwrap()
+        });
+        let reference = logps.as_ref().map_or(Reference::Model(&s.reference), Reference::Precomputed);
+        let inputs = TrainInputs { policy: &s.policy, reference, train: &s.pairs, eval: None, objective: &objective };
+        train(&inputs, &config).unwrap()
+    };
+    let live = run(false);
+    assert_eq!(run(true), live);
+    let cached: Vec<_> = std::fs::read_dir(cache.path().join("ref_logps")).unwrap().collect();
+    assert_eq!(cached.len(), 1);
+    assert_eq!(run(true), live, "from the cache");
 }

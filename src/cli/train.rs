@@ -11,7 +11,8 @@ use crate::objective::dpo::{DpoLoss, LossParams};
 use crate::objective::Objective;
 use crate::train::optimizer::AdamWConfig;
 use crate::train::schedule::Schedule;
-use crate::train::trainer::{list_checkpoints, train, TrainInputs, TrainerConfig};
+use crate::objective::reference::precompute as precompute_reference;
+use crate::train::trainer::{list_checkpoints, train, Reference, TrainInputs, TrainerConfig};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -104,6 +105,10 @@ pub struct DpoArgs {
     /// Score against a zero reference (no reference model)
     #[arg(long)]
     reference_free: bool,
+    /// Compute the reference log-probs once before training (cached on disk across runs) instead of running the
+    /// reference model at every step
+    #[arg(long)]
+    precompute_ref_log_probs: bool,
     #[command(flatten)]
     data: DatasetArgs,
     #[command(flatten)]
@@ -193,6 +198,7 @@ pub fn run_dpo(args: DpoArgs) -> Result<()> {
         (Some(path), false) => Some(path.clone()),
         (None, false) => Some(args.model.model.clone()), // a frozen copy of the policy, as TRL makes
     };
+    let reference = reference.map(|model| (model, args.precompute_ref_log_probs));
     run(&args.model, reference, &args.data, &args.eval_data, &args.trainer, Rules::Dpo, &objective)
 }
 
@@ -200,9 +206,10 @@ pub fn run_orpo(args: OrpoArgs) -> Result<()> {
     run(&args.model, None, &args.data, &args.eval_data, &args.trainer, Rules::Orpo, &Objective::Orpo { beta: args.beta })
 }
 
+/// `reference`: the reference model's path, and whether to precompute its log-probs.
 fn run(
     model: &ModelArgs,
-    reference: Option<String>,
+    reference: Option<(String, bool)>,
     data: &DatasetArgs,
     eval_data: &EvalDataArgs,
     t: &TrainerArgs,
@@ -210,7 +217,8 @@ fn run(
     objective: &Objective,
 ) -> Result<()> {
     let policy = model.load()?;
-    let mut reference = reference.map(|r| model.with_model(&r).load()).transpose()?;
+    let precompute = reference.as_ref().is_some_and(|(_, precompute)| *precompute);
+    let mut reference = reference.map(|(r, _)| model.with_model(&r).load()).transpose()?;
     if let Some(reference) = reference.as_mut() {
         reference.vs.freeze();
     }
@@ -274,9 +282,19 @@ fn run(
             Rules::Orpo => None,
         },
     };
+    let precomputed = match (&reference, precompute) {
+        (Some(r), true) => {
+            Some(precompute_reference(&r.model, &r.vs, &prepared.pairs, config.pad_id, config.truncation, t.per_device_eval_batch_size)?)
+        }
+        _ => None,
+    };
     let inputs = TrainInputs {
         policy: &policy,
-        reference: reference.as_ref(),
+        reference: match (&precomputed, &reference) {
+            (Some(logps), _) => Reference::Precomputed(logps),
+            (None, Some(model)) => Reference::Model(model),
+            (None, None) => Reference::None,
+        },
         train: &prepared.pairs,
         eval: eval_pairs.as_deref(),
         objective,

@@ -7,6 +7,7 @@ pub mod evaluate;
 pub mod logps;
 pub mod metrics;
 pub mod orpo;
+pub mod reference;
 
 use crate::objective::dpo::{DpoLoss, LossInputs, LossParams, PairLogps};
 use crate::objective::logps::TokenScores;

@@ -11,6 +11,7 @@ use crate::objective::dpo::PairLogps;
 use crate::objective::evaluate::{evaluate, EvalOptions};
 use crate::objective::logps::score_tokens;
 use crate::objective::metrics::MetricLog;
+use crate::objective::reference::ReferenceLogps;
 use crate::objective::Objective;
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::schedule::{warmup_steps, Schedule};
@@ -83,8 +84,8 @@ impl<'a> BatchCursor<'a> {
         self.pairs.len().div_ceil(self.batch_size)
     }
 
-    /// The next batch from `progress`'s position (the last of an epoch may be smaller), advancing it.
-    fn next(&mut self, progress: &mut Progress) -> Vec<&'a TokenizedPair> {
+    /// Indices of the next batch from `progress`'s position (the last of an epoch may be smaller), advancing it.
+    fn next(&mut self, progress: &mut Progress) -> Vec<usize> {
         if progress.position >= self.pairs.len() {
             progress.epoch += 1;
             progress.position = 0;
@@ -93,7 +94,7 @@ impl<'a> BatchCursor<'a> {
             self.order = epoch_order(self.pairs.len(), self.sampling, self.seed, progress.epoch);
         }
         let end = (progress.position + self.batch_size).min(self.order.len());
-        let batch = self.order[progress.position..end].iter().map(|&i| &self.pairs[i]).collect();
+        let batch = self.order[progress.position..end].to_vec();
         progress.position = end;
         batch
     }
@@ -104,9 +105,16 @@ impl<'a> BatchCursor<'a> {
     }
 }
 
+/// The reference of a DPO run: a model run alongside the policy, or its log-probs computed beforehand.
+pub enum Reference<'a> {
+    None,
+    Model(&'a LoadedModel),
+    Precomputed(&'a ReferenceLogps),
+}
+
 pub struct TrainInputs<'a> {
     pub policy: &'a LoadedModel,
-    pub reference: Option<&'a LoadedModel>,
+    pub reference: Reference<'a>,
     pub train: &'a [TokenizedPair],
     pub eval: Option<&'a [TokenizedPair]>,
     pub objective: &'a Objective,
@@ -114,14 +122,18 @@ pub struct TrainInputs<'a> {
 
 /// Trains the policy; returns every row written to `metrics.jsonl` by this run.
 pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<String, Value>>> {
-    let TrainInputs { policy, reference, objective, .. } = *inputs;
+    let TrainInputs { policy, objective, .. } = *inputs;
     let pairs = inputs.train;
     if pairs.is_empty() {
         bail!("no training pairs");
     }
-    if objective.needs_reference() && reference.is_none() {
+    if objective.needs_reference() && matches!(inputs.reference, Reference::None) {
         bail!("this objective needs a reference model");
     }
+    let reference_model = match inputs.reference {
+        Reference::Model(model) => Some(model),
+        _ => None,
+    };
     std::fs::create_dir_all(&config.output_dir).with_context(|| format!("cannot create {}", config.output_dir.display()))?;
     tch::manual_seed(config.seed as i64);
 
@@ -161,12 +173,16 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
         let mut nonfinite: Option<String> = None;
         let mut batch_rows = Vec::new();
         for _ in 0..config.gradient_accumulation_steps {
-            let batch_pairs = cursor.next(&mut progress);
+            let indices = cursor.next(&mut progress);
+            let batch_pairs: Vec<&TokenizedPair> = indices.iter().map(|&i| &pairs[i]).collect();
             batch_rows.extend(batch_pairs.iter().map(|p| p.location.clone()));
             let batch = collate(&batch_pairs, config.pad_id, config.truncation);
             progress.num_tokens += batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
-            let reference_logps = reference
-                .map(|r| tch::no_grad(|| PairLogps::from_sequences(&score_tokens(&r.model, &batch).summed_logps())));
+            let reference_logps = match inputs.reference {
+                Reference::None => None,
+                Reference::Model(r) => Some(tch::no_grad(|| PairLogps::from_sequences(&score_tokens(&r.model, &batch).summed_logps()))),
+                Reference::Precomputed(all) => Some(all.batch(&indices)),
+            };
             let scores = score_tokens(&policy.model, &batch);
             let loss = objective.batch_loss(&scores, reference_logps.as_ref(), &mut progress.pending)
                 / config.gradient_accumulation_steps as f64;
@@ -235,7 +251,7 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
                 pad_id: config.pad_id,
                 truncation: config.truncation,
             };
-            let result = evaluate(&policy.model, reference.map(|r| &r.model), eval_pairs, objective, &options);
+            let result = evaluate(&policy.model, reference_model.map(|r| &r.model), eval_pairs, objective, &options);
             let row = result.metrics.into_iter().map(|(k, v)| (k, Value::from(v))).collect();
             rows.push(metrics.write(row, cursor.epoch_progress(&progress), global_step)?);
         }

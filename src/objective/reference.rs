@@ -1,0 +1,112 @@
+//! Reference log-probs computed once (TRL's `precompute_ref_log_probs`) and cached on disk under a fingerprint
+//! of the reference weights, the token ids and the truncation settings, so that a sweep over β, loss types or
+//! learning rates runs the reference model once.
+
+use crate::data::collate::{collate, TruncationMode};
+use crate::data::tokenize::TokenizedPair;
+use crate::model::decoder::CausalLm;
+use crate::objective::dpo::PairLogps;
+use crate::objective::logps::score_tokens;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// Summed completion log-probs of the reference for every pair: (chosen, rejected), [N] each.
+pub struct ReferenceLogps {
+    pub chosen: Tensor,
+    pub rejected: Tensor,
+}
+
+impl ReferenceLogps {
+    /// The values of the pairs at `indices`, as a batch.
+    pub fn batch(&self, indices: &[usize]) -> PairLogps {
+        let index = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        PairLogps { chosen: self.chosen.index_select(0, &index), rejected: self.rejected.index_select(0, &index) }
+    }
+}
+
+/// Where cached reference log-probs live: `$PREFALIGN_CACHE`, else `$HF_HOME/prefalign`, else
+/// `~/.cache/prefalign`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PREFALIGN_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(home) = std::env::var_os("HF_HOME") {
+        return PathBuf::from(home).join("prefalign");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache/prefalign")
+}
+
+/// A fingerprint of everything the reference log-probs depend on.
+pub fn fingerprint(reference: &CausalLm, pairs: &[TokenizedPair], truncation: Option<(usize, TruncationMode)>, vs: &tch::nn::VarStore) -> String {
+    let mut hasher = blake3::Hasher::new();
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, tensor) in variables {
+        let tensor = tensor.to_device(tch::Device::Cpu).contiguous();
+        let mut bytes = vec![0u8; tensor.numel() * tensor.kind().elt_size_in_bytes()];
+        tensor.copy_data_u8(&mut bytes, tensor.numel());
+        hasher.update(name.as_bytes());
+        hasher.update(&bytes);
+    }
+    hasher.update(format!("{:?}", reference.config).as_bytes());
+    for pair in pairs {
+        for seq in [&pair.chosen, &pair.rejected] {
+            hasher.update(&(seq.prompt_len as u64).to_le_bytes());
+            for id in &seq.ids {
+                hasher.update(&id.to_le_bytes());
+            }
+        }
+    }
+    hasher.update(format!("{truncation:?}").as_bytes());
+    hasher.finalize().to_hex()[..32].to_string()
+}
+
+/// Computes the reference log-probs of `pairs` in batches of `batch_size`, or reads them from the cache.
+pub fn precompute(
+    reference: &CausalLm,
+    vs: &tch::nn::VarStore,
+    pairs: &[TokenizedPair],
+    pad_id: i64,
+    truncation: Option<(usize, TruncationMode)>,
+    batch_size: usize,
+) -> Result<ReferenceLogps> {
+    let key = fingerprint(reference, pairs, truncation, vs);
+    let path = cache_dir().join("ref_logps").join(format!("{key}.safetensors"));
+    if let Some(cached) = read_cache(&path)? {
+        eprintln!("reference log-probs: cached ({})", path.display());
+        return Ok(cached);
+    }
+    let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
+    tch::no_grad(|| {
+        for chunk in pairs.chunks(batch_size.max(1)) {
+            let batch = collate(&chunk.iter().collect::<Vec<_>>(), pad_id, truncation);
+            let logps = PairLogps::from_sequences(&score_tokens(reference, &batch).summed_logps());
+            chosen.push(logps.chosen.to_device(tch::Device::Cpu));
+            rejected.push(logps.rejected.to_device(tch::Device::Cpu));
+        }
+    });
+    let logps = ReferenceLogps { chosen: Tensor::cat(&chosen, 0), rejected: Tensor::cat(&rejected, 0) };
+    std::fs::create_dir_all(path.parent().expect("cache folder")).with_context(|| format!("cannot create {}", path.display()))?;
+    crate::model::weights::save_safetensors_file(
+        &path,
+        &[("chosen".into(), logps.chosen.shallow_clone()), ("rejected".into(), logps.rejected.shallow_clone())],
+    )?;
+    eprintln!("reference log-probs: computed for {} pairs, cached in {}", pairs.len(), path.display());
+    Ok(logps)
+}
+
+fn read_cache(path: &Path) -> Result<Option<ReferenceLogps>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
+        .with_context(|| format!("cannot read cached reference log-probs {}", path.display()))?
+        .into_iter()
+        .collect();
+    match (tensors.get("chosen"), tensors.get("rejected")) {
+        (Some(c), Some(r)) => Ok(Some(ReferenceLogps { chosen: c.to_kind(Kind::Float), rejected: r.to_kind(Kind::Float) })),
+        _ => Ok(None),
+    }
+}
