@@ -249,6 +249,13 @@ fn resume_is_bit_for_bit() {
     for (name, tensor) in &va {
         assert!(tensor.equal(&vb[name]), "{name} differs after resuming");
     }
+    // The trained model saved as a Hugging Face folder loads back with identical weights.
+    let saved = tempfile::tempdir().unwrap();
+    prefalign::model::save::save_hf(&a.policy, saved.path(), prefalign::model::save::DEFAULT_MAX_SHARD_BYTES).unwrap();
+    let reloaded = model::load(saved.path(), Device::Cpu, Kind::Float).unwrap();
+    for (name, tensor) in &va {
+        assert!(tensor.equal(&reloaded.vs.variables()[name]), "{name} differs after save + load");
+    }
     // The rows logged after the checkpoint are identical too.
     let after: Vec<_> = rows_a.into_iter().filter(|r| r["step"].as_u64().unwrap() > 3).collect();
     assert_eq!(after, rows_b);
