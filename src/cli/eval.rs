@@ -63,14 +63,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
         file.flush()?;
     }
-    let report = &prepared.report;
-    eprintln!(
-        "{} pairs scored ({} rows read, {} invalid skipped, {} dropped by TRL's rules)",
-        prepared.pairs.len(),
-        report.rows_read,
-        report.invalid.len(),
-        report.dropped.len()
-    );
+    eprintln!("{} pairs scored ({})", prepared.pairs.len(), prepared.report.counts());
     println!("{}", serde_json::to_string_pretty(&result.metrics)?);
     Ok(())
 }

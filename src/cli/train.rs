@@ -224,14 +224,7 @@ fn run(
     }
     let tokenizer = policy.tokenizer()?;
     let prepared = data.prepare(tokenizer, rules)?;
-    let report = &prepared.report;
-    eprintln!(
-        "{} pairs ({} rows read, {} invalid skipped, {} dropped by TRL's rules)",
-        prepared.pairs.len(),
-        report.rows_read,
-        report.invalid.len(),
-        report.dropped.len()
-    );
+    eprintln!("{} pairs ({})", prepared.pairs.len(), prepared.report.counts());
     let eval_pairs = match &eval_data.eval_dataset {
         Some(dataset) => {
             let eval_args = DatasetArgs { dataset: dataset.clone(), dataset_split: eval_data.dataset_test_split.clone(), limit: None, ..data.clone() };

@@ -75,6 +75,13 @@ pub struct PrepareReport {
     pub truncated: usize,
 }
 
+impl PrepareReport {
+    /// "N rows read, N invalid skipped, N dropped by TRL's rules", for a one-line summary.
+    pub fn counts(&self) -> String {
+        format!("{} rows read, {} invalid skipped, {} dropped by TRL's rules", self.rows_read, self.invalid.len(), self.dropped.len())
+    }
+}
+
 pub struct Prepared {
     pub pairs: Vec<TokenizedPair>,
     pub report: PrepareReport,

@@ -3,7 +3,7 @@
 //! chosen completions.
 
 use crate::objective::logps::TokenScores;
-use crate::objective::metrics::MetricLog;
+use crate::objective::metrics::{log_rewards, MetricLog};
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
@@ -70,13 +70,8 @@ pub fn batch_loss(scores: &TokenScores, p: &CpoParams, log: &mut MetricLog) -> T
     let loss = losses.mean(Kind::Float) + &nll_loss * p.cpo_alpha;
 
     let scalar = |t: Tensor| t.double_value(&[]);
-    let (chosen_rewards, rejected_rewards) = (chosen.detach() * p.beta, rejected.detach() * p.beta);
-    log.push("rewards/chosen", scalar(chosen_rewards.mean(Kind::Float)));
-    log.push("rewards/rejected", scalar(rejected_rewards.mean(Kind::Float)));
-    log.push("rewards/accuracies", scalar(chosen_rewards.gt_tensor(&rejected_rewards).to_kind(Kind::Float).mean(Kind::Float)));
-    log.push("rewards/margins", scalar((&chosen_rewards - &rejected_rewards).mean(Kind::Float)));
-    log.push("logps/chosen", scalar(chosen.mean(Kind::Float)));
-    log.push("logps/rejected", scalar(rejected.mean(Kind::Float)));
+    let rewards = (chosen.detach() * p.beta, rejected.detach() * p.beta);
+    log_rewards(log, (&rewards.0, &rewards.1), (&chosen.detach(), &rejected.detach()));
     // CPO averages the logits of every position of each half, the last one included.
     let positions = scores.mean_logits.size()[1] as f64 + 1.0;
     for (name, start) in [("logits/chosen", 0), ("logits/rejected", batch)] {

@@ -1,7 +1,7 @@
 //! DPO over summed completion log-probs (TRL's `DPOTrainer._compute_loss`): the loss and the metrics it logs.
 
 use crate::objective::logps::TokenScores;
-use crate::objective::metrics::MetricLog;
+use crate::objective::metrics::{log_rewards, MetricLog};
 use tch::{Kind, Tensor};
 
 /// Summed completion log-probs of a batch's chosen and rejected sequences, each [B].
@@ -190,10 +190,5 @@ pub fn log_batch_metrics(log: &mut MetricLog, scores: &TokenScores, policy: &Pai
     log.push("mean_token_accuracy", if chosen_tokens > 0.0 { scalar((chosen_top1 * &chosen_mask).sum(Kind::Float)) / chosen_tokens } else { 0.0 });
     let chosen_rewards = (&policy.chosen - &reference.chosen) * beta;
     let rejected_rewards = (&policy.rejected - &reference.rejected) * beta;
-    log.push("rewards/chosen", scalar(chosen_rewards.mean(Kind::Float)));
-    log.push("rewards/rejected", scalar(rejected_rewards.mean(Kind::Float)));
-    log.push("rewards/accuracies", scalar(chosen_rewards.gt_tensor(&rejected_rewards).to_kind(Kind::Float).mean(Kind::Float)));
-    log.push("rewards/margins", scalar((&chosen_rewards - &rejected_rewards).mean(Kind::Float)));
-    log.push("logps/chosen", scalar(policy.chosen.mean(Kind::Float)));
-    log.push("logps/rejected", scalar(policy.rejected.mean(Kind::Float)));
+    log_rewards(log, (&chosen_rewards, &rejected_rewards), (&policy.chosen, &policy.rejected));
 }

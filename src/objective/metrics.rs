@@ -2,6 +2,7 @@
 //! reports the mean of the values appended since the last one.
 
 use std::collections::BTreeMap;
+use tch::{Kind, Tensor};
 
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MetricLog {
@@ -20,4 +21,17 @@ impl MetricLog {
             .map(|(name, values)| (format!("{prefix}{name}"), values.iter().sum::<f64>() / values.len() as f64))
             .collect()
     }
+}
+
+/// The reward and log-prob metrics every preference objective logs: `rewards/{chosen,rejected,accuracies,margins}`
+/// and `logps/{chosen,rejected}`, from per-pair rewards and log-probs ([B] each).
+pub fn log_rewards(log: &mut MetricLog, rewards: (&Tensor, &Tensor), logps: (&Tensor, &Tensor)) {
+    let mean = |t: &Tensor| t.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    let (chosen, rejected) = rewards;
+    log.push("rewards/chosen", mean(chosen));
+    log.push("rewards/rejected", mean(rejected));
+    log.push("rewards/accuracies", mean(&chosen.gt_tensor(rejected)));
+    log.push("rewards/margins", mean(&(chosen - rejected)));
+    log.push("logps/chosen", mean(logps.0));
+    log.push("logps/rejected", mean(logps.1));
 }

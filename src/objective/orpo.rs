@@ -2,7 +2,7 @@
 //! completion log-probs; the metrics it logs.
 
 use crate::objective::logps::TokenScores;
-use crate::objective::metrics::MetricLog;
+use crate::objective::metrics::{log_rewards, MetricLog};
 use tch::{Kind, Tensor};
 
 /// log(1 - exp(x)) for x < 0, stable at both ends (log(-expm1(x)) near 0, log1p(-exp(x)) far from it).
@@ -39,14 +39,8 @@ pub fn orpo_terms(scores: &TokenScores, beta: f64) -> OrpoTerms {
 pub fn log_batch_metrics(log: &mut MetricLog, scores: &TokenScores, terms: &OrpoTerms, beta: f64) {
     let scalar = |t: Tensor| t.double_value(&[]);
     let batch = terms.chosen_logps.size()[0];
-    let chosen_rewards = &terms.chosen_logps * beta;
-    let rejected_rewards = &terms.rejected_logps * beta;
-    log.push("rewards/chosen", scalar(chosen_rewards.mean(Kind::Float)));
-    log.push("rewards/rejected", scalar(rejected_rewards.mean(Kind::Float)));
-    log.push("rewards/accuracies", scalar(chosen_rewards.gt_tensor(&rejected_rewards).to_kind(Kind::Float).mean(Kind::Float)));
-    log.push("rewards/margins", scalar((&chosen_rewards - &rejected_rewards).mean(Kind::Float)));
-    log.push("logps/chosen", scalar(terms.chosen_logps.mean(Kind::Float)));
-    log.push("logps/rejected", scalar(terms.rejected_logps.mean(Kind::Float)));
+    let rewards = (&terms.chosen_logps * beta, &terms.rejected_logps * beta);
+    log_rewards(log, (&rewards.0, &rewards.1), (&terms.chosen_logps, &terms.rejected_logps));
     // TRL averages the logits of every position of each half, prompt and padding included.
     log.push("logits/chosen", scalar(scores.mean_logits.narrow(0, 0, batch).mean(Kind::Float)));
     log.push("logits/rejected", scalar(scores.mean_logits.narrow(0, batch, batch).mean(Kind::Float)));
