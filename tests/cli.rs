@@ -168,3 +168,18 @@ fn dpo_from_a_yaml_recipe_with_checkpoints_and_resume() {
     let err = prefalign_err(&["dpo", "--config", dir.path().join("typo.yaml").to_str().unwrap()]);
     assert!(err.contains("unknown key \"lerning_rate\"; did you mean \"learning_rate\"?"), "{err}");
 }
+
+/// The README's demo, shortened to a few steps: it trains, reports accuracy before and after, and saves.
+#[test]
+fn demo_runs_end_to_end() {
+    let gguf = smollm2_gguf();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let (stdout, _) = prefalign(&[
+        "demo", "--model", gguf.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--num-train-epochs", "0.1",
+    ]);
+    for expected in ["before  held-out preference accuracy", "after   held-out preference accuracy", "trained  3 steps", "> What is the capital of Peru?"] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+    prefalign::model::load(&out, tch::Device::Cpu, tch::Kind::Float).unwrap();
+}

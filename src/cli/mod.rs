@@ -3,6 +3,7 @@
 mod config;
 mod convert;
 mod data;
+mod demo;
 mod eval;
 mod generate;
 mod train;
@@ -25,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// DPO on SmolLM2-135M-Instruct with built-in preference data: accuracy and answers before and after
+    Demo(demo::DemoArgs),
     /// Generate text with a model (chat template applied unless --raw)
     Generate(generate::GenerateArgs),
     /// Convert a model (e.g. a GGUF file) into a Hugging Face folder
@@ -101,6 +104,7 @@ pub fn main() -> i32 {
     };
     let cli = Cli::parse_from(argv);
     let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Eval(args) => eval::run(args),
