@@ -261,7 +261,30 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
         }
     }
     bar.finish();
+    write_summary(&config.output_dir, &rows, started.elapsed().as_secs_f64(), progress.num_tokens - tokens_at_start)?;
     Ok(rows)
+}
+
+/// `train_summary.json`: wall time, throughput, peak memory and the last logged values of this run.
+fn write_summary(out: &Path, rows: &[Map<String, Value>], seconds: f64, tokens: i64) -> Result<()> {
+    let last_train = rows.iter().rev().find(|r| r.contains_key("loss"));
+    let summary = serde_json::json!({
+        "train_runtime": seconds,
+        "train_tokens_per_second": tokens as f64 / seconds.max(1e-9),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "final_loss": last_train.and_then(|r| r.get("loss")),
+        "global_step": rows.last().and_then(|r| r.get("step")),
+    });
+    std::fs::write(out.join("train_summary.json"), serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("cannot write {}", out.join("train_summary.json").display()))
+}
+
+/// The process's peak resident memory (VmHWM), where /proc provides it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Step, loss, reward accuracy, tokens/s and ETA on stderr (hidden when stderr is not a terminal).
