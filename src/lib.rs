@@ -7,4 +7,5 @@ pub mod cli;
 pub mod data;
 pub mod model;
 pub mod objective;
+pub mod report;
 pub mod train;

@@ -6,7 +6,7 @@ use crate::data::prepare::{prepare, PrepareOptions, Prepared, RowFormat, Rules};
 use crate::data::source::{read_rows, ReadRows};
 use crate::data::tokenize::{PairTokenizer, TokenizedPair};
 use crate::model::tokenizer::TextTokenizer;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::Path;
 
@@ -32,7 +32,8 @@ pub struct DatasetArgs {
     /// Hub dataset configuration (subset)
     #[arg(long)]
     pub dataset_config: Option<String>,
-    /// Hub dataset split
+    /// Hub dataset split, optionally sliced as in `datasets`: "train[:300]", "train[300:]", "test[10%:20%]"
+    /// (the slice applies to local files too)
     #[arg(long, default_value = "train")]
     pub dataset_split: String,
     #[arg(long, default_value = "prompt")]
@@ -73,17 +74,23 @@ impl DatasetArgs {
 
     /// The rows of the dataset, from a local path or the Hub.
     pub fn read(&self) -> Result<ReadRows> {
+        let (split, slice) = parse_split(&self.dataset_split)?;
         let mut read = if Path::new(&self.dataset).exists() || !hub::looks_like_repo_id(&self.dataset) {
             read_rows(Path::new(&self.dataset))?
         } else {
             let mut all = ReadRows::default();
-            for file in hub::dataset_files(&self.dataset, self.dataset_config.as_deref(), &self.dataset_split)? {
+            for file in hub::dataset_files(&self.dataset, self.dataset_config.as_deref(), split)? {
                 let part = read_rows(&file)?;
                 all.rows.extend(part.rows);
                 all.invalid.extend(part.invalid);
             }
             all
         };
+        if let Some((start, end)) = slice {
+            let len = read.rows.len();
+            let (start, end) = (start.resolve(len), end.map_or(len, |e| e.resolve(len)));
+            read.rows = read.rows.drain(..).skip(start).take(end.saturating_sub(start)).collect();
+        }
         if let Some(limit) = self.limit {
             read.rows.truncate(limit);
         }
@@ -115,6 +122,41 @@ impl DatasetArgs {
         let tok = PairTokenizer::new(tokenizer)?;
         prepare(self.read()?, &tok, &self.options(rules))
     }
+}
+
+/// A slice bound: a row index or a percentage of the rows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Bound {
+    Row(usize),
+    Percent(f64),
+}
+
+impl Bound {
+    fn resolve(self, len: usize) -> usize {
+        match self {
+            Bound::Row(i) => i.min(len),
+            Bound::Percent(p) => ((p / 100.0 * len as f64).round() as usize).min(len),
+        }
+    }
+}
+
+/// "train[300:]" -> ("train", Some((300, None))), as `datasets` slices splits.
+fn parse_split(spec: &str) -> Result<(&str, Option<(Bound, Option<Bound>)>)> {
+    let Some((name, rest)) = spec.split_once('[') else { return Ok((spec, None)) };
+    let inner = rest.strip_suffix(']').with_context(|| format!("split \"{spec}\": missing ']'"))?;
+    let bound = |text: &str| -> Result<Option<Bound>> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let bound = match text.strip_suffix('%') {
+            Some(p) => Bound::Percent(p.parse().with_context(|| format!("split \"{spec}\": bad percentage {text:?}"))?),
+            None => Bound::Row(text.parse().with_context(|| format!("split \"{spec}\": bad row index {text:?}"))?),
+        };
+        Ok(Some(bound))
+    };
+    let (start, end) = inner.split_once(':').with_context(|| format!("split \"{spec}\": expected [start:end]"))?;
+    Ok((name, Some((bound(start)?.unwrap_or(Bound::Row(0)), bound(end)?))))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -188,4 +230,19 @@ fn print_example(tokenizer: &TextTokenizer, pair: &TokenizedPair) -> Result<()> 
     println!("[chosen]\n{}", tokenizer.decode(pair.chosen.completion(), false)?);
     println!("[rejected]\n{}", tokenizer.decode(pair.rejected.completion(), false)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_slices_like_datasets() {
+        assert_eq!(parse_split("train").unwrap(), ("train", None));
+        assert_eq!(parse_split("train[300:]").unwrap(), ("train", Some((Bound::Row(300), None))));
+        assert_eq!(parse_split("test[:10%]").unwrap(), ("test", Some((Bound::Row(0), Some(Bound::Percent(10.0))))));
+        assert_eq!(Bound::Percent(10.0).resolve(2312), 231);
+        assert!(parse_split("train[3").is_err());
+        assert!(parse_split("train[a:]").is_err());
+    }
 }

@@ -1,5 +1,6 @@
 //! The `prefalign` command line: one file per subcommand.
 
+mod compare;
 mod config;
 mod convert;
 mod data;
@@ -40,6 +41,9 @@ enum Command {
     Cpo(train::CpoArgs),
     /// Score a model (and a reference) on preference data: log-probs, rewards, TRL's eval metrics
     Eval(eval::EvalArgs),
+    /// Train several recipes (or one over a grid of a parameter) and compare them: a Markdown report with a table
+    /// and plots
+    Compare(compare::CompareArgs),
     /// Look at preference data as a trainer will see it
     #[command(subcommand)]
     Data(DataCommand),
@@ -111,6 +115,7 @@ pub fn main() -> i32 {
         Command::Dpo(args) => train::run_dpo(args),
         Command::Orpo(args) => train::run_orpo(args),
         Command::Cpo(args) => train::run_cpo(args),
+        Command::Compare(args) => compare::run(args),
         Command::Data(DataCommand::Inspect(args)) => data::inspect(args),
     };
     match result {

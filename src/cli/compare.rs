@@ -1,0 +1,471 @@
+//! `prefalign compare`: train several recipes (or one recipe over a grid of one parameter), score each model on
+//! held-out preference data before and after, and write a Markdown report with a table and PNG plots.
+//!
+//! Every training and every evaluation is a child process of this same binary, so runs are isolated from each
+//! other (a crash or an out-of-memory kill fails one run, not the comparison) and each one's peak memory is its
+//! own. A run's folder holds the recipe as it was trained (`recipe.yaml`), the trained model, `metrics.jsonl`,
+//! `train_summary.json`, the logs, and the held-out scores.
+
+use crate::report::{self, Report, RunRow};
+use anyhow::{bail, Context, Result};
+use clap::{ArgAction, Args, CommandFactory};
+use serde_json::Value as Json;
+use serde_norway::{Mapping, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+const TRAINERS: [&str; 3] = ["dpo", "orpo", "cpo"];
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+A recipe is the YAML that `prefalign dpo|orpo|cpo --config` takes, plus one top-level key that picks the command: \
+`trainer: dpo`, `trainer: orpo` or `trainer: cpo`. compare removes `trainer` (and `output_dir`), writes the rest to \
+OUTPUT_DIR/runs/<name>/recipe.yaml and runs `prefalign <trainer> --config OUTPUT_DIR/runs/<name>/recipe.yaml \
+--output-dir OUTPUT_DIR/runs/<name>`.
+
+Held-out data (--held-out, else the recipe's eval_dataset) is scored by `prefalign eval` with the recipe's data \
+settings (max_length, dataset_format, columns, truncation_mode, allow_empty_completions, …, and its beta) on the \
+base model before training and on the trained model after; DPO runs are scored against their reference model.
+
+Examples:
+  prefalign compare --recipe dpo.yaml --recipe orpo.yaml --held-out test.jsonl --output-dir dpo-vs-orpo
+  prefalign compare --recipe orpo.yaml --grid beta=0.05,0.1,0.2,0.5 --output-dir orpo-lambda
+  prefalign compare --recipe dpo.yaml --grid trainer=dpo,orpo --output-dir same-recipe
+
+OUTPUT_DIR gets report.md (one table row per run), loss.png, reward_accuracy.png, heldout_accuracy.png and runs/. \
+A run that fails is reported as failed with its error and the others go on; the exit status is 1 if any failed.")]
+pub struct CompareArgs {
+    /// A training recipe: --config YAML with a top-level `trainer: dpo|orpo|cpo` key. Repeat for more runs
+    #[arg(long = "recipe", value_name = "YAML", required = true, action = ArgAction::Append)]
+    recipes: Vec<PathBuf>,
+    /// The name of each --recipe, in the same order (default: the file name without its extension)
+    #[arg(long = "name", action = ArgAction::Append)]
+    names: Vec<String>,
+    /// KEY=V1,V2,…: run each recipe once per value of one parameter (a recipe key or a flag name, e.g.
+    /// beta=0.05,0.1,0.2 or learning_rate=1e-6,5e-6; `trainer` too); runs are named KEY=V
+    #[arg(long, value_name = "KEY=V1,V2,…")]
+    grid: Option<String>,
+    /// Held-out preference data (file, folder or Hub id) scored before and after training [default: each recipe's
+    /// eval_dataset; without either, no held-out scores]
+    #[arg(long, value_name = "DATASET")]
+    held_out: Option<String>,
+    /// Where the report, the plots and runs/<name>/ go
+    #[arg(long, default_value = "prefalign-compare")]
+    output_dir: PathBuf,
+}
+
+/// One run to make: a recipe, its name, and the grid value it takes (if any).
+struct Planned {
+    name: String,
+    recipe: PathBuf,
+    grid: Option<(String, String)>,
+}
+
+/// A recipe read and resolved against its trainer's flags.
+struct Recipe {
+    trainer: String,
+    /// The YAML to train with (`trainer` and `output_dir` removed, the grid value set).
+    yaml: Mapping,
+    /// Every key that is a flag of the trainer, by the flag's long name (aliases resolved).
+    flags: HashMap<String, Value>,
+    command: clap::Command,
+}
+
+/// What `prefalign eval` reported.
+#[derive(Clone)]
+struct Scored {
+    accuracy: Option<f64>,
+    margin: Option<f64>,
+    pairs: Option<usize>,
+}
+
+fn parse_grid(grid: &str) -> Result<(String, Vec<String>)> {
+    let (key, values) = grid.split_once('=').with_context(|| format!("--grid {grid:?}: expected KEY=V1,V2,…"))?;
+    let key = key.trim().trim_start_matches("--").to_string();
+    let values: Vec<String> = values.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect();
+    if key.is_empty() || values.is_empty() {
+        bail!("--grid {grid:?}: expected KEY=V1,V2,…");
+    }
+    Ok((key, values))
+}
+
+fn plan(args: &CompareArgs) -> Result<Vec<Planned>> {
+    if !args.names.is_empty() && args.names.len() != args.recipes.len() {
+        bail!("{} --name for {} --recipe: give one name per recipe, or none", args.names.len(), args.recipes.len());
+    }
+    let names: Vec<String> = match args.names.is_empty() {
+        false => args.names.clone(),
+        true => args.recipes.iter().map(|p| p.file_stem().map_or("recipe".into(), |s| s.to_string_lossy().into_owned())).collect(),
+    };
+    let grid = args.grid.as_deref().map(parse_grid).transpose()?;
+    let mut planned = Vec::new();
+    for (recipe, name) in args.recipes.iter().zip(&names) {
+        match &grid {
+            None => planned.push(Planned { name: name.clone(), recipe: recipe.clone(), grid: None }),
+            Some((key, values)) => {
+                for value in values {
+                    let point = format!("{key}={value}");
+                    let name = if args.recipes.len() == 1 { point } else { format!("{name} {point}") };
+                    planned.push(Planned { name, recipe: recipe.clone(), grid: Some((key.clone(), value.clone())) });
+                }
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for run in &planned {
+        if !seen.insert(folder_name(&run.name)) {
+            bail!("two runs are named {:?}: give each --recipe its own --name", run.name);
+        }
+    }
+    Ok(planned)
+}
+
+/// A run's folder name: its name with anything but letters, digits and `._=+-,` replaced by `_`.
+fn folder_name(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || "._=+-,".contains(c) { c } else { '_' }).collect()
+}
+
+fn find_arg<'a>(command: &'a clap::Command, key: &str) -> Option<&'a clap::Arg> {
+    let long = key.replace('_', "-");
+    command.get_arguments().find(|a| {
+        a.get_long() == Some(long.as_str()) || a.get_all_aliases().is_some_and(|aliases| aliases.contains(&long.as_str()))
+    })
+}
+
+fn is_switch(arg: &clap::Arg) -> bool {
+    matches!(arg.get_action(), ArgAction::SetTrue)
+}
+
+fn read_recipe(path: &Path, grid: Option<&(String, String)>) -> Result<Recipe> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
+    let value: Value = serde_norway::from_str(&text).with_context(|| format!("{} is not valid YAML", path.display()))?;
+    let Value::Mapping(mut yaml) = value else {
+        bail!("{}: expected a mapping of keys to values at the top level", path.display());
+    };
+    let trainer = match (grid.filter(|(key, _)| key == "trainer"), yaml.remove("trainer")) {
+        (Some((_, value)), _) => value.clone(),
+        (None, Some(Value::String(t))) => t,
+        (None, Some(_)) => bail!("{}: `trainer` must be one of dpo, orpo, cpo", path.display()),
+        (None, None) => bail!("{}: no `trainer:` key; add `trainer: dpo` (or orpo, cpo) to say which command trains it", path.display()),
+    };
+    if !TRAINERS.contains(&trainer.as_str()) {
+        bail!("{}: trainer {trainer:?} is not one of dpo, orpo, cpo", path.display());
+    }
+    yaml.remove("output_dir");
+    let command = super::Cli::command().find_subcommand(&trainer).expect("dpo, orpo and cpo are subcommands").clone();
+    if let Some((key, value)) = grid.filter(|(key, _)| key != "trainer") {
+        let arg = find_arg(&command, key)
+            .with_context(|| format!("--grid {key}: `prefalign {trainer}` has no such flag (see prefalign {trainer} --help)"))?;
+        let long = arg.get_long().expect("found by its long name").to_string();
+        // Drop the key under any of its names, then set it under the snake_case of the flag.
+        yaml.retain(|k, _| k.as_str().and_then(|k| find_arg(&command, k)).and_then(|a| a.get_long()) != Some(long.as_str()));
+        let value = if is_switch(arg) {
+            Value::Bool(value.parse().with_context(|| format!("--grid {key}: {value:?} is not true or false"))?)
+        } else {
+            Value::String(value.clone())
+        };
+        yaml.insert(Value::String(long.replace('-', "_")), value);
+    }
+    let flags = yaml
+        .iter()
+        .filter_map(|(k, v)| {
+            let long = find_arg(&command, k.as_str()?)?.get_long()?.to_string();
+            Some((long, v.clone()))
+        })
+        .collect();
+    Ok(Recipe { trainer, yaml, flags, command })
+}
+
+fn scalar(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Sequence(items) => Some(items.iter().map(scalar).collect::<Option<Vec<_>>>()?.join(",")),
+        _ => None,
+    }
+}
+
+impl Recipe {
+    fn get(&self, long: &str) -> Option<String> {
+        self.flags.get(long).and_then(scalar)
+    }
+
+    /// `prefalign eval` flags for `model` on `dataset` with this recipe's data settings; `reference` for DPO.
+    /// `with_beta`: pass the recipe's β (rewards and margins); the preference accuracy does not depend on it, so
+    /// base models are scored without it and a β grid shares one baseline.
+    fn eval_flags(&self, model: &str, dataset: &str, reference: Option<&str>, with_beta: bool) -> Vec<String> {
+        let mut flags = vec!["eval".to_string(), "--model".into(), model.into(), "--dataset".into(), dataset.into()];
+        flags.extend(["--dataset-split".into(), self.get("dataset-test-split").unwrap_or_else(|| "test".into())]);
+        const PASSED: [&str; 12] = [
+            "dataset-config",
+            "prompt-column",
+            "chosen-column",
+            "rejected-column",
+            "dataset-format",
+            "skip-invalid-rows",
+            "allow-empty-completions",
+            "keep-empty-completions",
+            "max-length",
+            "truncation-mode",
+            "device",
+            "dtype",
+        ];
+        for long in PASSED {
+            let (Some(value), Some(arg)) = (self.flags.get(long), find_arg(&self.command, long)) else { continue };
+            if is_switch(arg) {
+                if matches!(value, Value::Bool(true)) {
+                    flags.push(format!("--{long}"));
+                }
+            } else if let Some(text) = scalar(value) {
+                flags.extend([format!("--{long}"), text]);
+            }
+        }
+        let objective = if self.trainer == "dpo" { "dpo" } else { "orpo" };
+        flags.extend(["--objective".into(), objective.into()]);
+        if let Some(beta) = self.get("beta").filter(|_| with_beta) {
+            flags.extend(["--beta".into(), beta]);
+        }
+        flags.extend(["--batch-size".into(), self.get("per-device-eval-batch-size").unwrap_or_else(|| "8".into())]);
+        if let Some(reference) = reference {
+            flags.extend(["--ref-model".into(), reference.into()]);
+        }
+        flags
+    }
+
+    /// The reference a trained DPO model is scored against: --ref-model, else the base model; none when
+    /// reference-free or not DPO.
+    fn reference(&self) -> Option<String> {
+        if self.trainer != "dpo" || matches!(self.flags.get("reference-free"), Some(Value::Bool(true))) {
+            return None;
+        }
+        self.get("ref-model").or_else(|| self.get("model"))
+    }
+}
+
+/// Runs this binary with `args`, stdout to `stdout` (or into the log), stderr to `log`.
+/// Returns the wall time; an error carries the first line of what went wrong.
+fn child(args: &[String], stdout: Option<&Path>, log: &Path) -> Result<f64> {
+    let exe = std::env::current_exe().context("cannot find the prefalign executable")?;
+    let log_file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let out: Stdio = match stdout {
+        Some(path) => std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?.into(),
+        None => log_file.try_clone()?.into(),
+    };
+    let started = Instant::now();
+    let status = Command::new(&exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(log_file)
+        .status()
+        .with_context(|| format!("cannot run {}", exe.display()))?;
+    let seconds = started.elapsed().as_secs_f64();
+    if status.success() {
+        return Ok(seconds);
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    bail!("{} (log: {})", first_error_line(&text, &status), log.display())
+}
+
+/// The line that says what went wrong: the CLI's last `error:` line, a panic's message, else the exit status
+/// with the last line of the log.
+fn first_error_line(log: &str, status: &std::process::ExitStatus) -> String {
+    let lines: Vec<&str> = log.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    if let Some(line) = lines.iter().rev().find(|l| l.starts_with("error:")) {
+        return line.trim_start_matches("error:").trim().to_string();
+    }
+    if let Some(at) = lines.iter().position(|l| l.contains("panicked at")) {
+        return format!("panicked: {}", lines.get(at + 1).unwrap_or(&lines[at]));
+    }
+    let how = match status.code() {
+        Some(code) => format!("exited with status {code}"),
+        None => "killed by a signal (out of memory?)".to_string(),
+    };
+    match lines.last() {
+        Some(last) => format!("{how}; last output: {last}"),
+        None => how,
+    }
+}
+
+fn error_text(error: &anyhow::Error) -> String {
+    format!("{error:#}")
+}
+
+/// `prefalign eval` for `flags`, metrics JSON to `json`, stderr to `log`.
+fn score(flags: &[String], json: &Path, log: &Path) -> Result<Scored> {
+    child(flags, Some(json), log)?;
+    let text = std::fs::read_to_string(json).with_context(|| format!("cannot read {}", json.display()))?;
+    let metrics: Json = serde_json::from_str(&text).with_context(|| format!("{} is not the JSON prefalign eval prints", json.display()))?;
+    let pairs = std::fs::read_to_string(log).ok().and_then(|log| {
+        log.lines().find_map(|l| l.split_once(" pairs scored").and_then(|(n, _)| n.trim().parse().ok()))
+    });
+    Ok(Scored {
+        accuracy: metrics["eval_preference_accuracy"].as_f64(),
+        margin: metrics["eval_rewards/margins"].as_f64(),
+        pairs,
+    })
+}
+
+fn read_json(path: &Path) -> Result<Json> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+pub fn run(args: CompareArgs) -> Result<()> {
+    let planned = plan(&args)?;
+    let out = &args.output_dir;
+    std::fs::create_dir_all(out.join("runs")).with_context(|| format!("cannot create {}", out.display()))?;
+    // Scores of base models, computed once per distinct evaluation (a β grid shares one).
+    let mut baselines: HashMap<Vec<String>, (PathBuf, Result<Scored, String>)> = HashMap::new();
+    let mut heldout_sets: Vec<String> = Vec::new();
+    let mut rows = Vec::new();
+    let total = planned.len();
+    for (index, run) in planned.iter().enumerate() {
+        let dir = out.join("runs").join(folder_name(&run.name));
+        eprintln!("[{}/{total}] {}", index + 1, run.name);
+        let mut row = RunRow { name: run.name.clone(), dir: relative(&dir, out), ..RunRow::default() };
+        let result = one_run(run, &dir, out, &args, &mut row, &mut baselines, &mut heldout_sets);
+        if let Err(error) = result {
+            row.error = Some(error_text(&error));
+        }
+        match &row.error {
+            None => eprintln!(
+                "[{}/{total}] {}: done in {:.1} s, final loss {}",
+                index + 1,
+                run.name,
+                row.wall_seconds.unwrap_or(0.0),
+                row.final_loss.map_or("–".into(), |l| format!("{l:.4}"))
+            ),
+            Some(error) => eprintln!("[{}/{total}] {}: FAILED: {error}", index + 1, run.name),
+        }
+        rows.push(row);
+    }
+    let failed = rows.iter().filter(|r| r.error.is_some()).count();
+    let mut intro = vec![format!(
+        "{total} run{} ({} failed); each trained by a separate `prefalign` process.",
+        if total == 1 { "" } else { "s" },
+        failed
+    )];
+    if let Some((key, values)) = args.grid.as_deref().map(parse_grid).transpose()? {
+        intro.push(format!("Grid over `{key}`: {}.", values.join(", ")));
+    }
+    let mut notes = vec![
+        "final loss: the last logged training loss. held-out pref. acc.: the share of held-out pairs whose chosen \
+         completion the model gives the higher log-probability (DPO: summed; ORPO, CPO: per-token average)."
+            .to_string(),
+        "held-out reward margin: `eval_rewards/margins` of `prefalign eval` after training (DPO: β·(policy − \
+         reference) log-ratio margin; ORPO, CPO: β·average log-prob margin)."
+            .to_string(),
+        "tokens/s and train time: the training loop (`train_summary.json`); wall time: the whole training process \
+         (loading, data, training, saving); peak memory: its peak resident set (VmHWM)."
+            .to_string(),
+    ];
+    notes.extend(heldout_sets.iter().map(|s| format!("held-out data: {s}")));
+    let report = Report { title: "prefalign compare".into(), intro, runs: rows, notes };
+    report::write(out, &report)?;
+    println!("{}", report::table(&report.runs));
+    println!("report: {}", out.join("report.md").display());
+    if failed > 0 {
+        bail!("{failed} of {total} runs failed (see {})", out.join("report.md").display());
+    }
+    Ok(())
+}
+
+/// `path` relative to `base` for links in the report, else as given.
+fn relative(path: &Path, base: &Path) -> String {
+    path.strip_prefix(base).unwrap_or(path).display().to_string()
+}
+
+/// Trains and scores one run, filling `row`. A training failure returns an error; a failed held-out evaluation
+/// is recorded in `row.error` after what did succeed.
+fn one_run(
+    run: &Planned,
+    dir: &Path,
+    out: &Path,
+    args: &CompareArgs,
+    row: &mut RunRow,
+    baselines: &mut HashMap<Vec<String>, (PathBuf, Result<Scored, String>)>,
+    heldout_sets: &mut Vec<String>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // What an earlier compare left here must not be read as this run's.
+    for stale in ["metrics.jsonl", "train_summary.json", "heldout_before.json", "heldout_after.json", "heldout_after.jsonl"] {
+        let _ = std::fs::remove_file(dir.join(stale));
+    }
+    row.trainer = std::fs::read_to_string(&run.recipe)
+        .ok()
+        .and_then(|t| serde_norway::from_str::<Value>(&t).ok())
+        .and_then(|v| v.get("trainer").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| "?".into());
+    row.command = format!("prefalign ? --config {}", run.recipe.display());
+    let recipe = read_recipe(&run.recipe, run.grid.as_ref())?;
+    row.trainer = recipe.trainer.clone();
+    let recipe_path = dir.join("recipe.yaml");
+    std::fs::write(&recipe_path, serde_norway::to_string(&recipe.yaml)?).with_context(|| format!("cannot write {}", recipe_path.display()))?;
+    let train_args: Vec<String> = vec![
+        recipe.trainer.clone(),
+        "--config".into(),
+        recipe_path.display().to_string(),
+        "--output-dir".into(),
+        dir.display().to_string(),
+    ];
+    row.command = format!("prefalign {}", train_args.join(" "));
+    std::fs::write(dir.join("command.txt"), format!("{}\n", row.command))?;
+
+    // Held-out data and the base model's score on it.
+    let heldout = args.held_out.clone().or_else(|| recipe.get("eval-dataset"));
+    let model = recipe.get("model");
+    if let (Some(heldout), Some(model)) = (&heldout, &model) {
+        let flags = recipe.eval_flags(model, heldout, None, false);
+        let next = baselines.len() + 1;
+        let (folder, scored) = baselines.entry(flags.clone()).or_insert_with(|| {
+            let folder = out.join("baseline").join(format!("{}-{next}", recipe.trainer));
+            let scored = std::fs::create_dir_all(&folder)
+                .map_err(anyhow::Error::from)
+                .and_then(|_| score(&flags, &folder.join("heldout.json"), &folder.join("eval.log")))
+                .map_err(|e| error_text(&e));
+            if let Ok(scored) = &scored {
+                heldout_sets.push(format!(
+                    "`{heldout}` ({} pairs with {} rules; base model `{model}` scored in `{}`)",
+                    scored.pairs.map_or("?".into(), |n| n.to_string()),
+                    if recipe.trainer == "dpo" { "DPO" } else { "ORPO" },
+                    relative(&folder, out)
+                ));
+            }
+            (folder, scored)
+        });
+        match scored {
+            Ok(scored) => row.heldout_before = scored.accuracy,
+            Err(error) => row.error = Some(format!("held-out evaluation of the base model ({}): {error}", relative(folder, out))),
+        }
+    }
+
+    let wall = child(&train_args, None, &dir.join("train.log"));
+    row.metrics = report::read_metrics(&dir.join("metrics.jsonl")).unwrap_or_default();
+    let wall = wall?;
+    row.wall_seconds = Some(wall);
+    let summary = read_json(&dir.join("train_summary.json"))?;
+    row.final_loss = summary["final_loss"].as_f64();
+    row.global_step = summary["global_step"].as_u64();
+    row.tokens_per_second = summary["train_tokens_per_second"].as_f64();
+    row.train_seconds = summary["train_runtime"].as_f64();
+    row.peak_rss_bytes = summary["peak_rss_bytes"].as_u64();
+
+    if let Some(heldout) = &heldout {
+        let mut flags = recipe.eval_flags(&dir.display().to_string(), heldout, recipe.reference().as_deref(), true);
+        flags.extend(["--output".into(), dir.join("heldout_after.jsonl").display().to_string()]);
+        match score(&flags, &dir.join("heldout_after.json"), &dir.join("heldout_after.log")) {
+            Ok(scored) => {
+                row.heldout_after = scored.accuracy;
+                row.heldout_margin = scored.margin;
+            }
+            Err(error) => {
+                row.error.get_or_insert(format!("held-out evaluation after training: {}", error_text(&error)));
+            }
+        }
+    }
+    Ok(())
+}
