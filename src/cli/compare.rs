@@ -20,37 +20,46 @@ const TRAINERS: [&str; 3] = ["dpo", "orpo", "cpo"];
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
-A recipe is the YAML that `prefalign dpo|orpo|cpo --config` takes, plus one top-level key that picks the command: \
-`trainer: dpo`, `trainer: orpo` or `trainer: cpo`. compare removes `trainer` (and `output_dir`), writes the rest to \
-OUTPUT_DIR/runs/<name>/recipe.yaml and runs `prefalign <trainer> --config OUTPUT_DIR/runs/<name>/recipe.yaml \
---output-dir OUTPUT_DIR/runs/<name>`.
+A recipe is the YAML that `prefalign dpo|orpo|cpo --config` takes. The command that trains it comes from --trainer, \
+else from one more top-level key in the recipe, `trainer: dpo|orpo|cpo`. compare removes `trainer` (and \
+`output_dir`), writes the rest to OUTPUT_DIR/runs/<name>/recipe.yaml and runs `prefalign <trainer> --config \
+OUTPUT_DIR/runs/<name>/recipe.yaml --output-dir OUTPUT_DIR/runs/<name>`.
 
-Held-out data (--held-out, else the recipe's eval_dataset) is scored by `prefalign eval` with the recipe's data \
+Held-out data (--held-out, else the recipe's eval_dataset and dataset_test_split) is scored by `prefalign eval` with the recipe's data \
 settings (max_length, dataset_format, columns, truncation_mode, allow_empty_completions, …, and its beta) on the \
 base model before training and on the trained model after; DPO runs are scored against their reference model.
 
 Examples:
   prefalign compare --recipe dpo.yaml --recipe orpo.yaml --held-out test.jsonl --output-dir dpo-vs-orpo
+  prefalign compare --recipe recipes/hh_dpo.yaml --trainer dpo --recipe recipes/hh_orpo.yaml --trainer orpo
   prefalign compare --recipe orpo.yaml --grid beta=0.05,0.1,0.2,0.5 --output-dir orpo-lambda
   prefalign compare --recipe dpo.yaml --grid trainer=dpo,orpo --output-dir same-recipe
 
 OUTPUT_DIR gets report.md (one table row per run), loss.png, reward_accuracy.png, heldout_accuracy.png and runs/. \
 A run that fails is reported as failed with its error and the others go on; the exit status is 1 if any failed.")]
 pub struct CompareArgs {
-    /// A training recipe: --config YAML with a top-level `trainer: dpo|orpo|cpo` key. Repeat for more runs
+    /// A training recipe (the YAML `--config` takes). Repeat for more runs
     #[arg(long = "recipe", value_name = "YAML", required = true, action = ArgAction::Append)]
     recipes: Vec<PathBuf>,
+    /// The command that trains each --recipe, in the same order, or once for all [default: the recipe's
+    /// `trainer:` key]
+    #[arg(long = "trainer", value_name = "dpo|orpo|cpo", value_parser = TRAINERS, action = ArgAction::Append)]
+    trainers: Vec<String>,
     /// The name of each --recipe, in the same order (default: the file name without its extension)
-    #[arg(long = "name", action = ArgAction::Append)]
+    #[arg(long = "name", value_name = "NAME", action = ArgAction::Append)]
     names: Vec<String>,
-    /// KEY=V1,V2,…: run each recipe once per value of one parameter (a recipe key or a flag name, e.g.
-    /// beta=0.05,0.1,0.2 or learning_rate=1e-6,5e-6; `trainer` too); runs are named KEY=V
+    /// Run each recipe once per value of one parameter, a recipe key or flag name (beta=0.05,0.1,0.2,
+    /// learning_rate=1e-6,5e-6, or trainer=dpo,orpo); the runs are named KEY=V
     #[arg(long, value_name = "KEY=V1,V2,…")]
     grid: Option<String>,
     /// Held-out preference data (file, folder or Hub id) scored before and after training [default: each recipe's
     /// eval_dataset; without either, no held-out scores]
     #[arg(long, value_name = "DATASET")]
     held_out: Option<String>,
+    /// The split (or slice, "train[:300]") of the held-out data [default: with --held-out "test" (all of a local
+    /// file), else the recipe's dataset_test_split]
+    #[arg(long, value_name = "SPLIT")]
+    held_out_split: Option<String>,
     /// Where the report, the plots and runs/<name>/ go
     #[arg(long, default_value = "prefalign-compare")]
     output_dir: PathBuf,
@@ -60,6 +69,8 @@ pub struct CompareArgs {
 struct Planned {
     name: String,
     recipe: PathBuf,
+    /// From --trainer.
+    trainer: Option<String>,
     grid: Option<(String, String)>,
 }
 
@@ -99,16 +110,23 @@ fn plan(args: &CompareArgs) -> Result<Vec<Planned>> {
         false => args.names.clone(),
         true => args.recipes.iter().map(|p| p.file_stem().map_or("recipe".into(), |s| s.to_string_lossy().into_owned())).collect(),
     };
+    let trainers: Vec<Option<String>> = match args.trainers.len() {
+        0 => vec![None; args.recipes.len()],
+        1 => vec![Some(args.trainers[0].clone()); args.recipes.len()],
+        n if n == args.recipes.len() => args.trainers.iter().cloned().map(Some).collect(),
+        n => bail!("{n} --trainer for {} --recipe: give one per recipe, one for all, or none", args.recipes.len()),
+    };
     let grid = args.grid.as_deref().map(parse_grid).transpose()?;
     let mut planned = Vec::new();
-    for (recipe, name) in args.recipes.iter().zip(&names) {
+    for ((recipe, name), trainer) in args.recipes.iter().zip(&names).zip(trainers) {
         match &grid {
-            None => planned.push(Planned { name: name.clone(), recipe: recipe.clone(), grid: None }),
+            None => planned.push(Planned { name: name.clone(), recipe: recipe.clone(), trainer, grid: None }),
             Some((key, values)) => {
                 for value in values {
                     let point = format!("{key}={value}");
                     let name = if args.recipes.len() == 1 { point } else { format!("{name} {point}") };
-                    planned.push(Planned { name, recipe: recipe.clone(), grid: Some((key.clone(), value.clone())) });
+                    let grid = Some((key.clone(), value.clone()));
+                    planned.push(Planned { name, recipe: recipe.clone(), trainer: trainer.clone(), grid });
                 }
             }
         }
@@ -138,17 +156,21 @@ fn is_switch(arg: &clap::Arg) -> bool {
     matches!(arg.get_action(), ArgAction::SetTrue)
 }
 
-fn read_recipe(path: &Path, grid: Option<&(String, String)>) -> Result<Recipe> {
+fn read_recipe(path: &Path, trainer: Option<&str>, grid: Option<&(String, String)>) -> Result<Recipe> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
     let value: Value = serde_norway::from_str(&text).with_context(|| format!("{} is not valid YAML", path.display()))?;
     let Value::Mapping(mut yaml) = value else {
         bail!("{}: expected a mapping of keys to values at the top level", path.display());
     };
-    let trainer = match (grid.filter(|(key, _)| key == "trainer"), yaml.remove("trainer")) {
-        (Some((_, value)), _) => value.clone(),
+    let from_grid = grid.filter(|(key, _)| key == "trainer").map(|(_, value)| value.clone());
+    let trainer = match (from_grid.or(trainer.map(str::to_string)), yaml.remove("trainer")) {
+        (Some(trainer), _) => trainer,
         (None, Some(Value::String(t))) => t,
         (None, Some(_)) => bail!("{}: `trainer` must be one of dpo, orpo, cpo", path.display()),
-        (None, None) => bail!("{}: no `trainer:` key; add `trainer: dpo` (or orpo, cpo) to say which command trains it", path.display()),
+        (None, None) => bail!(
+            "{}: which command trains it? Pass --trainer dpo|orpo|cpo, or add `trainer: dpo` (or orpo, cpo) to the recipe",
+            path.display()
+        ),
     };
     if !TRAINERS.contains(&trainer.as_str()) {
         bail!("{}: trainer {trainer:?} is not one of dpo, orpo, cpo", path.display());
@@ -164,7 +186,11 @@ fn read_recipe(path: &Path, grid: Option<&(String, String)>) -> Result<Recipe> {
         let value = if is_switch(arg) {
             Value::Bool(value.parse().with_context(|| format!("--grid {key}: {value:?} is not true or false"))?)
         } else {
-            Value::String(value.clone())
+            // Numbers as YAML numbers (`beta: 0.05`), anything else as the text given.
+            match serde_norway::from_str::<Value>(value) {
+                Ok(number @ Value::Number(_)) => number,
+                _ => Value::String(value.clone()),
+            }
         };
         yaml.insert(Value::String(long.replace('-', "_")), value);
     }
@@ -196,9 +222,9 @@ impl Recipe {
     /// `prefalign eval` flags for `model` on `dataset` with this recipe's data settings; `reference` for DPO.
     /// `with_beta`: pass the recipe's β (rewards and margins); the preference accuracy does not depend on it, so
     /// base models are scored without it and a β grid shares one baseline.
-    fn eval_flags(&self, model: &str, dataset: &str, reference: Option<&str>, with_beta: bool) -> Vec<String> {
+    fn eval_flags(&self, model: &str, (dataset, split): (&str, &str), reference: Option<&str>, with_beta: bool) -> Vec<String> {
         let mut flags = vec!["eval".to_string(), "--model".into(), model.into(), "--dataset".into(), dataset.into()];
-        flags.extend(["--dataset-split".into(), self.get("dataset-test-split").unwrap_or_else(|| "test".into())]);
+        flags.extend(["--dataset-split".into(), split.into()]);
         const PASSED: [&str; 12] = [
             "dataset-config",
             "prompt-column",
@@ -395,13 +421,15 @@ fn one_run(
     for stale in ["metrics.jsonl", "train_summary.json", "heldout_before.json", "heldout_after.json", "heldout_after.jsonl"] {
         let _ = std::fs::remove_file(dir.join(stale));
     }
-    row.trainer = std::fs::read_to_string(&run.recipe)
-        .ok()
-        .and_then(|t| serde_norway::from_str::<Value>(&t).ok())
-        .and_then(|v| v.get("trainer").and_then(Value::as_str).map(str::to_string))
-        .unwrap_or_else(|| "?".into());
-    row.command = format!("prefalign ? --config {}", run.recipe.display());
-    let recipe = read_recipe(&run.recipe, run.grid.as_ref())?;
+    row.trainer = run.trainer.clone().unwrap_or_else(|| {
+        std::fs::read_to_string(&run.recipe)
+            .ok()
+            .and_then(|t| serde_norway::from_str::<Value>(&t).ok())
+            .and_then(|v| v.get("trainer").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_else(|| "?".into())
+    });
+    row.command = format!("prefalign {} --config {}", row.trainer, run.recipe.display());
+    let recipe = read_recipe(&run.recipe, run.trainer.as_deref(), run.grid.as_ref())?;
     row.trainer = recipe.trainer.clone();
     let recipe_path = dir.join("recipe.yaml");
     std::fs::write(&recipe_path, serde_norway::to_string(&recipe.yaml)?).with_context(|| format!("cannot write {}", recipe_path.display()))?;
@@ -416,9 +444,16 @@ fn one_run(
     std::fs::write(dir.join("command.txt"), format!("{}\n", row.command))?;
 
     // Held-out data and the base model's score on it.
-    let heldout = args.held_out.clone().or_else(|| recipe.get("eval-dataset"));
+    let heldout = match &args.held_out {
+        Some(dataset) => Some((dataset.clone(), args.held_out_split.clone().unwrap_or_else(|| "test".into()))),
+        None => recipe.get("eval-dataset").map(|dataset| {
+            let split = args.held_out_split.clone().or_else(|| recipe.get("dataset-test-split"));
+            (dataset, split.unwrap_or_else(|| "test".into()))
+        }),
+    };
+    let heldout = heldout.as_ref().map(|(dataset, split)| (dataset.as_str(), split.as_str()));
     let model = recipe.get("model");
-    if let (Some(heldout), Some(model)) = (&heldout, &model) {
+    if let (Some(heldout), Some(model)) = (heldout, &model) {
         let flags = recipe.eval_flags(model, heldout, None, false);
         let next = baselines.len() + 1;
         let (folder, scored) = baselines.entry(flags.clone()).or_insert_with(|| {
@@ -428,8 +463,9 @@ fn one_run(
                 .and_then(|_| score(&flags, &folder.join("heldout.json"), &folder.join("eval.log")))
                 .map_err(|e| error_text(&e));
             if let Ok(scored) = &scored {
+                let (dataset, split) = heldout;
                 heldout_sets.push(format!(
-                    "`{heldout}` ({} pairs with {} rules; base model `{model}` scored in `{}`)",
+                    "`{dataset}` split `{split}` ({} pairs with {} rules; base model `{model}` scored in `{}`)",
                     scored.pairs.map_or("?".into(), |n| n.to_string()),
                     if recipe.trainer == "dpo" { "DPO" } else { "ORPO" },
                     relative(&folder, out)
@@ -454,7 +490,7 @@ fn one_run(
     row.train_seconds = summary["train_runtime"].as_f64();
     row.peak_rss_bytes = summary["peak_rss_bytes"].as_u64();
 
-    if let Some(heldout) = &heldout {
+    if let Some(heldout) = heldout {
         let mut flags = recipe.eval_flags(&dir.display().to_string(), heldout, recipe.reference().as_deref(), true);
         flags.extend(["--output".into(), dir.join("heldout_after.jsonl").display().to_string()]);
         match score(&flags, &dir.join("heldout_after.json"), &dir.join("heldout_after.log")) {

@@ -20,6 +20,8 @@ const TICK: f32 = 15.0;
 const LEGEND: f32 = 16.0;
 const MIN_LEGEND: u32 = 170;
 const MAX_LEGEND: u32 = 400;
+/// Lines with more points than this have no markers.
+const MAX_MARKERS: usize = 30;
 
 /// Tableau 10: distinct on white and for the common kinds of colour blindness.
 const PALETTE: [RGBColor; 10] = [
@@ -243,7 +245,6 @@ fn frame<DB: DrawingBackend>(
 }
 
 /// The axis titles and tick labels, drawn around the plotting area `x` × `y` (pixel ranges).
-#[allow(clippy::too_many_arguments)]
 fn axis_text<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     (x, y): (std::ops::Range<i32>, std::ops::Range<i32>),
@@ -268,11 +269,12 @@ fn axis_text<DB: DrawingBackend>(
     Ok(())
 }
 
-/// One legend entry: a line with a marker, or a filled box.
+/// One legend entry: a line (with a marker where the lines have them), or a filled box.
 struct LegendEntry<'a> {
     label: &'a str,
     color: RGBColor,
     filled_box: bool,
+    marker: bool,
 }
 
 fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, entries: &[LegendEntry]) -> Result<()> {
@@ -284,7 +286,9 @@ fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, entries: &[Leg
             area.draw(&Rectangle::new([(10, y - 9), (34, y + 9)], entry.color.filled())).map_err(e)?;
         } else {
             area.draw(&PathElement::new(vec![(6, y), (38, y)], entry.color.stroke_width(3))).map_err(e)?;
-            area.draw(&Circle::new((22, y), 4, entry.color.filled())).map_err(e)?;
+            if entry.marker {
+                area.draw(&Circle::new((22, y), 4, entry.color.filled())).map_err(e)?;
+            }
         }
         let label = fit(entry.label, LEGEND, width as f32 - 56.0);
         draw_text(area, &label, (46, y), &TextStyle::new(LEGEND, Align::Start, Align::Center))?;
@@ -345,8 +349,11 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
     frame(&root, area.clone(), &x_px, &y_px, true)?;
     for s in series {
         let points: Vec<(f64, f64)> = s.points.iter().filter(|p| p.1.is_finite()).copied().collect();
-        chart.draw_series(LineSeries::new(points.clone(), s.color.stroke_width(3))).map_err(err(path))?;
-        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, s.color.filled()))).map_err(err(path))?;
+        chart.draw_series(LineSeries::new(points.clone(), s.color.stroke_width(2))).map_err(err(path))?;
+        // Markers show where the logged values are while there are few; past that they only clutter.
+        if points.len() <= MAX_MARKERS {
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, s.color.filled()))).map_err(err(path))?;
+        }
     }
     let x_text: Vec<(i32, String)> = x_px.iter().zip(&x_ticks).map(|(&px, x)| (px, x.to_string())).collect();
     let y_text: Vec<(i32, String)> = y_px.iter().zip(&y_ticks).map(|(&py, y)| (py, format!("{:.*}", decimals, y + 0.0))).collect();
@@ -355,7 +362,10 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
         let centre = ((area.0.start + area.0.end) / 2, (area.1.start + area.1.end) / 2);
         draw_text(&root, "no data", centre, &TextStyle { color: RGBColor(120, 120, 120), ..TextStyle::new(22.0, Align::Center, Align::Center) })?;
     }
-    let entries: Vec<LegendEntry> = series.iter().map(|s| LegendEntry { label: &s.label, color: s.color, filled_box: false }).collect();
+    let entries: Vec<LegendEntry> = series
+        .iter()
+        .map(|s| LegendEntry { label: &s.label, color: s.color, filled_box: false, marker: s.points.len() <= MAX_MARKERS })
+        .collect();
     draw_legend(&legend, &entries)?;
     root.present().map_err(err(path))?;
     Ok(())
@@ -405,8 +415,8 @@ pub fn before_after_chart(path: &Path, title: &str, x_label: &str, y_label: &str
     let y_text: Vec<(i32, String)> = y_px.iter().zip(&y_ticks).map(|(&py, y)| (py, format!("{y:.0}"))).collect();
     axis_text(&root, chart.plotting_area().get_pixel_range(), x_label, y_label, &x_text, &y_text)?;
     let entries = [
-        LegendEntry { label: "before training", color: BEFORE, filled_box: true },
-        LegendEntry { label: "after training", color: AFTER, filled_box: true },
+        LegendEntry { label: "before training", color: BEFORE, filled_box: true, marker: false },
+        LegendEntry { label: "after training", color: AFTER, filled_box: true, marker: false },
     ];
     draw_legend(&legend, &entries)?;
     root.present().map_err(err(path))?;
@@ -423,7 +433,8 @@ mod tests {
         assert_eq!(show(nice_ticks(0.0, 1.0, 5)), "0.0 0.2 0.4 0.6 0.8 1.0");
         assert_eq!(show(nice_ticks(-2.0, 102.0, 8)), "0 20 40 60 80 100");
         assert_eq!(show(nice_ticks(0.68, 0.72, 8)), "0.680 0.685 0.690 0.695 0.700 0.705 0.710 0.715 0.720");
-        assert_eq!(show(nice_ticks(0.0, 12.0, 8)), "0.0 2.5 5.0 7.5 10.0");
+        assert_eq!(show(nice_ticks(0.0, 12.0, 8)), "0 2 4 6 8 10 12");
+        assert_eq!(show(nice_ticks(0.0, 10.0, 4)), "0.0 2.5 5.0 7.5 10.0");
         assert_eq!(integer_ticks(1, 2, 10), vec![1, 2]);
         assert_eq!(integer_ticks(0, 100, 10), (0..=10).map(|k| k * 10).collect::<Vec<_>>());
     }
