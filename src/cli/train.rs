@@ -95,10 +95,23 @@ pub struct EvalDataArgs {
     dataset_test_split: String,
 }
 
+/// What every training command takes: the model, the data (and held-out data) and the trainer's settings.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DatasetArgs,
+    #[command(flatten)]
+    eval_data: EvalDataArgs,
+    #[command(flatten)]
+    trainer: TrainerArgs,
+}
+
 #[derive(Args, Debug)]
 pub struct DpoArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    run: RunArgs,
     /// The reference model; default: a frozen copy of the policy
     #[arg(long)]
     ref_model: Option<String>,
@@ -109,12 +122,6 @@ pub struct DpoArgs {
     /// reference model at every step
     #[arg(long)]
     precompute_ref_log_probs: bool,
-    #[command(flatten)]
-    data: DatasetArgs,
-    #[command(flatten)]
-    eval_data: EvalDataArgs,
-    #[command(flatten)]
-    trainer: TrainerArgs,
     #[arg(long, default_value_t = 0.1)]
     beta: f64,
     /// One or more of TRL's loss types, comma-separated (sigmoid, hinge, ipo, robust, …)
@@ -132,13 +139,7 @@ pub struct DpoArgs {
 #[derive(Args, Debug)]
 pub struct OrpoArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    data: DatasetArgs,
-    #[command(flatten)]
-    eval_data: EvalDataArgs,
-    #[command(flatten)]
-    trainer: TrainerArgs,
+    run: RunArgs,
     /// λ, the weight of the odds-ratio term
     #[arg(long, default_value_t = 0.1)]
     beta: f64,
@@ -147,13 +148,7 @@ pub struct OrpoArgs {
 #[derive(Args, Debug)]
 pub struct CpoArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    data: DatasetArgs,
-    #[command(flatten)]
-    eval_data: EvalDataArgs,
-    #[command(flatten)]
-    trainer: TrainerArgs,
+    run: RunArgs,
     #[arg(long, default_value_t = 0.1)]
     beta: f64,
     /// sigmoid, hinge, ipo, simpo, or alphapo (SimPO without the NLL term)
@@ -179,7 +174,7 @@ pub fn run_cpo(args: CpoArgs) -> Result<()> {
     }
     .with_loss_type(&args.loss_type)?;
     // CPOTrainer shares ORPOTrainer's data path.
-    run(&args.model, None, &args.data, &args.eval_data, &args.trainer, Rules::Orpo, &Objective::Cpo(params))
+    run(&args.run, None, Rules::Orpo, &Objective::Cpo(params))
 }
 
 pub fn run_dpo(args: DpoArgs) -> Result<()> {
@@ -196,26 +191,19 @@ pub fn run_dpo(args: DpoArgs) -> Result<()> {
     let reference = match (&args.ref_model, args.reference_free) {
         (_, true) => None,
         (Some(path), false) => Some(path.clone()),
-        (None, false) => Some(args.model.model.clone()), // a frozen copy of the policy, as TRL makes
+        (None, false) => Some(args.run.model.model.clone()), // a frozen copy of the policy, as TRL makes
     };
     let reference = reference.map(|model| (model, args.precompute_ref_log_probs));
-    run(&args.model, reference, &args.data, &args.eval_data, &args.trainer, Rules::Dpo, &objective)
+    run(&args.run, reference, Rules::Dpo, &objective)
 }
 
 pub fn run_orpo(args: OrpoArgs) -> Result<()> {
-    run(&args.model, None, &args.data, &args.eval_data, &args.trainer, Rules::Orpo, &Objective::Orpo { beta: args.beta })
+    run(&args.run, None, Rules::Orpo, &Objective::Orpo { beta: args.beta })
 }
 
 /// `reference`: the reference model's path, and whether to precompute its log-probs.
-fn run(
-    model: &ModelArgs,
-    reference: Option<(String, bool)>,
-    data: &DatasetArgs,
-    eval_data: &EvalDataArgs,
-    t: &TrainerArgs,
-    rules: Rules,
-    objective: &Objective,
-) -> Result<()> {
+fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objective: &Objective) -> Result<()> {
+    let RunArgs { model, data, eval_data, trainer: t } = args;
     let policy = model.load()?;
     let precompute = reference.as_ref().is_some_and(|(_, precompute)| *precompute);
     let mut reference = reference.map(|(r, _)| model.with_model(&r).load()).transpose()?;
