@@ -302,7 +302,7 @@ fn precomputed_reference_matches_the_reference_model() {
             ..small_config(out.path())
         };
         let logps = precomputed.then(|| {
-            prefalign::objective::reference::precompute(&s.reference.model, &s.reference.vs, &s.pairs, 2, config.truncation, 4).unwrap()
+            prefalign::objective::reference::precompute(&s.reference, &s.pairs, 2, config.truncation, 4).unwrap()
         });
         let reference = logps.as_ref().map_or(Reference::Model(&s.reference), Reference::Precomputed);
         let inputs = TrainInputs { policy: &s.policy, reference, train: &s.pairs, eval: None, objective: &objective };

@@ -67,11 +67,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
         params: LossParams { beta: 0.1, label_smoothing: 0.0, discopop_tau: 0.05 },
         reference_free: false,
     };
-    let pad_id = tokenizer.token_id(tokenizer.pad_token.as_deref().or(tokenizer.eos_token.as_deref()).unwrap_or("")).unwrap_or(0);
+    let pad_id = tokenizer.pad_id()?;
     let truncation = Some((1024, TruncationMode::KeepStart));
     let eval_options = EvalOptions { batch_size: 8, pad_id, truncation };
     // Before training the policy is its own reference; its log-probs serve as the reference from then on.
-    let reference = precompute(&policy.model, &policy.vs, train_pairs, pad_id, truncation, 8)?;
+    let reference = precompute(&policy, train_pairs, pad_id, truncation, 8)?;
     let score = |label: &str, policy: &LoadedModel| {
         let result = evaluate(&policy.model, None, test_pairs, &objective, &eval_options);
         println!(

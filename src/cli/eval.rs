@@ -38,7 +38,6 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let tokenizer = policy.tokenizer()?;
     let rules = args.objective.rules();
     let prepared = args.data.prepare(tokenizer, rules)?;
-    let pad = tokenizer.pad_token.as_deref().or(tokenizer.eos_token.as_deref()).context("the tokenizer has neither pad_token nor eos_token")?;
     let objective = match args.objective {
         RulesArg::Dpo => Objective::Dpo {
             losses: vec![(DpoLoss::Sigmoid, 1.0)],
@@ -49,7 +48,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let options = EvalOptions {
         batch_size: args.batch_size,
-        pad_id: tokenizer.token_id(pad).with_context(|| format!("pad token {pad:?} is not in the vocabulary"))?,
+        pad_id: tokenizer.pad_id()?,
         truncation: match args.objective {
             RulesArg::Dpo => Some((args.data.max_length, args.data.truncation_mode())),
             RulesArg::Orpo => None,

@@ -232,7 +232,6 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
         ),
         Some(path) => Some(PathBuf::from(path)),
     };
-    let pad = tokenizer.pad_token.as_deref().or(tokenizer.eos_token.as_deref()).context("the tokenizer has neither pad_token nor eos_token")?;
     let config = TrainerConfig {
         output_dir: t.output_dir.clone(),
         learning_rate: t.learning_rate,
@@ -257,7 +256,7 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
             SamplingArg::Sequential => SamplingStrategy::Sequential,
             SamplingArg::Random => SamplingStrategy::Random,
         },
-        pad_id: tokenizer.token_id(pad).with_context(|| format!("pad token {pad:?} is not in the vocabulary"))?,
+        pad_id: tokenizer.pad_id()?,
         truncation: match rules {
             Rules::Dpo => Some((data.max_length, data.truncation_mode())),
             Rules::Orpo => None,
@@ -265,7 +264,7 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
     };
     let precomputed = match (&reference, precompute) {
         (Some(r), true) => {
-            Some(precompute_reference(&r.model, &r.vs, &prepared.pairs, config.pad_id, config.truncation, t.per_device_eval_batch_size)?)
+            Some(precompute_reference(r, &prepared.pairs, config.pad_id, config.truncation, t.per_device_eval_batch_size)?)
         }
         _ => None,
     };

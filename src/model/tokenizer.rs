@@ -172,6 +172,12 @@ impl TextTokenizer {
         crate::data::chat_template::ChatTemplate::new(source, self.special_tokens())
     }
 
+    /// The id batches are padded with: `pad_token`, else `eos_token` (as TRL falls back).
+    pub fn pad_id(&self) -> Result<i64> {
+        let pad = self.pad_token.as_deref().or(self.eos_token.as_deref()).context("the tokenizer has neither pad_token nor eos_token")?;
+        self.token_id(pad).with_context(|| format!("pad token {pad:?} is not in the vocabulary"))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -4,7 +4,7 @@
 
 use crate::data::collate::{collate, TruncationMode};
 use crate::data::tokenize::TokenizedPair;
-use crate::model::decoder::CausalLm;
+use crate::model::LoadedModel;
 use crate::objective::dpo::PairLogps;
 use crate::objective::logps::score_tokens;
 use anyhow::{Context, Result};
@@ -39,9 +39,9 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// A fingerprint of everything the reference log-probs depend on.
-pub fn fingerprint(reference: &CausalLm, pairs: &[TokenizedPair], truncation: Option<(usize, TruncationMode)>, vs: &tch::nn::VarStore) -> String {
+pub fn fingerprint(reference: &LoadedModel, pairs: &[TokenizedPair], truncation: Option<(usize, TruncationMode)>) -> String {
     let mut hasher = blake3::Hasher::new();
-    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    let mut variables: Vec<(String, Tensor)> = reference.vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, tensor) in variables {
         let tensor = tensor.to_device(tch::Device::Cpu).contiguous();
@@ -50,7 +50,7 @@ pub fn fingerprint(reference: &CausalLm, pairs: &[TokenizedPair], truncation: Op
         hasher.update(name.as_bytes());
         hasher.update(&bytes);
     }
-    hasher.update(format!("{:?}", reference.config).as_bytes());
+    hasher.update(format!("{:?}", reference.config()).as_bytes());
     for pair in pairs {
         for seq in [&pair.chosen, &pair.rejected] {
             hasher.update(&(seq.prompt_len as u64).to_le_bytes());
@@ -65,14 +65,13 @@ pub fn fingerprint(reference: &CausalLm, pairs: &[TokenizedPair], truncation: Op
 
 /// Computes the reference log-probs of `pairs` in batches of `batch_size`, or reads them from the cache.
 pub fn precompute(
-    reference: &CausalLm,
-    vs: &tch::nn::VarStore,
+    reference: &LoadedModel,
     pairs: &[TokenizedPair],
     pad_id: i64,
     truncation: Option<(usize, TruncationMode)>,
     batch_size: usize,
 ) -> Result<ReferenceLogps> {
-    let key = fingerprint(reference, pairs, truncation, vs);
+    let key = fingerprint(reference, pairs, truncation);
     let path = cache_dir().join("ref_logps").join(format!("{key}.safetensors"));
     if let Some(cached) = read_cache(&path)? {
         eprintln!("reference log-probs: cached ({})", path.display());
@@ -82,7 +81,7 @@ pub fn precompute(
     tch::no_grad(|| {
         for chunk in pairs.chunks(batch_size.max(1)) {
             let batch = collate(&chunk.iter().collect::<Vec<_>>(), pad_id, truncation);
-            let logps = PairLogps::from_sequences(&score_tokens(reference, &batch).summed_logps());
+            let logps = PairLogps::from_sequences(&score_tokens(&reference.model, &batch).summed_logps());
             chosen.push(logps.chosen.to_device(tch::Device::Cpu));
             rejected.push(logps.rejected.to_device(tch::Device::Cpu));
         }
