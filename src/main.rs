@@ -1,3 +1,4 @@
 fn main() {
+    prefalign::tune_allocator();
     std::process::exit(prefalign::cli::main());
 }

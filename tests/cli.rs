@@ -183,3 +183,25 @@ fn demo_runs_end_to_end() {
     }
     prefalign::model::load(&out, tch::Device::Cpu, tch::Kind::Float).unwrap();
 }
+
+/// `bench` on a tiny shape: every layout and precision runs and reports step time, pairs/s and memory.
+#[test]
+fn bench_reports_step_time_and_memory() {
+    let shape = common::fixture("models/llama/config.json");
+    for (objective, flags) in [
+        ("dpo", &[][..]),
+        ("dpo", &["--no-prefix-sharing", "--no-packing", "--bf16"][..]),
+        ("dpo", &["--gradient-checkpointing", "--precompute-ref-log-probs"][..]),
+        ("orpo", &["--bf16", "--gradient-checkpointing"][..]),
+    ] {
+        let mut args = vec!["bench", "--json", "--shape", shape.to_str().unwrap(), "--objective", objective, "--steps", "2"];
+        args.extend_from_slice(flags);
+        let (stdout, _) = prefalign(&args);
+        let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+        assert_eq!(result["objective"], objective);
+        assert!(result["median_step_s"].as_f64().unwrap() > 0.0, "{result}");
+        assert!(result["pairs_per_s"].as_f64().unwrap() > 0.0, "{result}");
+        assert!(result["peak_rss_gib"].as_f64().unwrap() > 0.0, "{result}");
+        assert_eq!(result["bf16"], flags.contains(&"--bf16"));
+    }
+}

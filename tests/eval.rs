@@ -5,12 +5,14 @@ mod common;
 
 use common::fixture;
 use prefalign::data::collate::TruncationMode;
+use prefalign::data::pack::PackOptions;
+use prefalign::objective::logps::Precision;
 use prefalign::data::prepare::{prepare, PrepareOptions, Rules};
 use prefalign::data::source::read_rows;
 use prefalign::data::tokenize::PairTokenizer;
 use prefalign::model::{self, tokenizer::TextTokenizer};
 use prefalign::objective::dpo::{DpoLoss, LossParams};
-use prefalign::objective::evaluate::{evaluate, EvalOptions};
+use prefalign::objective::evaluate::{evaluate, EvalOptions, EvalReference};
 use prefalign::objective::Objective;
 use serde_json::Value;
 use tch::{Device, Kind};
@@ -41,8 +43,10 @@ fn check(trainer: &str, data: &str) {
         batch_size: 4,
         pad_id: 2,
         truncation: (trainer == "dpo").then_some((64, TruncationMode::KeepStart)),
+        layout: PackOptions::TRL,
+        precision: Precision::default(),
     };
-    let result = evaluate(&policy.model, reference.as_ref().map(|r| &r.model), &prepared.pairs, &objective, &eval_options);
+    let result = evaluate(&policy.model, reference.as_ref().map(|r| EvalReference::Model(&r.model)), &prepared.pairs, &objective, &eval_options);
 
     // ORPO rows whose completion truncation empties are dropped by default (TRL would score NaN for them).
     let rows: Vec<&Value> = expected["rows"].as_array().unwrap().iter().filter(|r| !r["chosen_logps"].is_null()).collect();

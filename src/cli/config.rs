@@ -8,7 +8,7 @@ use std::ffi::OsString;
 
 /// Keys of TRL / alignment-handbook recipes that have no effect here (Hub uploads, integrations, worker
 /// counts); accepted with a warning so that recipes run unchanged.
-const IGNORED_KEYS: [&str; 14] = [
+const IGNORED_KEYS: [&str; 15] = [
     "report_to",
     "push_to_hub",
     "hub_model_id",
@@ -23,6 +23,8 @@ const IGNORED_KEYS: [&str; 14] = [
     "dataset_num_proc",
     "run_name",
     "do_eval",
+    // PyTorch's reentrant vs non-reentrant checkpointing; prefalign recomputes layers its own way
+    "gradient_checkpointing_kwargs",
 ];
 
 /// Returns `argv` with `--config FILE` replaced by the flags the file sets.

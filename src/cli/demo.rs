@@ -4,6 +4,7 @@
 
 use crate::cli::ModelArgs;
 use crate::data::collate::{SamplingStrategy, TruncationMode};
+use crate::data::pack::PackOptions;
 use crate::data::prepare::{prepare, PrepareOptions, Rules};
 use crate::data::source::read_rows;
 use crate::data::tokenize::PairTokenizer;
@@ -17,6 +18,7 @@ use crate::objective::reference::precompute;
 use crate::objective::Objective;
 use crate::train::optimizer::AdamWConfig;
 use crate::train::schedule::Schedule;
+use crate::train::step::StepOptions;
 use crate::train::trainer::{train, Reference, TrainInputs, TrainerConfig};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -69,9 +71,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
     };
     let pad_id = tokenizer.pad_id()?;
     let truncation = Some((1024, TruncationMode::KeepStart));
-    let eval_options = EvalOptions { batch_size: 8, pad_id, truncation };
+    let (layout, step) = (PackOptions::default(), StepOptions::default());
+    let eval_options = EvalOptions { batch_size: 8, pad_id, truncation, layout, precision: step.precision };
     // Before training the policy is its own reference; its log-probs serve as the reference from then on.
-    let reference = precompute(&policy, train_pairs, pad_id, truncation, 8)?;
+    let reference = precompute(&policy, train_pairs, pad_id, truncation, layout, step.precision, 8)?;
     let score = |label: &str, policy: &LoadedModel| {
         let result = evaluate(&policy.model, None, test_pairs, &objective, &eval_options);
         println!(
@@ -103,11 +106,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
         sampling: SamplingStrategy::Random,
         pad_id,
         truncation,
+        layout,
+        step,
         skip_nonfinite: false,
         resume_from_checkpoint: None,
     };
     let started = std::time::Instant::now();
-    let inputs = TrainInputs { policy: &policy, reference: Reference::Precomputed(&reference), train: train_pairs, eval: None, objective: &objective };
+    let inputs = TrainInputs { policy: &policy, reference: Reference::Precomputed { train: &reference, eval: None }, train: train_pairs, eval: None, objective: &objective };
     let rows = train(&inputs, &config)?;
     let last = rows.last().context("no training step ran")?;
     println!(

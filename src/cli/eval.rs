@@ -2,9 +2,9 @@
 //! TRL's evaluation metrics.
 
 use crate::cli::data::{DatasetArgs, RulesArg};
-use crate::cli::ModelArgs;
+use crate::cli::{ComputeArgs, ModelArgs};
 use crate::objective::dpo::{DpoLoss, LossParams};
-use crate::objective::evaluate::{evaluate, EvalOptions};
+use crate::objective::evaluate::{evaluate, EvalOptions, EvalReference};
 use crate::objective::Objective;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -20,6 +20,8 @@ pub struct EvalArgs {
     ref_model: Option<String>,
     #[command(flatten)]
     data: DatasetArgs,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// dpo: summed log-probs and the sigmoid DPO loss; orpo: averaged log-probs and the ORPO loss
     #[arg(long, value_enum, default_value = "dpo")]
     objective: RulesArg,
@@ -53,8 +55,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
             RulesArg::Dpo => Some((args.data.max_length, args.data.truncation_mode())),
             RulesArg::Orpo => None,
         },
+        layout: args.compute.layout(),
+        precision: args.compute.step().precision,
     };
-    let result = evaluate(&policy.model, reference.as_ref().map(|r| &r.model), &prepared.pairs, &objective, &options);
+    let result = evaluate(&policy.model, reference.as_ref().map(|r| EvalReference::Model(&r.model)), &prepared.pairs, &objective, &options);
     if let Some(path) = &args.output {
         let mut file = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
         for example in &result.examples {

@@ -1,5 +1,6 @@
 //! The `prefalign` command line: one file per subcommand.
 
+mod bench;
 mod compare;
 mod config;
 mod convert;
@@ -44,6 +45,8 @@ enum Command {
     /// Train several recipes (or one over a grid of a parameter) and compare them: a Markdown report with a table
     /// and plots
     Compare(compare::CompareArgs),
+    /// Time DPO or ORPO steps on a model shape with synthetic pairs: median step time, pairs/s, peak memory
+    Bench(bench::BenchArgs),
     /// Look at preference data as a trainer will see it
     #[command(subcommand)]
     Data(DataCommand),
@@ -82,6 +85,39 @@ impl ModelArgs {
     }
 }
 
+/// How batches run: layout (prefix sharing, packing), autocast and gradient checkpointing.
+#[derive(Args, Debug, Clone)]
+pub struct ComputeArgs {
+    /// Run chosen and rejected as separate padded rows (TRL's layout) instead of sharing the prompt
+    #[arg(long)]
+    pub no_prefix_sharing: bool,
+    /// One row per pair (or per sequence) instead of packing several pairs per row without padding
+    #[arg(long)]
+    pub no_packing: bool,
+    /// With packing: the most tokens in one row (0: the longest pair's; a longer pair gets a row of its own)
+    #[arg(long, default_value_t = 0)]
+    pub pack_tokens: usize,
+    /// Mixed precision: matrix products in bfloat16, f32 master weights, norms and softmax statistics
+    #[arg(long)]
+    pub bf16: bool,
+    /// Recompute each layer during the backward pass instead of keeping its activations
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+}
+
+impl ComputeArgs {
+    pub fn layout(&self) -> crate::data::pack::PackOptions {
+        crate::data::pack::PackOptions { prefix_sharing: !self.no_prefix_sharing, packing: !self.no_packing, row_tokens: self.pack_tokens }
+    }
+
+    pub fn step(&self) -> crate::train::step::StepOptions {
+        crate::train::step::StepOptions {
+            precision: crate::objective::logps::Precision { cast: self.bf16.then_some(tch::Kind::BFloat16) },
+            gradient_checkpointing: self.gradient_checkpointing,
+        }
+    }
+}
+
 /// A local model path, or a Hub model id downloaded (or taken from the cache) to a local folder.
 pub fn resolve_model(model: &str) -> anyhow::Result<PathBuf> {
     if !std::path::Path::new(model).exists() && crate::data::hub::looks_like_repo_id(model) {
@@ -116,6 +152,7 @@ pub fn main() -> i32 {
         Command::Orpo(args) => train::run_orpo(args),
         Command::Cpo(args) => train::run_cpo(args),
         Command::Compare(args) => compare::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Data(DataCommand::Inspect(args)) => data::inspect(args),
     };
     match result {

@@ -2,7 +2,7 @@
 //! it as a Hugging Face folder in --output-dir.
 
 use crate::cli::data::DatasetArgs;
-use crate::cli::ModelArgs;
+use crate::cli::{ComputeArgs, ModelArgs};
 use crate::data::collate::SamplingStrategy;
 use crate::data::prepare::Rules;
 use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
@@ -106,6 +106,8 @@ pub struct RunArgs {
     eval_data: EvalDataArgs,
     #[command(flatten)]
     trainer: TrainerArgs,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 #[derive(Args, Debug)]
@@ -203,12 +205,15 @@ pub fn run_orpo(args: OrpoArgs) -> Result<()> {
 
 /// `reference`: the reference model's path, and whether to precompute its log-probs.
 fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objective: &Objective) -> Result<()> {
-    let RunArgs { model, data, eval_data, trainer: t } = args;
+    let RunArgs { model, data, eval_data, trainer: t, compute } = args;
     let policy = model.load()?;
     let precompute = reference.as_ref().is_some_and(|(_, precompute)| *precompute);
     let mut reference = reference.map(|(r, _)| model.with_model(&r).load()).transpose()?;
     if let Some(reference) = reference.as_mut() {
         reference.vs.freeze();
+        if let Some(kind) = compute.step().precision.cast {
+            reference.model.store_matmul_weights_in(kind);
+        }
     }
     let tokenizer = policy.tokenizer()?;
     let prepared = data.prepare(tokenizer, rules)?;
@@ -261,17 +266,25 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
             Rules::Dpo => Some((data.max_length, data.truncation_mode())),
             Rules::Orpo => None,
         },
+        layout: compute.layout(),
+        step: compute.step(),
+    };
+    // Precomputed (and cached) for the training pairs and the evaluation pairs, as TRL does; the reference model
+    // is then released.
+    let precompute_for = |r: &crate::model::LoadedModel, pairs: &[crate::data::tokenize::TokenizedPair]| {
+        precompute_reference(r, pairs, config.pad_id, config.truncation, config.layout, config.step.precision, t.per_device_eval_batch_size)
     };
     let precomputed = match (&reference, precompute) {
-        (Some(r), true) => {
-            Some(precompute_reference(r, &prepared.pairs, config.pad_id, config.truncation, t.per_device_eval_batch_size)?)
-        }
+        (Some(r), true) => Some((precompute_for(r, &prepared.pairs)?, eval_pairs.as_deref().map(|pairs| precompute_for(r, pairs)).transpose()?)),
         _ => None,
     };
+    if precomputed.is_some() {
+        reference = None;
+    }
     let inputs = TrainInputs {
         policy: &policy,
         reference: match (&precomputed, &reference) {
-            (Some(logps), _) => Reference::Precomputed(logps),
+            (Some((train, eval)), _) => Reference::Precomputed { train, eval: eval.as_ref() },
             (None, Some(model)) => Reference::Model(model),
             (None, None) => Reference::None,
         },

@@ -23,7 +23,7 @@ pub struct Batch {
 }
 
 /// Truncates one prompt+completion sequence to `max_length`; returns ids and completion mask.
-fn truncated(seq: &Sequence, truncation: Option<(usize, TruncationMode)>) -> (Vec<i64>, Vec<i64>) {
+pub(crate) fn truncated(seq: &Sequence, truncation: Option<(usize, TruncationMode)>) -> (Vec<i64>, Vec<i64>) {
     let mask: Vec<i64> = (0..seq.ids.len()).map(|i| i64::from(i >= seq.prompt_len)).collect();
     match truncation {
         Some((max, _)) if seq.ids.len() <= max => (seq.ids.clone(), mask),

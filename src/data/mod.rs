@@ -6,6 +6,7 @@ pub mod collate;
 pub mod example;
 pub mod hub;
 pub mod hh_rlhf;
+pub mod pack;
 pub mod prepare;
 pub mod source;
 pub mod tokenize;

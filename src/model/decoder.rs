@@ -20,8 +20,12 @@ impl Linear {
         Self { weight, bias }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+    /// With `cast`, input and weights run in that dtype (autocast: the f32 master weights keep the gradient).
+    fn forward(&self, x: &Tensor, cast: Option<Kind>) -> Tensor {
+        match cast {
+            Some(kind) => x.to_kind(kind).linear(&self.weight.to_kind(kind), self.bias.as_ref().map(|b| b.to_kind(kind))),
+            None => x.linear(&self.weight, self.bias.as_ref()),
+        }
     }
 }
 
@@ -77,7 +81,8 @@ impl Attention {
     }
 
     /// x [batch, len, hidden]; mask [batch, 1, len, past+len] (true = attend); cache holds past k/v.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+    fn forward(&self, x: &Tensor, ctx: &LayerContext, mask: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+        let cast = ctx.cast;
         let (batch, len) = (x.size()[0], x.size()[1]);
         let heads = |t: Tensor, n: i64, norm: &Option<RmsNorm>| {
             let t = t.view([batch, len, n, self.head_dim]);
@@ -87,11 +92,16 @@ impl Attention {
             };
             t.transpose(1, 2) // [batch, n, len, head_dim]
         };
-        let q = heads(self.q_proj.forward(x), self.num_heads, &self.q_norm);
-        let k = heads(self.k_proj.forward(x), self.num_kv_heads, &self.k_norm);
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads, &None);
-        let q = apply_rotary(&q, cos, sin);
-        let k = apply_rotary(&k, cos, sin);
+        let q = heads(self.q_proj.forward(x, cast), self.num_heads, &self.q_norm);
+        let k = heads(self.k_proj.forward(x, cast), self.num_kv_heads, &self.k_norm);
+        let v = heads(self.v_proj.forward(x, cast), self.num_kv_heads, &None);
+        let q = apply_rotary(&q, &ctx.cos, &ctx.sin);
+        let k = apply_rotary(&k, &ctx.cos, &ctx.sin);
+        // Rotary runs in the activations' dtype; under autocast attention itself runs in the cast dtype.
+        let (q, k) = match cast {
+            Some(kind) => (q.to_kind(kind), k.to_kind(kind)),
+            None => (q, k),
+        };
         let (k, v) = match cache {
             Some(cache) => {
                 let (k, v) = match cache.take() {
@@ -113,7 +123,7 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, scale, false);
         let out = out.transpose(1, 2).reshape([batch, len, self.num_heads * self.head_dim]);
-        self.o_proj.forward(&out)
+        self.o_proj.forward(&out, cast)
     }
 }
 
@@ -146,8 +156,9 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj.forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    fn forward(&self, x: &Tensor, cast: Option<Kind>) -> Tensor {
+        let gated = self.gate_proj.forward(x, cast).silu() * self.up_proj.forward(x, cast);
+        self.down_proj.forward(&gated, cast)
     }
 }
 
@@ -170,6 +181,38 @@ impl DecoderLayer {
             sliding_window: config.sliding_window_of(index).map(|w| w as i64),
         }
     }
+
+    fn forward(&self, x: &Tensor, ctx: &LayerContext, cache: Option<&mut LayerCache>) -> Tensor {
+        let mask = ctx.mask_for(self.sliding_window);
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x), ctx, mask, cache);
+        let x = x + h;
+        &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x), ctx.cast)
+    }
+}
+
+/// What every layer of one forward pass shares: rotary cos/sin (broadcastable to [batch, heads, len, head_dim]),
+/// one boolean attention mask [batch, 1, len, keys] per sliding-window size, and the autocast dtype.
+pub struct LayerContext {
+    cos: Tensor,
+    sin: Tensor,
+    masks: Vec<(Option<i64>, Tensor)>,
+    cast: Option<Kind>,
+}
+
+impl LayerContext {
+    fn mask_for(&self, window: Option<i64>) -> &Tensor {
+        &self.masks.iter().find(|(w, _)| *w == window).expect("a mask for every window size").1
+    }
+}
+
+/// How the tokens of a batch see each other.
+pub enum TokenLayout<'a> {
+    /// One sequence per row, right-padded: mask [batch, len] (1 = real token), positions 0..len.
+    Padded(Option<&'a Tensor>),
+    /// Several (partial) sequences per row. Token i sees token j <= i of the same `group` when j's `branch`
+    /// is 0 (a shared prefix) or i's own branch; `positions` restart wherever a sequence or branch does.
+    /// All three are [batch, len] int64.
+    Segments { positions: &'a Tensor, group: &'a Tensor, branch: &'a Tensor },
 }
 
 /// A causal language model with its parameters in a `VarStore`, named as in the Hugging Face checkpoint.
@@ -205,6 +248,27 @@ impl CausalLm {
         })
     }
 
+    /// Stores the weights of every linear layer in `kind`, for a frozen model run under autocast to `kind`: the
+    /// same numbers as casting them at every use, without the time and the f32 copies. Embeddings (and a tied
+    /// lm_head) and norms keep their dtype, as autocast would.
+    pub fn store_matmul_weights_in(&self, kind: Kind) {
+        let mut linears: Vec<&Linear> = Vec::new();
+        for layer in &self.layers {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            linears.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]);
+        }
+        tch::no_grad(|| {
+            for linear in linears {
+                let mut weight = linear.weight.shallow_clone();
+                weight.set_data(&linear.weight.to_kind(kind));
+                if let Some(bias) = &linear.bias {
+                    let mut b = bias.shallow_clone();
+                    b.set_data(&bias.to_kind(kind));
+                }
+            }
+        });
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache { layers: (0..self.layers.len()).map(|_| None).collect(), len: 0, mask: None }
     }
@@ -216,51 +280,109 @@ impl CausalLm {
 
     /// Logits [batch, len, vocab] for input_ids [batch, len] with an optional padding mask [batch, len].
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Tensor {
-        self.hidden_states(input_ids, attention_mask, None).matmul(&self.lm_head_weight().tr())
+        self.hidden_states(input_ids, &TokenLayout::Padded(attention_mask), None).matmul(&self.lm_head_weight().tr())
     }
 
     /// Like `forward`, but appends to `cache` and attends to what it holds.
     pub fn forward_cached(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: &mut KvCache) -> Tensor {
-        self.hidden_states(input_ids, attention_mask, Some(cache)).matmul(&self.lm_head_weight().tr())
-    }
-
-    /// Final hidden states [batch, len, hidden], after the last norm.
-    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Tensor {
         let (batch, len) = (input_ids.size()[0], input_ids.size()[1]);
-        let device = input_ids.device();
-        let past = cache.as_ref().map_or(0, |c| c.len);
+        let past = cache.len;
         // Padding mask over past and new tokens [batch, past+len].
         let new_mask = match attention_mask {
             Some(m) => m.to_kind(Kind::Bool),
-            None => Tensor::ones([batch, len], (Kind::Bool, device)),
+            None => Tensor::ones([batch, len], (Kind::Bool, input_ids.device())),
         };
-        let key_mask = match cache.as_ref().and_then(|c| c.mask.as_ref()) {
+        let key_mask = match &cache.mask {
             Some(past_mask) => Tensor::cat(&[past_mask, &new_mask], 1),
             None => new_mask,
         };
-        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, self.padding_idx, false, false); // [batch, len, hidden]
+        let mut x = self.embed(input_ids);
         let (cos, sin) = self.rope.cos_sin(past, len, x.kind());
-        let mut masks: Vec<(Option<i64>, Tensor)> = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mask = match masks.iter().find(|(w, _)| *w == layer.sliding_window) {
-                Some((_, m)) => m.shallow_clone(),
-                None => {
-                    let m = attention_mask_4d(&key_mask, past, len, layer.sliding_window);
-                    masks.push((layer.sliding_window, m.shallow_clone()));
-                    m
-                }
-            };
-            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x), &cos, &sin, &mask, layer_cache);
-            x = x + h;
-            x = &x + layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
+        let masks = self.windows().map(|w| (w, attention_mask_4d(&key_mask, past, len, w))).collect();
+        let ctx = LayerContext { cos, sin, masks, cast: None };
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &ctx, Some(layer_cache));
         }
-        if let Some(cache) = cache {
-            cache.len += len;
-            cache.mask = Some(key_mask);
-        }
-        self.norm.forward(&x)
+        cache.len += len;
+        cache.mask = Some(key_mask);
+        self.norm.forward(&x).matmul(&self.lm_head_weight().tr())
     }
+
+    /// Final hidden states [batch, len, hidden], after the last norm; with `cast`, matrix products run in
+    /// that dtype (autocast) while norms, softmax statistics and the residual stream stay in the weights' dtype.
+    pub fn hidden_states(&self, input_ids: &Tensor, layout: &TokenLayout, cast: Option<Kind>) -> Tensor {
+        let ctx = self.layer_context(input_ids, layout, cast);
+        let mut x = self.embed(input_ids);
+        for i in 0..self.num_layers() {
+            x = self.layer(i, &x, &ctx);
+        }
+        self.final_norm(&x)
+    }
+
+    /// Token embeddings [batch, len, hidden].
+    pub fn embed(&self, input_ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, input_ids, self.padding_idx, false, false)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Decoder layer `index` on x [batch, len, hidden].
+    pub fn layer(&self, index: usize, x: &Tensor, ctx: &LayerContext) -> Tensor {
+        self.layers[index].forward(x, ctx, None)
+    }
+
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.norm.forward(x)
+    }
+
+    /// The sliding-window sizes in use (None = full attention), each once.
+    fn windows(&self) -> impl Iterator<Item = Option<i64>> + '_ {
+        let mut seen: Vec<Option<i64>> = Vec::new();
+        self.layers.iter().map(|l| l.sliding_window).filter(move |w| {
+            let new = !seen.contains(w);
+            seen.push(*w);
+            new
+        })
+    }
+
+    /// Rotary tables and attention masks for one forward pass over `input_ids` [batch, len].
+    pub fn layer_context(&self, input_ids: &Tensor, layout: &TokenLayout, cast: Option<Kind>) -> LayerContext {
+        let (batch, len) = (input_ids.size()[0], input_ids.size()[1]);
+        let kind = self.embed_tokens.kind();
+        let ((cos, sin), masks) = match *layout {
+            TokenLayout::Padded(attention_mask) => {
+                let key_mask = match attention_mask {
+                    Some(m) => m.to_kind(Kind::Bool),
+                    None => Tensor::ones([batch, len], (Kind::Bool, input_ids.device())),
+                };
+                let masks = self.windows().map(|w| (w, attention_mask_4d(&key_mask, 0, len, w))).collect();
+                (self.rope.cos_sin(0, len, kind), masks)
+            }
+            TokenLayout::Segments { positions, group, branch } => {
+                let masks = self.windows().map(|w| (w, segment_mask_4d(positions, group, branch, w))).collect();
+                (self.rope.cos_sin_at(positions, kind), masks)
+            }
+        };
+        LayerContext { cos, sin, masks, cast }
+    }
+}
+
+/// Boolean attention mask [batch, 1, len, len] of a segment layout (see `TokenLayout::Segments`).
+fn segment_mask_4d(positions: &Tensor, group: &Tensor, branch: &Tensor, window: Option<i64>) -> Tensor {
+    let len = group.size()[1];
+    let index = Tensor::arange(len, (Kind::Int64, group.device()));
+    let causal = index.unsqueeze(0).le_tensor(&index.unsqueeze(1)); // [len(query), len(key)]
+    let same_group = group.unsqueeze(2).eq_tensor(&group.unsqueeze(1)); // [batch, query, key]
+    let key_branch = branch.unsqueeze(1); // [batch, 1, key]
+    let branch_visible = key_branch.eq(0).logical_or(&key_branch.eq_tensor(&branch.unsqueeze(2)));
+    let mut allowed = same_group.logical_and(&branch_visible).logical_and(&causal.unsqueeze(0));
+    if let Some(window) = window {
+        let distance = positions.unsqueeze(2) - positions.unsqueeze(1); // [batch, query, key]
+        allowed = allowed.logical_and(&distance.lt(window));
+    }
+    allowed.unsqueeze(1)
 }
 
 /// Boolean attention mask [batch, 1, len, past+len]: query i (absolute position past+i) sees key j when j is a

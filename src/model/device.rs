@@ -43,3 +43,29 @@ pub fn dtype_name(kind: Kind) -> &'static str {
         _ => "float32",
     }
 }
+
+/// Memory in use on the current CUDA device (total minus free, as `nvidia-smi` counts it: the CUDA context and
+/// libtorch's cached blocks included), from the CUDA runtime libtorch has loaded; None without CUDA. libtorch's
+/// own allocator statistics are not reachable through tch, so the benchmark samples this after every step.
+pub fn cuda_memory_used_bytes() -> Option<u64> {
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+    if !tch::Cuda::is_available() {
+        return None;
+    }
+    // SAFETY: RTLD_NOLOAD only finds a library that libtorch_cuda already loaded; cudaMemGetInfo has this C
+    // signature in every CUDA runtime and writes two size_t values.
+    unsafe {
+        let handle = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+            .iter()
+            .map(|name| std::ffi::CString::new(*name).expect("no NUL"))
+            .map(|name| libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD))
+            .find(|handle| !handle.is_null())?;
+        let symbol = libc::dlsym(handle, c"cudaMemGetInfo".as_ptr());
+        if symbol.is_null() {
+            return None;
+        }
+        let mem_get_info: MemGetInfo = std::mem::transmute(symbol);
+        let (mut free, mut total) = (0usize, 0usize);
+        (mem_get_info(&mut free, &mut total) == 0).then(|| (total - free) as u64)
+    }
+}

@@ -76,9 +76,17 @@ impl Rope {
         let angles = Tensor::cat(&[&freqs, &freqs], -1); // [len, head_dim]
         (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
     }
+
+    /// cos and sin at `positions` [batch, len] (int64), each [batch, 1, len, head_dim], in `kind`.
+    pub fn cos_sin_at(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * &self.inv_freq; // [batch, len, head_dim/2]
+        let angles = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1); // [batch, 1, len, head_dim]
+        (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
+    }
 }
 
-/// x * cos + rotate_half(x) * sin, with x [batch, heads, len, head_dim] and cos/sin [len, head_dim].
+/// x * cos + rotate_half(x) * sin, with x [batch, heads, len, head_dim] and cos/sin [len, head_dim] or
+/// [batch, 1, len, head_dim].
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let half = x.size()[3] / 2;
     let x1 = x.narrow(3, 0, half);

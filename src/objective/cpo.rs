@@ -73,10 +73,8 @@ pub fn batch_loss(scores: &TokenScores, p: &CpoParams, log: &mut MetricLog) -> T
     let rewards = (chosen.detach() * p.beta, rejected.detach() * p.beta);
     log_rewards(log, (&rewards.0, &rewards.1), (&chosen.detach(), &rejected.detach()));
     // CPO averages the logits of every position of each half, the last one included.
-    let positions = scores.mean_logits.size()[1] as f64 + 1.0;
     for (name, start) in [("logits/chosen", 0), ("logits/rejected", batch)] {
-        let sum = scores.mean_logits.narrow(0, start, batch).sum(Kind::Float) + scores.last_mean_logits.narrow(0, start, batch).sum(Kind::Float);
-        log.push(name, scalar(sum) / (batch as f64 * positions));
+        log.push(name, scores.mean_logit_of_rows(start, batch, true));
     }
     log.push("nll_loss", scalar(nll_loss.detach()));
     loss

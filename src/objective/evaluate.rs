@@ -2,23 +2,34 @@
 //! objective's loss and metrics over sequential batches, averaged per batch as TRL's `evaluate()` does (the
 //! loss weighted by batch size, like transformers' eval loop).
 
-use crate::data::collate::{collate, TruncationMode};
+use crate::data::collate::TruncationMode;
+use crate::data::pack::{pack, PackOptions};
 use crate::data::tokenize::TokenizedPair;
 use crate::model::decoder::CausalLm;
 use crate::objective::cpo::CpoLoss;
 use crate::objective::dpo::PairLogps;
-use crate::objective::logps::score_tokens;
+use crate::objective::logps::{score_tokens, Needed, Precision};
 use crate::objective::metrics::MetricLog;
+use crate::objective::reference::ReferenceLogps;
 use crate::objective::Objective;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
+
+/// Where evaluation takes the reference's log-probs from.
+pub enum EvalReference<'a> {
+    Model(&'a CausalLm),
+    /// precomputed for exactly the evaluated pairs, in order
+    Logps(&'a ReferenceLogps),
+}
 
 pub struct EvalOptions {
     pub batch_size: usize,
     pub pad_id: i64,
     /// DPO truncates at collation; ORPO pairs arrive truncated.
     pub truncation: Option<(usize, TruncationMode)>,
+    pub layout: PackOptions,
+    pub precision: Precision,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -51,7 +62,7 @@ fn values(t: &Tensor) -> Vec<f64> {
 
 pub fn evaluate(
     policy: &CausalLm,
-    reference: Option<&CausalLm>,
+    reference: Option<EvalReference>,
     pairs: &[TokenizedPair],
     objective: &Objective,
     options: &EvalOptions,
@@ -61,14 +72,18 @@ pub fn evaluate(
     let (mut loss_sum, mut preferred) = (0.0, 0usize);
     let beta = objective.beta();
     tch::no_grad(|| {
-        for chunk in pairs.chunks(options.batch_size.max(1)) {
+        let batch_size = options.batch_size.max(1);
+        for (index, chunk) in pairs.chunks(batch_size).enumerate() {
             let refs: Vec<&TokenizedPair> = chunk.iter().collect();
-            let batch = collate(&refs, options.pad_id, options.truncation);
-            let scores = score_tokens(policy, &batch);
+            let batch = pack(&refs, options.pad_id, options.truncation, options.layout);
+            let scores = score_tokens(policy, &batch, objective.needed(), options.precision);
             let summed = PairLogps::from_sequences(&scores.summed_logps());
             let averaged = PairLogps::from_sequences(&scores.averaged_logps());
             let tokens = PairLogps::from_sequences(&scores.completion_tokens());
-            let reference_logps = reference.map(|r| PairLogps::from_sequences(&score_tokens(r, &batch).summed_logps()));
+            let reference_logps = reference.as_ref().map(|r| match r {
+                EvalReference::Model(model) => PairLogps::from_sequences(&score_tokens(model, &batch, Needed::Completions, options.precision).summed_logps()),
+                EvalReference::Logps(logps) => logps.batch(&(index * batch_size..index * batch_size + chunk.len()).collect::<Vec<_>>()),
+            });
             let loss = objective.batch_loss(&scores, reference_logps.as_ref(), &mut log);
             loss_sum += loss.double_value(&[]) * chunk.len() as f64;
             // The log-probs the objective compares: summed for DPO, averaged for ORPO.

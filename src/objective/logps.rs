@@ -1,20 +1,31 @@
 //! Per-token scores of a batch under a model: log-probability of each next token, entropy, mean logit and
 //! whether the next token is the argmax. Position t scores token t+1 (the shift every causal LM loss makes),
-//! so every tensor here is [2B, T-1].
+//! so every tensor here is TRL's logical [2B, T-1], whatever layout the model ran (`data::pack`).
+//!
+//! The [tokens, vocab] logits are never materialized for the whole batch: the lm_head, log-softmax and gather
+//! run over chunks of the positions whose log-probs are needed, in f32, and `LmHeadTape::backward` recomputes
+//! each chunk to turn d loss / d log-prob into gradients of the hidden states and the lm_head weight.
 
-use crate::data::collate::Batch;
-use crate::model::decoder::CausalLm;
-use tch::{Kind, Tensor};
+use crate::data::pack::PackedBatch;
+use crate::model::decoder::{CausalLm, TokenLayout};
+use tch::{Device, Kind, Tensor};
+
+/// Logits of at most this many elements exist at once (64 MiB in f32).
+const CHUNK_ELEMENTS: i64 = 1 << 24;
 
 pub struct TokenScores {
-    /// log p(input[t+1] | input[..=t]) for every position, [2B, T-1] f32
+    /// log p(input[t+1] | input[..=t]) where needed (see `Needed`), 0 elsewhere, [2B, T-1] f32
     pub logps: Tensor,
-    /// entropy of the next-token distribution, [2B, T-1]
+    /// entropy of the next-token distribution where log-probs were computed, [2B, T-1]
     pub entropy: Tensor,
     /// mean over the vocabulary of the logits, [2B, T-1]
     pub mean_logits: Tensor,
     /// the same at the last position, which scores no token, [2B]
     pub last_mean_logits: Tensor,
+    /// 1 where `mean_logits` exists: everywhere in TRL's layout, on real tokens in a packed one, [2B, T-1]
+    pub logit_mask: Tensor,
+    /// the same for `last_mean_logits`, [2B]
+    pub last_logit_mask: Tensor,
     /// next token is the argmax, [2B, T-1] bool
     pub is_top1: Tensor,
     /// shifted completion mask (1 where the scored token is a completion token), [2B, T-1] f32
@@ -38,31 +49,219 @@ impl TokenScores {
     pub fn averaged_logps(&self) -> Tensor {
         self.summed_logps() / self.completion_tokens()
     }
+
+    /// Mean logit over the positions of rows `start..start+rows` that have one; with `last`, the last position
+    /// (which scores no token) counts too.
+    pub fn mean_logit_of_rows(&self, start: i64, rows: i64, last: bool) -> f64 {
+        let mask = self.logit_mask.narrow(0, start, rows);
+        let mut sum = (self.mean_logits.narrow(0, start, rows) * &mask).sum(Kind::Float);
+        let mut count = mask.sum(Kind::Float);
+        if last {
+            let last_mask = self.last_logit_mask.narrow(0, start, rows);
+            sum += (self.last_mean_logits.narrow(0, start, rows) * &last_mask).sum(Kind::Float);
+            count += last_mask.sum(Kind::Float);
+        }
+        (sum / count).double_value(&[])
+    }
 }
 
-/// Runs `model` over `batch` and scores every next token. Logits are computed in f32.
-pub fn score_tokens(model: &CausalLm, batch: &Batch) -> TokenScores {
-    let device = model.lm_head_weight().device();
-    let input_ids = batch.input_ids.to_device(device);
-    let attention = batch.attention_mask.to_device(device);
-    let logits = model.forward(&input_ids, Some(&attention)).to_kind(Kind::Float); // [2B, T, V]
-    let len = logits.size()[1];
-    let last_mean_logits = logits.select(1, len - 1).mean_dim(-1, false, Kind::Float); // [2B]
-    let logits = logits.narrow(1, 0, len - 1); // [2B, T-1, V]
-    let next = input_ids.narrow(1, 1, len - 1); // [2B, T-1]
-    let log_probs = logits.log_softmax(-1, Kind::Float);
-    let logps = log_probs.gather(-1, &next.unsqueeze(-1), false).squeeze_dim(-1);
-    let entropy = -(log_probs.exp() * &log_probs).sum_dim_intlist(-1, false, Kind::Float);
-    let mean_logits = logits.mean_dim(-1, false, Kind::Float);
-    let is_top1 = logits.argmax(-1, false).eq_tensor(&next);
-    let shift = |mask: &Tensor| mask.to_device(device).narrow(1, 1, len - 1).to_kind(Kind::Float);
-    TokenScores {
-        logps,
-        entropy,
-        mean_logits,
-        last_mean_logits,
-        is_top1,
-        completion_mask: shift(&batch.completion_mask),
-        attention_mask: shift(&batch.attention_mask),
+/// Which positions need log-probs: every objective scores completion tokens; ORPO's NLL also every token of
+/// the chosen rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needed {
+    Completions,
+    CompletionsAndChosenRows,
+}
+
+/// How a batch is run: its layout and the autocast dtype (None: the weights' dtype).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Precision {
+    pub cast: Option<Kind>,
+}
+
+/// The model input of `packed`, on `device`.
+pub struct ModelInput {
+    pub input_ids: Tensor,
+    positions: Option<(Tensor, Tensor, Tensor)>,
+    attention_mask: Tensor,
+}
+
+impl ModelInput {
+    pub fn new(packed: &PackedBatch, device: Device) -> Self {
+        match &packed.segments {
+            Some(s) => ModelInput {
+                input_ids: s.input_ids.to_device(device),
+                positions: Some((s.positions.to_device(device), s.group.to_device(device), s.branch.to_device(device))),
+                attention_mask: Tensor::new(),
+            },
+            None => ModelInput {
+                input_ids: packed.logical.input_ids.to_device(device),
+                positions: None,
+                attention_mask: packed.logical.attention_mask.to_device(device),
+            },
+        }
     }
+
+    pub fn layout(&self) -> TokenLayout<'_> {
+        match &self.positions {
+            Some((positions, group, branch)) => TokenLayout::Segments { positions, group, branch },
+            None => TokenLayout::Padded(Some(&self.attention_mask)),
+        }
+    }
+}
+
+/// What `LmHeadTape::backward` needs: the scored positions' hidden states and targets.
+pub struct LmHeadTape {
+    /// [N, hidden], detached
+    hidden: Tensor,
+    /// next token ids, [N]
+    targets: Tensor,
+    /// position in the flattened logical [2B * (T-1)] of each scored row, [N]
+    logical_index: Tensor,
+    /// row of the flattened model hidden states [R * L] it came from, [N]
+    hidden_index: Tensor,
+    /// rows of the flattened model hidden states
+    hidden_rows: i64,
+    cast: Option<Kind>,
+}
+
+/// The lm_head weight [vocab, hidden] in the dtype its matrix products run in.
+fn matmul_weight(model: &CausalLm, cast: Option<Kind>) -> Tensor {
+    let weight = model.lm_head_weight();
+    cast.map_or_else(|| weight.shallow_clone(), |kind| weight.to_kind(kind))
+}
+
+/// Logits of hidden rows h [n, hidden] in f32, [n, vocab].
+fn chunk_logits(h: &Tensor, weight: &Tensor) -> Tensor {
+    h.to_kind(weight.kind()).matmul(&weight.tr()).to_kind(Kind::Float)
+}
+
+fn chunk_rows(vocab: i64) -> i64 {
+    (CHUNK_ELEMENTS / vocab.max(1)).max(16)
+}
+
+/// Runs `model` over `packed` (no gradient) and scores the needed tokens.
+pub fn score_tokens(model: &CausalLm, packed: &PackedBatch, needed: Needed, precision: Precision) -> TokenScores {
+    let input = ModelInput::new(packed, model.lm_head_weight().device());
+    let hidden = tch::no_grad(|| model.hidden_states(&input.input_ids, &input.layout(), precision.cast));
+    let mut scores = score_hidden(model, packed, &hidden, needed, precision).0;
+    scores.logps = scores.logps.detach();
+    scores
+}
+
+/// Scores the needed tokens from the model's final hidden states [R, L, hidden]. The returned log-probs are a
+/// leaf that requires grad: after `loss.backward()`, its gradient goes to `LmHeadTape::backward`.
+pub fn score_hidden(model: &CausalLm, packed: &PackedBatch, hidden: &Tensor, needed: Needed, precision: Precision) -> (TokenScores, LmHeadTape) {
+    let weight = model.lm_head_weight();
+    let device = weight.device();
+    let logical = &packed.logical;
+    let (rows, width) = (logical.input_ids.size()[0], logical.input_ids.size()[1]);
+    let len = width - 1;
+    let shift = |mask: &Tensor| mask.to_device(device).narrow(1, 1, len).to_kind(Kind::Float);
+    let completion_mask = shift(&logical.completion_mask);
+    let attention_mask = shift(&logical.attention_mask);
+    let hidden_size = *hidden.size().last().expect("hidden states");
+    let hidden_flat = hidden.detach().reshape([-1, hidden_size]); // [R*L, hidden]
+    let source = packed.source.to_device(device); // [2B, T]
+
+    let mut scored = completion_mask.gt(0.0);
+    if needed == Needed::CompletionsAndChosenRows {
+        let chosen_rows = Tensor::arange(rows, (Kind::Int64, device)).lt(rows / 2).unsqueeze(1);
+        scored = scored.logical_or(&attention_mask.gt(0.0).logical_and(&chosen_rows));
+    }
+    let logical_index = scored.flatten(0, -1).nonzero().squeeze_dim(1); // [N]
+    let hidden_index = source.narrow(1, 0, len).flatten(0, -1).index_select(0, &logical_index);
+    let targets = logical.input_ids.to_device(device).narrow(1, 1, len).flatten(0, -1).index_select(0, &logical_index);
+    let tape = LmHeadTape {
+        hidden: hidden_flat.index_select(0, &hidden_index),
+        targets,
+        logical_index,
+        hidden_index,
+        hidden_rows: hidden_flat.size()[0],
+        cast: precision.cast,
+    };
+
+    let (logps, entropy, is_top1, mean_logits) = tch::no_grad(|| {
+        let n = tape.targets.size()[0];
+        let matmul_weight = matmul_weight(model, precision.cast);
+        let (mut logps, mut entropy, mut top1) = (Vec::new(), Vec::new(), Vec::new());
+        for start in (0..n).step_by(chunk_rows(weight.size()[0]) as usize) {
+            let size = chunk_rows(weight.size()[0]).min(n - start);
+            let logits = chunk_logits(&tape.hidden.narrow(0, start, size), &matmul_weight); // [c, V]
+            let targets = tape.targets.narrow(0, start, size).unsqueeze(1); // [c, 1]
+            top1.push(logits.argmax(-1, false).eq_tensor(&targets.squeeze_dim(1)));
+            let log_probs = logits.log_softmax(-1, Kind::Float);
+            drop(logits); // at most two [c, V] buffers at a time
+            logps.push(log_probs.gather(1, &targets, false).squeeze_dim(1));
+            let mut plogp = log_probs.exp();
+            entropy.push(-plogp.g_mul_(&log_probs).sum_dim_intlist(-1, false, Kind::Float));
+        }
+        let dense = |parts: Vec<Tensor>, kind: Kind| {
+            let values = if parts.is_empty() { Tensor::zeros([0], (kind, device)) } else { Tensor::cat(&parts, 0) };
+            Tensor::zeros([rows * len], (kind, device)).index_put(&[Some(&tape.logical_index)], &values, false).view([rows, len])
+        };
+        // The mean logit is the hidden state times the mean lm_head row: no vocabulary-wide logits needed.
+        let mean_row = weight.to_kind(Kind::Float).mean_dim(0, false, Kind::Float); // [hidden]
+        let mean_logits = hidden_flat.to_kind(Kind::Float).matmul(&mean_row).index_select(0, &source.clamp_min(0).flatten(0, -1)).view([rows, width]);
+        (dense(logps, Kind::Float), dense(entropy, Kind::Float), dense(top1, Kind::Bool), mean_logits)
+    });
+    let has_logits = source.ge(0).to_kind(Kind::Float);
+    let scores = TokenScores {
+        logps: logps.set_requires_grad(true),
+        entropy,
+        mean_logits: mean_logits.narrow(1, 0, len),
+        last_mean_logits: mean_logits.select(1, len),
+        logit_mask: has_logits.narrow(1, 0, len),
+        last_logit_mask: has_logits.select(1, len),
+        is_top1,
+        completion_mask,
+        attention_mask,
+    };
+    (scores, tape)
+}
+
+impl LmHeadTape {
+    /// From d loss / d logps [2B, T-1]: accumulates the lm_head weight's gradient and returns d loss / d hidden
+    /// states, [R * L, hidden]. Each chunk's logits are recomputed: d logp / d logits = onehot(target) - softmax.
+    pub fn backward(&self, model: &CausalLm, logps_grad: &Tensor) -> Tensor {
+        let weight = model.lm_head_weight();
+        let grad_logps = logps_grad.flatten(0, -1).index_select(0, &self.logical_index); // [N]
+        let n = self.targets.size()[0];
+        // Accumulate straight into the weight's gradient when it exists (it does from the second step on).
+        let existing = weight.grad();
+        let fresh = !existing.defined();
+        let mut grad_weight = if fresh { Tensor::zeros(weight.size(), (Kind::Float, weight.device())) } else { existing };
+        let mut grad_hidden = Vec::new();
+        tch::no_grad(|| {
+            let matmul_weight = matmul_weight(model, self.cast);
+            let kind = matmul_weight.kind();
+            for start in (0..n).step_by(chunk_rows(weight.size()[0]) as usize) {
+                let size = chunk_rows(weight.size()[0]).min(n - start);
+                let h = self.hidden.narrow(0, start, size);
+                let g = grad_logps.narrow(0, start, size).unsqueeze(1); // [c, 1]
+                let mut grad_logits = chunk_logits(&h, &matmul_weight).softmax(-1, Kind::Float); // [c, V]
+                let _ = grad_logits.g_mul_(&-&g).scatter_add_(1, &self.targets.narrow(0, start, size).unsqueeze(1), &g);
+                let grad_logits = grad_logits.to_kind(kind);
+                grad_hidden.push(grad_logits.matmul(&matmul_weight).to_kind(Kind::Float)); // [c, hidden]
+                if kind == Kind::Float {
+                    let _ = grad_weight.addmm_(&grad_logits.tr(), &h); // [V, hidden]
+                } else {
+                    grad_weight += grad_logits.tr().matmul(&h.to_kind(kind)).to_kind(Kind::Float);
+                }
+            }
+        });
+        let hidden_size = self.hidden.size()[1];
+        let per_row = if grad_hidden.is_empty() { Tensor::zeros([0, hidden_size], (Kind::Float, weight.device())) } else { Tensor::cat(&grad_hidden, 0) };
+        // A shared token's hidden state predicts both branches' next tokens: gradients add up.
+        let grad = Tensor::zeros([self.hidden_rows, hidden_size], (Kind::Float, weight.device())).index_add(0, &self.hidden_index, &per_row);
+        if fresh {
+            accumulate_grad(weight, &grad_weight);
+        }
+        grad
+    }
+}
+
+/// Adds `grad` to `param`'s gradient, through autograd so that it lands wherever autograd keeps it.
+pub fn accumulate_grad(param: &Tensor, grad: &Tensor) {
+    (param * grad.to_kind(param.kind())).sum(Kind::Float).backward();
 }

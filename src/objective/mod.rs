@@ -10,7 +10,7 @@ pub mod orpo;
 pub mod reference;
 
 use crate::objective::dpo::{DpoLoss, LossInputs, LossParams, PairLogps};
-use crate::objective::logps::TokenScores;
+use crate::objective::logps::{Needed, TokenScores};
 use crate::objective::metrics::MetricLog;
 use tch::Tensor;
 
@@ -32,6 +32,14 @@ impl Objective {
             Objective::Dpo { params, .. } => params.beta,
             Objective::Orpo { beta } => *beta,
             Objective::Cpo(p) => p.beta,
+        }
+    }
+
+    /// The positions whose log-probs the loss reads.
+    pub fn needed(&self) -> Needed {
+        match self {
+            Objective::Orpo { .. } => Needed::CompletionsAndChosenRows,
+            _ => Needed::Completions,
         }
     }
 

@@ -41,9 +41,10 @@ pub fn log_batch_metrics(log: &mut MetricLog, scores: &TokenScores, terms: &Orpo
     let batch = terms.chosen_logps.size()[0];
     let rewards = (&terms.chosen_logps * beta, &terms.rejected_logps * beta);
     log_rewards(log, (&rewards.0, &rewards.1), (&terms.chosen_logps, &terms.rejected_logps));
-    // TRL averages the logits of every position of each half, prompt and padding included.
-    log.push("logits/chosen", scalar(scores.mean_logits.narrow(0, 0, batch).mean(Kind::Float)));
-    log.push("logits/rejected", scalar(scores.mean_logits.narrow(0, batch, batch).mean(Kind::Float)));
+    // TRL averages the logits of every position of each half, prompt and padding included (a packed layout has
+    // no padding: docs/TRAINING.md).
+    log.push("logits/chosen", scores.mean_logit_of_rows(0, batch as i64, false));
+    log.push("logits/rejected", scores.mean_logit_of_rows(batch as i64, batch as i64, false));
     log.push("nll_loss", scalar(terms.nll_loss.shallow_clone()));
     log.push("log_odds_ratio", scalar(terms.log_odds.log_sigmoid().mean(Kind::Float)));
     log.push("log_odds_chosen", scalar(terms.log_odds.mean(Kind::Float)));

@@ -2,11 +2,12 @@
 //! of the reference weights, the token ids and the truncation settings, so that a sweep over β, loss types or
 //! learning rates runs the reference model once.
 
-use crate::data::collate::{collate, TruncationMode};
+use crate::data::collate::TruncationMode;
+use crate::data::pack::{pack, PackOptions};
 use crate::data::tokenize::TokenizedPair;
 use crate::model::LoadedModel;
 use crate::objective::dpo::PairLogps;
-use crate::objective::logps::score_tokens;
+use crate::objective::logps::{score_tokens, Needed, Precision};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -39,7 +40,7 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// A fingerprint of everything the reference log-probs depend on.
-pub fn fingerprint(reference: &LoadedModel, pairs: &[TokenizedPair], truncation: Option<(usize, TruncationMode)>) -> String {
+pub fn fingerprint(reference: &LoadedModel, pairs: &[TokenizedPair], truncation: Option<(usize, TruncationMode)>, precision: Precision) -> String {
     let mut hasher = blake3::Hasher::new();
     let mut variables: Vec<(String, Tensor)> = reference.vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
@@ -60,6 +61,10 @@ pub fn fingerprint(reference: &LoadedModel, pairs: &[TokenizedPair], truncation:
         }
     }
     hasher.update(format!("{truncation:?}").as_bytes());
+    // The layout changes log-probs by rounding only; the autocast dtype by more.
+    if let Some(cast) = precision.cast {
+        hasher.update(format!("{cast:?}").as_bytes());
+    }
     hasher.finalize().to_hex()[..32].to_string()
 }
 
@@ -69,9 +74,11 @@ pub fn precompute(
     pairs: &[TokenizedPair],
     pad_id: i64,
     truncation: Option<(usize, TruncationMode)>,
+    layout: PackOptions,
+    precision: Precision,
     batch_size: usize,
 ) -> Result<ReferenceLogps> {
-    let key = fingerprint(reference, pairs, truncation);
+    let key = fingerprint(reference, pairs, truncation, precision);
     let path = cache_dir().join("ref_logps").join(format!("{key}.safetensors"));
     if let Some(cached) = read_cache(&path)? {
         eprintln!("reference log-probs: cached ({})", path.display());
@@ -80,8 +87,8 @@ pub fn precompute(
     let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
     tch::no_grad(|| {
         for chunk in pairs.chunks(batch_size.max(1)) {
-            let batch = collate(&chunk.iter().collect::<Vec<_>>(), pad_id, truncation);
-            let logps = PairLogps::from_sequences(&score_tokens(&reference.model, &batch).summed_logps());
+            let batch = pack(&chunk.iter().collect::<Vec<_>>(), pad_id, truncation, layout);
+            let logps = PairLogps::from_sequences(&score_tokens(&reference.model, &batch, Needed::Completions, precision).summed_logps());
             chosen.push(logps.chosen.to_device(tch::Device::Cpu));
             rejected.push(logps.rejected.to_device(tch::Device::Cpu));
         }

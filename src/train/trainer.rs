@@ -2,19 +2,21 @@
 //! seeded order, gradient accumulation, clipping, AdamW, the schedule, a `metrics.jsonl` line per logging step
 //! with TRL's keys, evaluation every `eval_steps`, and checkpoints that resume bit for bit.
 
-use crate::data::collate::{collate, epoch_order, SamplingStrategy, TruncationMode};
+use crate::data::collate::{epoch_order, SamplingStrategy, TruncationMode};
+use crate::data::pack::{pack, PackOptions};
 use crate::data::tokenize::TokenizedPair;
 use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
 use crate::model::weights::{load_into, save_safetensors_file, SafetensorsFiles, WeightSource};
 use crate::model::LoadedModel;
 use crate::objective::dpo::PairLogps;
-use crate::objective::evaluate::{evaluate, EvalOptions};
-use crate::objective::logps::score_tokens;
+use crate::objective::evaluate::{evaluate, EvalOptions, EvalReference};
+use crate::objective::logps::{score_tokens, Needed};
 use crate::objective::metrics::MetricLog;
 use crate::objective::reference::ReferenceLogps;
 use crate::objective::Objective;
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::schedule::{warmup_steps, Schedule};
+use crate::train::step::{forward_backward, StepOptions};
 use crate::train::tensorboard::TensorBoardWriter;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -51,6 +53,10 @@ pub struct TrainerConfig {
     pub pad_id: i64,
     /// DPO truncates at collation; ORPO pairs arrive truncated.
     pub truncation: Option<(usize, TruncationMode)>,
+    /// How batches are laid out for the model (prefix sharing, packing).
+    pub layout: PackOptions,
+    /// Autocast dtype and gradient checkpointing.
+    pub step: StepOptions,
     /// Skip (and count) batches with a non-finite loss or gradient instead of stopping.
     pub skip_nonfinite: bool,
     pub resume_from_checkpoint: Option<PathBuf>,
@@ -105,11 +111,12 @@ impl<'a> BatchCursor<'a> {
     }
 }
 
-/// The reference of a DPO run: a model run alongside the policy, or its log-probs computed beforehand.
+/// The reference of a DPO run: a model run alongside the policy, or its log-probs computed beforehand (for the
+/// training pairs, and for the evaluation pairs when there are any).
 pub enum Reference<'a> {
     None,
     Model(&'a LoadedModel),
-    Precomputed(&'a ReferenceLogps),
+    Precomputed { train: &'a ReferenceLogps, eval: Option<&'a ReferenceLogps> },
 }
 
 pub struct TrainInputs<'a> {
@@ -130,9 +137,17 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
     if objective.needs_reference() && matches!(inputs.reference, Reference::None) {
         bail!("this objective needs a reference model");
     }
-    let reference_model = match inputs.reference {
-        Reference::Model(model) => Some(model),
-        _ => None,
+    let eval_reference = match inputs.reference {
+        Reference::None => None,
+        Reference::Model(model) => Some(EvalReference::Model(&model.model)),
+        Reference::Precomputed { eval, .. } => match (eval, inputs.eval) {
+            (Some(logps), Some(pairs)) if logps.chosen.size()[0] as usize != pairs.len() => {
+                bail!("precomputed reference log-probs cover {} evaluation pairs, not {}", logps.chosen.size()[0], pairs.len())
+            }
+            (Some(logps), _) => Some(EvalReference::Logps(logps)),
+            (None, Some(_)) => bail!("evaluation with precomputed reference log-probs needs them for the evaluation pairs too"),
+            (None, None) => None,
+        },
     };
     std::fs::create_dir_all(&config.output_dir).with_context(|| format!("cannot create {}", config.output_dir.display()))?;
     tch::manual_seed(config.seed as i64);
@@ -176,22 +191,22 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
             let indices = cursor.next(&mut progress);
             let batch_pairs: Vec<&TokenizedPair> = indices.iter().map(|&i| &pairs[i]).collect();
             batch_rows.extend(batch_pairs.iter().map(|p| p.location.clone()));
-            let batch = collate(&batch_pairs, config.pad_id, config.truncation);
-            progress.num_tokens += batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
+            let batch = pack(&batch_pairs, config.pad_id, config.truncation, config.layout);
+            // TRL's count: the tokens of its padded layout that are not padding.
+            progress.num_tokens += batch.logical.attention_mask.sum(Kind::Int64).int64_value(&[]);
             let reference_logps = match inputs.reference {
                 Reference::None => None,
-                Reference::Model(r) => Some(tch::no_grad(|| PairLogps::from_sequences(&score_tokens(&r.model, &batch).summed_logps()))),
-                Reference::Precomputed(all) => Some(all.batch(&indices)),
+                Reference::Model(r) => {
+                    Some(PairLogps::from_sequences(&score_tokens(&r.model, &batch, Needed::Completions, config.step.precision).summed_logps()))
+                }
+                Reference::Precomputed { train, .. } => Some(train.batch(&indices)),
             };
-            let scores = score_tokens(&policy.model, &batch);
-            let loss = objective.batch_loss(&scores, reference_logps.as_ref(), &mut progress.pending)
-                / config.gradient_accumulation_steps as f64;
-            let value = loss.double_value(&[]);
+            let scale = 1.0 / config.gradient_accumulation_steps as f64;
+            let value = forward_backward(&policy.model, &batch, objective, reference_logps.as_ref(), scale, config.step, &mut progress.pending);
             if !value.is_finite() {
                 nonfinite = Some(format!("loss {value}"));
                 break;
             }
-            loss.backward();
             step_loss += value;
         }
         let grad_norm = match (&nonfinite, config.max_grad_norm > 0.0) {
@@ -250,8 +265,14 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
                 batch_size: config.per_device_eval_batch_size,
                 pad_id: config.pad_id,
                 truncation: config.truncation,
+                layout: config.layout,
+                precision: config.step.precision,
             };
-            let result = evaluate(&policy.model, reference_model.map(|r| &r.model), eval_pairs, objective, &options);
+            let eval_reference = eval_reference.as_ref().map(|r| match r {
+                EvalReference::Model(model) => EvalReference::Model(model),
+                EvalReference::Logps(logps) => EvalReference::Logps(logps),
+            });
+            let result = evaluate(&policy.model, eval_reference, eval_pairs, objective, &options);
             let row = result.metrics.into_iter().map(|(k, v)| (k, Value::from(v))).collect();
             rows.push(metrics.write(row, cursor.epoch_progress(&progress), global_step)?);
         }

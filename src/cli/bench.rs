@@ -1,0 +1,213 @@
+//! `prefalign bench`: DPO or ORPO training steps on a randomly initialised model of a given shape and synthetic
+//! pairs of fixed lengths; median step time, pairs/s and peak memory. `tools/bench/trl_bench.py` runs TRL 1.16
+//! on the same shape, token ids and settings (docs/PERFORMANCE.md).
+
+use crate::cli::ComputeArgs;
+use crate::data::collate::TruncationMode;
+use crate::data::pack::pack;
+use crate::data::tokenize::{Sequence, TokenizedPair};
+use crate::model::config::ModelConfig;
+use crate::model::decoder::CausalLm;
+use crate::objective::dpo::{DpoLoss, LossParams, PairLogps};
+use crate::objective::logps::{score_tokens, Needed};
+use crate::objective::metrics::MetricLog;
+use crate::objective::Objective;
+use crate::train::optimizer::{AdamW, AdamWConfig};
+use crate::train::step::forward_backward;
+use crate::train::trainer::peak_rss_bytes;
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use std::time::Instant;
+use tch::{nn::VarStore, Kind, Tensor};
+
+const SMOLLM2_135M: &str = r#"{"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+  "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+  "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": true,
+  "pad_token_id": 2}"#;
+const SMOLLM2_1_7B: &str = r#"{"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+  "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 49152,
+  "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 130000.0, "tie_word_embeddings": true,
+  "pad_token_id": 2}"#;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BenchObjective {
+    Dpo,
+    Orpo,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// smollm2-135m, smollm2-1.7b, or a config.json
+    #[arg(long, default_value = "smollm2-135m")]
+    shape: String,
+    #[arg(long, value_enum, default_value = "dpo")]
+    objective: BenchObjective,
+    /// Pairs per step
+    #[arg(long, default_value_t = 2)]
+    pairs: usize,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    completion_tokens: usize,
+    /// Timed steps (after --warmup untimed ones)
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// DPO: reference log-probs computed once before the timed steps (no reference forward per step)
+    #[arg(long)]
+    precompute_ref_log_probs: bool,
+    /// cpu, cuda, cuda:N or auto
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[command(flatten)]
+    compute: ComputeArgs,
+    /// Print the result as one JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+/// Token ids of synthetic pair `pair`: the same formula as tools/bench/trl_bench.py, so both run identical data.
+/// Chosen and rejected share the prompt and differ from their first completion token on.
+pub fn synthetic_pair(pair: usize, prompt_tokens: usize, completion_tokens: usize, vocab: usize) -> TokenizedPair {
+    let id = |salt: usize, at: usize| (3 + (pair * 7_919 + at * 104_729 + salt * 15_485_863) % (vocab - 3)) as i64;
+    let prompt: Vec<i64> = (0..prompt_tokens).map(|t| id(0, t)).collect();
+    let sequence = |salt| Sequence { ids: prompt.iter().copied().chain((0..completion_tokens).map(|t| id(salt, t))).collect(), prompt_len: prompt_tokens };
+    TokenizedPair { location: format!("synthetic:{pair}"), prompt_ids: prompt.clone(), chosen: sequence(1), rejected: sequence(2) }
+}
+
+/// A model of `config` with weights drawn like transformers' `_init_weights` (normal, std 0.02; norms 1).
+fn random_model(config: &ModelConfig, device: tch::Device, seed: i64) -> Result<(VarStore, CausalLm)> {
+    tch::manual_seed(seed);
+    let vs = VarStore::new(device);
+    let model = CausalLm::new(&vs.root(), config)?;
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0)); // the same draw for the same name, every time
+    tch::no_grad(|| {
+        for (name, mut var) in variables {
+            if !name.ends_with("norm.weight") {
+                var.copy_(&(Tensor::randn(var.size(), (Kind::Float, device)) * 0.02));
+            }
+        }
+    });
+    Ok((vs, model))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let config: ModelConfig = match args.shape.as_str() {
+        "smollm2-135m" => serde_json::from_str(SMOLLM2_135M)?,
+        "smollm2-1.7b" => serde_json::from_str(SMOLLM2_1_7B)?,
+        path => ModelConfig::from_file(std::path::Path::new(path)).with_context(|| format!("--shape {path}: not a known shape (smollm2-135m, smollm2-1.7b) or a config.json"))?,
+    };
+    let device = crate::model::device::parse_device(&args.device)?;
+    let (policy_vs, policy) = random_model(&config, device, 0)?;
+    let pairs: Vec<TokenizedPair> = (0..args.pairs).map(|i| synthetic_pair(i, args.prompt_tokens, args.completion_tokens, config.vocab_size)).collect();
+    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+    let (objective, truncation) = match args.objective {
+        BenchObjective::Dpo => (
+            Objective::Dpo { losses: vec![(DpoLoss::Sigmoid, 1.0)], params: LossParams { beta: 0.1, label_smoothing: 0.0, discopop_tau: 0.05 }, reference_free: false },
+            Some((args.prompt_tokens + args.completion_tokens, TruncationMode::KeepStart)),
+        ),
+        BenchObjective::Orpo => (Objective::Orpo { beta: 0.1 }, None),
+    };
+    let layout = args.compute.layout();
+    let step_options = args.compute.step();
+    // TRL's default reference: a second, frozen copy of the policy run every step.
+    let reference = if objective.needs_reference() {
+        let (mut vs, model) = random_model(&config, device, 0)?;
+        vs.freeze();
+        if let Some(kind) = step_options.precision.cast {
+            model.store_matmul_weights_in(kind);
+        }
+        Some((vs, model))
+    } else {
+        None
+    };
+    let precomputed = match (&reference, args.precompute_ref_log_probs) {
+        (Some((_, model)), true) => Some(PairLogps::from_sequences(&score_tokens(model, &pack(&refs, 2, truncation, layout), Needed::Completions, step_options.precision).summed_logps())),
+        _ => None,
+    };
+    // A precomputed reference needs no model any more: its memory goes back to the steps.
+    let reference = if precomputed.is_some() { None } else { reference };
+    let mut optimizer = AdamW::new(policy_vs.variables().into_iter().collect(), AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
+    let mut log = MetricLog::default();
+    let mut cuda_peak: Option<u64> = None;
+    let mut times = Vec::new();
+    let mut phases = [Vec::new(), Vec::new(), Vec::new()]; // reference, policy forward+backward, optimizer
+    for step in 0..args.warmup + args.steps {
+        let started = Instant::now();
+        let batch = pack(&refs, 2, truncation, layout);
+        let reference_logps = match (&precomputed, &reference) {
+            (Some(logps), _) => Some(PairLogps { chosen: logps.chosen.shallow_clone(), rejected: logps.rejected.shallow_clone() }),
+            (None, Some((_, model))) => Some(PairLogps::from_sequences(&score_tokens(model, &batch, Needed::Completions, step_options.precision).summed_logps())),
+            (None, None) => None,
+        };
+        let reference_done = started.elapsed().as_secs_f64();
+        let loss = forward_backward(&policy, &batch, &objective, reference_logps.as_ref(), 1.0, step_options, &mut log);
+        let policy_done = started.elapsed().as_secs_f64();
+        optimizer.clip_grad_norm(1.0);
+        optimizer.step(1e-6);
+        optimizer.zero_grad();
+        if let tch::Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
+            cuda_peak = cuda_peak.max(crate::model::device::cuda_memory_used_bytes());
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        if step >= args.warmup {
+            times.push(seconds);
+            phases[0].push(reference_done);
+            phases[1].push(policy_done - reference_done);
+            phases[2].push(seconds - policy_done);
+        }
+        if !args.json {
+            eprintln!("step {}: {seconds:.3} s, loss {loss:.4}{}", step + 1, if step < args.warmup { " (warmup)" } else { "" });
+        }
+    }
+    let step_seconds = median(&mut times);
+    let [reference_s, policy_s, optimizer_s] = phases.map(|mut p| median(&mut p));
+    let peak_rss = peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+    let summary = serde_json::json!({
+        "tool": "prefalign",
+        "shape": args.shape,
+        "objective": format!("{:?}", args.objective).to_lowercase(),
+        "device": args.device,
+        "bf16": args.compute.bf16,
+        "prefix_sharing": layout.prefix_sharing,
+        "packing": layout.packing,
+        "gradient_checkpointing": step_options.gradient_checkpointing,
+        "precompute_ref_log_probs": args.precompute_ref_log_probs,
+        "pairs": args.pairs,
+        "prompt_tokens": args.prompt_tokens,
+        "completion_tokens": args.completion_tokens,
+        "steps": args.steps,
+        "median_step_s": step_seconds,
+        "pairs_per_s": args.pairs as f64 / step_seconds,
+        "median_phase_s": {"reference": reference_s, "policy": policy_s, "optimizer": optimizer_s},
+        "peak_rss_gib": peak_rss,
+        "peak_gpu_used_gib": cuda_peak.map(|b| b as f64 / (1u64 << 30) as f64),
+        "threads": tch::get_num_threads(),
+    });
+    if let Some(bytes) = cuda_peak {
+        eprintln!("GPU memory in use after a step, at most: {:.2} GiB", bytes as f64 / (1u64 << 30) as f64);
+    }
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "{} {} on {}: median step {:.3} s (reference {reference_s:.3}, policy {policy_s:.3}, optimizer {optimizer_s:.3}), {:.2} pairs/s, peak RSS {:.2} GiB",
+            args.shape,
+            summary["objective"].as_str().unwrap_or(""),
+            args.device,
+            step_seconds,
+            args.pairs as f64 / step_seconds,
+            peak_rss
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! One forward and backward pass of the policy over a batch. The lm_head runs in chunks (`objective::logps`),
+//! so backpropagation is in three parts: the loss to the log-probs (autograd), the log-probs to the final
+//! hidden states and lm_head weight (`LmHeadTape`), the hidden states to every other parameter (autograd, or
+//! layer by layer with recomputation under gradient checkpointing).
+
+use crate::data::pack::PackedBatch;
+use crate::model::decoder::CausalLm;
+use crate::objective::dpo::PairLogps;
+use crate::objective::logps::{score_hidden, ModelInput, Precision};
+use crate::objective::metrics::MetricLog;
+use crate::objective::Objective;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepOptions {
+    pub precision: Precision,
+    /// Keep only each layer's input during the forward pass and recompute the layer during backward.
+    pub gradient_checkpointing: bool,
+}
+
+/// Pushes `grad` (d loss / d output) back through `output`'s graph.
+fn backward_from(output: &Tensor, grad: &Tensor) {
+    (output * grad.to_kind(output.kind())).sum(Kind::Float).backward();
+}
+
+/// Computes the loss of `packed` times `scale`, appends its metrics to `log` and, when the loss is finite,
+/// accumulates its gradient in the model's parameters. Returns the scaled loss.
+pub fn forward_backward(
+    model: &CausalLm,
+    packed: &PackedBatch,
+    objective: &Objective,
+    reference: Option<&PairLogps>,
+    scale: f64,
+    options: StepOptions,
+    log: &mut MetricLog,
+) -> f64 {
+    let input = ModelInput::new(packed, model.lm_head_weight().device());
+    let layout = input.layout();
+    let cast = options.precision.cast;
+    let ctx = model.layer_context(&input.input_ids, &layout, cast);
+    // With checkpointing the forward pass builds no graph and keeps the input of every layer (and of the norm).
+    let mut layer_inputs = Vec::new();
+    let hidden = if options.gradient_checkpointing {
+        tch::no_grad(|| {
+            let mut x = model.embed(&input.input_ids);
+            for i in 0..model.num_layers() {
+                layer_inputs.push(x.shallow_clone());
+                x = model.layer(i, &x, &ctx);
+            }
+            layer_inputs.push(x.shallow_clone());
+            model.final_norm(&x)
+        })
+    } else {
+        model.hidden_states(&input.input_ids, &layout, cast)
+    }; // [R, L, hidden]
+
+    let (scores, tape) = score_hidden(model, packed, &hidden, objective.needed(), options.precision);
+    let loss = objective.batch_loss(&scores, reference, log) * scale;
+    let value = loss.double_value(&[]);
+    if !value.is_finite() {
+        return value;
+    }
+    loss.backward();
+    let logps_grad = scores.logps.grad();
+    let logps_grad = if logps_grad.defined() { logps_grad } else { scores.logps.zeros_like() };
+    let mut grad = tape.backward(model, &logps_grad).view_as(&hidden); // d loss / d hidden, [R, L, hidden]
+    if !options.gradient_checkpointing {
+        backward_from(&hidden, &grad);
+        return value;
+    }
+    // Recompute the norm and each layer from its saved input, last first, passing the gradient down.
+    let through = |x: &Tensor, f: &dyn Fn(&Tensor) -> Tensor, grad: &Tensor| {
+        let x = x.detach().set_requires_grad(true);
+        backward_from(&f(&x), grad);
+        x.grad()
+    };
+    grad = through(&layer_inputs.pop().expect("norm input"), &|x| model.final_norm(x), &grad);
+    for i in (0..model.num_layers()).rev() {
+        grad = through(&layer_inputs.pop().expect("layer input"), &|x| model.layer(i, x, &ctx), &grad);
+    }
+    backward_from(&model.embed(&input.input_ids), &grad);
+    value
+}

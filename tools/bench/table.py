@@ -1,0 +1,51 @@
+"""Markdown table of `tools/bench/run.sh` output: each prefalign run beside the TRL run of the same shape,
+objective, device, precision and checkpointing setting.
+
+    python3 tools/bench/table.py bench.jsonl
+"""
+import json
+import sys
+
+
+def key(run):
+    return run["shape"], run["objective"], run["device"], run["bf16"], run["gradient_checkpointing"]
+
+
+def memory(run):
+    if run["device"].startswith("cuda"):
+        return run["peak_gpu_used_gib"]
+    return run["peak_rss_gib"]
+
+
+def variant(run):
+    parts = []
+    if not run["prefix_sharing"]:
+        parts.append("no prefix sharing")
+    if not run["packing"]:
+        parts.append("no packing")
+    if run["precompute_ref_log_probs"]:
+        parts.append("precomputed reference")
+    return ", ".join(parts) or "default"
+
+
+def main():
+    runs = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+    trl = {key(r): r for r in runs if r["tool"].startswith("trl")}
+    print("| shape | objective | precision | checkpointing | prefalign variant | TRL s/step | prefalign s/step "
+          "| speed-up | TRL peak GiB | prefalign peak GiB | memory ratio |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for run in runs:
+        if run["tool"] != "prefalign":
+            continue
+        base = trl.get(key(run))
+        if base is None:
+            continue
+        shape, objective, _, bf16, checkpointing = key(run)
+        print(f"| {shape} | {objective} | {'bf16' if bf16 else 'f32'} | {'on' if checkpointing else 'off'} "
+              f"| {variant(run)} | {base['median_step_s']:.2f} | {run['median_step_s']:.2f} "
+              f"| {base['median_step_s'] / run['median_step_s']:.2f}x | {memory(base):.2f} | {memory(run):.2f} "
+              f"| {memory(run) / memory(base):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
