@@ -1,5 +1,6 @@
-"""Markdown table of `tools/bench/run.sh` output: each prefalign run beside the TRL run of the same shape,
-objective, device, precision and checkpointing setting.
+"""Markdown tables of `tools/bench/run.sh` output: each prefalign run beside the TRL run of the same shape,
+objective, device, precision and checkpointing setting; then beside TRL's run in the same precision without
+checkpointing (TRL's step as the issue's targets measure it).
 
     python3 tools/bench/table.py bench.jsonl
 """
@@ -28,8 +29,7 @@ def variant(run):
     return ", ".join(parts) or "default"
 
 
-def main():
-    runs = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+def table(runs, reference_key):
     trl = {key(r): r for r in runs if r["tool"].startswith("trl")}
     print("| shape | objective | precision | checkpointing | prefalign variant | TRL s/step | prefalign s/step "
           "| speed-up | TRL peak GiB | prefalign peak GiB | memory ratio |")
@@ -37,14 +37,25 @@ def main():
     for run in runs:
         if run["tool"] != "prefalign":
             continue
-        base = trl.get(key(run))
+        base = trl.get(reference_key(run))
         if base is None:
             continue
         shape, objective, _, bf16, checkpointing = key(run)
-        print(f"| {shape} | {objective} | {'bf16' if bf16 else 'f32'} | {'on' if checkpointing else 'off'} "
+        trl_checkpointing = "on" if base["gradient_checkpointing"] else "off"
+        ours = "on" if checkpointing else "off"
+        print(f"| {shape} | {objective} | {'bf16' if bf16 else 'f32'} "
+              f"| {ours if ours == trl_checkpointing else f'{ours} (TRL {trl_checkpointing})'} "
               f"| {variant(run)} | {base['median_step_s']:.2f} | {run['median_step_s']:.2f} "
               f"| {base['median_step_s'] / run['median_step_s']:.2f}x | {memory(base):.2f} | {memory(run):.2f} "
               f"| {memory(run) / memory(base):.2f} |")
+
+
+def main():
+    runs = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+    print("Same settings in both:\n")
+    table(runs, key)
+    print("\nAgainst TRL without gradient checkpointing:\n")
+    table([r for r in runs if r["tool"] != "prefalign" or r["gradient_checkpointing"]], lambda r: key(r)[:4] + (False,))
 
 
 if __name__ == "__main__":
