@@ -155,3 +155,32 @@ fn hh_rlhf_harmless_pairs() {
     // Whole answers: every completion ends with the template's end of turn.
     assert!(prepared.pairs.iter().all(|p| p.chosen.completion().ends_with(&[2, 198])));
 }
+
+/// `prefalign data export` writes the HH pairs as conversational rows that tokenize to exactly the ids of the
+/// transcripts themselves: what tools/results/trl_recipe.py hands to TRL.
+#[test]
+fn exported_hh_rows_tokenize_like_the_transcripts() {
+    let source = common::repo_path("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz");
+    let dir = tempfile::tempdir().unwrap();
+    let exported = dir.path().join("rows.jsonl");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_prefalign"))
+        .args(["data", "export", "--dataset", source.to_str().unwrap(), "--dataset-format", "hh-rlhf"])
+        .args(["--dataset-split", "train[:120]", "--skip-invalid-rows", "--output", exported.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let direct = prepare_file(&source, |o| {
+        o.row_format = RowFormat::HhRlhf;
+        o.skip_invalid_rows = true;
+    })
+    .unwrap();
+    let from_export = prepare_file(&exported, |_| {}).unwrap();
+    assert!(from_export.report.invalid.is_empty());
+    let ids = |p: &prefalign::data::prepare::Prepared| -> Vec<(Vec<i64>, Vec<i64>)> {
+        p.pairs.iter().map(|pair| (pair.chosen.ids.clone(), pair.rejected.ids.clone())).collect()
+    };
+    let direct_ids = ids(&direct);
+    let exported_ids = ids(&from_export);
+    assert!(exported_ids.len() > 100);
+    assert_eq!(exported_ids, direct_ids[..exported_ids.len()]);
+}

@@ -225,7 +225,7 @@ impl Recipe {
     fn eval_flags(&self, model: &str, (dataset, split): (&str, &str), reference: Option<&str>, with_beta: bool) -> Vec<String> {
         let mut flags = vec!["eval".to_string(), "--model".into(), model.into(), "--dataset".into(), dataset.into()];
         flags.extend(["--dataset-split".into(), split.into()]);
-        const PASSED: [&str; 12] = [
+        const PASSED: [&str; 16] = [
             "dataset-config",
             "prompt-column",
             "chosen-column",
@@ -238,6 +238,10 @@ impl Recipe {
             "truncation-mode",
             "device",
             "dtype",
+            "bf16",
+            "no-prefix-sharing",
+            "no-packing",
+            "pack-tokens",
         ];
         for long in PASSED {
             let (Some(value), Some(arg)) = (self.flags.get(long), find_arg(&self.command, long)) else { continue };

@@ -8,7 +8,8 @@ use crate::data::tokenize::{PairTokenizer, TokenizedPair};
 use crate::model::tokenizer::TextTokenizer;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum FormatArg {
@@ -221,6 +222,39 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     for pair in pairs.iter().take(args.examples) {
         print_example(&tokenizer, pair)?;
     }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    data: DatasetArgs,
+    /// The JSONL file to write: one {"prompt", "chosen", "rejected"} object per pair (text or message lists)
+    #[arg(long)]
+    output: PathBuf,
+}
+
+pub fn export(args: ExportArgs) -> Result<()> {
+    let (pairs, report) = crate::data::prepare::to_pairs(args.data.read()?, &args.data.options(Rules::Dpo));
+    if !report.invalid.is_empty() && !args.data.skip_invalid_rows {
+        bail!("{}; fix the data or pass --skip-invalid-rows to skip and count such rows", report.invalid[0]);
+    }
+    let turns = |t: &crate::data::example::Turns| match t {
+        crate::data::example::Turns::Text(text) => serde_json::Value::from(text.as_str()),
+        crate::data::example::Turns::Messages(messages) => serde_json::to_value(messages).expect("messages serialize"),
+    };
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?);
+    for pair in &pairs {
+        let mut row = serde_json::Map::new();
+        if let Some(prompt) = &pair.prompt {
+            row.insert("prompt".into(), turns(prompt));
+        }
+        row.insert("chosen".into(), turns(&pair.chosen));
+        row.insert("rejected".into(), turns(&pair.rejected));
+        writeln!(out, "{}", serde_json::Value::Object(row))?;
+    }
+    out.flush()?;
+    eprintln!("wrote {} pairs to {} ({} invalid rows skipped)", pairs.len(), args.output.display(), report.invalid.len());
     Ok(())
 }
 

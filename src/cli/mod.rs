@@ -56,6 +56,9 @@ enum Command {
 enum DataCommand {
     /// Rows read, format, drops, token-length percentiles and examples through the chat template
     Inspect(data::InspectArgs),
+    /// Write the pairs as prefalign reads them (after format conversion, e.g. HH-RLHF transcripts) to JSONL with
+    /// TRL's column names, so that TRL trains on exactly the same rows
+    Export(data::ExportArgs),
 }
 
 /// Where a model comes from and how it is placed, shared by every subcommand that loads one.
@@ -154,6 +157,7 @@ pub fn main() -> i32 {
         Command::Compare(args) => compare::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Data(DataCommand::Inspect(args)) => data::inspect(args),
+        Command::Data(DataCommand::Export(args)) => data::export(args),
     };
     match result {
         Ok(()) => 0,

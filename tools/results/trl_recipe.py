@@ -1,0 +1,135 @@
+"""Runs a prefalign recipe (recipes/*.yaml) with TRL 1.16 on the same model and the same rows, for
+docs/RESULTS.md: the two trainers compared on the same work.
+
+    .venv-fixtures/bin/python tools/results/trl_recipe.py --recipe recipes/hh_dpo.yaml --trainer dpo \
+        --output-dir runs/trl-hh-dpo [--seed 42] [--max-steps N]
+
+Same rows: `prefalign data export` writes the training and held-out pairs exactly as prefalign reads them
+(HH-RLHF transcripts become conversational prompt / chosen / rejected), and TRL tokenizes them by its own rules
+(prefalign's tokenization equals TRL's: tests/trl_data.rs). Same model: `prefalign convert` turns the GGUF into
+the Hugging Face folder TRL loads (logits equal transformers' own GGUF loading). Same settings: the recipe's keys,
+with bf16 and gradient checkpointing off unless the recipe turns them on (prefalign's defaults; TRL's are on).
+The held-out preference accuracy and reward margin after training are measured by `prefalign eval` on TRL's
+output exactly as `prefalign compare` scores its own runs, so both trainers are scored by one program
+(`--score-base` scores the untrained model too). Writes <output-dir>/trl_summary.json.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import transformers
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFALIGN = ROOT / "target" / "release" / "prefalign"
+datasets.disable_progress_bars()
+transformers.logging.set_verbosity_error()
+
+
+def prefalign(*args):
+    subprocess.run([str(PREFALIGN), *map(str, args)], check=True, cwd=ROOT)
+
+
+def export(recipe, split, path):
+    args = ["data", "export", "--dataset", recipe["dataset_name"], "--dataset-split", split, "--output", path]
+    if recipe.get("dataset_format"):
+        args += ["--dataset-format", recipe["dataset_format"]]
+    if recipe.get("skip_invalid_rows"):
+        args += ["--skip-invalid-rows"]
+    prefalign(*args)
+    return datasets.load_dataset("json", data_files=str(path), split="train")
+
+
+def held_out_scores(model_dir, recipe, trainer, out, reference=None):
+    """`prefalign eval` on the held-out pairs (as `prefalign compare` scores its runs): preference accuracy
+    (chosen log-prob above rejected), and DPO rewards against `reference`."""
+    flags = ["eval", "--model", model_dir, "--dataset", recipe["eval_dataset"], "--dataset-split", recipe["dataset_test_split"],
+             "--objective", trainer, "--beta", recipe["beta"], "--max-length", recipe["max_length"], "--output", out,
+             "--batch-size", recipe.get("per_device_eval_batch_size", 8)]
+    if recipe.get("dataset_format"):
+        flags += ["--dataset-format", recipe["dataset_format"]]
+    if recipe.get("skip_invalid_rows"):
+        flags += ["--skip-invalid-rows"]
+    if recipe.get("bf16"):
+        flags += ["--bf16"]
+    if reference is not None:
+        flags += ["--ref-model", reference]
+    result = subprocess.run([str(PREFALIGN), *map(str, flags)], check=True, cwd=ROOT, capture_output=True, text=True)
+    return json.loads(result.stdout)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--trainer", choices=["dpo", "orpo"], required=True)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--score-base", action="store_true",
+                        help="also score the untrained model (the same numbers as prefalign compare's baseline)")
+    args = parser.parse_args()
+    recipe = yaml.safe_load(open(ROOT / args.recipe))
+    if args.seed is not None:
+        recipe["seed"] = args.seed
+    if args.max_steps is not None:
+        recipe["max_steps"] = args.max_steps
+    out = (ROOT / args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    model_dir = out / "base-model"
+    if not (model_dir / "config.json").exists():
+        prefalign("convert", "--model", recipe["model_name_or_path"], "--output", model_dir)
+    train = export(recipe, recipe["dataset_split"], out / "train.jsonl")
+    held_out = export(recipe, recipe["dataset_test_split"], out / "held_out.jsonl")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    common = dict(
+        output_dir=str(out / "trl"), learning_rate=recipe["learning_rate"],
+        lr_scheduler_type=recipe.get("lr_scheduler_type", "linear"),
+        # transformers 5: a warmup_steps below 1 is a ratio of the total steps (ceil), as warmup_ratio was
+        warmup_steps=recipe.get("warmup_steps") or recipe.get("warmup_ratio", 0.0),
+        per_device_train_batch_size=recipe["per_device_train_batch_size"],
+        per_device_eval_batch_size=recipe.get("per_device_eval_batch_size", 8), max_steps=recipe["max_steps"],
+        logging_steps=recipe.get("logging_steps", 10), eval_strategy="steps", eval_steps=recipe.get("eval_steps", 50),
+        save_strategy="no", report_to=[], seed=recipe.get("seed", 42), beta=recipe["beta"],
+        max_length=recipe["max_length"], bf16=bool(recipe.get("bf16", False)),
+        gradient_checkpointing=bool(recipe.get("gradient_checkpointing", False)), use_cpu=True,
+    )
+    if args.trainer == "dpo":
+        from trl import DPOConfig, DPOTrainer
+        config = DPOConfig(loss_type=recipe.get("loss_type", ["sigmoid"]),
+                           precompute_ref_log_probs=bool(recipe.get("precompute_ref_log_probs", False)), **common)
+        trainer = DPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer)
+    else:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        config = ORPOConfig(**common)
+        trainer = ORPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer)
+
+    reference = model_dir if args.trainer == "dpo" else None
+    before = held_out_scores(model_dir, recipe, args.trainer, out / "held_out_before.jsonl", reference) if args.score_base else None
+    started = time.time()
+    trainer.train()
+    seconds = time.time() - started
+    trained = out / "trained-model"
+    trainer.save_model(str(trained))
+    tokenizer.save_pretrained(str(trained))
+    after = held_out_scores(trained, recipe, args.trainer, out / "held_out_after.jsonl", reference)
+    summary = {
+        "trainer": f"trl {__import__('trl').__version__} {args.trainer}", "recipe": args.recipe, "seed": recipe.get("seed", 42),
+        "max_steps": recipe["max_steps"], "train_seconds": seconds, "held_out_before": before, "held_out_after": after,
+        "log_history": trainer.state.log_history,
+    }
+    (out / "trl_summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: summary[k] for k in ("trainer", "train_seconds")} | {
+        "accuracy_before": before and before["eval_preference_accuracy"], "accuracy_after": after["eval_preference_accuracy"],
+        "reward_margin_after": after.get("eval_rewards/margins")}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
