@@ -35,8 +35,10 @@ def prefalign(*args):
     subprocess.run([str(PREFALIGN), *map(str, args)], check=True, cwd=ROOT)
 
 
-def export(recipe, split, path):
+def export(recipe, split, path, limit=None):
     args = ["data", "export", "--dataset", recipe["dataset_name"], "--dataset-split", split, "--output", path]
+    if limit:
+        args += ["--limit", limit]
     if recipe.get("dataset_format"):
         args += ["--dataset-format", recipe["dataset_format"]]
     if recipe.get("skip_invalid_rows"):
@@ -45,7 +47,7 @@ def export(recipe, split, path):
     return datasets.load_dataset("json", data_files=str(path), split="train")
 
 
-def held_out_scores(model_dir, recipe, trainer, out, reference=None):
+def held_out_scores(model_dir, recipe, trainer, out, reference=None, limit=None):
     """`prefalign eval` on the held-out pairs (as `prefalign compare` scores its runs): preference accuracy
     (chosen log-prob above rejected), and DPO rewards against `reference`."""
     flags = ["eval", "--model", model_dir, "--dataset", recipe["eval_dataset"], "--dataset-split", recipe["dataset_test_split"],
@@ -59,6 +61,8 @@ def held_out_scores(model_dir, recipe, trainer, out, reference=None):
         flags += ["--bf16"]
     if reference is not None:
         flags += ["--ref-model", reference]
+    if limit:
+        flags += ["--limit", limit]
     result = subprocess.run([str(PREFALIGN), *map(str, flags)], check=True, cwd=ROOT, capture_output=True, text=True)
     return json.loads(result.stdout)
 
@@ -70,6 +74,7 @@ def main():
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--limit", type=int, help="only the first N rows of each split (a quick check of the script)")
     parser.add_argument("--score-base", action="store_true",
                         help="also score the untrained model (the same numbers as prefalign compare's baseline)")
     args = parser.parse_args()
@@ -84,8 +89,8 @@ def main():
     model_dir = out / "base-model"
     if not (model_dir / "config.json").exists():
         prefalign("convert", "--model", recipe["model_name_or_path"], "--output", model_dir)
-    train = export(recipe, recipe["dataset_split"], out / "train.jsonl")
-    held_out = export(recipe, recipe["dataset_test_split"], out / "held_out.jsonl")
+    train = export(recipe, recipe["dataset_split"], out / "train.jsonl", args.limit)
+    held_out = export(recipe, recipe["dataset_test_split"], out / "held_out.jsonl", args.limit)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
@@ -112,14 +117,14 @@ def main():
         trainer = ORPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer)
 
     reference = model_dir if args.trainer == "dpo" else None
-    before = held_out_scores(model_dir, recipe, args.trainer, out / "held_out_before.jsonl", reference) if args.score_base else None
+    before = held_out_scores(model_dir, recipe, args.trainer, out / "held_out_before.jsonl", reference, args.limit) if args.score_base else None
     started = time.time()
     trainer.train()
     seconds = time.time() - started
     trained = out / "trained-model"
     trainer.save_model(str(trained))
     tokenizer.save_pretrained(str(trained))
-    after = held_out_scores(trained, recipe, args.trainer, out / "held_out_after.jsonl", reference)
+    after = held_out_scores(trained, recipe, args.trainer, out / "held_out_after.jsonl", reference, args.limit)
     summary = {
         "trainer": f"trl {__import__('trl').__version__} {args.trainer}", "recipe": args.recipe, "seed": recipe.get("seed", 42),
         "max_steps": recipe["max_steps"], "train_seconds": seconds, "held_out_before": before, "held_out_after": after,
