@@ -9,7 +9,7 @@ use crate::data::tokenize::{Sequence, TokenizedPair};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::CausalLm;
 use crate::objective::dpo::{DpoLoss, LossParams, PairLogps};
-use crate::objective::logps::{score_tokens, Needed};
+use crate::objective::reference::reference_logps;
 use crate::objective::metrics::MetricLog;
 use crate::objective::Objective;
 use crate::train::optimizer::{AdamW, AdamWConfig};
@@ -130,7 +130,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         None
     };
     let precomputed = match (&reference, args.precompute_ref_log_probs) {
-        (Some((_, model)), true) => Some(PairLogps::from_sequences(&score_tokens(model, &pack(&refs, 2, truncation, layout), Needed::Completions, step_options.precision).summed_logps())),
+        (Some((_, model)), true) => Some(reference_logps(model, &pack(&refs, 2, truncation, layout), step_options.precision)),
         _ => None,
     };
     // A precomputed reference needs no model any more: its memory goes back to the steps.
@@ -145,7 +145,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let batch = pack(&refs, 2, truncation, layout);
         let reference_logps = match (&precomputed, &reference) {
             (Some(logps), _) => Some(PairLogps { chosen: logps.chosen.shallow_clone(), rejected: logps.rejected.shallow_clone() }),
-            (None, Some((_, model))) => Some(PairLogps::from_sequences(&score_tokens(model, &batch, Needed::Completions, step_options.precision).summed_logps())),
+            (None, Some((_, model))) => Some(reference_logps(model, &batch, step_options.precision)),
             (None, None) => None,
         };
         let reference_done = started.elapsed().as_secs_f64();

@@ -285,13 +285,10 @@ impl CausalLm {
 
     /// Like `forward`, but appends to `cache` and attends to what it holds.
     pub fn forward_cached(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: &mut KvCache) -> Tensor {
-        let (batch, len) = (input_ids.size()[0], input_ids.size()[1]);
+        let len = input_ids.size()[1];
         let past = cache.len;
         // Padding mask over past and new tokens [batch, past+len].
-        let new_mask = match attention_mask {
-            Some(m) => m.to_kind(Kind::Bool),
-            None => Tensor::ones([batch, len], (Kind::Bool, input_ids.device())),
-        };
+        let new_mask = key_mask(input_ids, attention_mask);
         let key_mask = match &cache.mask {
             Some(past_mask) => Tensor::cat(&[past_mask, &new_mask], 1),
             None => new_mask,
@@ -349,14 +346,11 @@ impl CausalLm {
 
     /// Rotary tables and attention masks for one forward pass over `input_ids` [batch, len].
     pub fn layer_context(&self, input_ids: &Tensor, layout: &TokenLayout, cast: Option<Kind>) -> LayerContext {
-        let (batch, len) = (input_ids.size()[0], input_ids.size()[1]);
+        let len = input_ids.size()[1];
         let kind = self.embed_tokens.kind();
         let ((cos, sin), masks) = match *layout {
             TokenLayout::Padded(attention_mask) => {
-                let key_mask = match attention_mask {
-                    Some(m) => m.to_kind(Kind::Bool),
-                    None => Tensor::ones([batch, len], (Kind::Bool, input_ids.device())),
-                };
+                let key_mask = key_mask(input_ids, attention_mask);
                 let masks = self.windows().map(|w| (w, attention_mask_4d(&key_mask, 0, len, w))).collect();
                 (self.rope.cos_sin(0, len, kind), masks)
             }
@@ -366,6 +360,14 @@ impl CausalLm {
             }
         };
         LayerContext { cos, sin, masks, cast }
+    }
+}
+
+/// Which of `input_ids`' tokens [batch, len] are real (bool): the padding mask, or all of them.
+fn key_mask(input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Tensor {
+    match attention_mask {
+        Some(m) => m.to_kind(Kind::Bool),
+        None => Tensor::ones(input_ids.size(), (Kind::Bool, input_ids.device())),
     }
 }
 

@@ -8,15 +8,16 @@ use crate::data::tokenize::TokenizedPair;
 use crate::model::decoder::CausalLm;
 use crate::objective::cpo::CpoLoss;
 use crate::objective::dpo::PairLogps;
-use crate::objective::logps::{score_tokens, Needed, Precision};
+use crate::objective::logps::{score_tokens, Precision};
 use crate::objective::metrics::MetricLog;
-use crate::objective::reference::ReferenceLogps;
+use crate::objective::reference::{reference_logps, ReferenceLogps};
 use crate::objective::Objective;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
 /// Where evaluation takes the reference's log-probs from.
+#[derive(Clone, Copy)]
 pub enum EvalReference<'a> {
     Model(&'a CausalLm),
     /// precomputed for exactly the evaluated pairs, in order
@@ -81,7 +82,7 @@ pub fn evaluate(
             let averaged = PairLogps::from_sequences(&scores.averaged_logps());
             let tokens = PairLogps::from_sequences(&scores.completion_tokens());
             let reference_logps = reference.as_ref().map(|r| match r {
-                EvalReference::Model(model) => PairLogps::from_sequences(&score_tokens(model, &batch, Needed::Completions, options.precision).summed_logps()),
+                EvalReference::Model(model) => reference_logps(model, &batch, options.precision),
                 EvalReference::Logps(logps) => logps.batch(&(index * batch_size..index * batch_size + chunk.len()).collect::<Vec<_>>()),
             });
             let loss = objective.batch_loss(&scores, reference_logps.as_ref(), &mut log);

@@ -82,8 +82,13 @@ pub struct Precision {
 /// The model input of `packed`, on `device`.
 pub struct ModelInput {
     pub input_ids: Tensor,
-    positions: Option<(Tensor, Tensor, Tensor)>,
-    attention_mask: Tensor,
+    mask: InputMask,
+}
+
+/// The tensors behind a `TokenLayout`, owned.
+enum InputMask {
+    Padded { attention_mask: Tensor },
+    Segments { positions: Tensor, group: Tensor, branch: Tensor },
 }
 
 impl ModelInput {
@@ -91,21 +96,23 @@ impl ModelInput {
         match &packed.segments {
             Some(s) => ModelInput {
                 input_ids: s.input_ids.to_device(device),
-                positions: Some((s.positions.to_device(device), s.group.to_device(device), s.branch.to_device(device))),
-                attention_mask: Tensor::new(),
+                mask: InputMask::Segments {
+                    positions: s.positions.to_device(device),
+                    group: s.group.to_device(device),
+                    branch: s.branch.to_device(device),
+                },
             },
             None => ModelInput {
                 input_ids: packed.logical.input_ids.to_device(device),
-                positions: None,
-                attention_mask: packed.logical.attention_mask.to_device(device),
+                mask: InputMask::Padded { attention_mask: packed.logical.attention_mask.to_device(device) },
             },
         }
     }
 
     pub fn layout(&self) -> TokenLayout<'_> {
-        match &self.positions {
-            Some((positions, group, branch)) => TokenLayout::Segments { positions, group, branch },
-            None => TokenLayout::Padded(Some(&self.attention_mask)),
+        match &self.mask {
+            InputMask::Segments { positions, group, branch } => TokenLayout::Segments { positions, group, branch },
+            InputMask::Padded { attention_mask } => TokenLayout::Padded(Some(attention_mask)),
         }
     }
 }
@@ -184,9 +191,10 @@ pub fn score_hidden(model: &CausalLm, packed: &PackedBatch, hidden: &Tensor, nee
     let (logps, entropy, is_top1, mean_logits) = tch::no_grad(|| {
         let n = tape.targets.size()[0];
         let matmul_weight = matmul_weight(model, precision.cast);
+        let rows_per_chunk = chunk_rows(weight.size()[0]);
         let (mut logps, mut entropy, mut top1) = (Vec::new(), Vec::new(), Vec::new());
-        for start in (0..n).step_by(chunk_rows(weight.size()[0]) as usize) {
-            let size = chunk_rows(weight.size()[0]).min(n - start);
+        for start in (0..n).step_by(rows_per_chunk as usize) {
+            let size = rows_per_chunk.min(n - start);
             let logits = chunk_logits(&tape.hidden.narrow(0, start, size), &matmul_weight); // [c, V]
             let targets = tape.targets.narrow(0, start, size).unsqueeze(1); // [c, 1]
             top1.push(logits.argmax(-1, false).eq_tensor(&targets.squeeze_dim(1)));
@@ -235,8 +243,9 @@ impl LmHeadTape {
         tch::no_grad(|| {
             let matmul_weight = matmul_weight(model, self.cast);
             let kind = matmul_weight.kind();
-            for start in (0..n).step_by(chunk_rows(weight.size()[0]) as usize) {
-                let size = chunk_rows(weight.size()[0]).min(n - start);
+            let rows_per_chunk = chunk_rows(weight.size()[0]);
+            for start in (0..n).step_by(rows_per_chunk as usize) {
+                let size = rows_per_chunk.min(n - start);
                 let h = self.hidden.narrow(0, start, size);
                 let g = grad_logps.narrow(0, start, size).unsqueeze(1); // [c, 1]
                 let mut grad_logits = chunk_logits(&h, &matmul_weight).softmax(-1, Kind::Float); // [c, V]
@@ -255,13 +264,14 @@ impl LmHeadTape {
         // A shared token's hidden state predicts both branches' next tokens: gradients add up.
         let grad = Tensor::zeros([self.hidden_rows, hidden_size], (Kind::Float, weight.device())).index_add(0, &self.hidden_index, &per_row);
         if fresh {
-            accumulate_grad(weight, &grad_weight);
+            backward_from(weight, &grad_weight);
         }
         grad
     }
 }
 
-/// Adds `grad` to `param`'s gradient, through autograd so that it lands wherever autograd keeps it.
-pub fn accumulate_grad(param: &Tensor, grad: &Tensor) {
-    (param * grad.to_kind(param.kind())).sum(Kind::Float).backward();
+/// Pushes `grad` (d loss / d `output`) back through `output`'s graph; on a parameter, adds it to the parameter's
+/// gradient wherever autograd keeps it.
+pub fn backward_from(output: &Tensor, grad: &Tensor) {
+    (output * grad.to_kind(output.kind())).sum(Kind::Float).backward();
 }

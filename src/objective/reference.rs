@@ -3,8 +3,9 @@
 //! learning rates runs the reference model once.
 
 use crate::data::collate::TruncationMode;
-use crate::data::pack::{pack, PackOptions};
+use crate::data::pack::{pack, PackOptions, PackedBatch};
 use crate::data::tokenize::TokenizedPair;
+use crate::model::decoder::CausalLm;
 use crate::model::LoadedModel;
 use crate::objective::dpo::PairLogps;
 use crate::objective::logps::{score_tokens, Needed, Precision};
@@ -24,6 +25,11 @@ impl ReferenceLogps {
         let index = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
         PairLogps { chosen: self.chosen.index_select(0, &index), rejected: self.rejected.index_select(0, &index) }
     }
+}
+
+/// The reference's summed completion log-probs of one batch (no gradient).
+pub fn reference_logps(reference: &CausalLm, batch: &PackedBatch, precision: Precision) -> PairLogps {
+    PairLogps::from_sequences(&score_tokens(reference, batch, Needed::Completions, precision).summed_logps())
 }
 
 /// Where cached reference log-probs live: `$PREFALIGN_CACHE`, else `$HF_HOME/prefalign`, else
@@ -88,7 +94,7 @@ pub fn precompute(
     tch::no_grad(|| {
         for chunk in pairs.chunks(batch_size.max(1)) {
             let batch = pack(&chunk.iter().collect::<Vec<_>>(), pad_id, truncation, layout);
-            let logps = PairLogps::from_sequences(&score_tokens(&reference.model, &batch, Needed::Completions, precision).summed_logps());
+            let logps = reference_logps(&reference.model, &batch, precision);
             chosen.push(logps.chosen.to_device(tch::Device::Cpu));
             rejected.push(logps.rejected.to_device(tch::Device::Cpu));
         }

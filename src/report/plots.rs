@@ -333,13 +333,7 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
     let x_pad = (x_max - x_min) as f64 * 0.02;
     let (y_ticks, decimals) = nice_ticks(y_min, y_max, 8);
 
-    let mut chart = ChartBuilder::on(&plot)
-        .margin_top(56)
-        .margin_right(24)
-        .margin_left(12)
-        .margin_bottom(8)
-        .x_label_area_size(76)
-        .y_label_area_size(96)
+    let mut chart = chart_builder(&plot)
         // A little room left and right so that the first and last markers clear the frame.
         .build_cartesian_2d((x_min as f64 - x_pad)..(x_max as f64 + x_pad), y_min..y_max)
         .map_err(err(path))?;
@@ -371,6 +365,13 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
     Ok(())
 }
 
+/// The chart builder of every plot: the same margins, and label areas for `axis_text`.
+fn chart_builder<'a, 'b, DB: DrawingBackend>(plot: &'a DrawingArea<DB, Shift>) -> ChartBuilder<'a, 'b, DB> {
+    let mut builder = ChartBuilder::on(plot);
+    builder.margin_top(56).margin_right(24).margin_left(12).margin_bottom(8).x_label_area_size(76).y_label_area_size(96);
+    builder
+}
+
 /// One group of the before/after bar chart: values in percent; None is shown as "n/a".
 pub struct BeforeAfter {
     pub label: String,
@@ -383,13 +384,7 @@ pub fn before_after_chart(path: &Path, title: &str, x_label: &str, y_label: &str
     let Canvas { root, plot, legend } = canvas(path, title, &["before training", "after training"])?;
     let n = groups.len().max(1) as f64;
     let y_ticks: Vec<f64> = (0..=10).map(|k| k as f64 * 10.0).collect();
-    let mut chart = ChartBuilder::on(&plot)
-        .margin_top(56)
-        .margin_right(24)
-        .margin_left(12)
-        .margin_bottom(8)
-        .x_label_area_size(76)
-        .y_label_area_size(96)
+    let mut chart = chart_builder(&plot)
         .build_cartesian_2d(0.0..n, 0.0..108.0)
         .map_err(err(path))?;
     let y_px: Vec<i32> = y_ticks.iter().map(|&y| chart.backend_coord(&(0.0, y)).1).collect();

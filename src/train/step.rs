@@ -6,21 +6,16 @@
 use crate::data::pack::PackedBatch;
 use crate::model::decoder::CausalLm;
 use crate::objective::dpo::PairLogps;
-use crate::objective::logps::{score_hidden, ModelInput, Precision};
+use crate::objective::logps::{backward_from, score_hidden, ModelInput, Precision};
 use crate::objective::metrics::MetricLog;
 use crate::objective::Objective;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepOptions {
     pub precision: Precision,
     /// Keep only each layer's input during the forward pass and recompute the layer during backward.
     pub gradient_checkpointing: bool,
-}
-
-/// Pushes `grad` (d loss / d output) back through `output`'s graph.
-fn backward_from(output: &Tensor, grad: &Tensor) {
-    (output * grad.to_kind(output.kind())).sum(Kind::Float).backward();
 }
 
 /// Computes the loss of `packed` times `scale`, appends its metrics to `log` and, when the loss is finite,

@@ -8,11 +8,9 @@ use crate::data::tokenize::TokenizedPair;
 use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
 use crate::model::weights::{load_into, save_safetensors_file, SafetensorsFiles, WeightSource};
 use crate::model::LoadedModel;
-use crate::objective::dpo::PairLogps;
 use crate::objective::evaluate::{evaluate, EvalOptions, EvalReference};
-use crate::objective::logps::{score_tokens, Needed};
 use crate::objective::metrics::MetricLog;
-use crate::objective::reference::ReferenceLogps;
+use crate::objective::reference::{reference_logps, ReferenceLogps};
 use crate::objective::Objective;
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::schedule::{warmup_steps, Schedule};
@@ -196,9 +194,7 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
             progress.num_tokens += batch.logical.attention_mask.sum(Kind::Int64).int64_value(&[]);
             let reference_logps = match inputs.reference {
                 Reference::None => None,
-                Reference::Model(r) => {
-                    Some(PairLogps::from_sequences(&score_tokens(&r.model, &batch, Needed::Completions, config.step.precision).summed_logps()))
-                }
+                Reference::Model(r) => Some(reference_logps(&r.model, &batch, config.step.precision)),
                 Reference::Precomputed { train, .. } => Some(train.batch(&indices)),
             };
             let scale = 1.0 / config.gradient_accumulation_steps as f64;
@@ -268,10 +264,6 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
                 layout: config.layout,
                 precision: config.step.precision,
             };
-            let eval_reference = eval_reference.as_ref().map(|r| match r {
-                EvalReference::Model(model) => EvalReference::Model(model),
-                EvalReference::Logps(logps) => EvalReference::Logps(logps),
-            });
             let result = evaluate(&policy.model, eval_reference, eval_pairs, objective, &options);
             let row = result.metrics.into_iter().map(|(k, v)| (k, Value::from(v))).collect();
             rows.push(metrics.write(row, cursor.epoch_progress(&progress), global_step)?);
