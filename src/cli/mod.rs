@@ -47,7 +47,7 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Time DPO or ORPO steps on a model shape with synthetic pairs: median step time, pairs/s, peak memory
     Bench(bench::BenchArgs),
-    /// Look at preference data as a trainer will see it
+    /// Look at preference data as a trainer will see it, or export it for TRL
     #[command(subcommand)]
     Data(DataCommand),
 }
