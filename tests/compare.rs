@@ -91,9 +91,22 @@ fn recipes_are_compared_and_a_broken_one_is_reported_as_failed() {
     let broken = recipe(dir.path(), "broken", Some("dpo"), &model, "betaa: 0.2\n");
     let out = dir.path().join("report");
     let output = compare(&[
-        "--recipe", dpo.to_str().unwrap(), "--recipe", orpo.to_str().unwrap(), "--recipe", broken.to_str().unwrap(),
-        "--name", "DPO", "--name", "ORPO", "--name", "broken", "--held-out",
-        common::fixture("trl_data/standard.jsonl").to_str().unwrap(), "--output-dir", out.to_str().unwrap(),
+        "--recipe",
+        dpo.to_str().unwrap(),
+        "--recipe",
+        orpo.to_str().unwrap(),
+        "--recipe",
+        broken.to_str().unwrap(),
+        "--name",
+        "DPO",
+        "--name",
+        "ORPO",
+        "--name",
+        "broken",
+        "--held-out",
+        common::fixture("trl_data/standard.jsonl").to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "a failed run makes compare fail:\n{stderr}");
@@ -125,7 +138,10 @@ fn recipes_are_compared_and_a_broken_one_is_reported_as_failed() {
         assert!(!trained.contains("trainer") && trained.contains("max_steps: 2"), "{trained}");
     }
     let failed = row(&rows, "broken");
-    assert!(failed[2].starts_with("**failed**:") && failed[2].contains(r#"unknown key "betaa"; did you mean "beta"?"#), "{failed:?}");
+    assert!(
+        failed[2].starts_with("**failed**:") && failed[2].contains(r#"unknown key "betaa"; did you mean "beta"?"#),
+        "{failed:?}"
+    );
     assert_eq!(failed[4], "–");
     // The base model is scored once per set of tokenization rules: DPO's (shared by two runs) and ORPO's.
     assert_eq!(std::fs::read_dir(out.join("baseline")).unwrap().count(), 2);
@@ -145,7 +161,13 @@ fn a_grid_runs_the_recipe_once_per_value() {
     let orpo = recipe(dir.path(), "orpo", None, &model, "");
     let out = dir.path().join("grid");
     let output = compare(&[
-        "--recipe", orpo.to_str().unwrap(), "--trainer", "orpo", "--grid", "beta=0.05,0.5", "--output-dir",
+        "--recipe",
+        orpo.to_str().unwrap(),
+        "--trainer",
+        "orpo",
+        "--grid",
+        "beta=0.05,0.5",
+        "--output-dir",
         out.to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -161,7 +183,10 @@ fn a_grid_runs_the_recipe_once_per_value() {
     // Each value reaches its run, which then differs: ORPO's loss is NLL + β·odds-ratio term.
     for (name, beta) in [("beta=0.05", "0.05"), ("beta=0.5", "0.5")] {
         let trained = std::fs::read_to_string(out.join("runs").join(name).join("recipe.yaml")).unwrap();
-        assert!(trained.contains(&format!("beta: '{beta}'")) || trained.contains(&format!("beta: {beta}")), "{trained}");
+        assert!(
+            trained.contains(&format!("beta: '{beta}'")) || trained.contains(&format!("beta: {beta}")),
+            "{trained}"
+        );
         assert!(!trained.contains("beta: 0.1"), "{trained}");
     }
     assert_ne!(small[4], large[4]);
@@ -180,11 +205,107 @@ fn a_grid_runs_the_recipe_once_per_value() {
 fn bad_arguments_fail_before_any_run() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let output = compare(&["--recipe", "a.yaml", "--recipe", "b.yaml", "--name", "only-one", "--output-dir", out.to_str().unwrap()]);
+    let output = compare(&[
+        "--recipe",
+        "a.yaml",
+        "--recipe",
+        "b.yaml",
+        "--name",
+        "only-one",
+        "--output-dir",
+        out.to_str().unwrap(),
+    ]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("1 --name for 2 --recipe"));
     let output = compare(&["--recipe", "a.yaml", "--grid", "beta", "--output-dir", out.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("expected KEY=V1,V2"));
-    let output = compare(&["--recipe", "a.yaml", "--recipe", "b.yaml", "--recipe", "c.yaml", "--trainer", "dpo", "--trainer", "orpo"]);
+    let output = compare(&[
+        "--recipe",
+        "a.yaml",
+        "--recipe",
+        "b.yaml",
+        "--recipe",
+        "c.yaml",
+        "--trainer",
+        "dpo",
+        "--trainer",
+        "orpo",
+    ]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("2 --trainer for 3 --recipe"));
     assert!(!out.exists());
+}
+
+/// The `loss` of every training row of a run's metrics.jsonl.
+fn losses(run: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64()).collect()
+}
+
+#[test]
+fn comparing_again_reuses_finished_runs_and_resumes_interrupted_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(dir.path());
+    let dpo = recipe(dir.path(), "dpo", Some("dpo"), &model, "save_steps: 1\n");
+    let orpo = recipe(dir.path(), "orpo", Some("orpo"), &model, "");
+    let out = dir.path().join("out");
+    let args =
+        ["--recipe", dpo.to_str().unwrap(), "--recipe", orpo.to_str().unwrap(), "--output-dir", out.to_str().unwrap()];
+    let first = compare(&args);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let (dpo_run, orpo_run) = (out.join("runs/dpo"), out.join("runs/orpo"));
+    let trained_losses = losses(&dpo_run);
+    assert_eq!(trained_losses.len(), 2);
+    let train_log = std::fs::read_to_string(dpo_run.join("train.log")).unwrap();
+
+    // Everything finished: nothing is trained or scored again, and the report is the same.
+    let again = compare(&args);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("reusing the finished run").count(), 2, "{stderr}");
+    let reused = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert_eq!(table(&reused), table(&report));
+    assert!(reused.contains("`dpo` is the finished run of the same recipe in `runs/dpo`, reused"), "{reused}");
+    assert_eq!(std::fs::read_to_string(dpo_run.join("train.log")).unwrap(), train_log, "not trained again");
+
+    // A DPO run killed after its first checkpoint (the last step saves none) resumes from it and ends where the uninterrupted run did.
+    for file in ["compare_finished.json", "train_summary.json", "heldout_after.json"] {
+        std::fs::remove_file(dpo_run.join(file)).unwrap();
+    }
+    let resumed = compare(&args);
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming from") && stderr.contains("checkpoint-1"), "{stderr}");
+    assert_eq!(stderr.matches("reusing the finished run").count(), 1, "ORPO is reused: {stderr}");
+    assert_eq!(losses(&dpo_run), trained_losses);
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("`dpo` resumed from its `checkpoint-1`"), "{report}");
+    assert_eq!(row(&table(&report), "dpo")[5], row(&table(&reused), "dpo")[5], "same held-out scores");
+
+    // A changed recipe is trained again, the unchanged one reused; --rerun retrains everything.
+    std::fs::write(&orpo, std::fs::read_to_string(&orpo).unwrap().replace("beta: 0.1", "beta: 0.3")).unwrap();
+    let changed = compare(&args);
+    let stderr = String::from_utf8_lossy(&changed.stderr);
+    assert!(changed.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("reusing the finished run").count(), 1, "only DPO is reused: {stderr}");
+    assert!(std::fs::read_to_string(orpo_run.join("recipe.yaml")).unwrap().contains("beta: 0.3"));
+    let rerun = compare(&[&args[..], &["--rerun"]].concat());
+    let stderr = String::from_utf8_lossy(&rerun.stderr);
+    assert!(rerun.status.success() && !stderr.contains("reusing") && !stderr.contains("resuming"), "{stderr}");
+    assert_eq!(losses(&dpo_run), trained_losses);
+    assert!(dpo_run.join("checkpoint-1").exists(), "the rerun saves its own checkpoint");
+
+    // Another report from these runs: --reuse-runs finds the same recipe, here as a grid point (its key order
+    // differs), and trains nothing.
+    let other = dir.path().join("other");
+    let from_grid = compare(&[
+        "--recipe", orpo.to_str().unwrap(), "--grid", "beta=0.3", "--reuse-runs", out.to_str().unwrap(),
+        "--output-dir", other.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&from_grid.stderr);
+    assert!(from_grid.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("reusing the finished run in {}", orpo_run.display())), "{stderr}");
+    assert!(!other.join("runs/beta=0.3/train.log").exists());
+    let report = std::fs::read_to_string(other.join("report.md")).unwrap();
+    let earlier = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert_eq!(row(&table(&report), "beta=0.3")[4..], row(&table(&earlier), "orpo")[4..], "{report}");
 }

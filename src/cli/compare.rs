@@ -7,6 +7,7 @@
 //! `train_summary.json`, the logs, and the held-out scores.
 
 use crate::report::{self, Report, RunRow};
+use crate::train::trainer::list_checkpoints;
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Args, CommandFactory};
 use serde_json::Value as Json;
@@ -36,7 +37,12 @@ Examples:
   prefalign compare --recipe dpo.yaml --grid trainer=dpo,orpo --output-dir same-recipe
 
 OUTPUT_DIR gets report.md (one table row per run), loss.png, reward_accuracy.png, heldout_accuracy.png and runs/. \
-A run that fails is reported as failed with its error and the others go on; the exit status is 1 if any failed.")]
+A run that fails is reported as failed with its error and the others go on; the exit status is 1 if any failed.
+
+Compare again into the same OUTPUT_DIR and it picks up where it stopped: a run whose folder holds a finished run \
+of the same recipe is reused (not trained again), one that stopped after a checkpoint resumes from it (set \
+save_steps in the recipe), and base-model scores of the same evaluation are reused. --reuse-runs DIR also reuses \
+the finished runs of another compare's OUTPUT_DIR. --rerun trains everything again.")]
 pub struct CompareArgs {
     /// A training recipe (the YAML `--config` takes). Repeat for more runs
     #[arg(long = "recipe", value_name = "YAML", required = true, action = ArgAction::Append)]
@@ -63,7 +69,29 @@ pub struct CompareArgs {
     /// Where the report, the plots and runs/<name>/ go
     #[arg(long, default_value = "prefalign-compare")]
     output_dir: PathBuf,
+    /// Train and score every run again, even where OUTPUT_DIR holds a finished run of the same recipe
+    #[arg(long)]
+    rerun: bool,
+    /// An earlier compare's OUTPUT_DIR whose finished runs are reused where the recipe is the same (a DPO vs ORPO
+    /// report from the runs of a seed grid and a λ sweep); repeatable
+    #[arg(long, value_name = "DIR", action = ArgAction::Append)]
+    reuse_runs: Vec<PathBuf>,
 }
+
+/// How a run's training came about.
+enum Trained {
+    /// Trained from the start by this compare.
+    Now,
+    /// A finished run of the same recipe was already in this folder.
+    Reused(PathBuf),
+    /// Resumed from this checkpoint folder of an interrupted run of the same recipe.
+    Resumed(String),
+}
+
+/// Written into a run's folder once its training finished: what a later compare needs to reuse it.
+const FINISHED: &str = "compare_finished.json";
+/// The `prefalign eval` flags that scored a run's trained model, beside its scores.
+const AFTER_FLAGS: &str = "heldout_after.flags.json";
 
 /// One run to make: a recipe, its name, and the grid value it takes (if any).
 struct Planned {
@@ -108,7 +136,11 @@ fn plan(args: &CompareArgs) -> Result<Vec<Planned>> {
     }
     let names: Vec<String> = match args.names.is_empty() {
         false => args.names.clone(),
-        true => args.recipes.iter().map(|p| p.file_stem().map_or("recipe".into(), |s| s.to_string_lossy().into_owned())).collect(),
+        true => args
+            .recipes
+            .iter()
+            .map(|p| p.file_stem().map_or("recipe".into(), |s| s.to_string_lossy().into_owned()))
+            .collect(),
     };
     let trainers: Vec<Option<String>> = match args.trainers.len() {
         0 => vec![None; args.recipes.len()],
@@ -148,7 +180,8 @@ fn folder_name(name: &str) -> String {
 fn find_arg<'a>(command: &'a clap::Command, key: &str) -> Option<&'a clap::Arg> {
     let long = key.replace('_', "-");
     command.get_arguments().find(|a| {
-        a.get_long() == Some(long.as_str()) || a.get_all_aliases().is_some_and(|aliases| aliases.contains(&long.as_str()))
+        a.get_long() == Some(long.as_str())
+            || a.get_all_aliases().is_some_and(|aliases| aliases.contains(&long.as_str()))
     })
 }
 
@@ -158,7 +191,8 @@ fn is_switch(arg: &clap::Arg) -> bool {
 
 fn read_recipe(path: &Path, trainer: Option<&str>, grid: Option<&(String, String)>) -> Result<Recipe> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
-    let value: Value = serde_norway::from_str(&text).with_context(|| format!("{} is not valid YAML", path.display()))?;
+    let value: Value =
+        serde_norway::from_str(&text).with_context(|| format!("{} is not valid YAML", path.display()))?;
     let Value::Mapping(mut yaml) = value else {
         bail!("{}: expected a mapping of keys to values at the top level", path.display());
     };
@@ -178,11 +212,14 @@ fn read_recipe(path: &Path, trainer: Option<&str>, grid: Option<&(String, String
     yaml.remove("output_dir");
     let command = super::Cli::command().find_subcommand(&trainer).expect("dpo, orpo and cpo are subcommands").clone();
     if let Some((key, value)) = grid.filter(|(key, _)| key != "trainer") {
-        let arg = find_arg(&command, key)
-            .with_context(|| format!("--grid {key}: `prefalign {trainer}` has no such flag (see prefalign {trainer} --help)"))?;
+        let arg = find_arg(&command, key).with_context(|| {
+            format!("--grid {key}: `prefalign {trainer}` has no such flag (see prefalign {trainer} --help)")
+        })?;
         let long = arg.get_long().expect("found by its long name").to_string();
         // Drop the key under any of its names, then set it under the snake_case of the flag.
-        yaml.retain(|k, _| k.as_str().and_then(|k| find_arg(&command, k)).and_then(|a| a.get_long()) != Some(long.as_str()));
+        yaml.retain(|k, _| {
+            k.as_str().and_then(|k| find_arg(&command, k)).and_then(|a| a.get_long()) != Some(long.as_str())
+        });
         let value = if is_switch(arg) {
             Value::Bool(value.parse().with_context(|| format!("--grid {key}: {value:?} is not true or false"))?)
         } else {
@@ -222,7 +259,13 @@ impl Recipe {
     /// `prefalign eval` flags for `model` on `dataset` with this recipe's data settings; `reference` for DPO.
     /// `with_beta`: pass the recipe's β (rewards and margins); the preference accuracy does not depend on it, so
     /// base models are scored without it and a β grid shares one baseline.
-    fn eval_flags(&self, model: &str, (dataset, split): (&str, &str), reference: Option<&str>, with_beta: bool) -> Vec<String> {
+    fn eval_flags(
+        &self,
+        model: &str,
+        (dataset, split): (&str, &str),
+        reference: Option<&str>,
+        with_beta: bool,
+    ) -> Vec<String> {
         let mut flags = vec!["eval".to_string(), "--model".into(), model.into(), "--dataset".into(), dataset.into()];
         flags.extend(["--dataset-split".into(), split.into()]);
         const PASSED: [&str; 16] = [
@@ -244,7 +287,9 @@ impl Recipe {
             "pack-tokens",
         ];
         for long in PASSED {
-            let (Some(value), Some(arg)) = (self.flags.get(long), find_arg(&self.command, long)) else { continue };
+            let (Some(value), Some(arg)) = (self.flags.get(long), find_arg(&self.command, long)) else {
+                continue;
+            };
             if is_switch(arg) {
                 if matches!(value, Value::Bool(true)) {
                     flags.push(format!("--{long}"));
@@ -327,8 +372,12 @@ fn error_text(error: &anyhow::Error) -> String {
 /// `prefalign eval` for `flags`, metrics JSON to `json`, stderr to `log`.
 fn score(flags: &[String], json: &Path, log: &Path) -> Result<Scored> {
     child(flags, Some(json), log)?;
-    let text = std::fs::read_to_string(json).with_context(|| format!("cannot read {}", json.display()))?;
-    let metrics: Json = serde_json::from_str(&text).with_context(|| format!("{} is not the JSON prefalign eval prints", json.display()))?;
+    read_scored(json, log)
+}
+
+/// What a `prefalign eval` run left in `json` (its metrics) and `log` (the count of pairs scored).
+fn read_scored(json: &Path, log: &Path) -> Result<Scored> {
+    let metrics = read_json(json)?;
     let pairs = std::fs::read_to_string(log).ok().and_then(|log| {
         log.lines().find_map(|l| l.split_once(" pairs scored").and_then(|(n, _)| n.trim().parse().ok()))
     });
@@ -337,6 +386,20 @@ fn score(flags: &[String], json: &Path, log: &Path) -> Result<Scored> {
         margin: metrics["eval_rewards/margins"].as_f64(),
         pairs,
     })
+}
+
+/// `score`, or what an earlier compare scored with the same `flags` (kept in `flags_file` beside the scores).
+fn score_reusing(flags: &[String], json: &Path, log: &Path, flags_file: &Path, rerun: bool) -> Result<Scored> {
+    let flags_text = serde_json::to_string(flags)?;
+    if !rerun && std::fs::read_to_string(flags_file).is_ok_and(|earlier| earlier == flags_text) {
+        if let Ok(scored) = read_scored(json, log) {
+            return Ok(scored);
+        }
+    }
+    let _ = std::fs::remove_file(flags_file);
+    let scored = score(flags, json, log)?;
+    std::fs::write(flags_file, flags_text).with_context(|| format!("cannot write {}", flags_file.display()))?;
+    Ok(scored)
 }
 
 fn read_json(path: &Path) -> Result<Json> {
@@ -352,14 +415,24 @@ pub fn run(args: CompareArgs) -> Result<()> {
     let mut baselines: HashMap<Vec<String>, (PathBuf, Result<Scored, String>)> = HashMap::new();
     let mut heldout_sets: Vec<String> = Vec::new();
     let mut rows = Vec::new();
+    let mut picked_up = Vec::new();
     let total = planned.len();
     for (index, run) in planned.iter().enumerate() {
         let dir = out.join("runs").join(folder_name(&run.name));
         eprintln!("[{}/{total}] {}", index + 1, run.name);
         let mut row = RunRow { name: run.name.clone(), dir: relative(&dir, out), ..RunRow::default() };
-        let result = one_run(run, &dir, out, &args, &mut row, &mut baselines, &mut heldout_sets);
-        if let Err(error) = result {
-            row.error = Some(error_text(&error));
+        match one_run(run, &dir, out, &args, &mut row, &mut baselines, &mut heldout_sets) {
+            Ok(Trained::Now) => {}
+            Ok(Trained::Reused(folder)) => picked_up.push(format!(
+                "`{}` is the finished run of the same recipe in `{}`, reused",
+                run.name,
+                relative(&folder, out)
+            )),
+            Ok(Trained::Resumed(checkpoint)) => picked_up.push(format!(
+                "`{}` resumed from its `{checkpoint}`: its train and wall times cover only the part after it",
+                run.name
+            )),
+            Err(error) => row.error = Some(error_text(&error)),
         }
         match &row.error {
             None => eprintln!(
@@ -394,6 +467,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             .to_string(),
     ];
     notes.extend(heldout_sets.iter().map(|s| format!("held-out data: {s}")));
+    notes.extend(picked_up);
     let report = Report { title: "prefalign compare".into(), intro, runs: rows, notes };
     report::write(out, &report)?;
     println!("{}", report::table(&report.runs));
@@ -419,12 +493,8 @@ fn one_run(
     row: &mut RunRow,
     baselines: &mut HashMap<Vec<String>, (PathBuf, Result<Scored, String>)>,
     heldout_sets: &mut Vec<String>,
-) -> Result<()> {
+) -> Result<Trained> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    // What an earlier compare left here must not be read as this run's.
-    for stale in ["metrics.jsonl", "train_summary.json", "heldout_before.json", "heldout_after.json", "heldout_after.jsonl"] {
-        let _ = std::fs::remove_file(dir.join(stale));
-    }
     row.trainer = run.trainer.clone().unwrap_or_else(|| {
         std::fs::read_to_string(&run.recipe)
             .ok()
@@ -435,9 +505,13 @@ fn one_run(
     row.command = format!("prefalign {} --config {}", row.trainer, run.recipe.display());
     let recipe = read_recipe(&run.recipe, run.trainer.as_deref(), run.grid.as_ref())?;
     row.trainer = recipe.trainer.clone();
+    // A finished run of the same recipe, in this run's folder or one of --reuse-runs, is not trained again.
+    let earlier = std::iter::once(dir.to_path_buf()).chain(args.reuse_runs.iter().flat_map(|other| run_folders(other)));
+    let finished = earlier.filter(|_| !args.rerun).find(|folder| finished_run_of(folder, &recipe));
+    let dir = finished.as_deref().unwrap_or(dir);
+    row.dir = relative(dir, out);
     let recipe_path = dir.join("recipe.yaml");
-    std::fs::write(&recipe_path, serde_norway::to_string(&recipe.yaml)?).with_context(|| format!("cannot write {}", recipe_path.display()))?;
-    let train_args: Vec<String> = vec![
+    let mut train_args: Vec<String> = vec![
         recipe.trainer.clone(),
         "--config".into(),
         recipe_path.display().to_string(),
@@ -445,7 +519,29 @@ fn one_run(
         dir.display().to_string(),
     ];
     row.command = format!("prefalign {}", train_args.join(" "));
-    std::fs::write(dir.join("command.txt"), format!("{}\n", row.command))?;
+    // An interrupted run of the same recipe resumes from its newest checkpoint.
+    let checkpoint = match finished.is_none() && !args.rerun && same_run(dir, &recipe) {
+        true => newest_checkpoint(dir),
+        false => None,
+    };
+    if finished.is_none() {
+        // What an earlier compare left here must not be read as this run's; an interrupted run of the same recipe
+        // keeps its checkpoints and the metrics up to them.
+        let mut stale = vec![FINISHED, "train_summary.json", "heldout_after.json", "heldout_after.jsonl", AFTER_FLAGS];
+        if checkpoint.is_none() {
+            stale.push("metrics.jsonl");
+            remove_checkpoints(dir)?;
+        }
+        for name in stale {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        let recipe_text = serde_norway::to_string(&recipe.yaml)?;
+        std::fs::write(&recipe_path, recipe_text).with_context(|| format!("cannot write {}", recipe_path.display()))?;
+        std::fs::write(dir.join("command.txt"), format!("{}\n", row.command))?;
+    }
+    if let Some(checkpoint) = &checkpoint {
+        train_args.extend(["--resume-from-checkpoint".into(), checkpoint.display().to_string()]);
+    }
 
     // Held-out data and the base model's score on it.
     let heldout = match &args.held_out {
@@ -464,7 +560,15 @@ fn one_run(
             let folder = out.join("baseline").join(format!("{}-{next}", recipe.trainer));
             let scored = std::fs::create_dir_all(&folder)
                 .map_err(anyhow::Error::from)
-                .and_then(|_| score(&flags, &folder.join("heldout.json"), &folder.join("eval.log")))
+                .and_then(|_| {
+                    score_reusing(
+                        &flags,
+                        &folder.join("heldout.json"),
+                        &folder.join("eval.log"),
+                        &folder.join("flags.json"),
+                        args.rerun,
+                    )
+                })
                 .map_err(|e| error_text(&e));
             if let Ok(scored) = &scored {
                 let (dataset, split) = heldout;
@@ -479,13 +583,32 @@ fn one_run(
         });
         match scored {
             Ok(scored) => row.heldout_before = scored.accuracy,
-            Err(error) => row.error = Some(format!("held-out evaluation of the base model ({}): {error}", relative(folder, out))),
+            Err(error) => {
+                row.error = Some(format!("held-out evaluation of the base model ({}): {error}", relative(folder, out)))
+            }
         }
     }
 
-    let wall = child(&train_args, None, &dir.join("train.log"));
+    let trained = match (&finished, &checkpoint) {
+        (Some(folder), _) => {
+            eprintln!("  reusing the finished run in {} (same recipe; --rerun trains it again)", folder.display());
+            Trained::Reused(folder.clone())
+        }
+        (None, Some(checkpoint)) => {
+            eprintln!("  resuming from {}", checkpoint.display());
+            Trained::Resumed(checkpoint.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()))
+        }
+        (None, None) => Trained::Now,
+    };
+    let wall = match finished {
+        Some(_) => read_json(&dir.join(FINISHED)).map(|f| f["wall_seconds"].as_f64().unwrap_or(f64::NAN)),
+        None => child(&train_args, None, &dir.join("train.log")),
+    };
     row.metrics = report::read_metrics(&dir.join("metrics.jsonl")).unwrap_or_default();
     let wall = wall?;
+    if matches!(trained, Trained::Now | Trained::Resumed(_)) {
+        std::fs::write(dir.join(FINISHED), serde_json::json!({ "wall_seconds": wall }).to_string())?;
+    }
     row.wall_seconds = Some(wall);
     let summary = read_json(&dir.join("train_summary.json"))?;
     row.final_loss = summary["final_loss"].as_f64();
@@ -497,7 +620,14 @@ fn one_run(
     if let Some(heldout) = heldout {
         let mut flags = recipe.eval_flags(&dir.display().to_string(), heldout, recipe.reference().as_deref(), true);
         flags.extend(["--output".into(), dir.join("heldout_after.jsonl").display().to_string()]);
-        match score(&flags, &dir.join("heldout_after.json"), &dir.join("heldout_after.log")) {
+        let scored = score_reusing(
+            &flags,
+            &dir.join("heldout_after.json"),
+            &dir.join("heldout_after.log"),
+            &dir.join(AFTER_FLAGS),
+            args.rerun,
+        );
+        match scored {
             Ok(scored) => {
                 row.heldout_after = scored.accuracy;
                 row.heldout_margin = scored.margin;
@@ -506,6 +636,39 @@ fn one_run(
                 row.error.get_or_insert(format!("held-out evaluation after training: {}", error_text(&error)));
             }
         }
+    }
+    Ok(trained)
+}
+
+/// Whether `folder` holds a run of `recipe` (the same trainer and the same keys and values, in any order).
+fn same_run(folder: &Path, recipe: &Recipe) -> bool {
+    let trainer = std::fs::read_to_string(folder.join("command.txt"))
+        .is_ok_and(|command| command.split_whitespace().nth(1) == Some(recipe.trainer.as_str()));
+    let yaml = std::fs::read_to_string(folder.join("recipe.yaml")).ok().and_then(|t| serde_norway::from_str::<Mapping>(&t).ok());
+    trainer && yaml.as_ref() == Some(&recipe.yaml)
+}
+
+/// Whether `folder` holds a finished run of `recipe`, trained by a compare.
+fn finished_run_of(folder: &Path, recipe: &Recipe) -> bool {
+    folder.join(FINISHED).exists() && folder.join("train_summary.json").exists() && same_run(folder, recipe)
+}
+
+/// The run folders of an earlier compare's OUTPUT_DIR.
+fn run_folders(compare_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(compare_dir.join("runs")) else { return Vec::new() };
+    let mut folders: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    folders.sort();
+    folders
+}
+
+/// The newest `checkpoint-<step>` folder in `dir` (the trainer writes them whole, by renaming).
+fn newest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    list_checkpoints(dir).ok()?.pop().map(|(_, path)| path)
+}
+
+fn remove_checkpoints(dir: &Path) -> Result<()> {
+    for (_, path) in list_checkpoints(dir)? {
+        std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove the stale {}", path.display()))?;
     }
     Ok(())
 }
