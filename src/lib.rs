@@ -23,3 +23,26 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TOP_PAD, 1 << 30);
     }
 }
+
+/// Hands free heap memory back to the kernel whenever the heap grew by more than an eighth over its largest size
+/// so far. `tune_allocator` keeps freed memory for the next step, which costs nothing while steps repeat the same
+/// shapes (the heap settles after the first steps, and this stops trimming) but fragments the heap when they
+/// vary: by step 60 of an HH-RLHF DPO run the heap held 3.6 GB free beside 2.9 GB in use, all of it resident,
+/// and kept growing. Called between training steps.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static LARGEST_HEAP: AtomicUsize = AtomicUsize::new(0);
+        // SAFETY: mallinfo2 reads allocator statistics; malloc_trim only releases free pages.
+        unsafe {
+            let info = libc::mallinfo2();
+            let largest = LARGEST_HEAP.load(Ordering::Relaxed);
+            if info.arena > largest + largest / 8 {
+                LARGEST_HEAP.store(info.arena, Ordering::Relaxed);
+                libc::malloc_trim(0);
+                tracing::debug!("heap grew to {} MiB ({} MiB in use): free pages released", info.arena >> 20, info.uordblks >> 20);
+            }
+        }
+    }
+}

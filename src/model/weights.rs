@@ -143,13 +143,15 @@ pub fn is_ignorable_extra(name: &str) -> bool {
     name.ends_with("rotary_emb.inv_freq")
 }
 
-struct OwnedView {
+/// A tensor as safetensors writes it. Its bytes are read only when written, one tensor at a time, so saving never
+/// holds a second copy of the whole model or optimizer state (a contiguous CPU tensor is not copied at all).
+struct SavedTensor {
     dtype: Dtype,
     shape: Vec<usize>,
-    data: Vec<u8>,
+    tensor: Tensor,
 }
 
-impl safetensors::View for &OwnedView {
+impl safetensors::View for &SavedTensor {
     fn dtype(&self) -> Dtype {
         self.dtype
     }
@@ -157,14 +159,22 @@ impl safetensors::View for &OwnedView {
         &self.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
+        if self.tensor.device() == tch::Device::Cpu && self.tensor.is_contiguous() {
+            // SAFETY: a contiguous CPU tensor holds data_len() bytes from data_ptr(), alive while self.tensor is.
+            let bytes = unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, self.data_len()) };
+            return std::borrow::Cow::Borrowed(bytes);
+        }
+        let tensor = self.tensor.to_device(tch::Device::Cpu).contiguous();
+        let mut data = vec![0u8; self.data_len()];
+        tensor.copy_data_u8(&mut data, tensor.numel());
+        std::borrow::Cow::Owned(data)
     }
     fn data_len(&self) -> usize {
-        self.data.len()
+        self.tensor.numel() * self.tensor.kind().elt_size_in_bytes()
     }
 }
 
-fn to_owned_view(tensor: &Tensor) -> Result<OwnedView> {
+fn saved_tensor(tensor: &Tensor) -> Result<SavedTensor> {
     let dtype = match tensor.kind() {
         Kind::Float => Dtype::F32,
         Kind::BFloat16 => Dtype::BF16,
@@ -172,22 +182,19 @@ fn to_owned_view(tensor: &Tensor) -> Result<OwnedView> {
         Kind::Int64 => Dtype::I64,
         other => bail!("cannot save a tensor of kind {other:?}"),
     };
-    let tensor = tensor.to_device(tch::Device::Cpu).contiguous();
-    let numel = tensor.numel();
-    let mut data = vec![0u8; numel * tensor.kind().elt_size_in_bytes()];
-    tensor.copy_data_u8(&mut data, numel);
-    Ok(OwnedView { dtype, shape: tensor.size().iter().map(|&d| d as usize).collect(), data })
+    let shape = tensor.size().iter().map(|&d| d as usize).collect();
+    Ok(SavedTensor { dtype, shape, tensor: tensor.detach() })
 }
 
 /// Writes `tensors` as `model.safetensors`, or as `model-0000i-of-0000n.safetensors` shards plus
 /// `model.safetensors.index.json` when they exceed `max_shard_bytes` (transformers' layout).
 pub fn save_safetensors(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: usize) -> Result<Vec<PathBuf>> {
-    let mut shards: Vec<Vec<(&String, OwnedView)>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<(&String, SavedTensor)>> = vec![Vec::new()];
     let mut shard_bytes = 0usize;
     let mut total_bytes = 0usize;
     for (name, tensor) in tensors {
-        let view = to_owned_view(tensor).with_context(|| format!("tensor {name}"))?;
-        let size = view.data.len();
+        let view = saved_tensor(tensor).with_context(|| format!("tensor {name}"))?;
+        let size = safetensors::View::data_len(&&view);
         if shard_bytes > 0 && shard_bytes + size > max_shard_bytes {
             shards.push(Vec::new());
             shard_bytes = 0;
@@ -223,12 +230,12 @@ pub fn save_safetensors(dir: &Path, tensors: &[(String, Tensor)], max_shard_byte
 pub fn save_safetensors_file(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let views = tensors
         .iter()
-        .map(|(name, tensor)| Ok((name, to_owned_view(tensor).with_context(|| format!("tensor {name}"))?)))
+        .map(|(name, tensor)| Ok((name, saved_tensor(tensor).with_context(|| format!("tensor {name}"))?)))
         .collect::<Result<Vec<_>>>()?;
     write_views(path, &views)
 }
 
-fn write_views(path: &Path, views: &[(&String, OwnedView)]) -> Result<()> {
+fn write_views(path: &Path, views: &[(&String, SavedTensor)]) -> Result<()> {
     let metadata: Option<std::collections::HashMap<String, String>> = Some([("format".to_string(), "pt".to_string())].into());
     write_atomically(path, |tmp| {
         safetensors::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), metadata, tmp).map_err(anyhow::Error::from)
