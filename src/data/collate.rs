@@ -3,9 +3,6 @@
 //! the same layout over its already-truncated sequences. Also the (seeded) order in which pairs are visited.
 
 use crate::data::tokenize::{Sequence, TokenizedPair};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use tch::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,14 +64,19 @@ pub enum SamplingStrategy {
     Random,
 }
 
-/// The order in which to visit `len` pairs in `epoch`: the same seed and epoch always give the same order.
+/// The order in which to visit `len` pairs in `epoch`: the same seed and epoch always give the same order, and
+/// it is TRL's. transformers' Trainer samples through accelerate's `SeedableRandomSampler`, which draws
+/// `torch.randperm(len)` from a generator seeded with `seed + epoch`; torch's CPU randperm is this Fisher-Yates
+/// shuffle over MT19937 (checked against torch in the test below).
 pub fn epoch_order(len: usize, strategy: SamplingStrategy, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..len).collect();
     if strategy == SamplingStrategy::Random {
-        // ChaCha8 is value-stable across platforms and rand_chacha releases; one stream per epoch.
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(epoch);
-        order.shuffle(&mut rng);
+        // torch seeds its mt19937 with the low 32 bits of the seed.
+        let mut generator = rand_mt::Mt::new(seed.wrapping_add(epoch) as u32);
+        for i in 0..len.saturating_sub(1) {
+            let z = generator.next_u32() as usize % (len - i);
+            order.swap(i, i + z);
+        }
     }
     order
 }
@@ -93,5 +95,14 @@ mod tests {
         sorted.sort();
         assert_eq!(sorted, (0..50).collect::<Vec<_>>());
         assert_eq!(epoch_order(5, SamplingStrategy::Sequential, 42, 3), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn random_order_is_torchs_randperm() {
+        // torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist() with torch 2.11
+        assert_eq!(epoch_order(789, SamplingStrategy::Random, 42, 0)[..8], [672, 428, 338, 103, 355, 316, 94, 409]);
+        assert_eq!(epoch_order(789, SamplingStrategy::Random, 42, 1)[..8], [154, 509, 579, 580, 364, 687, 249, 156]);
+        assert_eq!(epoch_order(11, SamplingStrategy::Random, 42, 0)[..8], [6, 8, 9, 2, 1, 10, 0, 7]);
+        assert_eq!(epoch_order(3, SamplingStrategy::Random, 1, 0), [1, 2, 0]);
     }
 }
