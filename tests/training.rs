@@ -89,8 +89,8 @@ fn check_layout(name: &str, layout: PackOptions) {
         per_device_eval_batch_size: 4,
         skip_nonfinite: false,
         resume_from_checkpoint: None,
-        seed: 42,
-        sampling: SamplingStrategy::Sequential,
+        seed: f("seed") as u64,
+        sampling: if s("train_sampling_strategy") == "random" { SamplingStrategy::Random } else { SamplingStrategy::Sequential },
         pad_id: 2,
         truncation: is_dpo.then_some((f("max_length") as usize, TruncationMode::KeepStart)),
         layout,
@@ -149,6 +149,12 @@ fn dpo_hinge() {
 #[test]
 fn dpo_robust_label_smoothing() {
     check("training/dpo_robust");
+}
+
+/// TRL's default random sampling: the same seeded batches (torch.randperm per epoch), so the same trajectory.
+#[test]
+fn dpo_random_order() {
+    check("training/dpo_random_order");
 }
 
 #[test]
