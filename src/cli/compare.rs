@@ -136,11 +136,7 @@ fn plan(args: &CompareArgs) -> Result<Vec<Planned>> {
     }
     let names: Vec<String> = match args.names.is_empty() {
         false => args.names.clone(),
-        true => args
-            .recipes
-            .iter()
-            .map(|p| p.file_stem().map_or("recipe".into(), |s| s.to_string_lossy().into_owned()))
-            .collect(),
+        true => args.recipes.iter().map(|p| p.file_stem().map_or("recipe".into(), |s| s.to_string_lossy().into_owned())).collect(),
     };
     let trainers: Vec<Option<String>> = match args.trainers.len() {
         0 => vec![None; args.recipes.len()],
@@ -180,8 +176,7 @@ fn folder_name(name: &str) -> String {
 fn find_arg<'a>(command: &'a clap::Command, key: &str) -> Option<&'a clap::Arg> {
     let long = key.replace('_', "-");
     command.get_arguments().find(|a| {
-        a.get_long() == Some(long.as_str())
-            || a.get_all_aliases().is_some_and(|aliases| aliases.contains(&long.as_str()))
+        a.get_long() == Some(long.as_str()) || a.get_all_aliases().is_some_and(|aliases| aliases.contains(&long.as_str()))
     })
 }
 
@@ -191,8 +186,7 @@ fn is_switch(arg: &clap::Arg) -> bool {
 
 fn read_recipe(path: &Path, trainer: Option<&str>, grid: Option<&(String, String)>) -> Result<Recipe> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
-    let value: Value =
-        serde_norway::from_str(&text).with_context(|| format!("{} is not valid YAML", path.display()))?;
+    let value: Value = serde_norway::from_str(&text).with_context(|| format!("{} is not valid YAML", path.display()))?;
     let Value::Mapping(mut yaml) = value else {
         bail!("{}: expected a mapping of keys to values at the top level", path.display());
     };
@@ -212,14 +206,11 @@ fn read_recipe(path: &Path, trainer: Option<&str>, grid: Option<&(String, String
     yaml.remove("output_dir");
     let command = super::Cli::command().find_subcommand(&trainer).expect("dpo, orpo and cpo are subcommands").clone();
     if let Some((key, value)) = grid.filter(|(key, _)| key != "trainer") {
-        let arg = find_arg(&command, key).with_context(|| {
-            format!("--grid {key}: `prefalign {trainer}` has no such flag (see prefalign {trainer} --help)")
-        })?;
+        let arg = find_arg(&command, key)
+            .with_context(|| format!("--grid {key}: `prefalign {trainer}` has no such flag (see prefalign {trainer} --help)"))?;
         let long = arg.get_long().expect("found by its long name").to_string();
         // Drop the key under any of its names, then set it under the snake_case of the flag.
-        yaml.retain(|k, _| {
-            k.as_str().and_then(|k| find_arg(&command, k)).and_then(|a| a.get_long()) != Some(long.as_str())
-        });
+        yaml.retain(|k, _| k.as_str().and_then(|k| find_arg(&command, k)).and_then(|a| a.get_long()) != Some(long.as_str()));
         let value = if is_switch(arg) {
             Value::Bool(value.parse().with_context(|| format!("--grid {key}: {value:?} is not true or false"))?)
         } else {
@@ -259,13 +250,7 @@ impl Recipe {
     /// `prefalign eval` flags for `model` on `dataset` with this recipe's data settings; `reference` for DPO.
     /// `with_beta`: pass the recipe's β (rewards and margins); the preference accuracy does not depend on it, so
     /// base models are scored without it and a β grid shares one baseline.
-    fn eval_flags(
-        &self,
-        model: &str,
-        (dataset, split): (&str, &str),
-        reference: Option<&str>,
-        with_beta: bool,
-    ) -> Vec<String> {
+    fn eval_flags(&self, model: &str, (dataset, split): (&str, &str), reference: Option<&str>, with_beta: bool) -> Vec<String> {
         let mut flags = vec!["eval".to_string(), "--model".into(), model.into(), "--dataset".into(), dataset.into()];
         flags.extend(["--dataset-split".into(), split.into()]);
         const PASSED: [&str; 16] = [
@@ -287,9 +272,7 @@ impl Recipe {
             "pack-tokens",
         ];
         for long in PASSED {
-            let (Some(value), Some(arg)) = (self.flags.get(long), find_arg(&self.command, long)) else {
-                continue;
-            };
+            let (Some(value), Some(arg)) = (self.flags.get(long), find_arg(&self.command, long)) else { continue };
             if is_switch(arg) {
                 if matches!(value, Value::Bool(true)) {
                     flags.push(format!("--{long}"));
@@ -377,7 +360,8 @@ fn score(flags: &[String], json: &Path, log: &Path) -> Result<Scored> {
 
 /// What a `prefalign eval` run left in `json` (its metrics) and `log` (the count of pairs scored).
 fn read_scored(json: &Path, log: &Path) -> Result<Scored> {
-    let metrics = read_json(json)?;
+    let text = std::fs::read_to_string(json).with_context(|| format!("cannot read {}", json.display()))?;
+    let metrics: Json = serde_json::from_str(&text).with_context(|| format!("{} is not the JSON prefalign eval prints", json.display()))?;
     let pairs = std::fs::read_to_string(log).ok().and_then(|log| {
         log.lines().find_map(|l| l.split_once(" pairs scored").and_then(|(n, _)| n.trim().parse().ok()))
     });
@@ -560,15 +544,7 @@ fn one_run(
             let folder = out.join("baseline").join(format!("{}-{next}", recipe.trainer));
             let scored = std::fs::create_dir_all(&folder)
                 .map_err(anyhow::Error::from)
-                .and_then(|_| {
-                    score_reusing(
-                        &flags,
-                        &folder.join("heldout.json"),
-                        &folder.join("eval.log"),
-                        &folder.join("flags.json"),
-                        args.rerun,
-                    )
-                })
+                .and_then(|_| score_reusing(&flags, &folder.join("heldout.json"), &folder.join("eval.log"), &folder.join("flags.json"), args.rerun))
                 .map_err(|e| error_text(&e));
             if let Ok(scored) = &scored {
                 let (dataset, split) = heldout;
@@ -583,9 +559,7 @@ fn one_run(
         });
         match scored {
             Ok(scored) => row.heldout_before = scored.accuracy,
-            Err(error) => {
-                row.error = Some(format!("held-out evaluation of the base model ({}): {error}", relative(folder, out)))
-            }
+            Err(error) => row.error = Some(format!("held-out evaluation of the base model ({}): {error}", relative(folder, out))),
         }
     }
 
@@ -620,14 +594,8 @@ fn one_run(
     if let Some(heldout) = heldout {
         let mut flags = recipe.eval_flags(&dir.display().to_string(), heldout, recipe.reference().as_deref(), true);
         flags.extend(["--output".into(), dir.join("heldout_after.jsonl").display().to_string()]);
-        let scored = score_reusing(
-            &flags,
-            &dir.join("heldout_after.json"),
-            &dir.join("heldout_after.log"),
-            &dir.join(AFTER_FLAGS),
-            args.rerun,
-        );
-        match scored {
+        let (json, log) = (dir.join("heldout_after.json"), dir.join("heldout_after.log"));
+        match score_reusing(&flags, &json, &log, &dir.join(AFTER_FLAGS), args.rerun) {
             Ok(scored) => {
                 row.heldout_after = scored.accuracy;
                 row.heldout_margin = scored.margin;
