@@ -5,6 +5,9 @@
 //! when the torch install carries the CUDA libraries it needs (the lean CPU install in scripts/setup.sh does not:
 //! there the binary links libtorch_cpu and c10 only).
 //! The rpath lets `prefalign` find libtorch from any directory.
+//!
+//! It also compiles the one C++ function prefalign calls, torch's fused AdamW (src/train/fused_adamw.cpp), against
+//! the same libtorch's headers and C++ ABI as torch-sys's own C++ wrapper.
 use std::path::Path;
 
 fn main() {
@@ -20,6 +23,23 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+    compile_fused_adamw(lib);
+}
+
+fn compile_fused_adamw(torch_lib: &Path) {
+    println!("cargo:rerun-if-changed=src/train/fused_adamw.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let include = torch_lib.parent().expect("libtorch's lib folder has a parent").join("include");
+    let cxx11_abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    cc::Build::new()
+        .cpp(true)
+        .file("src/train/fused_adamw.cpp")
+        .include(&include)
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .warnings(false)
+        .compile("prefalign_fused_adamw");
 }
 
 /// `libtorch_cuda.so` is present in every PyPI wheel, but it loads only when cuDNN and the other CUDA wheels

@@ -4,6 +4,9 @@ docs/RESULTS.md: the two trainers compared on the same work.
     .venv-fixtures/bin/python tools/results/trl_recipe.py --recipe recipes/hh_dpo.yaml --trainer dpo \
         --output-dir runs/trl-hh-dpo [--seed 42] [--max-steps N]
 
+Run it again with the same arguments and it resumes from the newest checkpoint under <output-dir>/trl (the
+recipe's save_steps); TRL caches the precomputed reference log-probs, so a resumed run does not recompute them.
+
 Same rows: `prefalign data export` writes the training and held-out pairs exactly as prefalign reads them
 (HH-RLHF transcripts become conversational prompt / chosen / rejected), and TRL tokenizes them by its own rules
 (prefalign's tokenization equals TRL's: tests/trl_data.rs). Same model: `prefalign convert` turns the GGUF into
@@ -15,6 +18,7 @@ output exactly as `prefalign compare` scores its own runs, so both trainers are 
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,9 +28,11 @@ import datasets
 import transformers
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-PREFALIGN = ROOT / "target" / "release" / "prefalign"
+# PREFALIGN_BIN: a copy of the binary, so that rebuilding target/ during a run of hours does not pull it away
+PREFALIGN = Path(os.environ.get("PREFALIGN_BIN", ROOT / "target" / "release" / "prefalign"))
 datasets.disable_progress_bars()
 transformers.logging.set_verbosity_error()
 
@@ -100,9 +106,11 @@ def main():
         # transformers 5: a warmup_steps below 1 is a ratio of the total steps (ceil), as warmup_ratio was
         warmup_steps=recipe.get("warmup_steps") or recipe.get("warmup_ratio", 0.0),
         per_device_train_batch_size=recipe["per_device_train_batch_size"],
-        per_device_eval_batch_size=recipe.get("per_device_eval_batch_size", 8), max_steps=recipe["max_steps"],
+        per_device_eval_batch_size=recipe.get("per_device_eval_batch_size", 8), max_steps=recipe.get("max_steps", -1),
+        num_train_epochs=recipe.get("num_train_epochs", 1),
         logging_steps=recipe.get("logging_steps", 10), eval_strategy="steps", eval_steps=recipe.get("eval_steps", 50),
-        save_strategy="no", report_to=[], seed=recipe.get("seed", 42), beta=recipe["beta"],
+        save_strategy="steps" if recipe.get("save_steps") else "no", save_steps=recipe.get("save_steps", 500),
+        save_total_limit=recipe.get("save_total_limit"), report_to=[], seed=recipe.get("seed", 42), beta=recipe["beta"],
         max_length=recipe["max_length"], bf16=bool(recipe.get("bf16", False)),
         gradient_checkpointing=bool(recipe.get("gradient_checkpointing", False)), use_cpu=True,
     )
@@ -119,7 +127,10 @@ def main():
     reference = model_dir if args.trainer == "dpo" else None
     before = held_out_scores(model_dir, recipe, args.trainer, out / "held_out_before.jsonl", reference, args.limit) if args.score_base else None
     started = time.time()
-    trainer.train()
+    checkpoint = get_last_checkpoint(str(out / "trl")) if (out / "trl").is_dir() else None
+    if checkpoint:
+        print(f"resuming from {checkpoint}", flush=True)
+    trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.time() - started
     trained = out / "trained-model"
     trainer.save_model(str(trained))
@@ -127,7 +138,7 @@ def main():
     after = held_out_scores(trained, recipe, args.trainer, out / "held_out_after.jsonl", reference, args.limit)
     summary = {
         "trainer": f"trl {__import__('trl').__version__} {args.trainer}", "recipe": args.recipe, "seed": recipe.get("seed", 42),
-        "max_steps": recipe["max_steps"], "train_seconds": seconds, "held_out_before": before, "held_out_after": after,
+        "max_steps": trainer.state.max_steps, "resumed_from": checkpoint, "train_seconds": seconds, "held_out_before": before, "held_out_after": after,
         "log_history": trainer.state.log_history,
     }
     (out / "trl_summary.json").write_text(json.dumps(summary, indent=1))
