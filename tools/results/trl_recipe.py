@@ -5,7 +5,10 @@ docs/RESULTS.md: the two trainers compared on the same work.
         --output-dir runs/trl-hh-dpo [--seed 42] [--max-steps N]
 
 Run it again with the same arguments and it resumes from the newest checkpoint under <output-dir>/trl (the
-recipe's save_steps); TRL caches the precomputed reference log-probs, so a resumed run does not recompute them.
+recipe's save_steps). A resumed run computes the reference log-probs again before it goes on (seen in a
+`--limit 16` check); on the full HH recipe that is TRL's slowest part here (about 12 s per batch of 8 pairs).
+Keep --max-steps as it was: the learning-rate schedule comes back from the checkpoint, so a resumed run with a
+larger --max-steps trains its extra steps at the old schedule's end (lr 0).
 
 Same rows: `prefalign data export` writes the training and held-out pairs exactly as prefalign reads them
 (HH-RLHF transcripts become conversational prompt / chosen / rejected), and TRL tokenizes them by its own rules
