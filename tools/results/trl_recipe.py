@@ -5,10 +5,15 @@ docs/RESULTS.md: the two trainers compared on the same work.
         --output-dir runs/trl-hh-dpo [--seed 42] [--max-steps N]
 
 Run it again with the same arguments and it resumes from the newest checkpoint under <output-dir>/trl (the
-recipe's save_steps). A resumed run computes the reference log-probs again before it goes on (seen in a
-`--limit 16` check); on the full HH recipe that is TRL's slowest part here (about 12 s per batch of 8 pairs).
-Keep --max-steps as it was: the learning-rate schedule comes back from the checkpoint, so a resumed run with a
-larger --max-steps trains its extra steps at the old schedule's end (lr 0).
+recipe's save_steps). Keep --max-steps as it was: the learning-rate schedule comes back from the checkpoint, so a
+resumed run with a larger --max-steps trains its extra steps at the old schedule's end (lr 0).
+
+DPO's reference log-probs are TRL's slowest part here (about 12 s per batch of 8 HH pairs, an hour for the HH
+recipe), and TRL computes them again on every start, resumes included. So the script writes TRL's own values to
+--ref-logps (default <output-dir>/trl_ref_logps.json) once TRL has computed them, and a later start with that
+file hands them back to TRL instead of computing them again: the same numbers, checked against a digest of the
+tokenized rows they belong to. `--no-gradient-checkpointing` turns off a recipe's gradient checkpointing: the same
+gradients for about a quarter less time per step and more memory (TRL's time and memory are then not the recipe's).
 
 Same rows: `prefalign data export` writes the training and held-out pairs exactly as prefalign reads them
 (HH-RLHF transcripts become conversational prompt / chosen / rejected), and TRL tokenizes them by its own rules
@@ -20,6 +25,7 @@ output exactly as `prefalign compare` scores its own runs, so both trainers are 
 (`--score-base` scores the untrained model too). Writes <output-dir>/trl_summary.json.
 """
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -76,6 +82,39 @@ def held_out_scores(model_dir, recipe, trainer, out, reference=None, limit=None)
     return json.loads(result.stdout)
 
 
+def rows_digest(dataset):
+    """A digest of the tokenized pairs, to check that saved reference log-probs belong to these rows."""
+    rows = dataset.select_columns(["chosen_ids", "rejected_ids"]).to_dict()
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def replaying(trainer_class, saved):
+    """`trainer_class` taking the reference log-probs of a split from `saved` (what an earlier start wrote, TRL's
+    own values) instead of computing them again."""
+
+    class Replaying(trainer_class):
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            if name not in saved:
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            split = saved[name]
+            if split["rows_digest"] != rows_digest(dataset):
+                raise SystemExit(f"the saved reference log-probs of the {name} split are for other rows; remove the "
+                                 "--ref-logps file to compute them again")
+            return dataset.add_column("ref_chosen_logps", split["ref_chosen_logps"]).add_column(
+                "ref_rejected_logps", split["ref_rejected_logps"])
+
+    return Replaying
+
+
+def save_ref_logps(trainer, path):
+    splits = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
+    columns = ["ref_chosen_logps", "ref_rejected_logps"]
+    path.write_text(json.dumps({"trl": __import__("trl").__version__} | {
+        name: {"rows_digest": rows_digest(dataset)} | dataset.select_columns(columns).to_dict()
+        for name, dataset in splits.items()}))
+    print(f"TRL's reference log-probs written to {path}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", required=True)
@@ -86,6 +125,10 @@ def main():
     parser.add_argument("--limit", type=int, help="only the first N rows of each split (a quick check of the script)")
     parser.add_argument("--score-base", action="store_true",
                         help="also score the untrained model (the same numbers as prefalign compare's baseline)")
+    parser.add_argument("--ref-logps", help="TRL's DPO reference log-probs: replayed if the file exists, else written "
+                        "once TRL has computed them (default <output-dir>/trl_ref_logps.json)")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true",
+                        help="same gradients, about a quarter less time per step, more memory")
     args = parser.parse_args()
     recipe = yaml.safe_load(open(ROOT / args.recipe))
     if args.seed is not None:
@@ -115,13 +158,22 @@ def main():
         save_strategy="steps" if recipe.get("save_steps") else "no", save_steps=recipe.get("save_steps", 500),
         save_total_limit=recipe.get("save_total_limit"), report_to=[], seed=recipe.get("seed", 42), beta=recipe["beta"],
         max_length=recipe["max_length"], bf16=bool(recipe.get("bf16", False)),
-        gradient_checkpointing=bool(recipe.get("gradient_checkpointing", False)), use_cpu=True,
+        gradient_checkpointing=bool(recipe.get("gradient_checkpointing", False)) and not args.no_gradient_checkpointing,
+        use_cpu=True,
     )
+    saved = {}  # TRL's reference log-probs from an earlier start
     if args.trainer == "dpo":
         from trl import DPOConfig, DPOTrainer
         config = DPOConfig(loss_type=recipe.get("loss_type", ["sigmoid"]),
                            precompute_ref_log_probs=bool(recipe.get("precompute_ref_log_probs", False)), **common)
-        trainer = DPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer)
+        ref_logps = Path(args.ref_logps) if args.ref_logps else out / "trl_ref_logps.json"
+        if config.precompute_ref_log_probs and ref_logps.exists():
+            saved = json.loads(ref_logps.read_text())
+            print(f"TRL's reference log-probs from {ref_logps}", flush=True)
+        trainer = replaying(DPOTrainer, saved)(model=model, args=config, train_dataset=train, eval_dataset=held_out,
+                                               processing_class=tokenizer)
+        if config.precompute_ref_log_probs and not saved:
+            save_ref_logps(trainer, ref_logps)
     else:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
         config = ORPOConfig(**common)
@@ -141,7 +193,8 @@ def main():
     after = held_out_scores(trained, recipe, args.trainer, out / "held_out_after.jsonl", reference, args.limit)
     summary = {
         "trainer": f"trl {__import__('trl').__version__} {args.trainer}", "recipe": args.recipe, "seed": recipe.get("seed", 42),
-        "max_steps": trainer.state.max_steps, "resumed_from": checkpoint, "train_seconds": seconds, "held_out_before": before, "held_out_after": after,
+        "max_steps": trainer.state.max_steps, "gradient_checkpointing": config.gradient_checkpointing,
+        "ref_logps_replayed": bool(saved), "resumed_from": checkpoint, "train_seconds": seconds, "held_out_before": before, "held_out_after": after,
         "log_history": trainer.state.log_history,
     }
     (out / "trl_summary.json").write_text(json.dumps(summary, indent=1))
