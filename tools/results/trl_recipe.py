@@ -13,7 +13,7 @@ recipe), and TRL computes them again on every start, resumes included. So the sc
 --ref-logps (default <output-dir>/trl_ref_logps.json) once TRL has computed them, and a later start with that
 file hands them back to TRL instead of computing them again: the same numbers, checked against a digest of the
 tokenized rows they belong to. `--no-gradient-checkpointing` turns off a recipe's gradient checkpointing: the same
-gradients for about a quarter less time per step and more memory (TRL's time and memory are then not the recipe's).
+gradients, no recomputation, more memory (on the HH DPO recipe: 21.4 GB resident within 10 steps and no faster).
 
 Same rows: `prefalign data export` writes the training and held-out pairs exactly as prefalign reads them
 (HH-RLHF transcripts become conversational prompt / chosen / rejected), and TRL tokenizes them by its own rules
@@ -128,7 +128,7 @@ def main():
     parser.add_argument("--ref-logps", help="TRL's DPO reference log-probs: replayed if the file exists, else written "
                         "once TRL has computed them (default <output-dir>/trl_ref_logps.json)")
     parser.add_argument("--no-gradient-checkpointing", action="store_true",
-                        help="same gradients, about a quarter less time per step, more memory")
+                        help="same gradients, no recomputation, more memory (HH DPO recipe: 21.4 GB, no faster)")
     args = parser.parse_args()
     recipe = yaml.safe_load(open(ROOT / args.recipe))
     if args.seed is not None:
