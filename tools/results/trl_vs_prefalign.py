@@ -1,0 +1,74 @@
+"""Prints a Markdown table of TRL's and prefalign's training logs side by side, per window of steps: the mean of
+the logged training loss, implicit reward accuracy, reward margin and gradient norm, and each trainer's held-out
+evaluations. For docs/RESULTS.md (the same recipe run by both trainers).
+
+    python3 tools/results/trl_vs_prefalign.py runs/trl-hh-dpo-full/trl_summary.json \
+        runs/hh-dpo-full/runs/seed=42/metrics.jsonl [more metrics.jsonl ...] [--window 50]
+
+The TRL file is trl_recipe.py's trl_summary.json or a checkpoint's trainer_state.json (both hold TRL's
+log_history); each prefalign file is a run's metrics.jsonl (one row per logging window, `eval_*` rows for
+evaluations). Both trainers log the same keys, averaged over the same logging windows.
+"""
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+KEYS = ["loss", "rewards/accuracies", "rewards/margins", "grad_norm"]
+EVAL_KEYS = ["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"]
+
+
+def read_log(path):
+    path = Path(path)
+    if path.suffix == ".json":
+        return json.loads(path.read_text())["log_history"]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def windows(rows, width):
+    """{(first step, last step) of the window: {key: mean over the training rows logged in it}}"""
+    grouped = {}
+    for row in rows:
+        if "loss" in row and "step" in row:
+            grouped.setdefault((row["step"] - 1) // width, []).append(row)
+    return {(w * width + 1, (w + 1) * width): {k: statistics.mean(r[k] for r in rs) for k in KEYS}
+            for w, rs in sorted(grouped.items())}
+
+
+def evaluations(rows):
+    return {row["step"]: row for row in rows if "eval_loss" in row and "step" in row}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("trl")
+    parser.add_argument("prefalign", nargs="+")
+    parser.add_argument("--window", type=int, default=50)
+    args = parser.parse_args()
+    logs = {"TRL": read_log(args.trl)} | {Path(p).parent.name or p: read_log(p) for p in args.prefalign}
+
+    print(f"Training rows, mean per {args.window} steps (loss / reward acc. / margin / grad norm):\n")
+    print("| steps | " + " | ".join(logs) + " |")
+    print("|---|" + "---|" * len(logs))
+    per_trainer = {name: windows(rows, args.window) for name, rows in logs.items()}
+    for first, last in sorted(set().union(*per_trainer.values())):
+        cells = []
+        for table in per_trainer.values():
+            row = table.get((first, last))
+            cells.append(" / ".join(f"{row[k]:.3f}" for k in KEYS) if row else "–")
+        print(f"| {first}–{last} | " + " | ".join(cells) + " |")
+
+    print("\nHeld-out evaluations (eval loss / reward acc. / margin):\n")
+    print("| step | " + " | ".join(logs) + " |")
+    print("|---|" + "---|" * len(logs))
+    per_trainer = {name: evaluations(rows) for name, rows in logs.items()}
+    for step in sorted(set().union(*per_trainer.values())):
+        cells = []
+        for table in per_trainer.values():
+            row = table.get(step)
+            cells.append(" / ".join(f"{row[k]:.3f}" for k in EVAL_KEYS) if row else "–")
+        print(f"| {step} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
