@@ -39,6 +39,18 @@ def evaluations(rows):
     return {row["step"]: row for row in rows if "eval_loss" in row and "step" in row}
 
 
+def print_table(title, first_column, per_trainer, keys):
+    """One Markdown row per window or step that any trainer logged, one column per trainer."""
+    print(f"{title}\n")
+    print(f"| {first_column} | " + " | ".join(per_trainer) + " |")
+    print("|---|" + "---|" * len(per_trainer))
+    for at in sorted(set().union(*per_trainer.values())):
+        rows = [table.get(at) for table in per_trainer.values()]
+        cells = [" / ".join(f"{row[k]:.3f}" for k in keys) if row else "–" for row in rows]
+        label = f"{at[0]}–{at[1]}" if isinstance(at, tuple) else at
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("trl")
@@ -47,28 +59,11 @@ def main():
     args = parser.parse_args()
     logs = {"TRL": read_log(args.trl)} | {Path(p).parent.name or p: read_log(p) for p in args.prefalign}
 
-    print(f"Training rows, mean per {args.window} steps (loss / reward acc. / margin / grad norm):\n")
-    print("| steps | " + " | ".join(logs) + " |")
-    print("|---|" + "---|" * len(logs))
-    per_trainer = {name: windows(rows, args.window) for name, rows in logs.items()}
-    for first, last in sorted(set().union(*per_trainer.values())):
-        cells = []
-        for table in per_trainer.values():
-            row = table.get((first, last))
-            cells.append(" / ".join(f"{row[k]:.3f}" for k in KEYS) if row else "–")
-        print(f"| {first}–{last} | " + " | ".join(cells) + " |")
-
-    print("\nHeld-out evaluations (eval loss / reward acc. / margin):\n")
-    print("| step | " + " | ".join(logs) + " |")
-    print("|---|" + "---|" * len(logs))
-    per_trainer = {name: evaluations(rows) for name, rows in logs.items()}
-    for step in sorted(set().union(*per_trainer.values())):
-        cells = []
-        for table in per_trainer.values():
-            row = table.get(step)
-            cells.append(" / ".join(f"{row[k]:.3f}" for k in EVAL_KEYS) if row else "–")
-        print(f"| {step} | " + " | ".join(cells) + " |")
-
+    print_table(f"Training rows, mean per {args.window} steps (loss / reward acc. / margin / grad norm):", "steps",
+                {name: windows(rows, args.window) for name, rows in logs.items()}, KEYS)
+    print()
+    print_table("Held-out evaluations (eval loss / reward acc. / margin):", "step",
+                {name: evaluations(rows) for name, rows in logs.items()}, EVAL_KEYS)
 
 if __name__ == "__main__":
     main()
