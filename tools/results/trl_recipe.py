@@ -13,10 +13,11 @@ recipe), and TRL computes them again on every start, resumes included. So the sc
 --ref-logps (default <output-dir>/trl_ref_logps.json) once TRL has computed them, and a later start with that
 file hands them back to TRL instead of computing them again: the same numbers, checked against a digest of the
 tokenized rows they belong to. `--no-gradient-checkpointing` turns off a recipe's gradient checkpointing: the same
-gradients, no recomputation, more memory (on the HH DPO recipe: 21.4 GB resident within 10 steps and no faster).
+gradients, no recomputation, more memory (on the HH DPO recipe: 21.9 GB resident within 10 steps and no faster).
 `--no-eval` skips TRL's own held-out evaluations (every eval_steps and at the end; 5.7 minutes each on the HH
 recipe) for the rest of a run, resumes included; training is the same (evaluation draws no random numbers and
-the data order comes from the seed), and the held-out scores after training still come from `prefalign eval`.
+the data order comes from the seed), and the held-out scores after training still come from `prefalign eval`. ORPO: pairs whose prompt fills max_length
+are dropped after TRL's tokenization, as prefalign drops them (TRL would keep them and train on a NaN loss).
 
 Same rows: `prefalign data export` writes the training and held-out pairs exactly as prefalign reads them
 (HH-RLHF transcripts become conversational prompt / chosen / rejected), and TRL tokenizes them by its own rules
@@ -131,7 +132,7 @@ def main():
     parser.add_argument("--ref-logps", help="TRL's DPO reference log-probs: replayed if the file exists, else written "
                         "once TRL has computed them (default <output-dir>/trl_ref_logps.json)")
     parser.add_argument("--no-gradient-checkpointing", action="store_true",
-                        help="same gradients, no recomputation, more memory (HH DPO recipe: 21.4 GB, no faster)")
+                        help="same gradients, no recomputation, more memory (HH DPO recipe: 21.9 GB, no faster)")
     parser.add_argument("--no-eval", action="store_true",
                         help="skip TRL's own held-out evaluations during training (prefalign eval still scores the result)")
     args = parser.parse_args()
@@ -183,6 +184,15 @@ def main():
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
         config = ORPOConfig(**common)
         trainer = ORPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer)
+        # TRL keeps a pair whose prompt fills max_length: truncation empties its completion, its loss is NaN, and the
+        # first batch holding one turns every weight NaN. prefalign drops such pairs (and counts them); so does this
+        # script, after TRL's own tokenization, so that both train and evaluate on the same pairs.
+        for split in ("train_dataset", "eval_dataset"):
+            dataset = getattr(trainer, split)
+            kept = dataset.filter(lambda row: any(label != -100 for label in row["chosen_labels"])
+                                  and any(label != -100 for label in row["rejected_labels"]))
+            print(f"{split}: {len(kept)} pairs, {len(dataset) - len(kept)} dropped (empty completion after truncation)", flush=True)
+            setattr(trainer, split, kept)
 
     reference = model_dir if args.trainer == "dpo" else None
     before = held_out_scores(model_dir, recipe, args.trainer, out / "held_out_before.jsonl", reference, args.limit) if args.score_base else None

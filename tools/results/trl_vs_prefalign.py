@@ -1,6 +1,6 @@
 """Prints a Markdown table of TRL's and prefalign's training logs side by side, per window of steps: the mean of
-the logged training loss, implicit reward accuracy, reward margin and gradient norm, and each trainer's held-out
-evaluations. For docs/RESULTS.md (the same recipe run by both trainers).
+the logged training loss, implicit reward accuracy, reward margin and gradient norm (ORPO: loss, NLL of the
+chosen, log-odds ratio, reward accuracy, gradient norm), and each trainer's held-out evaluations. For docs/RESULTS.md (the same recipe run by both trainers).
 
     python3 tools/results/trl_vs_prefalign.py runs/trl-hh-dpo-full/trl_summary.json \
         runs/hh-dpo-full/runs/seed=42/metrics.jsonl [more metrics.jsonl ...] [--window 50]
@@ -14,8 +14,10 @@ import json
 import statistics
 from pathlib import Path
 
-KEYS = ["loss", "rewards/accuracies", "rewards/margins", "grad_norm"]
-EVAL_KEYS = ["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"]
+# (column, title) of the training rows' and the evaluations' keys, per objective
+DPO_KEYS = [("loss", "loss"), ("rewards/accuracies", "reward acc."), ("rewards/margins", "margin"), ("grad_norm", "grad norm")]
+ORPO_KEYS = [("loss", "loss"), ("nll_loss", "NLL"), ("log_odds_ratio", "log-odds ratio"),
+             ("rewards/accuracies", "reward acc."), ("grad_norm", "grad norm")]
 
 
 def read_log(path):
@@ -25,13 +27,13 @@ def read_log(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def windows(rows, width):
+def windows(rows, width, keys):
     """{(first step, last step) of the window: {key: mean over the training rows logged in it}}"""
     grouped = {}
     for row in rows:
         if "loss" in row and "step" in row:
             grouped.setdefault((row["step"] - 1) // width, []).append(row)
-    return {(w * width + 1, (w + 1) * width): {k: statistics.mean(r[k] for r in rs) for k in KEYS}
+    return {(w * width + 1, (w + 1) * width): {k: statistics.mean(r[k] for r in rs) for k in keys}
             for w, rs in sorted(grouped.items())}
 
 
@@ -59,11 +61,14 @@ def main():
     args = parser.parse_args()
     logs = {"TRL": read_log(args.trl)} | {Path(p).parent.name or p: read_log(p) for p in args.prefalign}
 
-    print_table(f"Training rows, mean per {args.window} steps (loss / reward acc. / margin / grad norm):", "steps",
-                {name: windows(rows, args.window) for name, rows in logs.items()}, KEYS)
+    columns = ORPO_KEYS if any("nll_loss" in row for row in logs["TRL"]) else DPO_KEYS
+    keys = [key for key, _ in columns]
+    print_table(f"Training rows, mean per {args.window} steps ({' / '.join(title for _, title in columns)}):", "steps",
+                {name: windows(rows, args.window, keys) for name, rows in logs.items()}, keys)
     print()
-    print_table("Held-out evaluations (eval loss / reward acc. / margin):", "step",
-                {name: evaluations(rows) for name, rows in logs.items()}, EVAL_KEYS)
+    evaluated = [(f"eval_{key}", title) for key, title in columns if key != "grad_norm"]  # no gradients in an evaluation
+    print_table(f"Held-out evaluations (eval {' / '.join(title for _, title in evaluated)}):", "step",
+                {name: evaluations(rows) for name, rows in logs.items()}, [key for key, _ in evaluated])
 
 if __name__ == "__main__":
     main()
