@@ -16,8 +16,9 @@ tokenized rows they belong to. `--no-gradient-checkpointing` turns off a recipe'
 gradients, no recomputation, more memory (on the HH DPO recipe: 21.9 GB resident within 10 steps and no faster).
 `--no-eval` skips TRL's own held-out evaluations (every eval_steps and at the end; 5.7 minutes each on the HH
 recipe) for the rest of a run, resumes included; training is the same (evaluation draws no random numbers and
-the data order comes from the seed), and the held-out scores after training still come from `prefalign eval`. ORPO: pairs whose prompt fills max_length
-are dropped after TRL's tokenization, as prefalign drops them (TRL would keep them and train on a NaN loss).
+the data order comes from the seed), and the held-out scores after training still come from `prefalign eval`.
+ORPO: pairs whose prompt fills max_length are dropped after TRL's tokenization, as prefalign drops them (TRL would
+keep them and train on a NaN loss).
 
 Same rows: `prefalign data export` writes the training and held-out pairs exactly as prefalign reads them
 (HH-RLHF transcripts become conversational prompt / chosen / rejected), and TRL tokenizes them by its own rules

@@ -1,6 +1,7 @@
 """Prints a Markdown table of TRL's and prefalign's training logs side by side, per window of steps: the mean of
 the logged training loss, implicit reward accuracy, reward margin and gradient norm (ORPO: loss, NLL of the
-chosen, log-odds ratio, reward accuracy, gradient norm), and each trainer's held-out evaluations. For docs/RESULTS.md (the same recipe run by both trainers).
+chosen, log-odds ratio, reward accuracy, gradient norm), and each trainer's held-out evaluations. For
+docs/RESULTS.md (the same recipe run by both trainers).
 
     python3 tools/results/trl_vs_prefalign.py runs/trl-hh-dpo-full/trl_summary.json \
         runs/hh-dpo-full/runs/seed=42/metrics.jsonl [more metrics.jsonl ...] [--window 50]
