@@ -176,11 +176,48 @@ fn exported_hh_rows_tokenize_like_the_transcripts() {
     .unwrap();
     let from_export = prepare_file(&exported, |_| {}).unwrap();
     assert!(from_export.report.invalid.is_empty());
-    let ids = |p: &prefalign::data::prepare::Prepared| -> Vec<(Vec<i64>, Vec<i64>)> {
-        p.pairs.iter().map(|pair| (pair.chosen.ids.clone(), pair.rejected.ids.clone())).collect()
-    };
-    let direct_ids = ids(&direct);
-    let exported_ids = ids(&from_export);
+    let direct_ids = pair_ids(&direct);
+    let exported_ids = pair_ids(&from_export);
     assert!(exported_ids.len() > 100);
     assert_eq!(exported_ids, direct_ids[..exported_ids.len()]);
+}
+
+/// With --model and --trainer orpo, the export leaves out the pairs whose completion truncation empties (TRL would
+/// keep them and train on a NaN loss): the file holds exactly the pairs an ORPO run trains on.
+#[test]
+fn export_with_a_model_leaves_out_what_the_rules_drop() {
+    let source = common::repo_path("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz");
+    let dir = tempfile::tempdir().unwrap();
+    let exported = dir.path().join("rows.jsonl");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_prefalign"))
+        .args(["data", "export", "--dataset", source.to_str().unwrap(), "--dataset-format", "hh-rlhf"])
+        .args(["--dataset-split", "train[:120]", "--skip-invalid-rows", "--output", exported.to_str().unwrap()])
+        .args(["--model", fixture("trl_data/tokenizer").to_str().unwrap(), "--trainer", "orpo", "--max-length", "128"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let orpo = |o: &mut PrepareOptions| {
+        o.rules = Rules::Orpo;
+        o.max_length = Some(128);
+    };
+    let mut first_rows = read_rows(&source).unwrap();
+    first_rows.rows.truncate(120);
+    let mut options = PrepareOptions::new(Rules::Dpo);
+    options.row_format = RowFormat::HhRlhf;
+    options.skip_invalid_rows = true;
+    orpo(&mut options);
+    let tokenizer = tokenizer();
+    let direct = prepare(first_rows, &PairTokenizer::new(&tokenizer).unwrap(), &options).unwrap();
+    assert!(!direct.report.dropped.is_empty(), "max_length 128 empties some completions of these rows");
+    let counts = format!("wrote {} pairs to", direct.pairs.len());
+    let dropped = format!("{} dropped by the ORPO rules at max_length 128", direct.report.dropped.len());
+    assert!(stderr.contains(&counts) && stderr.contains(&dropped), "{stderr}");
+    let from_export = prepare_file(&exported, orpo).unwrap();
+    assert!(from_export.report.dropped.is_empty() && from_export.report.invalid.is_empty());
+    assert_eq!(pair_ids(&from_export), pair_ids(&direct));
+}
+
+fn pair_ids(prepared: &prefalign::data::prepare::Prepared) -> Vec<(Vec<i64>, Vec<i64>)> {
+    prepared.pairs.iter().map(|pair| (pair.chosen.ids.clone(), pair.rejected.ids.clone())).collect()
 }

@@ -2,7 +2,7 @@
 
 use crate::data::collate::TruncationMode;
 use crate::data::hub;
-use crate::data::prepare::{prepare, PrepareOptions, Prepared, RowFormat, Rules};
+use crate::data::prepare::{prepare, tokenize_pairs, PrepareOptions, Prepared, RowFormat, Rules};
 use crate::data::source::{read_rows, ReadRows};
 use crate::data::tokenize::{PairTokenizer, TokenizedPair};
 use crate::model::tokenizer::TextTokenizer;
@@ -209,7 +209,7 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     for invalid in report.invalid.iter().take(5) {
         println!("  {invalid}");
     }
-    println!("dropped      {} (TRL's {} rules)", report.dropped.len(), if rules == Rules::Dpo { "DPO" } else { "ORPO" });
+    println!("dropped      {} (TRL's {} rules)", report.dropped.len(), rules.name());
     for dropped in report.dropped.iter().take(5) {
         println!("  {}: {}", dropped.location, dropped.reason);
     }
@@ -232,12 +232,32 @@ pub struct ExportArgs {
     /// The JSONL file to write: one {"prompt", "chosen", "rejected"} object per pair (text or message lists)
     #[arg(long)]
     output: PathBuf,
+    /// Tokenize with this model's tokenizer and chat template and leave out the pairs that --trainer's rules drop at
+    /// --max-length, so that the file holds exactly the pairs a run trains on (a Hugging Face folder, a .gguf file or
+    /// a Hub id)
+    #[arg(long, visible_alias = "model-name-or-path")]
+    model: Option<String>,
+    /// Whose tokenization rules decide the drops (with --model)
+    #[arg(long, value_enum, default_value = "dpo", requires = "model")]
+    trainer: RulesArg,
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
-    let (pairs, report) = crate::data::prepare::to_pairs(args.data.read()?, &args.data.options(Rules::Dpo));
+    let options = args.data.options(args.trainer.rules());
+    let (mut pairs, mut report) = crate::data::prepare::to_pairs(args.data.read()?, &options);
     if !report.invalid.is_empty() && !args.data.skip_invalid_rows {
         bail!("{}; fix the data or pass --skip-invalid-rows to skip and count such rows", report.invalid[0]);
+    }
+    if let Some(model) = &args.model {
+        let tokenizer = crate::model::load_tokenizer(&crate::cli::resolve_model(model)?)?;
+        let (kept, tokenized) = tokenize_pairs(&pairs, report, &PairTokenizer::new(&tokenizer)?, &options)?;
+        report = tokenized;
+        let mut keep = vec![false; pairs.len()];
+        for (index, _) in &kept {
+            keep[*index] = true;
+        }
+        let mut keep = keep.into_iter();
+        pairs.retain(|_| keep.next() == Some(true));
     }
     let turns = |t: &crate::data::example::Turns| match t {
         crate::data::example::Turns::Text(text) => serde_json::Value::from(text.as_str()),
@@ -254,7 +274,11 @@ pub fn export(args: ExportArgs) -> Result<()> {
         writeln!(out, "{}", serde_json::Value::Object(row))?;
     }
     out.flush()?;
-    eprintln!("wrote {} pairs to {} ({} invalid rows skipped)", pairs.len(), args.output.display(), report.invalid.len());
+    let dropped = match &args.model {
+        Some(_) => format!(", {} dropped by the {} rules at max_length {}", report.dropped.len(), args.trainer.rules().name(), args.data.max_length),
+        None => String::new(),
+    };
+    eprintln!("wrote {} pairs to {} ({} invalid rows skipped{dropped})", pairs.len(), args.output.display(), report.invalid.len());
     Ok(())
 }
 

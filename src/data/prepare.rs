@@ -18,6 +18,15 @@ pub enum Rules {
     Orpo,
 }
 
+impl Rules {
+    pub fn name(self) -> &'static str {
+        match self {
+            Rules::Dpo => "DPO",
+            Rules::Orpo => "ORPO",
+        }
+    }
+}
+
 /// How rows are interpreted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowFormat {
@@ -112,15 +121,27 @@ pub fn to_pairs(read: ReadRows, options: &PrepareOptions) -> (Vec<PreferencePair
 
 /// Reads, validates and tokenizes a dataset for `options.rules`.
 pub fn prepare(read: ReadRows, tok: &PairTokenizer, options: &PrepareOptions) -> Result<Prepared> {
-    let (pairs, mut report) = to_pairs(read, options);
+    let (pairs, report) = to_pairs(read, options);
+    let (kept, report) = tokenize_pairs(&pairs, report, tok, options)?;
+    Ok(Prepared { pairs: kept.into_iter().map(|(_, pair)| pair).collect(), report })
+}
+
+/// Tokenizes `pairs` by `options.rules` and applies TRL's drops, adding to `report`: the kept pairs, each with
+/// its index in `pairs`.
+pub fn tokenize_pairs(
+    pairs: &[PreferencePair],
+    mut report: PrepareReport,
+    tok: &PairTokenizer,
+    options: &PrepareOptions,
+) -> Result<(Vec<(usize, TokenizedPair)>, PrepareReport)> {
     let mut tokenized = Vec::with_capacity(pairs.len());
-    for pair in &pairs {
+    for (index, pair) in pairs.iter().enumerate() {
         let result = match options.rules {
             Rules::Dpo => tokenize_dpo(pair, tok),
             Rules::Orpo => tokenize_orpo(pair, tok, options.max_length.unwrap_or(512)),
         };
         match result {
-            Ok(t) => tokenized.push(t),
+            Ok(t) => tokenized.push((index, t)),
             Err(reason) => report.invalid.push(InvalidRow { location: pair.location.clone(), reason }),
         }
     }
@@ -133,20 +154,20 @@ pub fn prepare(read: ReadRows, tok: &PairTokenizer, options: &PrepareOptions) ->
         );
     }
     let mut kept = Vec::with_capacity(tokenized.len());
-    for pair in tokenized {
+    for (index, pair) in tokenized {
         match drop_reason(&pair, options) {
             Some(reason) => report.dropped.push(Dropped { location: pair.location.clone(), reason }),
             None => {
                 let limit = options.max_length.unwrap_or(usize::MAX);
                 report.truncated += usize::from(pair.chosen.ids.len() > limit || pair.rejected.ids.len() > limit);
-                kept.push(pair);
+                kept.push((index, pair));
             }
         }
     }
     if kept.is_empty() {
         bail!("no usable preference pairs ({} rows read, {} invalid, {} dropped)", report.rows_read, report.invalid.len(), report.dropped.len());
     }
-    Ok(Prepared { pairs: kept, report })
+    Ok((kept, report))
 }
 
 fn drop_reason(pair: &TokenizedPair, options: &PrepareOptions) -> Option<String> {

@@ -17,14 +17,15 @@ gradients, no recomputation, more memory (on the HH DPO recipe: 21.9 GB resident
 `--no-eval` skips TRL's own held-out evaluations (every eval_steps and at the end; 5.7 minutes each on the HH
 recipe) for the rest of a run, resumes included; training is the same (evaluation draws no random numbers and
 the data order comes from the seed), and the held-out scores after training still come from `prefalign eval`.
-ORPO: pairs whose prompt fills max_length are dropped after TRL's tokenization, as prefalign drops them (TRL would
-keep them and train on a NaN loss).
+ORPO: pairs whose prompt fills max_length are left out by the export, as prefalign drops them (TRL would keep them
+and train on a NaN loss); the script checks that TRL's tokenization leaves no such pair.
 
-Same rows: `prefalign data export` writes the training and held-out pairs exactly as prefalign reads them
-(HH-RLHF transcripts become conversational prompt / chosen / rejected), and TRL tokenizes them by its own rules
-(prefalign's tokenization equals TRL's: tests/trl_data.rs). Same model: `prefalign convert` turns the GGUF into
-the Hugging Face folder TRL loads (logits equal transformers' own GGUF loading). Same settings: the recipe's keys,
-with bf16 and gradient checkpointing off unless the recipe turns them on (prefalign's defaults; TRL's are on).
+Same rows: `prefalign data export --model --trainer` writes the training and held-out pairs exactly as prefalign
+trains on them (HH-RLHF transcripts become conversational prompt / chosen / rejected; the pairs prefalign's
+rules drop are left out), and TRL tokenizes them by its own rules (prefalign's tokenization equals TRL's:
+tests/trl_data.rs). Same model: `prefalign convert` turns the GGUF into the Hugging Face folder TRL loads (logits
+equal transformers' own GGUF loading). Same settings: the recipe's keys, with bf16 and gradient checkpointing off
+unless the recipe turns them on (prefalign's defaults; TRL's are on).
 The held-out preference accuracy and reward margin after training are measured by `prefalign eval` on TRL's
 output exactly as `prefalign compare` scores its own runs, so both trainers are scored by one program
 (`--score-base` scores the untrained model too). Writes <output-dir>/trl_summary.json.
@@ -55,8 +56,11 @@ def prefalign(*args):
     subprocess.run([str(PREFALIGN), *map(str, args)], check=True, cwd=ROOT)
 
 
-def export(recipe, split, path, limit=None):
-    args = ["data", "export", "--dataset", recipe["dataset_name"], "--dataset-split", split, "--output", path]
+def export(recipe, split, path, trainer, model_dir, limit=None):
+    """The rows of `split` as prefalign trains on them: converted, and without the pairs that prefalign's rules for
+    `trainer` drop after tokenizing with `model_dir`'s tokenizer at the recipe's max_length."""
+    args = ["data", "export", "--dataset", recipe["dataset_name"], "--dataset-split", split, "--output", path,
+            "--model", model_dir, "--trainer", trainer, "--max-length", recipe["max_length"]]
     if limit:
         args += ["--limit", limit]
     if recipe.get("dataset_format"):
@@ -148,8 +152,8 @@ def main():
     model_dir = out / "base-model"
     if not (model_dir / "config.json").exists():
         prefalign("convert", "--model", recipe["model_name_or_path"], "--output", model_dir)
-    train = export(recipe, recipe["dataset_split"], out / "train.jsonl", args.limit)
-    held_out = export(recipe, recipe["dataset_test_split"], out / "held_out.jsonl", args.limit)
+    train = export(recipe, recipe["dataset_split"], out / "train.jsonl", args.trainer, model_dir, args.limit)
+    held_out = export(recipe, recipe["dataset_test_split"], out / "held_out.jsonl", args.trainer, model_dir, args.limit)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
@@ -186,14 +190,14 @@ def main():
         config = ORPOConfig(**common)
         trainer = ORPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer)
         # TRL keeps a pair whose prompt fills max_length: truncation empties its completion, its loss is NaN, and the
-        # first batch holding one turns every weight NaN. prefalign drops such pairs (and counts them); so does this
-        # script, after TRL's own tokenization, so that both train and evaluate on the same pairs.
+        # first batch holding one turns every weight NaN. The export left such pairs out, as prefalign drops them;
+        # check that TRL's own tokenization agrees.
         for split in ("train_dataset", "eval_dataset"):
-            dataset = getattr(trainer, split)
-            kept = dataset.filter(lambda row: any(label != -100 for label in row["chosen_labels"])
-                                  and any(label != -100 for label in row["rejected_labels"]))
-            print(f"{split}: {len(kept)} pairs, {len(dataset) - len(kept)} dropped (empty completion after truncation)", flush=True)
-            setattr(trainer, split, kept)
+            empty = getattr(trainer, split).filter(lambda row: all(label == -100 for label in row["chosen_labels"])
+                                                   or all(label == -100 for label in row["rejected_labels"]))
+            if len(empty):
+                raise SystemExit(f"{split}: TRL's tokenization leaves {len(empty)} pairs with an empty completion that "
+                                 "prefalign's export kept")
 
     reference = model_dir if args.trainer == "dpo" else None
     before = held_out_scores(model_dir, recipe, args.trainer, out / "held_out_before.jsonl", reference, args.limit) if args.score_base else None
