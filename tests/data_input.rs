@@ -5,7 +5,7 @@ mod common;
 
 use common::{error_text, fixture};
 use prefalign::data::prepare::{prepare, to_pairs, PrepareOptions, RowFormat, Rules};
-use prefalign::data::source::{read_rows, RawRow};
+use prefalign::data::source::{read_rows, RawRow, ReadRows};
 use prefalign::data::tokenize::PairTokenizer;
 use prefalign::model::tokenizer::TextTokenizer;
 use std::path::Path;
@@ -26,11 +26,30 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
 
 /// Prepares `path` for DPO with `edit` applied to the default options.
 fn prepare_file(path: &Path, edit: impl FnOnce(&mut PrepareOptions)) -> anyhow::Result<prefalign::data::prepare::Prepared> {
+    prepare_rows(read_rows(path)?, edit)
+}
+
+/// Prepares `read` for DPO with `edit` applied to the default options.
+fn prepare_rows(read: ReadRows, edit: impl FnOnce(&mut PrepareOptions)) -> anyhow::Result<prefalign::data::prepare::Prepared> {
     let tokenizer = tokenizer();
     let tok = PairTokenizer::new(&tokenizer)?;
     let mut options = PrepareOptions::new(Rules::Dpo);
     edit(&mut options);
-    prepare(read_rows(path)?, &tok, &options)
+    prepare(read, &tok, &options)
+}
+
+/// Runs `prefalign data export` on the first 120 rows of the HH-RLHF file with `extra` flags: the written file and
+/// the process output.
+fn export_hh_rows(dir: &Path, extra: &[&str]) -> (std::path::PathBuf, std::process::Output) {
+    let source = common::repo_path("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz");
+    let exported = dir.join("rows.jsonl");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_prefalign"))
+        .args(["data", "export", "--dataset", source.to_str().unwrap(), "--dataset-format", "hh-rlhf"])
+        .args(["--dataset-split", "train[:120]", "--skip-invalid-rows", "--output", exported.to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap();
+    (exported, output)
 }
 
 #[test]
@@ -162,13 +181,8 @@ fn hh_rlhf_harmless_pairs() {
 fn exported_hh_rows_tokenize_like_the_transcripts() {
     let source = common::repo_path("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz");
     let dir = tempfile::tempdir().unwrap();
-    let exported = dir.path().join("rows.jsonl");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_prefalign"))
-        .args(["data", "export", "--dataset", source.to_str().unwrap(), "--dataset-format", "hh-rlhf"])
-        .args(["--dataset-split", "train[:120]", "--skip-invalid-rows", "--output", exported.to_str().unwrap()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let (exported, output) = export_hh_rows(dir.path(), &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let direct = prepare_file(&source, |o| {
         o.row_format = RowFormat::HhRlhf;
         o.skip_invalid_rows = true;
@@ -186,29 +200,24 @@ fn exported_hh_rows_tokenize_like_the_transcripts() {
 /// keep them and train on a NaN loss): the file holds exactly the pairs an ORPO run trains on.
 #[test]
 fn export_with_a_model_leaves_out_what_the_rules_drop() {
-    let source = common::repo_path("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz");
     let dir = tempfile::tempdir().unwrap();
-    let exported = dir.path().join("rows.jsonl");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_prefalign"))
-        .args(["data", "export", "--dataset", source.to_str().unwrap(), "--dataset-format", "hh-rlhf"])
-        .args(["--dataset-split", "train[:120]", "--skip-invalid-rows", "--output", exported.to_str().unwrap()])
-        .args(["--model", fixture("trl_data/tokenizer").to_str().unwrap(), "--trainer", "orpo", "--max-length", "128"])
-        .output()
-        .unwrap();
+    let tokenizer_dir = fixture("trl_data/tokenizer");
+    let (exported, output) =
+        export_hh_rows(dir.path(), &["--model", tokenizer_dir.to_str().unwrap(), "--trainer", "orpo", "--max-length", "128"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     let orpo = |o: &mut PrepareOptions| {
         o.rules = Rules::Orpo;
         o.max_length = Some(128);
     };
-    let mut first_rows = read_rows(&source).unwrap();
+    let mut first_rows = read_rows(&common::repo_path("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz")).unwrap();
     first_rows.rows.truncate(120);
-    let mut options = PrepareOptions::new(Rules::Dpo);
-    options.row_format = RowFormat::HhRlhf;
-    options.skip_invalid_rows = true;
-    orpo(&mut options);
-    let tokenizer = tokenizer();
-    let direct = prepare(first_rows, &PairTokenizer::new(&tokenizer).unwrap(), &options).unwrap();
+    let direct = prepare_rows(first_rows, |o| {
+        o.row_format = RowFormat::HhRlhf;
+        o.skip_invalid_rows = true;
+        orpo(o);
+    })
+    .unwrap();
     assert!(!direct.report.dropped.is_empty(), "max_length 128 empties some completions of these rows");
     let counts = format!("wrote {} pairs to", direct.pairs.len());
     let dropped = format!("{} dropped by the ORPO rules at max_length 128", direct.report.dropped.len());
