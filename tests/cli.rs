@@ -89,7 +89,7 @@ fn eval_writes_per_example_scores_and_trl_metrics() {
         "eval", "--model", policy.to_str().unwrap(), "--ref-model", reference.to_str().unwrap(), "--dataset",
         dataset.to_str().unwrap(), "--max-length", "64", "--allow-empty-completions", "--output", output.to_str().unwrap(),
     ]);
-    assert!(stderr.contains("12 pairs scored (14 rows read, 0 invalid skipped, 2 dropped by TRL's rules)"), "{stderr}");
+    assert!(stderr.contains("12 pairs scored (14 rows read, 0 invalid skipped, 2 dropped by the DPO rules)"), "{stderr}");
     let metrics: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(common::fixture("eval/dpo_standard.json")).unwrap()).unwrap();

@@ -209,7 +209,7 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     for invalid in report.invalid.iter().take(5) {
         println!("  {invalid}");
     }
-    println!("dropped      {} (TRL's {} rules)", report.dropped.len(), rules.name());
+    println!("dropped      {} by the {} rules at max_length {}", report.dropped.len(), rules.name(), args.data.max_length);
     for dropped in report.dropped.iter().take(5) {
         println!("  {}: {}", dropped.location, dropped.reason);
     }
@@ -245,9 +245,7 @@ pub struct ExportArgs {
 pub fn export(args: ExportArgs) -> Result<()> {
     let options = args.data.options(args.trainer.rules());
     let (mut pairs, mut report) = crate::data::prepare::to_pairs(args.data.read()?, &options);
-    if !report.invalid.is_empty() && !args.data.skip_invalid_rows {
-        bail!("{}; fix the data or pass --skip-invalid-rows to skip and count such rows", report.invalid[0]);
-    }
+    report.check_invalid(args.data.skip_invalid_rows)?;
     if let Some(model) = &args.model {
         let tokenizer = crate::model::load_tokenizer(&crate::cli::resolve_model(model)?)?;
         let (kept, tokenized) = tokenize_pairs(&pairs, report, &PairTokenizer::new(&tokenizer)?, &options)?;

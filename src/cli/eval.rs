@@ -66,7 +66,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
         file.flush()?;
     }
-    eprintln!("{} pairs scored ({})", prepared.pairs.len(), prepared.report.counts());
+    eprintln!("{} pairs scored ({})", prepared.pairs.len(), prepared.report.counts(rules));
     println!("{}", serde_json::to_string_pretty(&result.metrics)?);
     Ok(())
 }

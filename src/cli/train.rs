@@ -217,7 +217,7 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
     }
     let tokenizer = policy.tokenizer()?;
     let prepared = data.prepare(tokenizer, rules)?;
-    eprintln!("{} pairs ({})", prepared.pairs.len(), prepared.report.counts());
+    eprintln!("{} pairs ({})", prepared.pairs.len(), prepared.report.counts(rules));
     let eval_pairs = match &eval_data.eval_dataset {
         Some(dataset) => {
             let eval_args = DatasetArgs { dataset: dataset.clone(), dataset_split: eval_data.dataset_test_split.clone(), limit: None, ..data.clone() };

@@ -65,7 +65,7 @@ impl PrepareOptions {
     }
 }
 
-/// A pair left out by TRL's rules, and why.
+/// A pair left out by a trainer's rules, and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dropped {
     pub location: String,
@@ -78,16 +78,30 @@ pub struct PrepareReport {
     pub format: Option<DatasetFormat>,
     /// Rows that could not be used (skipped with `skip_invalid_rows`).
     pub invalid: Vec<InvalidRow>,
-    /// Pairs TRL's rules leave out (DPO: the prompt fills max_length; ORPO: an empty completion).
+    /// Pairs left out: DPO drops those whose prompt fills max_length, as TRL does; ORPO those that truncation
+    /// leaves with an empty completion, which TRL keeps and trains on as NaN.
     pub dropped: Vec<Dropped>,
     /// Pairs with at least one completion cut by max_length (at collation for DPO).
     pub truncated: usize,
 }
 
 impl PrepareReport {
-    /// "N rows read, N invalid skipped, N dropped by TRL's rules", for a one-line summary.
-    pub fn counts(&self) -> String {
-        format!("{} rows read, {} invalid skipped, {} dropped by TRL's rules", self.rows_read, self.invalid.len(), self.dropped.len())
+    /// "N rows read, N invalid skipped, N dropped by the DPO rules", for a one-line summary.
+    pub fn counts(&self, rules: Rules) -> String {
+        format!("{} rows read, {} invalid skipped, {} dropped by the {} rules", self.rows_read, self.invalid.len(), self.dropped.len(), rules.name())
+    }
+
+    /// Fails on the first invalid row (naming how many more there are) unless they are to be skipped and counted.
+    pub fn check_invalid(&self, skip_invalid_rows: bool) -> Result<()> {
+        let Some(first) = self.invalid.first() else { return Ok(()) };
+        if skip_invalid_rows {
+            return Ok(());
+        }
+        let more = self.invalid.len() - 1;
+        bail!(
+            "{first}{}; fix the data or pass --skip-invalid-rows to skip and count such rows",
+            if more > 0 { format!(" (and {more} more invalid rows)") } else { String::new() }
+        )
     }
 }
 
@@ -145,14 +159,7 @@ pub fn tokenize_pairs(
             Err(reason) => report.invalid.push(InvalidRow { location: pair.location.clone(), reason }),
         }
     }
-    if !report.invalid.is_empty() && !options.skip_invalid_rows {
-        let first = &report.invalid[0];
-        let more = report.invalid.len() - 1;
-        bail!(
-            "{first}{}; fix the data or pass --skip-invalid-rows to skip and count such rows",
-            if more > 0 { format!(" (and {more} more invalid rows)") } else { String::new() }
-        );
-    }
+    report.check_invalid(options.skip_invalid_rows)?;
     let mut kept = Vec::with_capacity(tokenized.len());
     for (index, pair) in tokenized {
         match drop_reason(&pair, options) {
