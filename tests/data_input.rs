@@ -38,10 +38,15 @@ fn prepare_rows(read: ReadRows, edit: impl FnOnce(&mut PrepareOptions)) -> anyho
     prepare(read, &tok, &options)
 }
 
+/// The real HH-RLHF harmless test split beside the repository (never copied into it).
+fn hh_rlhf_file() -> std::path::PathBuf {
+    common::repo_path("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
+}
+
 /// Runs `prefalign data export` on the first 120 rows of the HH-RLHF file with `extra` flags: the written file and
 /// the process output.
 fn export_hh_rows(dir: &Path, extra: &[&str]) -> (std::path::PathBuf, std::process::Output) {
-    let source = common::repo_path("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz");
+    let source = hh_rlhf_file();
     let exported = dir.join("rows.jsonl");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_prefalign"))
         .args(["data", "export", "--dataset", source.to_str().unwrap(), "--dataset-format", "hh-rlhf"])
@@ -157,7 +162,7 @@ fn empty_completions_and_broken_roles() {
 /// The real Anthropic HH-RLHF harmless test split through the converter: every row is accounted for.
 #[test]
 fn hh_rlhf_harmless_pairs() {
-    let path = common::repo_path("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz");
+    let path = hh_rlhf_file();
     let mut options = PrepareOptions::new(Rules::Dpo);
     options.row_format = RowFormat::HhRlhf;
     let (pairs, report) = to_pairs(read_rows(&path).unwrap(), &options);
@@ -179,7 +184,7 @@ fn hh_rlhf_harmless_pairs() {
 /// transcripts themselves: what tools/results/trl_recipe.py hands to TRL.
 #[test]
 fn exported_hh_rows_tokenize_like_the_transcripts() {
-    let source = common::repo_path("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz");
+    let source = hh_rlhf_file();
     let dir = tempfile::tempdir().unwrap();
     let (exported, output) = export_hh_rows(dir.path(), &[]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -210,7 +215,7 @@ fn export_with_a_model_leaves_out_what_the_rules_drop() {
         o.rules = Rules::Orpo;
         o.max_length = Some(128);
     };
-    let mut first_rows = read_rows(&common::repo_path("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz")).unwrap();
+    let mut first_rows = read_rows(&hh_rlhf_file()).unwrap();
     first_rows.rows.truncate(120);
     let direct = prepare_rows(first_rows, |o| {
         o.row_format = RowFormat::HhRlhf;
