@@ -6,8 +6,8 @@
 //! there the binary links libtorch_cpu and c10 only).
 //! The rpath lets `prefalign` find libtorch from any directory.
 //!
-//! It also compiles the one C++ function prefalign calls, torch's fused AdamW (src/train/fused_adamw.cpp), against
-//! the same libtorch's headers and C++ ABI as torch-sys's own C++ wrapper.
+//! It also compiles prefalign's C++ (torch's fused AdamW, src/train/optimizer.cpp; the decoder's autograd
+//! functions, src/model/fused.cpp) against the same libtorch's headers and C++ ABI as torch-sys's own C++ wrapper.
 use std::path::Path;
 
 fn main() {
@@ -23,23 +23,52 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
-    compile_fused_adamw(lib);
+    compile_torch_functions(lib);
+    link_tcmalloc();
 }
 
-fn compile_fused_adamw(torch_lib: &Path) {
-    println!("cargo:rerun-if-changed=src/train/fused_adamw.cpp");
+/// gperftools' tcmalloc (Debian's libtcmalloc-minimal4, which scripts/setup.sh installs) in place of glibc's malloc
+/// for the whole process, libtorch included: on the 135M benchmark a CPU step took 5.8-6.0 s at 3.15 GiB peak
+/// with it against 6.4-7.4 s at 3.8 GiB with glibc (docs/PERFORMANCE.md). Linked ahead of libc so its malloc
+/// wins symbol lookup; without the library the build keeps glibc. `PREFALIGN_TCMALLOC=0` keeps glibc anyway.
+fn link_tcmalloc() {
+    println!("cargo:rerun-if-env-changed=PREFALIGN_TCMALLOC");
+    println!("cargo:rustc-check-cfg=cfg(prefalign_tcmalloc)");
+    if std::env::var("PREFALIGN_TCMALLOC").as_deref() == Ok("0") {
+        return;
+    }
+    let name = "libtcmalloc_minimal.so.4";
+    let Some(dir) = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"]
+        .into_iter()
+        .find(|dir| Path::new(dir).join(name).exists())
+    else {
+        println!("cargo:warning=libtcmalloc_minimal.so.4 not found: prefalign uses glibc's malloc (slower, more memory; scripts/setup.sh installs it)");
+        return;
+    };
+    // a library (not a link argument), so that it comes before libc in the link line
+    println!("cargo:rustc-link-search=native={dir}");
+    println!("cargo:rustc-link-lib=dylib:+verbatim={name}");
+    println!("cargo:rustc-cfg=prefalign_tcmalloc");
+}
+
+fn compile_torch_functions(torch_lib: &Path) {
+    let sources = ["src/train/optimizer.cpp", "src/model/fused.cpp"];
+    for source in sources {
+        println!("cargo:rerun-if-changed={source}");
+    }
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let include = torch_lib.parent().expect("libtorch's lib folder has a parent").join("include");
     let cxx11_abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
     cc::Build::new()
         .cpp(true)
-        .file("src/train/fused_adamw.cpp")
+        .files(sources)
         .include(&include)
+        .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .warnings(false)
-        .compile("prefalign_fused_adamw");
+        .compile("prefalign_torch_functions");
 }
 
 /// `libtorch_cuda.so` is present in every PyPI wheel, but it loads only when cuDNN and the other CUDA wheels

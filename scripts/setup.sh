@@ -20,6 +20,22 @@ for arg in "$@"; do
   esac
 done
 
+# gperftools' tcmalloc replaces glibc's malloc in the build when present (build.rs; faster and leaner CPU steps,
+# docs/PERFORMANCE.md). Without root or apt the build falls back to glibc.
+tcmalloc_lib=libtcmalloc_minimal.so.4
+have_tcmalloc=0
+for dir in /usr/lib/*-linux-gnu /usr/lib64 /usr/lib; do [ -e "$dir/$tcmalloc_lib" ] && have_tcmalloc=1; done
+if [ "$have_tcmalloc" = 0 ]; then
+  echo "setup: installing Debian's libtcmalloc-minimal4 (tcmalloc)"
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1; } \
+      || echo "setup: could not install libtcmalloc-minimal4; building with glibc's malloc" >&2
+  else
+    echo "setup: not root or no apt-get; install libtcmalloc-minimal4 for a faster build (now glibc's malloc)" >&2
+  fi
+fi
+
 python="${PYTHON:-python3}"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)

@@ -10,12 +10,15 @@ pub mod objective;
 pub mod report;
 pub mod train;
 
-/// Keeps freed memory in the process instead of handing it back to the kernel. A training step frees and
+/// With glibc's malloc (a build without tcmalloc, see build.rs): keeps freed memory in the process instead of
+/// handing it back to the kernel. A training step frees and
 /// reallocates the same large activation buffers; with glibc's defaults each one is unmapped and faulted in (and
 /// zeroed) again on the next step, which cost 15% of a CPU step here (docs/PERFORMANCE.md). Blocks up to 32 MiB,
 /// glibc's ceiling for this threshold, now come from the heap, and the heap is never trimmed.
+/// tcmalloc needs neither this nor `release_free_memory`: it keeps freed spans for reuse and returns idle
+/// ones to the kernel gradually on its own.
 pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[cfg(all(target_os = "linux", target_env = "gnu", not(prefalign_tcmalloc)))]
     // SAFETY: mallopt only changes allocator parameters; it is called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
@@ -30,7 +33,7 @@ pub fn tune_allocator() {
 /// vary: by step 60 of an HH-RLHF DPO run the heap held 3.6 GB free beside 2.9 GB in use, all of it resident,
 /// and kept growing. Called between training steps.
 pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[cfg(all(target_os = "linux", target_env = "gnu", not(prefalign_tcmalloc)))]
     {
         use std::sync::atomic::{AtomicUsize, Ordering};
         static LARGEST_HEAP: AtomicUsize = AtomicUsize::new(0);

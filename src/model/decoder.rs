@@ -4,6 +4,7 @@
 //! their Hugging Face names, so loading, saving and optimizers all speak the same names.
 
 use crate::model::config::ModelConfig;
+use crate::model::fused;
 use crate::model::rope::{apply_rotary, Rope};
 use anyhow::Result;
 use tch::{nn, Kind, Tensor};
@@ -41,11 +42,7 @@ impl RmsNorm {
 
     /// Normalizes in f32 and casts back before the weight, exactly as transformers' LlamaRMSNorm.
     fn forward(&self, x: &Tensor) -> Tensor {
-        let input_kind = x.kind();
-        let x = x.to_kind(Kind::Float);
-        let variance = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-        let normed = x * (variance + self.eps).rsqrt();
-        &self.weight * normed.to_kind(input_kind)
+        fused::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -114,14 +111,8 @@ impl Attention {
             None => (k, v),
         };
         // Grouped-query attention: each k/v head serves num_heads / num_kv_heads query heads.
-        let groups = self.num_heads / self.num_kv_heads;
-        let (k, v) = if groups > 1 {
-            (k.repeat_interleave_self_int(groups, 1, None), v.repeat_interleave_self_int(groups, 1, None))
-        } else {
-            (k, v)
-        };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, scale, false);
+        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, scale, self.num_heads != self.num_kv_heads);
         let out = out.transpose(1, 2).reshape([batch, len, self.num_heads * self.head_dim]);
         self.o_proj.forward(&out, cast)
     }
@@ -156,9 +147,10 @@ impl Mlp {
         }
     }
 
+    /// down_proj(silu(gate_proj(x)) * up_proj(x))
     fn forward(&self, x: &Tensor, cast: Option<Kind>) -> Tensor {
-        let gated = self.gate_proj.forward(x, cast).silu() * self.up_proj.forward(x, cast);
-        self.down_proj.forward(&gated, cast)
+        let (gate, up) = (self.gate_proj.forward(x, cast), self.up_proj.forward(x, cast)); // [batch, len, intermediate]
+        fused::swiglu_down(&gate, &up, &self.down_proj.weight, self.down_proj.bias.as_ref(), cast)
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod decoder;
 pub mod device;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod rope;

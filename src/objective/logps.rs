@@ -235,7 +235,7 @@ impl LmHeadTape {
         let weight = model.lm_head_weight();
         let grad_logps = logps_grad.flatten(0, -1).index_select(0, &self.logical_index); // [N]
         let n = self.targets.size()[0];
-        // Accumulate straight into the weight's gradient when it exists (it does from the second step on).
+        // Accumulate straight into the weight's gradient when it exists (after an earlier micro-batch of the step).
         let existing = weight.grad();
         let fresh = !existing.defined();
         let mut grad_weight = if fresh { Tensor::zeros(weight.size(), (Kind::Float, weight.device())) } else { existing };

@@ -1,7 +1,8 @@
-// torch's fused AdamW kernel (`torch._fused_adamw_`, the optimizer transformers' Trainer uses by default with
-// torch >= 2.8: `adamw_torch_fused`) for optimizer.rs. tch 0.24 binds no tensor-list in-place op, so this is the
-// one C++ function prefalign needs: one pass over parameter, gradient and both moments instead of the ten
-// element-wise passes (and temporaries) of the same update written with tensor ops.
+// The optimizer's C++ half, for optimizer.rs (tch 0.24 binds neither):
+// - torch's fused AdamW kernel (`torch._fused_adamw_`, the optimizer transformers' Trainer uses by default with
+//   torch >= 2.8: `adamw_torch_fused`): one pass over parameter, gradient and both moments instead of the ten
+//   element-wise passes (and temporaries) of the same update written with tensor ops;
+// - `zero_grad(set_to_none=True)`.
 #include <ATen/ops/_fused_adamw.h>
 
 #include <cstring>
@@ -28,3 +29,6 @@ extern "C" char *prefalign_fused_adamw(at::Tensor **params, at::Tensor **grads, 
         return strdup(error.what());
     }
 }
+
+// torch's `zero_grad(set_to_none=True)` for one parameter.
+extern "C" void prefalign_clear_grad(at::Tensor *param) { param->mutable_grad() = at::Tensor(); }

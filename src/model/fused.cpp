@@ -1,0 +1,94 @@
+// Two pieces of the decoder layer as autograd functions that keep less for the backward pass than the same
+// tensor ops would, for model/fused.rs. The forward computations are the ops decoder.rs used before (and
+// transformers runs); the backward passes recompute the cheap element-wise parts from what they kept. tch 0.24
+// has no custom autograd functions, hence C++.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+
+#include <cstring>
+#include <optional>
+
+using torch::autograd::AutogradContext;
+using torch::autograd::Function;
+using torch::autograd::variable_list;
+
+// transformers' LlamaRMSNorm: weight * (x * rsqrt(mean(x^2) + eps)), normalized in f32 and cast back to x's dtype
+// before the weight. Autograd would keep x and the normalized x; this keeps x and one scale per row.
+struct RmsNorm : public Function<RmsNorm> {
+    static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &weight, double eps) {
+        auto x32 = x.to(at::kFloat);
+        auto rstd = (x32.pow(2).mean(-1, /*keepdim=*/true) + eps).rsqrt();  // [..., 1]
+        ctx->save_for_backward({x, weight, rstd});
+        return weight * (x32 * rstd).to(x.scalar_type());
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        auto saved = ctx->get_saved_variables();
+        const auto &x = saved[0], &weight = saved[1], &rstd = saved[2];
+        const auto &grad = grads[0];
+        auto normed32 = x.to(at::kFloat) * rstd;
+        auto normed = normed32.to(x.scalar_type());
+        at::Tensor grad_weight;
+        if (weight.requires_grad()) grad_weight = (grad * normed).sum_to_size(weight.sizes()).to(weight.scalar_type());
+        auto grad_normed = (grad * weight).to(at::kFloat);
+        // d/dx of x * rsqrt(mean(x^2) + eps) applied to grad_normed, per row
+        auto grad_x = rstd * (grad_normed - normed32 * (grad_normed * normed32).mean(-1, /*keepdim=*/true));
+        return {grad_x.to(x.scalar_type()), grad_weight, at::Tensor()};
+    }
+};
+
+// The end of the SwiGLU MLP: silu(gate) * up times down_proj's weight, with the matrix product in `cast` when given
+// (autocast; the weight is the f32 master). Autograd would keep gate, silu(gate), up and the product, each
+// [..., intermediate]; this keeps gate and up and recomputes the other two. A bias, which few models have, is added
+// by the caller: an undefined tensor cannot be an autograd function's input.
+struct SwigluDown : public Function<SwigluDown> {
+    static at::Tensor forward(AutogradContext *ctx, const at::Tensor &gate, const at::Tensor &up,
+                              const at::Tensor &weight, int64_t cast) {
+        ctx->save_for_backward({gate, up, weight});
+        ctx->saved_data["cast"] = cast;
+        auto kind = cast < 0 ? weight.scalar_type() : static_cast<at::ScalarType>(cast);
+        return at::linear((at::silu(gate) * up).to(kind), weight.to(kind));
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        auto saved = ctx->get_saved_variables();
+        const auto &gate = saved[0], &up = saved[1], &weight = saved[2];
+        auto cast = ctx->saved_data["cast"].toInt();
+        auto kind = cast < 0 ? weight.scalar_type() : static_cast<at::ScalarType>(cast);
+        const auto &grad = grads[0];  // [..., hidden]
+        auto silu = at::silu(gate);
+        at::Tensor grad_weight;
+        if (weight.requires_grad()) {
+            auto product = (silu * up).to(kind);  // [..., intermediate]
+            grad_weight = grad.reshape({-1, grad.size(-1)}).t().mm(product.reshape({-1, product.size(-1)}));
+            grad_weight = grad_weight.to(weight.scalar_type());
+        }
+        auto grad_product = grad.matmul(weight.to(kind)).to(up.scalar_type());
+        // the same two products autograd forms for silu(gate) * up, then torch's own silu backward
+        auto grad_up = grad_product * silu;
+        auto grad_gate = at::silu_backward(grad_product * up, gate);
+        return {grad_gate, grad_up, grad_weight, at::Tensor()};
+    }
+};
+
+// Tensors cross as tch's `C_tensor` handles (`at::Tensor *`). Each function stores a new handle in `*out`, which the
+// caller owns, and returns null, or an error message that the caller frees with free().
+template <typename F>
+static char *guarded(F body) {
+    try {
+        body();
+        return nullptr;
+    } catch (const std::exception &error) {
+        return strdup(error.what());
+    }
+}
+
+extern "C" char *prefalign_rms_norm(at::Tensor *x, at::Tensor *weight, double eps, at::Tensor **out) {
+    return guarded([&] { *out = new at::Tensor(RmsNorm::apply(*x, *weight, eps)); });
+}
+
+// `cast` is a c10::ScalarType code, or -1 for none.
+extern "C" char *prefalign_swiglu_down(at::Tensor *gate, at::Tensor *up, at::Tensor *weight, int64_t cast,
+                                       at::Tensor **out) {
+    return guarded([&] { *out = new at::Tensor(SwigluDown::apply(*gate, *up, *weight, cast)); });
+}

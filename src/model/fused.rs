@@ -1,0 +1,131 @@
+//! RMSNorm and the SwiGLU MLP's output projection as autograd functions that keep less for the backward pass
+//! (src/model/fused.cpp): the same forward computation, with the element-wise intermediates recomputed in the
+//! backward pass instead of kept. Per token and layer of the SmolLM2-135M shape in f32 that is 16.6 KB of the
+//! 45.4 KB autograd kept (docs/PERFORMANCE.md).
+
+use std::ffi::c_char;
+use tch::{Kind, Tensor};
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn prefalign_rms_norm(x: *mut C_tensor, weight: *mut C_tensor, eps: f64, out: *mut *mut C_tensor) -> *mut c_char;
+    fn prefalign_swiglu_down(
+        gate: *mut C_tensor, up: *mut C_tensor, weight: *mut C_tensor, cast: i64, out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+}
+
+fn handle(t: &Tensor) -> *mut C_tensor {
+    t.as_ptr() as *mut C_tensor
+}
+
+/// Wraps the handle a fused.cpp function stored, or panics with its message: every failure there is a broken
+/// invariant of the caller (shapes, dtypes, devices), a bug rather than a user error.
+fn finish(what: &str, error: *mut c_char, out: *mut C_tensor) -> Tensor {
+    if !error.is_null() {
+        // Safety: a NUL-terminated string from strdup, ours to free.
+        let message = unsafe { std::ffi::CStr::from_ptr(error) }.to_string_lossy().into_owned();
+        unsafe { libc::free(error.cast()) };
+        panic!("{what} failed: {message}");
+    }
+    // Safety: on success the function stored a fresh `at::Tensor *` that nothing else owns.
+    unsafe { Tensor::from_ptr(out) }
+}
+
+/// transformers' LlamaRMSNorm on x [..., dim] with weight [dim]: normalized in f32, cast back to x's dtype, times
+/// the weight. Keeps x and one scale per row for the backward pass.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let mut out = std::ptr::null_mut();
+    // Safety: the handles point at tensors borrowed for the call.
+    let error = unsafe { prefalign_rms_norm(handle(x), handle(weight), eps, &mut out) };
+    finish("rms_norm", error, out)
+}
+
+/// down_proj(silu(gate) * up) for gate, up [..., intermediate], weight [hidden, intermediate], with the matrix
+/// product in `cast` when given (autocast over f32 master weights). Keeps gate and up for the backward pass.
+pub fn swiglu_down(gate: &Tensor, up: &Tensor, weight: &Tensor, bias: Option<&Tensor>, cast: Option<Kind>) -> Tensor {
+    let cast_code = match cast {
+        None => -1,
+        Some(Kind::Half) => 5,
+        Some(Kind::Float) => 6,
+        Some(Kind::BFloat16) => 15,
+        Some(kind) => panic!("swiglu_down: no autocast to {kind:?}"),
+    };
+    let mut out = std::ptr::null_mut();
+    // Safety: the handles point at tensors borrowed for the call.
+    let error = unsafe { prefalign_swiglu_down(handle(gate), handle(up), handle(weight), cast_code, &mut out) };
+    let projected = finish("swiglu_down", error, out);
+    match bias {
+        Some(bias) => &projected + bias.to_kind(projected.kind()),
+        None => projected,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Forward values and the gradients of every input, fused against the plain tensor ops autograd would run.
+    fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f64) {
+        let error = (got.to_kind(Kind::Float) - want.to_kind(Kind::Float)).abs().max().double_value(&[]);
+        let scale = want.to_kind(Kind::Float).abs().max().double_value(&[]).max(1e-6);
+        assert!(error <= tolerance * scale, "{what}: max error {error} against max |value| {scale}");
+    }
+
+    fn leaf(shape: &[i64], seed: i64) -> Tensor {
+        tch::manual_seed(seed);
+        Tensor::randn(shape, (Kind::Float, tch::Device::Cpu)).set_requires_grad(true)
+    }
+
+    /// Gradients of sum(output * probe) with respect to `inputs`, cleared afterwards.
+    fn grads(output: &Tensor, probe: &Tensor, inputs: &[&Tensor]) -> Vec<Tensor> {
+        (output.to_kind(Kind::Float) * probe).sum(Kind::Float).backward();
+        inputs.iter().map(|t| {
+            let grad = t.grad().copy();
+            let _ = t.grad().zero_();
+            grad
+        }).collect()
+    }
+
+    #[test]
+    fn rms_norm_matches_autograd() {
+        let (x, weight) = (leaf(&[2, 5, 16], 1), leaf(&[16], 2));
+        let probe = Tensor::randn([2, 5, 16], (Kind::Float, tch::Device::Cpu));
+        let fused = rms_norm(&x, &weight, 1e-5);
+        let fused_grads = grads(&fused, &probe, &[&x, &weight]);
+        let variance = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let plain = &weight * (&x * (variance + 1e-5).rsqrt());
+        let plain_grads = grads(&plain, &probe, &[&x, &weight]);
+        assert_close("output", &fused, &plain, 1e-6);
+        for (name, (got, want)) in ["x", "weight"].iter().zip(fused_grads.iter().zip(&plain_grads)) {
+            assert_close(name, got, want, 1e-5);
+        }
+    }
+
+    #[test]
+    fn swiglu_down_matches_autograd_in_f32_and_under_bf16_autocast() {
+        for cast in [None, Some(Kind::BFloat16)] {
+            let (x, weight) = (leaf(&[2, 5, 24], 3), leaf(&[16, 24], 4));
+            let (gate, up) = (&x * 1.5, &x * -0.5 + 0.25); // non-leaf inputs, as the projections' outputs
+            let (gate, up) = match cast {
+                Some(kind) => (gate.to_kind(kind), up.to_kind(kind)),
+                None => (gate, up),
+            };
+            let probe = Tensor::randn([2, 5, 16], (Kind::Float, tch::Device::Cpu));
+            let fused = swiglu_down(&gate, &up, &weight, None, cast);
+            let fused_grads = grads(&fused, &probe, &[&x, &weight]);
+            let product = gate.silu() * &up;
+            let plain = match cast {
+                Some(kind) => product.to_kind(kind).linear::<Tensor>(&weight.to_kind(kind), None),
+                None => product.linear::<Tensor>(&weight, None),
+            };
+            let plain_grads = grads(&plain, &probe, &[&x, &weight]);
+            assert_eq!(fused.kind(), plain.kind());
+            // the same operations; the backward pass orders its products differently, so bf16 rounds apart
+            let tolerance = if cast.is_some() { 1e-2 } else { 1e-6 };
+            assert_close("output", &fused, &plain, tolerance);
+            for (name, (got, want)) in ["x", "weight"].iter().zip(fused_grads.iter().zip(&plain_grads)) {
+                assert_close(name, got, want, tolerance);
+            }
+        }
+    }
+}
