@@ -11,12 +11,11 @@ pub mod report;
 pub mod train;
 
 /// With glibc's malloc (a build without tcmalloc, see build.rs): keeps freed memory in the process instead of
-/// handing it back to the kernel. A training step frees and
-/// reallocates the same large activation buffers; with glibc's defaults each one is unmapped and faulted in (and
-/// zeroed) again on the next step, which cost 15% of a CPU step here (docs/PERFORMANCE.md). Blocks up to 32 MiB,
-/// glibc's ceiling for this threshold, now come from the heap, and the heap is never trimmed.
-/// tcmalloc needs neither this nor `release_free_memory`: it keeps freed spans for reuse and returns idle
-/// ones to the kernel gradually on its own.
+/// handing it back to the kernel. A training step frees and reallocates the same large activation buffers; with
+/// glibc's defaults each one is unmapped and faulted in (and zeroed) again on the next step, which cost 15% of a
+/// CPU step here (docs/PERFORMANCE.md). Blocks up to 32 MiB, glibc's ceiling for this threshold, now come from the
+/// heap, and the heap is never trimmed. tcmalloc needs neither this nor `release_free_memory`: it keeps freed
+/// spans for reuse and returns idle ones to the kernel gradually on its own.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu", not(prefalign_tcmalloc)))]
     // SAFETY: mallopt only changes allocator parameters; it is called before any other thread exists.

@@ -14,19 +14,25 @@ extern "C" {
     ) -> *mut c_char;
 }
 
-fn handle(t: &Tensor) -> *mut C_tensor {
+/// A tensor as the `at::Tensor *` handle prefalign's C++ functions take.
+pub(crate) fn handle(t: &Tensor) -> *mut C_tensor {
     t.as_ptr() as *mut C_tensor
 }
 
-/// Wraps the handle a fused.cpp function stored, or panics with its message: every failure there is a broken
-/// invariant of the caller (shapes, dtypes, devices), a bug rather than a user error.
-fn finish(what: &str, error: *mut c_char, out: *mut C_tensor) -> Tensor {
+/// Panics with the message a C++ function returned instead of null (a strdup'd string, freed here): every failure
+/// there is a broken invariant of the caller (shapes, dtypes, devices), a bug rather than a user error.
+pub(crate) fn panic_on_error(what: &str, error: *mut c_char) {
     if !error.is_null() {
         // Safety: a NUL-terminated string from strdup, ours to free.
         let message = unsafe { std::ffi::CStr::from_ptr(error) }.to_string_lossy().into_owned();
         unsafe { libc::free(error.cast()) };
         panic!("{what} failed: {message}");
     }
+}
+
+/// Wraps the handle a fused.cpp function stored, or panics with its error.
+fn finish(what: &str, error: *mut c_char, out: *mut C_tensor) -> Tensor {
+    panic_on_error(what, error);
     // Safety: on success the function stored a fresh `at::Tensor *` that nothing else owns.
     unsafe { Tensor::from_ptr(out) }
 }

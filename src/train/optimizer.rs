@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::ffi::c_char;
 use tch::{Kind, Tensor};
+use crate::model::fused::{handle, panic_on_error};
 use torch_sys::C_tensor;
 
 extern "C" {
@@ -68,7 +69,7 @@ impl AdamW {
     pub fn zero_grad(&mut self) {
         for state in self.params.values() {
             // Safety: the handle points at a parameter that `self.params` keeps alive.
-            unsafe { prefalign_clear_grad(state.param.as_ptr() as *mut C_tensor) };
+            unsafe { prefalign_clear_grad(handle(&state.param)) };
         }
     }
 
@@ -99,7 +100,6 @@ impl AdamW {
             let grads: Vec<Tensor> = states.iter().map(|s| s.param.grad()).collect();
             // torch keeps the step count as a float32 tensor on the parameters' device
             let step = Tensor::from(self.step as f32).to_device(states[0].param.device());
-            let handle = |t: &Tensor| t.as_ptr() as *mut C_tensor;
             let params: Vec<*mut C_tensor> = states.iter().map(|s| handle(&s.param)).collect();
             let exp_avgs: Vec<*mut C_tensor> = states.iter().map(|s| handle(&s.exp_avg)).collect();
             let exp_avg_sqs: Vec<*mut C_tensor> = states.iter().map(|s| handle(&s.exp_avg_sq)).collect();
@@ -112,13 +112,8 @@ impl AdamW {
                     params.len(), lr, beta1, beta2, decay_rate, eps,
                 )
             });
-            if !error.is_null() {
-                // Safety: a NUL-terminated string from strdup, ours to free.
-                let message = unsafe { std::ffi::CStr::from_ptr(error) }.to_string_lossy().into_owned();
-                unsafe { libc::free(error.cast()) };
-                // Only a broken invariant gets here (tensors of mixed devices or kinds): a bug, not a user error.
-                panic!("torch's fused AdamW failed: {message}");
-            }
+            // Only a broken invariant fails here (tensors of mixed devices or kinds): a bug, not a user error.
+            panic_on_error("torch's fused AdamW", error);
         }
     }
 
