@@ -6,6 +6,9 @@
 //! there the binary links libtorch_cpu and c10 only).
 //! The rpath lets `prefalign` find libtorch from any directory.
 //!
+//! The executable exports `mkl_serv_intel_cpu_true` (src/runtime.rs) so that MKL, inside libtorch, uses its
+//! kernels for the CPU's instruction set on AMD CPUs too.
+//!
 //! It also compiles prefalign's C++ (torch's fused AdamW, src/train/optimizer.cpp; the decoder's autograd
 //! functions, src/model/fused.cpp) against the same libtorch's headers and C++ ABI as torch-sys's own C++ wrapper.
 use std::path::Path;
@@ -25,6 +28,8 @@ fn main() {
     }
     compile_torch_functions(lib);
     link_tcmalloc();
+    // src/runtime.rs defines MKL's vendor check; exported, it takes the place of the one inside libtorch
+    println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol=mkl_serv_intel_cpu_true");
 }
 
 /// gperftools' tcmalloc (Debian's libtcmalloc-minimal4, which scripts/setup.sh installs) in place of glibc's malloc

@@ -1,4 +1,4 @@
 fn main() {
-    prefalign::tune_allocator();
+    prefalign::runtime::tune_allocator();
     std::process::exit(prefalign::cli::main());
 }

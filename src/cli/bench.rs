@@ -154,7 +154,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         optimizer.clip_grad_norm(1.0);
         optimizer.step(1e-6);
         optimizer.zero_grad();
-        crate::release_free_memory();
+        crate::runtime::release_free_memory();
         if let tch::Device::Cuda(index) = device {
             tch::Cuda::synchronize(index as i64);
             cuda_peak = cuda_peak.max(crate::model::device::cuda_memory_used_bytes());

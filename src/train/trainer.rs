@@ -228,7 +228,7 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
         }
         optimizer.step(lr_at(step));
         optimizer.zero_grad();
-        crate::release_free_memory();
+        crate::runtime::release_free_memory();
         progress.loss_since_log += step_loss;
         progress.steps_since_log += 1;
         progress.global_step += 1;
