@@ -156,62 +156,57 @@ pub fn score_tokens(model: &CausalLm, packed: &PackedBatch, needed: Needed, prec
     scores
 }
 
+/// Summed completion log-probs per sequence under `model` (no gradient), [2B]: what DPO needs of its reference.
+/// Skips the metrics `score_tokens` computes beside them (entropy, argmax, mean logit); the log-probs are the
+/// same operations, so a reference equal to the policy gives bit-equal values.
+pub fn summed_completion_logps(model: &CausalLm, packed: &PackedBatch, precision: Precision) -> Tensor {
+    let input = ModelInput::new(packed, model.lm_head_weight().device());
+    tch::no_grad(|| {
+        let hidden = model.hidden_states(&input.input_ids, &input.layout(), precision.cast);
+        let masks = ShiftedMasks::new(packed, hidden.device());
+        let tape = LmHeadTape::new(packed, &hidden, &masks, Needed::Completions, precision.cast);
+        let (logps, _) = tape.chunked_scores(model, false);
+        let rows = packed.logical.input_ids.size()[0];
+        let logps = tape.dense(&logps, rows, masks.len);
+        (logps * &masks.completion).sum_dim_intlist(-1, false, Kind::Float)
+    })
+}
+
+/// The logical layout's masks shifted by one position (position t scores token t+1), [2B, T-1] f32 each.
+struct ShiftedMasks {
+    completion: Tensor,
+    attention: Tensor,
+    /// T-1
+    len: i64,
+}
+
+impl ShiftedMasks {
+    fn new(packed: &PackedBatch, device: Device) -> Self {
+        let len = packed.logical.input_ids.size()[1] - 1;
+        let shift = |mask: &Tensor| mask.to_device(device).narrow(1, 1, len).to_kind(Kind::Float);
+        ShiftedMasks { completion: shift(&packed.logical.completion_mask), attention: shift(&packed.logical.attention_mask), len }
+    }
+}
+
 /// Scores the needed tokens from the model's final hidden states [R, L, hidden]. The returned log-probs are a
 /// leaf that requires grad: after `loss.backward()`, its gradient goes to `LmHeadTape::backward`.
 pub fn score_hidden(model: &CausalLm, packed: &PackedBatch, hidden: &Tensor, needed: Needed, precision: Precision) -> (TokenScores, LmHeadTape) {
     let weight = model.lm_head_weight();
     let device = weight.device();
-    let logical = &packed.logical;
-    let (rows, width) = (logical.input_ids.size()[0], logical.input_ids.size()[1]);
-    let len = width - 1;
-    let shift = |mask: &Tensor| mask.to_device(device).narrow(1, 1, len).to_kind(Kind::Float);
-    let completion_mask = shift(&logical.completion_mask);
-    let attention_mask = shift(&logical.attention_mask);
-    let hidden_size = *hidden.size().last().expect("hidden states");
-    let hidden_flat = hidden.detach().reshape([-1, hidden_size]); // [R*L, hidden]
+    let (rows, width) = (packed.logical.input_ids.size()[0], packed.logical.input_ids.size()[1]);
+    let masks = ShiftedMasks::new(packed, device);
+    let len = masks.len;
+    let tape = LmHeadTape::new(packed, hidden, &masks, needed, precision.cast);
     let source = packed.source.to_device(device); // [2B, T]
 
-    let mut scored = completion_mask.gt(0.0);
-    if needed == Needed::CompletionsAndChosenRows {
-        let chosen_rows = Tensor::arange(rows, (Kind::Int64, device)).lt(rows / 2).unsqueeze(1);
-        scored = scored.logical_or(&attention_mask.gt(0.0).logical_and(&chosen_rows));
-    }
-    let logical_index = scored.flatten(0, -1).nonzero().squeeze_dim(1); // [N]
-    let hidden_index = source.narrow(1, 0, len).flatten(0, -1).index_select(0, &logical_index);
-    let targets = logical.input_ids.to_device(device).narrow(1, 1, len).flatten(0, -1).index_select(0, &logical_index);
-    let tape = LmHeadTape {
-        hidden: hidden_flat.index_select(0, &hidden_index),
-        targets,
-        logical_index,
-        hidden_index,
-        hidden_rows: hidden_flat.size()[0],
-        cast: precision.cast,
-    };
-
     let (logps, entropy, is_top1, mean_logits) = tch::no_grad(|| {
-        let n = tape.targets.size()[0];
-        let matmul_weight = matmul_weight(model, precision.cast);
-        let rows_per_chunk = chunk_rows(weight.size()[0]);
-        let (mut logps, mut entropy, mut top1) = (Vec::new(), Vec::new(), Vec::new());
-        for start in (0..n).step_by(rows_per_chunk as usize) {
-            let size = rows_per_chunk.min(n - start);
-            let logits = chunk_logits(&tape.hidden.narrow(0, start, size), &matmul_weight); // [c, V]
-            let targets = tape.targets.narrow(0, start, size).unsqueeze(1); // [c, 1]
-            top1.push(logits.argmax(-1, false).eq_tensor(&targets.squeeze_dim(1)));
-            let log_probs = logits.log_softmax(-1, Kind::Float);
-            drop(logits); // at most two [c, V] buffers at a time
-            logps.push(log_probs.gather(1, &targets, false).squeeze_dim(1));
-            let mut plogp = log_probs.exp();
-            entropy.push(-plogp.g_mul_(&log_probs).sum_dim_intlist(-1, false, Kind::Float));
-        }
-        let dense = |parts: Vec<Tensor>, kind: Kind| {
-            let values = if parts.is_empty() { Tensor::zeros([0], (kind, device)) } else { Tensor::cat(&parts, 0) };
-            Tensor::zeros([rows * len], (kind, device)).index_put(&[Some(&tape.logical_index)], &values, false).view([rows, len])
-        };
+        let (logps, metrics) = tape.chunked_scores(model, true);
+        let (entropy, top1) = metrics.expect("metrics requested");
         // The mean logit is the hidden state times the mean lm_head row: no vocabulary-wide logits needed.
+        let hidden_flat = hidden.detach().reshape([tape.hidden_rows, -1]); // [R*L, hidden]
         let mean_row = weight.to_kind(Kind::Float).mean_dim(0, false, Kind::Float); // [hidden]
         let mean_logits = hidden_flat.to_kind(Kind::Float).matmul(&mean_row).index_select(0, &source.clamp_min(0).flatten(0, -1)).view([rows, width]);
-        (dense(logps, Kind::Float), dense(entropy, Kind::Float), dense(top1, Kind::Bool), mean_logits)
+        (tape.dense(&logps, rows, len), tape.dense(&entropy, rows, len), tape.dense(&top1, rows, len), mean_logits)
     });
     let has_logits = source.ge(0).to_kind(Kind::Float);
     let scores = TokenScores {
@@ -222,13 +217,73 @@ pub fn score_hidden(model: &CausalLm, packed: &PackedBatch, hidden: &Tensor, nee
         logit_mask: has_logits.narrow(1, 0, len),
         last_logit_mask: has_logits.select(1, len),
         is_top1,
-        completion_mask,
-        attention_mask,
+        completion_mask: masks.completion,
+        attention_mask: masks.attention,
     };
     (scores, tape)
 }
 
 impl LmHeadTape {
+    /// Picks the positions of `hidden` [R, L, hidden] whose next token is scored: completion tokens, and with
+    /// `Needed::CompletionsAndChosenRows` every real token of the chosen rows.
+    fn new(packed: &PackedBatch, hidden: &Tensor, masks: &ShiftedMasks, needed: Needed, cast: Option<Kind>) -> Self {
+        let device = hidden.device();
+        let logical = &packed.logical;
+        let (rows, len) = (logical.input_ids.size()[0], masks.len);
+        let hidden_size = *hidden.size().last().expect("hidden states");
+        let hidden_flat = hidden.detach().reshape([-1, hidden_size]); // [R*L, hidden]
+        let source = packed.source.to_device(device); // [2B, T]
+        let mut scored = masks.completion.gt(0.0);
+        if needed == Needed::CompletionsAndChosenRows {
+            let chosen_rows = Tensor::arange(rows, (Kind::Int64, device)).lt(rows / 2).unsqueeze(1);
+            scored = scored.logical_or(&masks.attention.gt(0.0).logical_and(&chosen_rows));
+        }
+        let logical_index = scored.flatten(0, -1).nonzero().squeeze_dim(1); // [N]
+        let hidden_index = source.narrow(1, 0, len).flatten(0, -1).index_select(0, &logical_index);
+        let targets = logical.input_ids.to_device(device).narrow(1, 1, len).flatten(0, -1).index_select(0, &logical_index);
+        LmHeadTape {
+            hidden: hidden_flat.index_select(0, &hidden_index),
+            targets,
+            logical_index,
+            hidden_index,
+            hidden_rows: hidden_flat.size()[0],
+            cast,
+        }
+    }
+
+    /// Log-prob of each scored row's target, [N]; with `metrics` also the entropy of its next-token
+    /// distribution and whether the target is the argmax, [N] each. Runs under no_grad.
+    fn chunked_scores(&self, model: &CausalLm, metrics: bool) -> (Tensor, Option<(Tensor, Tensor)>) {
+        let device = self.hidden.device();
+        let n = self.targets.size()[0];
+        let matmul_weight = matmul_weight(model, self.cast);
+        let rows_per_chunk = chunk_rows(matmul_weight.size()[0]);
+        let (mut logps, mut entropy, mut top1) = (Vec::new(), Vec::new(), Vec::new());
+        for start in (0..n).step_by(rows_per_chunk as usize) {
+            let size = rows_per_chunk.min(n - start);
+            let logits = chunk_logits(&self.hidden.narrow(0, start, size), &matmul_weight); // [c, V]
+            let targets = self.targets.narrow(0, start, size).unsqueeze(1); // [c, 1]
+            if metrics {
+                top1.push(logits.argmax(-1, false).eq_tensor(&targets.squeeze_dim(1)));
+            }
+            let log_probs = logits.log_softmax(-1, Kind::Float);
+            drop(logits); // at most two [c, V] buffers at a time
+            logps.push(log_probs.gather(1, &targets, false).squeeze_dim(1));
+            if metrics {
+                let mut plogp = log_probs.exp();
+                entropy.push(-plogp.g_mul_(&log_probs).sum_dim_intlist(-1, false, Kind::Float));
+            }
+        }
+        let cat = |parts: Vec<Tensor>, kind: Kind| if parts.is_empty() { Tensor::zeros([0], (kind, device)) } else { Tensor::cat(&parts, 0) };
+        let logps = cat(logps, Kind::Float);
+        (logps, metrics.then(|| (cat(entropy, Kind::Float), cat(top1, Kind::Bool))))
+    }
+
+    /// Per-row values [N] placed at their logical positions, zero elsewhere, [2B, T-1].
+    fn dense(&self, values: &Tensor, rows: i64, len: i64) -> Tensor {
+        Tensor::zeros([rows * len], (values.kind(), values.device())).index_put(&[Some(&self.logical_index)], values, false).view([rows, len])
+    }
+
     /// From d loss / d logps [2B, T-1]: accumulates the lm_head weight's gradient and returns d loss / d hidden
     /// states, [R * L, hidden]. Each chunk's logits are recomputed: d logp / d logits = onehot(target) - softmax.
     pub fn backward(&self, model: &CausalLm, logps_grad: &Tensor) -> Tensor {

@@ -8,7 +8,7 @@ use crate::data::tokenize::TokenizedPair;
 use crate::model::decoder::CausalLm;
 use crate::model::LoadedModel;
 use crate::objective::dpo::PairLogps;
-use crate::objective::logps::{score_tokens, Needed, Precision};
+use crate::objective::logps::{summed_completion_logps, Precision};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -29,7 +29,7 @@ impl ReferenceLogps {
 
 /// The reference's summed completion log-probs of one batch (no gradient).
 pub fn reference_logps(reference: &CausalLm, batch: &PackedBatch, precision: Precision) -> PairLogps {
-    PairLogps::from_sequences(&score_tokens(reference, batch, Needed::Completions, precision).summed_logps())
+    PairLogps::from_sequences(&summed_completion_logps(reference, batch, precision))
 }
 
 /// Where cached reference log-probs live: `$PREFALIGN_CACHE`, else `$HF_HOME/prefalign`, else
