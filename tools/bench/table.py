@@ -30,7 +30,7 @@ def variant(run):
 
 
 def table(runs, reference_key):
-    trl = {key(r): r for r in runs if r["tool"].startswith("trl")}
+    trl = {key(r): r for r in runs if r["tool"].startswith("trl") and "override" not in r["tool"]}
     print("| shape | objective | precision | checkpointing | prefalign variant | TRL s/step | prefalign s/step "
           "| speed-up | TRL peak GiB | prefalign peak GiB | memory ratio |")
     print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")

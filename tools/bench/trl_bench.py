@@ -12,6 +12,7 @@ pairs/s and peak memory (CPU: the process's peak RSS; CUDA: device memory in use
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import tempfile
@@ -128,8 +129,10 @@ def main():
                   "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
     else:
         memory = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    # tools/bench/mkl_intel_cpu.c preloaded: MKL's kernels for the instruction set on AMD CPUs too, as in prefalign
+    mkl_override = "mkl_intel_cpu" in os.environ.get("LD_PRELOAD", "")
     print(json.dumps({
-        "tool": f"trl {trl.__version__}", "shape": args.shape, "objective": args.objective, "device": args.device,
+        "tool": f"trl {trl.__version__}" + (" + MKL vendor override" if mkl_override else ""), "shape": args.shape, "objective": args.objective, "device": args.device,
         "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "pairs": args.pairs,
         "prompt_tokens": args.prompt_tokens, "completion_tokens": args.completion_tokens, "steps": args.steps,
         "median_step_s": step, "pairs_per_s": args.pairs / step, "step_times_s": times,
