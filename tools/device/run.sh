@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The CUDA measurements of issue #6, as one command on a lent GPU machine (after tools/device/prepare.sh here):
+#   device tool: run, carry [".device"], command "bash tools/device/run.sh", timeout_s 600
+# Results come back in $OUT: bench-cuda.jsonl (one JSON row per run, for tools/bench/table.py) and log.txt.
+# Runs the most important first and skips the rest once the time budget (BUDGET_S, default 480 s) is spent, so
+# a slow start still brings rows back.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+out=${OUT:-/tmp/prefalign-device}
+mkdir -p "$out"
+exec > >(tee -a "$out/log.txt") 2>&1
+budget=${BUDGET_S:-480}
+torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export LD_LIBRARY_PATH="$torch_lib:$PWD/.device/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+prefalign=.device/prefalign
+[ -x "$prefalign" ] || { echo "no $prefalign: run tools/device/prepare.sh here and carry .device" >&2; exit 1; }
+rows="$out/bench-cuda.jsonl"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch; print("python torch", torch.__version__, torch.cuda.get_device_name(0))'
+ldd "$prefalign" | grep -E "torch|tcmalloc|not found"
+
+# run LIMIT_S CMD...: runs CMD (killed after LIMIT_S) unless the budget is spent; its own notes go to stderr so that
+# stdout holds only the rows
+run() {
+  local limit=$1; shift
+  if (( SECONDS + limit / 2 > budget )); then echo "skipped (budget): $*" >&2; return; fi
+  echo "== $(date -u +%T) $*" >&2
+  timeout "$limit" "$@"
+  echo "== exit $? after ${SECONDS}s" >&2
+}
+
+# 1. CUDA against CPU on the same seed: the losses of these steps on this project's CPU (2026-12-03, f32) were
+#    0.6931 (warm-up), 0.4562, 0.2898, 0.1799
+run 60 "$prefalign" bench --shape smollm2-135m --objective dpo --pairs 2 --prompt-tokens 128 --completion-tokens 128 \
+  --steps 3 --device cuda
+
+# 2. the issue's targets: bf16, 8 pairs x (256 + 256), prefalign then TRL on each shape
+common=(--objective dpo --pairs 8 --prompt-tokens 256 --completion-tokens 256 --steps 10 --device cuda --bf16)
+run 90 "$prefalign" bench --json --shape smollm2-135m "${common[@]}" | tee -a "$rows"
+run 150 "$prefalign" bench --json --shape smollm2-1.7b "${common[@]}" | tee -a "$rows"
+echo "== installing TRL's wheels over the image's:"
+python3 -m pip list 2>/dev/null | grep -iE "^(transformers|accelerate|pyarrow|fsspec|huggingface.hub|pandas) "
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 -c 'import trl, transformers, datasets; print("trl", trl.__version__, "transformers", transformers.__version__, "datasets", datasets.__version__)'
+run 150 python3 tools/bench/trl_bench.py --shape smollm2-135m "${common[@]}" | tail -n 1 | tee -a "$rows"
+run 180 python3 tools/bench/trl_bench.py --shape smollm2-1.7b "${common[@]}" | tail -n 1 | tee -a "$rows"
+
+# 3. as time allows: prefalign's variants on the 1.7B shape, and ORPO
+run 150 "$prefalign" bench --json --shape smollm2-1.7b "${common[@]}" --precompute-ref-log-probs | tee -a "$rows"
+run 150 "$prefalign" bench --json --shape smollm2-1.7b "${common[@]}" --gradient-checkpointing | tee -a "$rows"
+orpo=(--objective orpo --pairs 8 --prompt-tokens 256 --completion-tokens 256 --steps 10 --device cuda --bf16)
+run 90 "$prefalign" bench --json --shape smollm2-135m "${orpo[@]}" | tee -a "$rows"
+run 150 python3 tools/bench/trl_bench.py --shape smollm2-135m "${orpo[@]}" | tail -n 1 | tee -a "$rows"
+echo "== done after ${SECONDS}s"
