@@ -7,7 +7,7 @@ use crate::model::config::ModelConfig;
 use crate::model::fused;
 use crate::model::rope::{apply_rotary, Rope};
 use anyhow::Result;
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 struct Linear {
     weight: Tensor,         // [out, in]
@@ -110,12 +110,25 @@ impl Attention {
             }
             None => (k, v),
         };
-        // Grouped-query attention: each k/v head serves num_heads / num_kv_heads query heads.
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, scale, self.num_heads != self.num_kv_heads);
+        let out = grouped_query_attention(&q, &k, &v, mask, scale, q.device() == Device::Cpu);
         let out = out.transpose(1, 2).reshape([batch, len, self.num_heads * self.head_dim]);
         self.o_proj.forward(&out, cast)
     }
+}
+
+/// Attention where each of the kv_heads key/value heads serves heads / kv_heads query heads: q [batch, heads, len,
+/// head_dim], k and v [batch, kv_heads, past+len, head_dim]. `share_in_sdpa` lets SDPA share the k/v heads without
+/// copies (`enable_gqa`), which on CPU keeps less for backward; on CUDA only the flash kernel does that and it takes
+/// no mask, so with ours SDPA would fall back to its unfused math kernel (pytorch/pytorch#181528): there the k/v
+/// heads are repeated and the memory-efficient kernel runs.
+fn grouped_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64, share_in_sdpa: bool) -> Tensor {
+    let groups = q.size()[1] / k.size()[1];
+    if groups == 1 || share_in_sdpa {
+        return Tensor::scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, scale, groups > 1);
+    }
+    let (k, v) = (k.repeat_interleave_self_int(groups, 1, None), v.repeat_interleave_self_int(groups, 1, None));
+    Tensor::scaled_dot_product_attention(q, &k, &v, Some(mask), 0.0, false, scale, false)
 }
 
 /// Past keys and values of one layer, each [batch, kv_heads, past_len, head_dim].
@@ -391,4 +404,34 @@ fn attention_mask_4d(key_mask: &Tensor, past: i64, len: i64, window: Option<i64>
         allowed = allowed.logical_and(&(&query_pos - &key_pos).lt(window));
     }
     allowed.unsqueeze(0).logical_and(&key_mask.unsqueeze(1)).unsqueeze(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CUDA layout (k/v heads repeated) and the CPU one (shared inside SDPA) compute the same attention,
+    /// gradients included.
+    #[test]
+    fn grouped_query_attention_is_the_same_with_repeated_or_shared_heads() {
+        tch::manual_seed(0);
+        let q = Tensor::randn([2, 6, 5, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let k = Tensor::randn([2, 2, 5, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let v = Tensor::randn([2, 2, 5, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let mask = Tensor::ones([5, 5], (Kind::Bool, Device::Cpu)).tril(0).view([1, 1, 5, 5]).repeat([2, 1, 1, 1]);
+        let run = |share: bool| {
+            let out = grouped_query_attention(&q, &k, &v, &mask, 0.5, share);
+            let grads = Tensor::run_backward(&[(&out * &out).sum(Kind::Float)], &[&q, &k, &v], false, false);
+            (out.detach(), grads)
+        };
+        let (shared, shared_grads) = run(true);
+        let (repeated, repeated_grads) = run(false);
+        assert!(shared.allclose(&repeated, 1e-5, 1e-6, false));
+        for (a, b) in shared_grads.iter().zip(&repeated_grads) {
+            assert!(a.allclose(b, 1e-5, 1e-6, false));
+        }
+        // and it is grouped: query heads 0-2 read k/v head 0, heads 3-5 k/v head 1
+        let one_head = Tensor::scaled_dot_product_attention(&q.narrow(1, 3, 1), &k.narrow(1, 1, 1), &v.narrow(1, 1, 1), Some(&mask), 0.0, false, 0.5, false);
+        assert!(one_head.detach().allclose(&repeated.narrow(1, 3, 1), 1e-5, 1e-6, false));
+    }
 }
