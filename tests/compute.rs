@@ -1,6 +1,7 @@
 //! Prefix sharing, packing and gradient checkpointing compute the losses, metrics and gradients of TRL's
 //! layout within f32 rounding, on Llama (tied), Mistral (sliding window 8, shorter than the sequences) and
-//! Qwen2 (q/k/v biases), for DPO, ORPO and SimPO; bf16 autocast stays close to f32.
+//! Qwen2 (q/k/v biases), for DPO, ORPO and SimPO; bf16 autocast stays close to f32;
+//! the reference's log-probs-only path equals the policy's scores bit for bit.
 
 mod common;
 
@@ -11,7 +12,7 @@ use prefalign::data::tokenize::{Sequence, TokenizedPair};
 use prefalign::model::{self, LoadedModel};
 use prefalign::objective::cpo::{CpoLoss, CpoParams};
 use prefalign::objective::dpo::{DpoLoss, LossParams};
-use prefalign::objective::logps::Precision;
+use prefalign::objective::logps::{score_tokens, summed_completion_logps, Needed, Precision};
 use prefalign::objective::metrics::MetricLog;
 use prefalign::objective::Objective;
 use prefalign::train::step::{forward_backward, StepOptions};
@@ -126,5 +127,25 @@ fn bf16_autocast_stays_close_to_f32() {
         assert!(cosine > 0.99, "{name}: bf16 gradient direction cosine {cosine}");
         // The master weights stay f32.
         assert!(model.vs.variables().values().all(|v| v.kind() == Kind::Float));
+    }
+}
+
+/// The reference's lean path (log-probs only) gives the policy's summed completion log-probs bit for bit, in every
+/// layout and precision: a reference equal to the policy starts DPO at exactly ln 2.
+#[test]
+fn reference_logps_equal_the_policy_scores_bit_for_bit() {
+    for model_name in ["llama", "qwen2"] {
+        let model = model::load(&fixture(&format!("models/{model_name}")), Device::Cpu, Kind::Float).unwrap();
+        let pairs = random_pairs(7, model.config().vocab_size as i64);
+        let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+        for layout in [PackOptions::TRL, PackOptions::default()] {
+            let batch = pack(&refs, 0, Some((28, TruncationMode::KeepStart)), layout);
+            for precision in [Precision { cast: None }, Precision { cast: Some(Kind::BFloat16) }] {
+                let lean = summed_completion_logps(&model.model, &batch, precision);
+                let full = score_tokens(&model.model, &batch, Needed::Completions, precision).summed_logps();
+                assert_eq!(lean.size(), [14]);
+                assert!(lean.equal(&full), "{model_name} {layout:?} {precision:?}: {lean:?} vs {full:?}");
+            }
+        }
     }
 }
