@@ -124,11 +124,12 @@ impl Attention {
 /// heads are repeated and the memory-efficient kernel runs.
 fn grouped_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64, share_in_sdpa: bool) -> Tensor {
     let groups = q.size()[1] / k.size()[1];
-    if groups == 1 || share_in_sdpa {
-        return Tensor::scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, scale, groups > 1);
-    }
-    let (k, v) = (k.repeat_interleave_self_int(groups, 1, None), v.repeat_interleave_self_int(groups, 1, None));
-    Tensor::scaled_dot_product_attention(q, &k, &v, Some(mask), 0.0, false, scale, false)
+    let (k, v) = if groups > 1 && !share_in_sdpa {
+        (k.repeat_interleave_self_int(groups, 1, None), v.repeat_interleave_self_int(groups, 1, None))
+    } else {
+        (k.shallow_clone(), v.shallow_clone())
+    };
+    Tensor::scaled_dot_product_attention(q, &k, &v, Some(mask), 0.0, false, scale, k.size()[1] != q.size()[1])
 }
 
 /// Past keys and values of one layer, each [batch, kv_heads, past_len, head_dim].

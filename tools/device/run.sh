@@ -36,21 +36,22 @@ run 60 "$prefalign" bench --shape smollm2-135m --objective dpo --pairs 2 --promp
   --steps 3 --device cuda
 
 # 2. the targets: bf16, 8 pairs x (256 + 256), prefalign then TRL on each shape
-common=(--objective dpo --pairs 8 --prompt-tokens 256 --completion-tokens 256 --steps 10 --device cuda --bf16)
-run 90 "$prefalign" bench --json --shape smollm2-135m "${common[@]}" | tee -a "$rows"
-run 150 "$prefalign" bench --json --shape smollm2-1.7b "${common[@]}" | tee -a "$rows"
+targets=(--pairs 8 --prompt-tokens 256 --completion-tokens 256 --steps 10 --device cuda --bf16)
+dpo=(--objective dpo "${targets[@]}")
+run 90 "$prefalign" bench --json --shape smollm2-135m "${dpo[@]}" | tee -a "$rows"
+run 150 "$prefalign" bench --json --shape smollm2-1.7b "${dpo[@]}" | tee -a "$rows"
 echo "== installing TRL's wheels over the image's:"
 python3 -m pip list 2>/dev/null | grep -iE "^(transformers|accelerate|pyarrow|fsspec|huggingface.hub|pandas) "
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 python3 -c 'import trl, transformers, datasets; print("trl", trl.__version__, "transformers", transformers.__version__, "datasets", datasets.__version__)'
-run 150 python3 tools/bench/trl_bench.py --shape smollm2-135m "${common[@]}" | tail -n 1 | tee -a "$rows"
-run 180 python3 tools/bench/trl_bench.py --shape smollm2-1.7b "${common[@]}" | tail -n 1 | tee -a "$rows"
+run 150 python3 tools/bench/trl_bench.py --shape smollm2-135m "${dpo[@]}" | tail -n 1 | tee -a "$rows"
+run 180 python3 tools/bench/trl_bench.py --shape smollm2-1.7b "${dpo[@]}" | tail -n 1 | tee -a "$rows"
 
 # 3. as time allows: prefalign's variants on the 1.7B shape, and ORPO
-run 150 "$prefalign" bench --json --shape smollm2-1.7b "${common[@]}" --precompute-ref-log-probs | tee -a "$rows"
-run 150 "$prefalign" bench --json --shape smollm2-1.7b "${common[@]}" --gradient-checkpointing | tee -a "$rows"
-orpo=(--objective orpo --pairs 8 --prompt-tokens 256 --completion-tokens 256 --steps 10 --device cuda --bf16)
+run 150 "$prefalign" bench --json --shape smollm2-1.7b "${dpo[@]}" --precompute-ref-log-probs | tee -a "$rows"
+run 150 "$prefalign" bench --json --shape smollm2-1.7b "${dpo[@]}" --gradient-checkpointing | tee -a "$rows"
+orpo=(--objective orpo "${targets[@]}")
 run 90 "$prefalign" bench --json --shape smollm2-135m "${orpo[@]}" | tee -a "$rows"
 run 150 python3 tools/bench/trl_bench.py --shape smollm2-135m "${orpo[@]}" | tail -n 1 | tee -a "$rows"
 echo "== done after ${SECONDS}s"
