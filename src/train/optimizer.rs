@@ -15,6 +15,10 @@ extern "C" {
         exp_avg_sqs: *const *mut C_tensor, step: *mut C_tensor, count: usize, lr: f64, beta1: f64, beta2: f64,
         weight_decay: f64, eps: f64,
     ) -> *mut c_char;
+    /// src/train/optimizer.cpp: `clip_grad_norm_` over `count` gradients; null or an error to free().
+    fn prefalign_clip_grad_norm(
+        grads: *const *mut C_tensor, count: usize, max_norm: f64, foreach: bool, total_out: *mut *mut C_tensor,
+    ) -> *mut c_char;
     fn prefalign_clear_grad(param: *mut C_tensor);
 }
 
@@ -73,18 +77,12 @@ impl AdamW {
         }
     }
 
-    /// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
+    /// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping. As
+    /// torch's `clip_grad_norm_`, with its foreach kernels on CUDA (two launches instead of two per parameter).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
         let grads: Vec<Tensor> = self.params.values().map(|s| s.param.grad()).filter(Tensor::defined).collect();
-        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
-        let total = Tensor::stack(&norms, 0).norm();
-        let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
-        tch::no_grad(|| {
-            for mut grad in grads {
-                let _ = grad.g_mul_(&coef);
-            }
-        });
-        total.double_value(&[])
+        let Some(first) = grads.first() else { return 0.0 };
+        clip_grad_norm(&grads, max_norm, first.device().is_cuda()).double_value(&[])
     }
 
     /// One AdamW step at learning rate `lr`: torch's fused kernel (`adamw_torch_fused`, transformers' default
@@ -148,6 +146,21 @@ impl AdamW {
     }
 }
 
+/// `clip_grad_norm_` over gradients of one device and kind, torch's foreach kernels or one tensor at a time; the
+/// norm before clipping, a 0-d tensor.
+fn clip_grad_norm(grads: &[Tensor], max_norm: f64, foreach: bool) -> Tensor {
+    let handles: Vec<*mut C_tensor> = grads.iter().map(handle).collect();
+    let mut total = std::ptr::null_mut();
+    // Safety: every handle points at a gradient that `grads` keeps alive for the call.
+    let error = tch::no_grad(|| unsafe {
+        prefalign_clip_grad_norm(handles.as_ptr(), handles.len(), max_norm, foreach, &mut total)
+    });
+    // Only a broken invariant fails here (gradients of mixed devices or kinds): a bug, not a user error.
+    panic_on_error("clip_grad_norm", error);
+    // Safety: on success the function stored a fresh `at::Tensor *` that nothing else owns.
+    unsafe { Tensor::from_ptr(total) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +189,34 @@ mod tests {
         for (key, got) in [("value_after", &param), ("exp_avg", &state.exp_avg), ("exp_avg_sq", &state.exp_avg_sq)] {
             assert_eq!(Vec::<f32>::try_from(got.detach()).unwrap(), floats(key), "{key}");
         }
+    }
+
+    /// Clipping scales every gradient by max_norm / (norm + 1e-6) when the global norm exceeds max_norm, and the
+    /// foreach kernels (torch's choice on CUDA) give the same gradients and norm as one tensor at a time.
+    #[test]
+    fn clip_grad_norm_scales_to_max_norm_either_way() {
+        tch::manual_seed(3);
+        let fresh = || [Tensor::randn([7, 5], (Kind::Float, tch::Device::Cpu)), Tensor::randn([11], (Kind::Float, tch::Device::Cpu)) * 3.0];
+        let originals = fresh();
+        let norm_f64 = originals.iter().map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
+        let mut clipped = Vec::new();
+        for foreach in [false, true] {
+            let grads: Vec<Tensor> = originals.iter().map(|g| g.copy()).collect();
+            let total = clip_grad_norm(&grads, 1.0, foreach).double_value(&[]);
+            assert!((total - norm_f64).abs() < 1e-5 * norm_f64, "norm {total} vs {norm_f64}");
+            let coef = 1.0 / (total + 1e-6);
+            for (got, original) in grads.iter().zip(&originals) {
+                let want = original.to_kind(Kind::Double) * coef;
+                assert!((got.to_kind(Kind::Double) - want).abs().max().double_value(&[]) < 1e-6);
+            }
+            clipped.push(grads);
+        }
+        for (plain, foreach) in clipped[0].iter().zip(&clipped[1]) {
+            assert!(plain.equal(foreach), "foreach and per-tensor clipping differ");
+        }
+        // under max_norm nothing changes
+        let grads: Vec<Tensor> = originals.iter().map(|g| g.copy()).collect();
+        let _ = clip_grad_norm(&grads, 1e3, false);
+        assert!(grads.iter().zip(&originals).all(|(g, o)| g.equal(o)));
     }
 }
