@@ -20,14 +20,24 @@ impl Linear {
         let bias = bias.then(|| p.var("bias", &[out_dim as i64], nn::Init::Const(0.0)));
         Self { weight, bias }
     }
+}
 
-    /// With `cast`, input and weights run in that dtype (autocast: the f32 master weights keep the gradient).
-    fn forward(&self, x: &Tensor, cast: Option<Kind>) -> Tensor {
-        match cast {
-            Some(kind) => x.to_kind(kind).linear(&self.weight.to_kind(kind), self.bias.as_ref().map(|b| b.to_kind(kind))),
-            None => x.linear(&self.weight, self.bias.as_ref()),
-        }
-    }
+/// x [..., in] through each of `linears`, projections that read the same input. Under autocast to `cast` they run
+/// in that dtype from the f32 master weights, through `fused::cast_linears`: x cast once for all of them, and no
+/// cast kept for the backward pass.
+fn project<const N: usize>(x: &Tensor, linears: [&Linear; N], cast: Option<Kind>) -> [Tensor; N] {
+    let Some(kind) = cast else {
+        return linears.map(|l| x.linear(&l.weight, l.bias.as_ref()));
+    };
+    let weights = linears.map(|l| &l.weight);
+    let biases: Vec<&Tensor> = linears.iter().filter_map(|l| l.bias.as_ref()).collect();
+    let biases = match biases.len() {
+        0 => None,
+        n if n == N => Some(biases.as_slice()),
+        _ => panic!("projections of one input with and without bias"),
+    };
+    let outputs = fused::cast_linears(x, &weights, biases, kind);
+    outputs.try_into().unwrap_or_else(|_| unreachable!("one output per projection"))
 }
 
 struct RmsNorm {
@@ -89,9 +99,10 @@ impl Attention {
             };
             t.transpose(1, 2) // [batch, n, len, head_dim]
         };
-        let q = heads(self.q_proj.forward(x, cast), self.num_heads, &self.q_norm);
-        let k = heads(self.k_proj.forward(x, cast), self.num_kv_heads, &self.k_norm);
-        let v = heads(self.v_proj.forward(x, cast), self.num_kv_heads, &None);
+        let [q, k, v] = project(x, [&self.q_proj, &self.k_proj, &self.v_proj], cast);
+        let q = heads(q, self.num_heads, &self.q_norm);
+        let k = heads(k, self.num_kv_heads, &self.k_norm);
+        let v = heads(v, self.num_kv_heads, &None);
         let q = apply_rotary(&q, &ctx.cos, &ctx.sin);
         let k = apply_rotary(&k, &ctx.cos, &ctx.sin);
         // Rotary runs in the activations' dtype; under autocast attention itself runs in the cast dtype.
@@ -113,7 +124,8 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = grouped_query_attention(&q, &k, &v, mask, scale, q.device() == Device::Cpu);
         let out = out.transpose(1, 2).reshape([batch, len, self.num_heads * self.head_dim]);
-        self.o_proj.forward(&out, cast)
+        let [out] = project(&out, [&self.o_proj], cast);
+        out
     }
 }
 
@@ -163,7 +175,7 @@ impl Mlp {
 
     /// down_proj(silu(gate_proj(x)) * up_proj(x))
     fn forward(&self, x: &Tensor, cast: Option<Kind>) -> Tensor {
-        let (gate, up) = (self.gate_proj.forward(x, cast), self.up_proj.forward(x, cast)); // [batch, len, intermediate]
+        let [gate, up] = project(x, [&self.gate_proj, &self.up_proj], cast); // [batch, len, intermediate]
         fused::swiglu_down(&gate, &up, &self.down_proj.weight, self.down_proj.bias.as_ref(), cast)
     }
 }

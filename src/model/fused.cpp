@@ -71,6 +71,61 @@ struct SwigluDown : public Function<SwigluDown> {
     }
 };
 
+// Linear projections of one input under autocast (q/k/v, gate/up, or one alone): x cast to `cast` once for all of
+// them, and for the backward pass only that cast and the master weights kept, the weights cast again there. Autocast
+// (and transformers under it) casts x once per projection, and autograd would keep every cast of x and of each
+// weight. The forward computation is the same; each projection's gradient reaches x in x's dtype, summed there
+// as autograd sums them (last projection first).
+struct CastLinears : public Function<CastLinears> {
+    static variable_list forward(AutogradContext *ctx, const at::Tensor &x, at::TensorList weights,
+                                 at::TensorList biases, int64_t cast) {
+        auto kind = static_cast<at::ScalarType>(cast);
+        auto x_cast = x.to(kind);
+        variable_list outputs, saved{x_cast};
+        for (size_t i = 0; i < weights.size(); i++) {
+            auto bias = biases.empty() ? std::optional<at::Tensor>() : biases[i].to(kind);
+            outputs.push_back(at::linear(x_cast, weights[i].to(kind), bias));
+            saved.push_back(weights[i]);
+        }
+        ctx->save_for_backward(saved);
+        ctx->saved_data["x_kind"] = static_cast<int64_t>(x.scalar_type());
+        ctx->saved_data["biases"] = static_cast<int64_t>(biases.size());
+        if (!biases.empty()) ctx->saved_data["bias_kind"] = static_cast<int64_t>(biases[0].scalar_type());
+        return outputs;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        auto saved = ctx->get_saved_variables();
+        const auto &x_cast = saved[0];
+        auto x_kind = static_cast<at::ScalarType>(ctx->saved_data["x_kind"].toInt());
+        auto count = saved.size() - 1;
+        auto bias_count = static_cast<size_t>(ctx->saved_data["biases"].toInt());
+        auto x_rows = x_cast.reshape({-1, x_cast.size(-1)});  // [N, in]
+        auto needs_grad_x = ctx->needs_input_grad(0);
+        at::Tensor grad_x;
+        variable_list grad_weights(count), grad_biases(bias_count);
+        for (size_t i = count; i-- > 0;) {
+            if (!grads[i].defined()) continue;
+            const auto &weight = saved[1 + i];  // [out, in], the master
+            auto grad = grads[i].reshape({-1, grads[i].size(-1)});  // [N, out]
+            if (needs_grad_x) {
+                auto grad_x_part = grad.mm(weight.to(x_cast.scalar_type())).to(x_kind);
+                grad_x = grad_x.defined() ? grad_x + grad_x_part : grad_x_part;
+            }
+            if (weight.requires_grad()) grad_weights[i] = grad.t().mm(x_rows).to(weight.scalar_type());
+            if (bias_count > 0) {
+                auto bias_kind = static_cast<at::ScalarType>(ctx->saved_data["bias_kind"].toInt());
+                grad_biases[i] = grad.sum(0).to(bias_kind);
+            }
+        }
+        variable_list result{grad_x.defined() ? grad_x.view(x_cast.sizes()) : grad_x};
+        result.insert(result.end(), grad_weights.begin(), grad_weights.end());
+        result.insert(result.end(), grad_biases.begin(), grad_biases.end());
+        result.push_back(at::Tensor());  // cast
+        return result;
+    }
+};
+
 // Tensors cross as tch's `C_tensor` handles (`at::Tensor *`). Each function stores a new handle in `*out`, which the
 // caller owns, and returns null, or an error message that the caller frees with free().
 template <typename F>
@@ -91,4 +146,20 @@ extern "C" char *prefalign_rms_norm(at::Tensor *x, at::Tensor *weight, double ep
 extern "C" char *prefalign_swiglu_down(at::Tensor *gate, at::Tensor *up, at::Tensor *weight, int64_t cast,
                                        at::Tensor **out) {
     return guarded([&] { *out = new at::Tensor(SwigluDown::apply(*gate, *up, *weight, cast)); });
+}
+
+// `count` projections of x, written to outs[0..count]; `biases` is null or holds `count` biases. `cast` is a
+// c10::ScalarType code.
+extern "C" char *prefalign_cast_linears(at::Tensor *x, at::Tensor **weights, at::Tensor **biases, size_t count,
+                                        int64_t cast, at::Tensor **outs) {
+    return guarded([&] {
+        std::vector<at::Tensor> weight_list, bias_list;
+        for (size_t i = 0; i < count; i++) {
+            weight_list.push_back(*weights[i]);
+            if (biases) bias_list.push_back(*biases[i]);
+        }
+        // as TensorLists, which autograd counts as inputs (a std::vector would count as one non-tensor argument)
+        auto outputs = CastLinears::apply(*x, at::TensorList(weight_list), at::TensorList(bias_list), cast);
+        for (size_t i = 0; i < count; i++) outs[i] = new at::Tensor(outputs[i]);
+    });
 }

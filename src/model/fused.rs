@@ -1,7 +1,7 @@
-//! RMSNorm and the SwiGLU MLP's output projection as autograd functions that keep less for the backward pass
-//! (src/model/fused.cpp): the same forward computation, with the element-wise intermediates recomputed in the
-//! backward pass instead of kept. Per token and layer of the SmolLM2-135M shape in f32 that is 16.6 KB of the
-//! 45.4 KB autograd kept (docs/PERFORMANCE.md).
+//! RMSNorm, the SwiGLU MLP's output projection and the other projections under autocast as autograd functions
+//! that keep less for the backward pass (src/model/fused.cpp): the same forward computation, with the element-wise
+//! intermediates and the casts recomputed in the backward pass instead of kept. Per token and layer of the
+//! SmolLM2-135M shape in f32 that is 16.6 KB of the 45.4 KB autograd kept (docs/PERFORMANCE.md).
 
 use std::ffi::c_char;
 use tch::{Kind, Tensor};
@@ -12,6 +12,20 @@ extern "C" {
     fn prefalign_swiglu_down(
         gate: *mut C_tensor, up: *mut C_tensor, weight: *mut C_tensor, cast: i64, out: *mut *mut C_tensor,
     ) -> *mut c_char;
+    fn prefalign_cast_linears(
+        x: *mut C_tensor, weights: *const *mut C_tensor, biases: *const *mut C_tensor, count: usize, cast: i64,
+        outs: *mut *mut C_tensor,
+    ) -> *mut c_char;
+}
+
+/// The c10::ScalarType code of an autocast dtype.
+fn cast_code(kind: Kind) -> i64 {
+    match kind {
+        Kind::Half => 5,
+        Kind::Float => 6,
+        Kind::BFloat16 => 15,
+        kind => panic!("no autocast to {kind:?}"),
+    }
 }
 
 /// A tensor as the `at::Tensor *` handle prefalign's C++ functions take.
@@ -49,13 +63,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
 /// down_proj(silu(gate) * up) for gate, up [..., intermediate], weight [hidden, intermediate], with the matrix
 /// product in `cast` when given (autocast over f32 master weights). Keeps gate and up for the backward pass.
 pub fn swiglu_down(gate: &Tensor, up: &Tensor, weight: &Tensor, bias: Option<&Tensor>, cast: Option<Kind>) -> Tensor {
-    let cast_code = match cast {
-        None => -1,
-        Some(Kind::Half) => 5,
-        Some(Kind::Float) => 6,
-        Some(Kind::BFloat16) => 15,
-        Some(kind) => panic!("swiglu_down: no autocast to {kind:?}"),
-    };
+    let cast_code = cast.map_or(-1, cast_code);
     let mut out = std::ptr::null_mut();
     // Safety: the handles point at tensors borrowed for the call.
     let error = unsafe { prefalign_swiglu_down(handle(gate), handle(up), handle(weight), cast_code, &mut out) };
@@ -64,6 +72,29 @@ pub fn swiglu_down(gate: &Tensor, up: &Tensor, weight: &Tensor, bias: Option<&Te
         Some(bias) => &projected + bias.to_kind(projected.kind()),
         None => projected,
     }
+}
+
+/// x [..., in] through each weight [out_i, in] (and bias [out_i], all or none) under autocast to `cast`: the
+/// projections of q/k/v or gate/up, which share their input. x is cast once for all of them, and the backward pass
+/// keeps that cast and the master weights only (autocast keeps a cast of x per projection and a cast of each
+/// weight). Returns [..., out_i] per weight.
+pub fn cast_linears(x: &Tensor, weights: &[&Tensor], biases: Option<&[&Tensor]>, cast: Kind) -> Vec<Tensor> {
+    if let Some(biases) = biases {
+        assert_eq!(biases.len(), weights.len(), "cast_linears: one bias per weight");
+    }
+    let weight_handles: Vec<*mut C_tensor> = weights.iter().map(|w| handle(w)).collect();
+    let bias_handles: Option<Vec<*mut C_tensor>> = biases.map(|b| b.iter().map(|b| handle(b)).collect());
+    let mut outs = vec![std::ptr::null_mut(); weights.len()];
+    // Safety: the handles point at tensors borrowed for the call; `outs` has room for one handle per weight.
+    let error = unsafe {
+        prefalign_cast_linears(
+            handle(x), weight_handles.as_ptr(), bias_handles.as_ref().map_or(std::ptr::null(), |b| b.as_ptr()),
+            weights.len(), cast_code(cast), outs.as_mut_ptr(),
+        )
+    };
+    panic_on_error("cast_linears", error);
+    // Safety: on success each entry is a fresh `at::Tensor *` that nothing else owns.
+    outs.into_iter().map(|out| unsafe { Tensor::from_ptr(out) }).collect()
 }
 
 #[cfg(test)]
@@ -131,6 +162,54 @@ mod tests {
             assert_close("output", &fused, &plain, tolerance);
             for (name, (got, want)) in ["x", "weight"].iter().zip(fused_grads.iter().zip(&plain_grads)) {
                 assert_close(name, got, want, tolerance);
+            }
+        }
+    }
+
+    /// The same values and gradients, bit for bit, as autocast's casts and linears (the same products, in the same
+    /// order; x's gradient summed in f32 as autograd sums it).
+    #[test]
+    fn cast_linears_match_autocast_linears() {
+        for with_bias in [false, true] {
+            let x_leaf = leaf(&[2, 5, 24], 5);
+            let x = &x_leaf * 1.5; // a non-leaf input, as a norm's output
+            let weights = [leaf(&[16, 24], 6), leaf(&[8, 24], 7), leaf(&[8, 24], 8)];
+            let biases = [leaf(&[16], 9), leaf(&[8], 10), leaf(&[8], 11)];
+            let probes: Vec<Tensor> = [16, 8, 8].iter().map(|&n| Tensor::randn([2, 5, n], (Kind::Float, tch::Device::Cpu))).collect();
+            let weight_refs: Vec<&Tensor> = weights.iter().collect();
+            let bias_refs: Vec<&Tensor> = biases.iter().collect();
+            let fused = cast_linears(&x, &weight_refs, with_bias.then_some(bias_refs.as_slice()), Kind::BFloat16);
+            // autocast's way: x cast for each projection, weights cast, everything kept by autograd
+            let plain: Vec<Tensor> = weights
+                .iter()
+                .zip(&biases)
+                .map(|(w, b)| {
+                    let b = with_bias.then(|| b.to_kind(Kind::BFloat16));
+                    x.to_kind(Kind::BFloat16).linear(&w.to_kind(Kind::BFloat16), b.as_ref())
+                })
+                .collect();
+            let mut inputs: Vec<&Tensor> = vec![&x_leaf];
+            inputs.extend(weights.iter());
+            if with_bias {
+                inputs.extend(biases.iter());
+            }
+            let sum = |outputs: &[Tensor]| outputs.iter().zip(&probes).map(|(o, p)| (o.to_kind(Kind::Float) * p).sum(Kind::Float)).reduce(|a, b| a + b).unwrap();
+            let grads = |outputs: &[Tensor]| {
+                sum(outputs).backward();
+                inputs.iter().map(|t| {
+                    let grad = t.grad().copy();
+                    let _ = t.grad().zero_();
+                    grad
+                }).collect::<Vec<_>>()
+            };
+            let (fused_grads, plain_grads) = (grads(&fused), grads(&plain));
+            for (got, want) in fused.iter().zip(&plain) {
+                assert_eq!(got.kind(), Kind::BFloat16);
+                assert!(got.equal(want), "forward values differ");
+            }
+            for (i, (got, want)) in fused_grads.iter().zip(&plain_grads).enumerate() {
+                assert_eq!(got.kind(), want.kind());
+                assert!(got.equal(want), "gradient {i} (bias {with_bias}) differs");
             }
         }
     }
