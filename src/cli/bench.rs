@@ -40,6 +40,9 @@ pub struct BenchArgs {
     /// smollm2-135m, smollm2-1.7b, or a config.json
     #[arg(long, default_value = "smollm2-135m")]
     shape: String,
+    /// The shape with this many decoder layers instead of its own (to project a large shape's memory per layer)
+    #[arg(long)]
+    layers: Option<usize>,
     #[arg(long, value_enum, default_value = "dpo")]
     objective: BenchObjective,
     /// Pairs per step
@@ -100,11 +103,14 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let config: ModelConfig = match args.shape.as_str() {
+    let mut config: ModelConfig = match args.shape.as_str() {
         "smollm2-135m" => serde_json::from_str(SMOLLM2_135M)?,
         "smollm2-1.7b" => serde_json::from_str(SMOLLM2_1_7B)?,
         path => ModelConfig::from_file(std::path::Path::new(path)).with_context(|| format!("--shape {path}: not a known shape (smollm2-135m, smollm2-1.7b) or a config.json"))?,
     };
+    if let Some(layers) = args.layers {
+        config.num_hidden_layers = layers;
+    }
     let device = crate::model::device::parse_device(&args.device)?;
     let (policy_vs, policy) = random_model(&config, device, 0)?;
     let pairs: Vec<TokenizedPair> = (0..args.pairs).map(|i| synthetic_pair(i, args.prompt_tokens, args.completion_tokens, config.vocab_size)).collect();
@@ -176,6 +182,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let summary = serde_json::json!({
         "tool": "prefalign",
         "shape": args.shape,
+        "layers": config.num_hidden_layers,
         "objective": format!("{:?}", args.objective).to_lowercase(),
         "device": args.device,
         "bf16": args.compute.bf16,

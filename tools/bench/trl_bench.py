@@ -72,6 +72,7 @@ class StepTimer(TrainerCallback):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="smollm2-135m", choices=SHAPES)
+    parser.add_argument("--layers", type=int, help="the shape with this many decoder layers instead of its own")
     parser.add_argument("--objective", default="dpo", choices=["dpo", "orpo"])
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -84,7 +85,7 @@ def main():
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[args.shape])
+    config = LlamaConfig(**{**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})})
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     work = Path(tempfile.mkdtemp())
     LlamaForCausalLM(config).save_pretrained(work / "model")
@@ -132,7 +133,8 @@ def main():
     # tools/bench/mkl_intel_cpu.c preloaded: MKL's kernels for the instruction set on AMD CPUs too, as in prefalign
     mkl_override = "mkl_intel_cpu" in os.environ.get("LD_PRELOAD", "")
     print(json.dumps({
-        "tool": f"trl {trl.__version__}" + (" + MKL vendor override" if mkl_override else ""), "shape": args.shape, "objective": args.objective, "device": args.device,
+        "tool": f"trl {trl.__version__}" + (" + MKL vendor override" if mkl_override else ""), "shape": args.shape,
+        "layers": config.num_hidden_layers, "objective": args.objective, "device": args.device,
         "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "pairs": args.pairs,
         "prompt_tokens": args.prompt_tokens, "completion_tokens": args.completion_tokens, "steps": args.steps,
         "median_step_s": step, "pairs_per_s": args.pairs / step, "step_times_s": times,
