@@ -106,7 +106,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut config: ModelConfig = match args.shape.as_str() {
         "smollm2-135m" => serde_json::from_str(SMOLLM2_135M)?,
         "smollm2-1.7b" => serde_json::from_str(SMOLLM2_1_7B)?,
-        path => ModelConfig::from_file(std::path::Path::new(path)).with_context(|| format!("--shape {path}: not a known shape (smollm2-135m, smollm2-1.7b) or a config.json"))?,
+        path if std::path::Path::new(path).is_file() => ModelConfig::from_file(std::path::Path::new(path)).context("--shape")?,
+        other => anyhow::bail!("--shape {other}: not a known shape (smollm2-135m, smollm2-1.7b) nor a config.json file"),
     };
     if let Some(layers) = args.layers {
         config.num_hidden_layers = layers;

@@ -168,6 +168,15 @@ impl ModelConfig {
                 self.num_kv_heads()
             );
         }
+        if self.head_dim() % 2 != 0 {
+            bail!(
+                "head_dim {} (hidden_size {} / num_attention_heads {} unless head_dim is given) is odd: rotary position \
+                 embeddings rotate pairs of dimensions",
+                self.head_dim(),
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
         crate::model::rope::RopeScaling::from_config(self)?;
         Ok(())
     }
@@ -274,5 +283,17 @@ mod tests {
     fn qwen2_has_qkv_bias_without_saying_so() {
         let config = parse(&format!("{{{}}}", BASE.replace("\"llama\"", "\"qwen2\"")));
         assert!(config.qkv_bias() && !config.o_bias());
+    }
+
+    #[test]
+    fn impossible_head_layouts_are_refused() {
+        // hidden 64 over 3 heads: head_dim 21, which rotary embeddings cannot split into pairs
+        let odd = parse(r#"{"model_type": "llama", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 3}"#);
+        let message = odd.validate().unwrap_err().to_string();
+        assert!(message.contains("head_dim 21") && message.contains("odd"), "{message}");
+        let groups = parse(&format!(r#"{{{BASE}, "num_key_value_heads": 3}}"#));
+        assert!(groups.validate().unwrap_err().to_string().contains("not a multiple of num_key_value_heads (3)"));
+        assert!(parse(&format!("{{{BASE}}}")).validate().is_ok());
     }
 }
