@@ -71,7 +71,7 @@ class StepTimer(TrainerCallback):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="smollm2-135m", choices=SHAPES)
+    parser.add_argument("--shape", default="smollm2-135m", help=f"{', '.join(SHAPES)}, or a config.json")
     parser.add_argument("--layers", type=int, help="the shape with this many decoder layers instead of its own")
     parser.add_argument("--objective", default="dpo", choices=["dpo", "orpo"])
     parser.add_argument("--pairs", type=int, default=2)
@@ -85,7 +85,8 @@ def main():
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = LlamaConfig(**{**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})})
+    shape = SHAPES[args.shape] if args.shape in SHAPES else json.loads(Path(args.shape).read_text())
+    config = LlamaConfig(**{**shape, **({"num_hidden_layers": args.layers} if args.layers else {})})
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     work = Path(tempfile.mkdtemp())
     LlamaForCausalLM(config).save_pretrained(work / "model")
