@@ -48,7 +48,14 @@ python3 -c 'import trl, transformers, datasets; print("trl", trl.__version__, "t
 run 150 python3 tools/bench/trl_bench.py --shape smollm2-135m "${dpo[@]}" | tail -n 1 | tee -a "$rows"
 run 180 python3 tools/bench/trl_bench.py --shape smollm2-1.7b "${dpo[@]}" | tail -n 1 | tee -a "$rows"
 
-# 3. as time allows: prefalign's variants on the 1.7B shape, and ORPO
+# 3. host work per step, both tools: the 135M shape's depth at a size too small to compute anything; if the 135M
+#    step is bound by kernel launches, this is its floor (docs/PERFORMANCE.md, CUDA)
+tiny=(--shape tools/bench/host_overhead_shape.json --objective dpo --pairs 8 --prompt-tokens 4 --completion-tokens 4 \
+  --steps 10 --device cuda --bf16)
+run 60 "$prefalign" bench --json "${tiny[@]}" | tee -a "$rows"
+run 90 python3 tools/bench/trl_bench.py "${tiny[@]}" | tail -n 1 | tee -a "$rows"
+
+# 4. as time allows: prefalign's variants on the 1.7B shape, and ORPO
 run 150 "$prefalign" bench --json --shape smollm2-1.7b "${dpo[@]}" --precompute-ref-log-probs | tee -a "$rows"
 run 150 "$prefalign" bench --json --shape smollm2-1.7b "${dpo[@]}" --gradient-checkpointing | tee -a "$rows"
 orpo=(--objective orpo "${targets[@]}")
