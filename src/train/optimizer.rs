@@ -78,7 +78,7 @@ impl AdamW {
     }
 
     /// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping. As
-    /// torch's `clip_grad_norm_`, with its foreach kernels on CUDA (two launches instead of two per parameter).
+    /// torch's `clip_grad_norm_`, with its foreach kernels on CUDA (a few launches instead of two per parameter).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
         let grads: Vec<Tensor> = self.params.values().map(|s| s.param.grad()).filter(Tensor::defined).collect();
         let Some(first) = grads.first() else { return 0.0 };
