@@ -5,7 +5,7 @@
 
 use crate::model::config::ModelConfig;
 use crate::model::fused;
-use crate::model::rope::{apply_rotary, Rope};
+use crate::model::rope::{Rope, RotaryTables};
 use anyhow::Result;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -87,7 +87,7 @@ impl Attention {
         }
     }
 
-    /// x [batch, len, hidden]; mask [batch, 1, len, past+len] (true = attend); cache holds past k/v.
+    /// x [batch, len, hidden]; mask [batch, 1, len, past+len] (0 = attend, -inf = not); cache holds past k/v.
     fn forward(&self, x: &Tensor, ctx: &LayerContext, mask: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
         let cast = ctx.cast;
         let (batch, len) = (x.size()[0], x.size()[1]);
@@ -103,8 +103,8 @@ impl Attention {
         let q = heads(q, self.num_heads, &self.q_norm);
         let k = heads(k, self.num_kv_heads, &self.k_norm);
         let v = heads(v, self.num_kv_heads, &None);
-        let q = apply_rotary(&q, &ctx.cos, &ctx.sin);
-        let k = apply_rotary(&k, &ctx.cos, &ctx.sin);
+        let q = ctx.rotary.apply(&q);
+        let k = ctx.rotary.apply(&k);
         // Rotary runs in the activations' dtype; under autocast attention itself runs in the cast dtype.
         let (q, k) = match cast {
             Some(kind) => (q.to_kind(kind), k.to_kind(kind)),
@@ -208,16 +208,31 @@ impl DecoderLayer {
     }
 }
 
-/// What every layer of one forward pass shares: rotary cos/sin (broadcastable to [batch, heads, len, head_dim]),
-/// one boolean attention mask [batch, 1, len, keys] per sliding-window size, and the autocast dtype.
+/// What every layer of one forward pass shares: the rotary tables (broadcastable to [batch, heads, len, head_dim]),
+/// one additive attention mask [batch, 1, len, keys] per sliding-window size, and the autocast dtype.
 pub struct LayerContext {
-    cos: Tensor,
-    sin: Tensor,
+    rotary: RotaryTables,
+    /// per sliding-window size, [batch, 1, len, keys]: 0 where a query may attend, -inf elsewhere
     masks: Vec<(Option<i64>, Tensor)>,
     cast: Option<Kind>,
 }
 
 impl LayerContext {
+    /// `masks` are boolean (true = attend); activations are `kind` and run attention in `cast` when given. SDPA
+    /// turns a boolean mask into this additive one in the query's dtype at every call: here it happens once for
+    /// all layers.
+    fn new(rotary: RotaryTables, masks: impl IntoIterator<Item = (Option<i64>, Tensor)>, cast: Option<Kind>, kind: Kind) -> Self {
+        let attention_kind = cast.unwrap_or(kind);
+        let masks = masks
+            .into_iter()
+            .map(|(window, allowed)| {
+                let additive = Tensor::zeros(allowed.size(), (attention_kind, allowed.device()));
+                (window, additive.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY))
+            })
+            .collect();
+        LayerContext { rotary, masks, cast }
+    }
+
     fn mask_for(&self, window: Option<i64>) -> &Tensor {
         &self.masks.iter().find(|(w, _)| *w == window).expect("a mask for every window size").1
     }
@@ -312,9 +327,9 @@ impl CausalLm {
             None => new_mask,
         };
         let mut x = self.embed(input_ids);
-        let (cos, sin) = self.rope.cos_sin(past, len, x.kind());
-        let masks = self.windows().map(|w| (w, attention_mask_4d(&key_mask, past, len, w))).collect();
-        let ctx = LayerContext { cos, sin, masks, cast: None };
+        let rotary = self.rope.tables(past, len, x.kind());
+        let masks = self.windows().map(|w| (w, attention_mask_4d(&key_mask, past, len, w)));
+        let ctx = LayerContext::new(rotary, masks, None, x.kind());
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, &ctx, Some(layer_cache));
         }
@@ -366,18 +381,18 @@ impl CausalLm {
     pub fn layer_context(&self, input_ids: &Tensor, layout: &TokenLayout, cast: Option<Kind>) -> LayerContext {
         let len = input_ids.size()[1];
         let kind = self.embed_tokens.kind();
-        let ((cos, sin), masks) = match *layout {
+        let (rotary, masks): (_, Vec<_>) = match *layout {
             TokenLayout::Padded(attention_mask) => {
                 let key_mask = key_mask(input_ids, attention_mask);
                 let masks = self.windows().map(|w| (w, attention_mask_4d(&key_mask, 0, len, w))).collect();
-                (self.rope.cos_sin(0, len, kind), masks)
+                (self.rope.tables(0, len, kind), masks)
             }
             TokenLayout::Segments { positions, group, branch } => {
                 let masks = self.windows().map(|w| (w, segment_mask_4d(positions, group, branch, w))).collect();
-                (self.rope.cos_sin_at(positions, kind), masks)
+                (self.rope.tables_at(positions, kind), masks)
             }
         };
-        LayerContext { cos, sin, masks, cast }
+        LayerContext::new(rotary, masks, cast, kind)
     }
 }
 
