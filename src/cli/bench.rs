@@ -140,8 +140,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         (Some((_, model)), true) => Some(reference_logps(model, &pack(&refs, 2, truncation, layout), step_options.precision)),
         _ => None,
     };
-    // A precomputed reference needs no model any more: its memory goes back to the steps.
-    let reference = if precomputed.is_some() { None } else { reference };
+    // A precomputed reference needs no model any more: its memory goes back to the steps. (`filter` drops it; an
+    // `if` that only moved it in its other branch kept it alive to the end of this function.)
+    let reference = reference.filter(|_| precomputed.is_none());
     let mut optimizer = AdamW::new(policy_vs.variables().into_iter().collect(), AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
     let mut log = MetricLog::default();
     let mut cuda_peak: Option<u64> = None;
