@@ -17,6 +17,7 @@ use crate::train::step::forward_backward;
 use crate::train::trainer::peak_rss_bytes;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use std::path::Path;
 use std::time::Instant;
 use tch::{nn::VarStore, Kind, Tensor};
 
@@ -106,7 +107,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut config: ModelConfig = match args.shape.as_str() {
         "smollm2-135m" => serde_json::from_str(SMOLLM2_135M)?,
         "smollm2-1.7b" => serde_json::from_str(SMOLLM2_1_7B)?,
-        path if std::path::Path::new(path).is_file() => ModelConfig::from_file(std::path::Path::new(path)).context("--shape")?,
+        path if Path::new(path).is_file() => ModelConfig::from_file(Path::new(path)).context("--shape")?,
         other => anyhow::bail!("--shape {other}: not a known shape (smollm2-135m, smollm2-1.7b) nor a config.json file"),
     };
     if let Some(layers) = args.layers {
@@ -140,8 +141,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         (Some((_, model)), true) => Some(reference_logps(model, &pack(&refs, 2, truncation, layout), step_options.precision)),
         _ => None,
     };
-    // A precomputed reference needs no model any more: its memory goes back to the steps. (`filter` drops it; an
-    // `if` that only moved it in its other branch kept it alive to the end of this function.)
+    // A precomputed reference needs no model any more: dropped here, its memory goes back to the steps.
     let reference = reference.filter(|_| precomputed.is_none());
     let mut optimizer = AdamW::new(policy_vs.variables().into_iter().collect(), AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
     let mut log = MetricLog::default();

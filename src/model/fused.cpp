@@ -89,8 +89,7 @@ struct CastLinears : public Function<CastLinears> {
         }
         ctx->save_for_backward(saved);
         ctx->saved_data["x_kind"] = static_cast<int64_t>(x.scalar_type());
-        ctx->saved_data["biases"] = static_cast<int64_t>(biases.size());
-        if (!biases.empty()) ctx->saved_data["bias_kind"] = static_cast<int64_t>(biases[0].scalar_type());
+        ctx->saved_data["bias_kind"] = biases.empty() ? int64_t{-1} : static_cast<int64_t>(biases[0].scalar_type());
         return outputs;
     }
 
@@ -99,7 +98,8 @@ struct CastLinears : public Function<CastLinears> {
         const auto &x_cast = saved[0];
         auto x_kind = static_cast<at::ScalarType>(ctx->saved_data["x_kind"].toInt());
         auto count = saved.size() - 1;
-        auto bias_count = static_cast<size_t>(ctx->saved_data["biases"].toInt());
+        auto bias_code = ctx->saved_data["bias_kind"].toInt();  // -1: no biases
+        auto bias_count = bias_code < 0 ? 0 : count;
         auto x_rows = x_cast.reshape({-1, x_cast.size(-1)});  // [N, in]
         auto needs_grad_x = ctx->needs_input_grad(0);
         at::Tensor grad_x;
@@ -113,10 +113,7 @@ struct CastLinears : public Function<CastLinears> {
                 grad_x = grad_x.defined() ? grad_x + grad_x_part : grad_x_part;
             }
             if (weight.requires_grad()) grad_weights[i] = grad.t().mm(x_rows).to(weight.scalar_type());
-            if (bias_count > 0) {
-                auto bias_kind = static_cast<at::ScalarType>(ctx->saved_data["bias_kind"].toInt());
-                grad_biases[i] = grad.sum(0).to(bias_kind);
-            }
+            if (bias_count > 0) grad_biases[i] = grad.sum(0).to(static_cast<at::ScalarType>(bias_code));
         }
         variable_list result{grad_x.defined() ? grad_x.view(x_cast.sizes()) : grad_x};
         result.insert(result.end(), grad_weights.begin(), grad_weights.end());
