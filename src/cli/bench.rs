@@ -181,6 +181,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let step_seconds = median(&mut times);
     let [reference_s, policy_s, optimizer_s] = phases.map(|mut p| median(&mut p));
     let peak_rss = peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+    // the CUDA caching allocator's settings, which change its peak (libtorch reads PYTORCH_ALLOC_CONF first)
+    let allocator_conf = ["PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"].iter().find_map(|name| std::env::var(name).ok());
     let summary = serde_json::json!({
         "tool": "prefalign",
         "shape": args.shape,
@@ -202,6 +204,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "peak_rss_gib": peak_rss,
         "peak_gpu_used_gib": cuda_peak.map(|b| b as f64 / (1u64 << 30) as f64),
         "threads": tch::get_num_threads(),
+        "allocator_conf": allocator_conf,
     });
     if let Some(bytes) = cuda_peak {
         eprintln!("GPU memory in use after a step, at most: {:.2} GiB", bytes as f64 / (1u64 << 30) as f64);

@@ -2,6 +2,7 @@
 // GPU each such operator is a kernel launch; docs/PERFORMANCE.md, CUDA). Loaded with LD_PRELOAD, it counts every
 // operator call ("ops") and those that call no other operator and are not views or metadata ("kernels", about one
 // kernel each), and prints both to stderr at exit. Per step: run 2 steps and 1 step without warm-up, subtract.
+// With OPCOUNT_BY_NAME=1 it also prints each kernel-like operator's count ("OPCOUNT <n> <name>"), most first.
 //
 //   T=<the torch package the process loads>   # .venv's for prefalign, .venv-fixtures' for TRL
 //   c++ -std=c++17 -O2 -shared -fPIC -D_GLIBCXX_USE_CXX11_ABI=1 -I$T/include -I$T/include/torch/csrc/api/include \
@@ -11,7 +12,10 @@
 
 #include <atomic>
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <set>
 #include <string>
 #include <vector>
@@ -27,7 +31,18 @@ static const std::set<std::string> no_kernel = {
     "aten::split", "aten::chunk", "aten::split_with_sizes", "aten::view_as", "aten::expand_as", "aten::flatten",
     "aten::squeeze_", "aten::unsqueeze_", "aten::to", "detach"};
 
-static void report() { fprintf(stderr, "OPCOUNT ops=%ld kernels=%ld\n", ops.load(), kernels.load()); }
+static std::mutex by_name_mutex;
+// never destroyed: report() runs at exit, after static objects defined here would be
+static auto &by_name = *new std::map<std::string, long>;
+static const bool count_by_name = getenv("OPCOUNT_BY_NAME") && std::string(getenv("OPCOUNT_BY_NAME")) == "1";
+
+static void report() {
+    fprintf(stderr, "OPCOUNT ops=%ld kernels=%ld\n", ops.load(), kernels.load());
+    std::vector<std::pair<long, std::string>> counts;
+    for (const auto &[name, count] : by_name) counts.emplace_back(count, name);
+    std::sort(counts.rbegin(), counts.rend());
+    for (const auto &[count, name] : counts) fprintf(stderr, "OPCOUNT %ld %s\n", count, name.c_str());
+}
 
 __attribute__((constructor)) static void install() {
     auto start = [](const at::RecordFunction &fn) -> std::unique_ptr<at::ObserverContext> {
@@ -40,7 +55,12 @@ __attribute__((constructor)) static void install() {
     auto end = [](const at::RecordFunction &, at::ObserverContext *) {
         auto [name, called_another] = running.back();
         running.pop_back();
-        if (!called_another && !no_kernel.count(name)) kernels++;
+        if (called_another || no_kernel.count(name)) return;
+        kernels++;
+        if (count_by_name) {
+            std::lock_guard<std::mutex> lock(by_name_mutex);
+            by_name[name]++;
+        }
     };
     at::addGlobalCallback(at::RecordFunctionCallback(start, end).scopes({at::RecordScope::FUNCTION}).needsInputs(false));
     atexit(report);

@@ -26,11 +26,14 @@ def variant(run):
         parts.append("no packing")
     if run["precompute_ref_log_probs"]:
         parts.append("precomputed reference")
+    if run.get("allocator_conf"):
+        parts.append(run["allocator_conf"])
     return ", ".join(parts) or "default"
 
 
 def table(runs, reference_key):
-    trl = {key(r): r for r in runs if r["tool"].startswith("trl") and "override" not in r["tool"]}
+    trl = {key(r): r for r in runs
+           if r["tool"].startswith("trl") and "override" not in r["tool"] and not r.get("allocator_conf")}
     print("| shape | objective | precision | checkpointing | prefalign variant | TRL s/step | prefalign s/step "
           "| speed-up | TRL peak GiB | prefalign peak GiB | memory ratio |")
     print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")

@@ -140,6 +140,7 @@ def main():
         "prompt_tokens": args.prompt_tokens, "completion_tokens": args.completion_tokens, "steps": args.steps,
         "median_step_s": step, "pairs_per_s": args.pairs / step, "step_times_s": times,
         "threads": torch.get_num_threads(), "torch": torch.__version__, **memory,
+        "allocator_conf": os.environ.get("PYTORCH_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF")),
     }))
 
 

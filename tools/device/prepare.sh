@@ -3,6 +3,7 @@
 # has python3 with torch 2.11.0+cu130 but no Rust, no TRL and no tcmalloc):
 #   - prefalign built against the full CUDA torch wheel of .venv-fixtures, so that libtorch_cuda is linked and CUDA
 #     registers (the lean build's torch has no CUDA libraries); on the GPU machine it loads that machine's torch
+#   - the library's unit-test executable, built the same way
 #   - gperftools' tcmalloc, which the binary links
 #   - the wheels TRL 1.16 needs beyond the GPU machine's image (trl, datasets, dill, multiprocess)
 # Needs `bash scripts/setup.sh --fixtures`. Then call the device tool with carry [".device"] and the command
@@ -14,11 +15,15 @@ if [ ! -f "$torch/lib/libtorch_cuda.so" ]; then
   echo "prepare: no CUDA torch in .venv-fixtures; run: bash scripts/setup.sh --fixtures" >&2
   exit 1
 fi
-LIBTORCH="$torch" LIBTORCH_CXX11_ABI=1 PREFALIGN_CUDA=1 CARGO_TARGET_DIR=target/cuda \
-  cargo build --release --locked --bin prefalign
+export LIBTORCH="$torch" LIBTORCH_CXX11_ABI=1 PREFALIGN_CUDA=1 CARGO_TARGET_DIR=target/cuda
+cargo build --release --locked --bin prefalign
+# the library's unit tests, for the few that also run on CUDA when there is one (run.sh runs those first)
+unit_tests=$(cargo test --release --locked --lib --no-run 2>&1 | sed -n 's/.*Executable unittests src\/lib.rs (\(.*\))$/\1/p')
+[ -x "$unit_tests" ] || { echo "prepare: no unit-test executable found" >&2; exit 1; }
 rm -rf .device && mkdir -p .device/lib .device/wheels
 cp target/cuda/release/prefalign .device/prefalign
-strip .device/prefalign
+cp "$unit_tests" .device/unit-tests
+strip .device/prefalign .device/unit-tests
 if ldd .device/prefalign | grep -q tcmalloc; then
   cp -L "$(ldd .device/prefalign | awk '/tcmalloc/ {print $3}')" .device/lib/
 fi

@@ -30,6 +30,9 @@ run() {
   echo "== exit $? after ${SECONDS}s" >&2
 }
 
+# 0. the unit tests that compare CUDA with the CPU when a GPU is there (torch's fused RMSNorm kernel)
+run 60 .device/unit-tests --test-threads 1 torch_rms_norm
+
 # 1. CUDA against CPU on the same seed: the losses of these steps on this project's CPU (2026-12-03, f32) were
 #    0.6931 (warm-up), 0.4562, 0.2898, 0.1799
 run 60 "$prefalign" bench --shape smollm2-135m --objective dpo --pairs 2 --prompt-tokens 128 --completion-tokens 128 \
@@ -58,6 +61,9 @@ run 90 python3 tools/bench/trl_bench.py "${tiny[@]}" | tail -n 1 | tee -a "$rows
 # 4. as time allows: prefalign's variants on the 1.7B shape, and ORPO
 run 150 "$prefalign" bench --json --shape smollm2-1.7b "${dpo[@]}" --precompute-ref-log-probs | tee -a "$rows"
 run 150 "$prefalign" bench --json --shape smollm2-1.7b "${dpo[@]}" --gradient-checkpointing | tee -a "$rows"
+# the caching allocator with segments that grow instead of one per size class: less reserved beyond what is in use
+run 150 env PYTORCH_ALLOC_CONF=expandable_segments:True "$prefalign" bench --json --shape smollm2-1.7b "${dpo[@]}" \
+  | tee -a "$rows"
 orpo=(--objective orpo "${targets[@]}")
 run 90 "$prefalign" bench --json --shape smollm2-135m "${orpo[@]}" | tee -a "$rows"
 run 150 python3 tools/bench/trl_bench.py --shape smollm2-135m "${orpo[@]}" | tail -n 1 | tee -a "$rows"
