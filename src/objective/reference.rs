@@ -11,19 +11,20 @@ use crate::objective::dpo::PairLogps;
 use crate::objective::logps::{summed_completion_logps, Precision};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-/// Summed completion log-probs of the reference for every pair: (chosen, rejected), [N] each.
+/// Summed completion log-probs of the reference for every pair: (chosen, rejected), [N] each, on the CPU.
 pub struct ReferenceLogps {
     pub chosen: Tensor,
     pub rejected: Tensor,
 }
 
 impl ReferenceLogps {
-    /// The values of the pairs at `indices`, as a batch.
-    pub fn batch(&self, indices: &[usize]) -> PairLogps {
+    /// The values of the pairs at `indices`, as a batch on `device` (where the policy's log-probs are).
+    pub fn batch(&self, indices: &[usize], device: Device) -> PairLogps {
         let index = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        PairLogps { chosen: self.chosen.index_select(0, &index), rejected: self.rejected.index_select(0, &index) }
+        let select = |values: &Tensor| values.index_select(0, &index.to_device(values.device())).to_device(device);
+        PairLogps { chosen: select(&self.chosen), rejected: select(&self.rejected) }
     }
 }
 
@@ -120,5 +121,28 @@ fn read_cache(path: &Path) -> Result<Option<ReferenceLogps>> {
     match (tensors.get("chosen"), tensors.get("rejected")) {
         (Some(c), Some(r)) => Ok(Some(ReferenceLogps { chosen: c.to_kind(Kind::Float), rejected: r.to_kind(Kind::Float) })),
         _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Precomputed log-probs stay on the CPU; a batch of them goes where the policy's log-probs are (on CUDA too,
+    /// where the tests run with a GPU: the loss cannot mix devices).
+    #[test]
+    fn batch_selects_pairs_onto_the_policys_device() {
+        let logps = ReferenceLogps {
+            chosen: Tensor::from_slice(&[-1.0f32, -2.0, -3.0]),
+            rejected: Tensor::from_slice(&[-4.0f32, -5.0, -6.0]),
+        };
+        let devices = [Device::Cpu].into_iter().chain(tch::Cuda::is_available().then_some(Device::Cuda(0)));
+        for device in devices {
+            let batch = logps.batch(&[2, 0], device);
+            for (values, want) in [(&batch.chosen, [-3.0f32, -1.0]), (&batch.rejected, [-6.0, -4.0])] {
+                assert_eq!(values.device(), device);
+                assert_eq!(Vec::<f32>::try_from(values.to_device(Device::Cpu)).unwrap(), want);
+            }
+        }
     }
 }

@@ -195,7 +195,7 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
             let reference_logps = match inputs.reference {
                 Reference::None => None,
                 Reference::Model(r) => Some(reference_logps(&r.model, &batch, config.step.precision)),
-                Reference::Precomputed { train, .. } => Some(train.batch(&indices)),
+                Reference::Precomputed { train, .. } => Some(train.batch(&indices, policy.vs.device())),
             };
             let scale = 1.0 / config.gradient_accumulation_steps as f64;
             let value = forward_backward(&policy.model, &batch, objective, reference_logps.as_ref(), scale, config.step, &mut progress.pending);

@@ -10,9 +10,9 @@
 //   LD_PRELOAD=/tmp/opcount.so prefalign bench ... --steps 2 --warmup 0
 #include <ATen/record_function.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
-#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <mutex>

@@ -30,8 +30,9 @@ run() {
   echo "== exit $? after ${SECONDS}s" >&2
 }
 
-# 0. the unit tests that compare CUDA with the CPU when a GPU is there (torch's fused RMSNorm kernel)
-run 60 .device/unit-tests --test-threads 1 torch_rms_norm
+# 0. the unit tests that also run on CUDA when a GPU is there: torch's fused RMSNorm kernel against the CPU, and
+#    precomputed reference log-probs (kept on the CPU) batched onto the GPU
+run 60 .device/unit-tests --test-threads 1 torch_rms_norm batch_selects_pairs_onto_the_policys_device
 
 # 1. CUDA against CPU on the same seed: the losses of these steps on this project's CPU (2026-12-03, f32) were
 #    0.6931 (warm-up), 0.4562, 0.2898, 0.1799
