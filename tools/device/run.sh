@@ -39,6 +39,30 @@ run 60 .device/unit-tests --test-threads 1 torch_rms_norm batch_selects_pairs_on
 run 60 "$prefalign" bench --shape smollm2-135m --objective dpo --pairs 2 --prompt-tokens 128 --completion-tokens 128 \
   --steps 3 --device cuda
 
+# 1b. the training commands end to end on CUDA (a tiny model from the test fixtures; 2 steps, then evaluation, then
+#     a saved folder): DPO with its reference model, DPO with precomputed reference log-probs in bf16, ORPO with
+#     checkpointing. On this project's CPU (2026-12-03) their metrics.jsonl read: loss 0.6931, 0.6945, eval_loss
+#     0.6123 (DPO); 0.6931, 0.6947, 0.6123 (precomputed, bf16); 12.9906, 12.9614, 12.8211 (ORPO)
+train_dir=/tmp/prefalign-train
+rm -rf "$train_dir" && mkdir -p "$train_dir/tiny_policy"
+cp tests/fixtures/eval/tiny_policy/* tests/fixtures/trl_data/tokenizer/* "$train_dir/tiny_policy/"
+fixture_pairs=tests/fixtures/trl_data/standard.jsonl
+train=(--model "$train_dir/tiny_policy" --dataset "$fixture_pairs" --eval-dataset "$fixture_pairs" --max-length 64
+  --allow-empty-completions --per-device-train-batch-size 4 --max-steps 2 --logging-steps 1 --eval-steps 2
+  --learning-rate 1e-3 --device cuda)
+export PREFALIGN_CACHE="$train_dir/cache"
+run 60 "$prefalign" dpo "${train[@]}" --output-dir "$train_dir/dpo"
+run 60 "$prefalign" dpo "${train[@]}" --precompute-ref-log-probs --bf16 --output-dir "$train_dir/dpo-precomputed"
+run 60 "$prefalign" orpo "${train[@]}" --gradient-checkpointing --output-dir "$train_dir/orpo"
+for run_dir in dpo dpo-precomputed orpo; do
+  echo "== $run_dir:"
+  python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    row = json.loads(line)
+    print({key: row[key] for key in ("step", "loss", "grad_norm", "eval_loss", "eval_rewards/accuracies") if key in row})' \
+    "$train_dir/$run_dir/metrics.jsonl"
+done
+
 # 2. the issue's targets: bf16, 8 pairs x (256 + 256), prefalign then TRL on each shape
 targets=(--pairs 8 --prompt-tokens 256 --completion-tokens 256 --steps 10 --device cuda --bf16)
 dpo=(--objective dpo "${targets[@]}")
