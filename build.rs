@@ -77,7 +77,8 @@ fn compile_torch_functions(torch_lib: &Path) {
 }
 
 /// `libtorch_cuda.so` is present in every PyPI wheel, but it loads only when cuDNN and the other CUDA wheels
-/// sit beside torch in site-packages. `PREFALIGN_CUDA=0|1` overrides the detection.
+/// sit beside torch in site-packages; a libtorch archive from pytorch.org carries cuDNN in its own lib folder.
+/// `PREFALIGN_CUDA=0|1` overrides the detection.
 fn cuda_usable(torch_lib: &Path) -> bool {
     match std::env::var("PREFALIGN_CUDA").as_deref() {
         Ok("0") => return false,
@@ -87,8 +88,9 @@ fn cuda_usable(torch_lib: &Path) -> bool {
     let has_torch_cuda = torch_lib.join("libtorch_cuda.so").exists();
     // torch/lib -> site-packages/nvidia/...
     let site_packages = torch_lib.parent().and_then(Path::parent);
-    let has_cudnn = site_packages.is_some_and(|sp| {
-        ["nvidia/cudnn/lib/libcudnn.so.9", "nvidia/cu13/lib/libcudnn.so.9"].iter().any(|p| sp.join(p).exists())
-    });
+    let has_cudnn = torch_lib.join("libcudnn.so.9").exists()
+        || site_packages.is_some_and(|sp| {
+            ["nvidia/cudnn/lib/libcudnn.so.9", "nvidia/cu13/lib/libcudnn.so.9"].iter().any(|p| sp.join(p).exists())
+        });
     has_torch_cuda && has_cudnn
 }

@@ -165,7 +165,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         crate::runtime::release_free_memory();
         if let tch::Device::Cuda(index) = device {
             tch::Cuda::synchronize(index as i64);
-            cuda_peak = cuda_peak.max(crate::model::device::cuda_memory_used_bytes());
+            cuda_peak = cuda_peak.max(crate::model::device::cuda_memory_used_bytes(index));
         }
         let seconds = started.elapsed().as_secs_f64();
         if step >= args.warmup {

@@ -44,28 +44,36 @@ pub fn dtype_name(kind: Kind) -> &'static str {
     }
 }
 
-/// Memory in use on the current CUDA device (total minus free, as `nvidia-smi` counts it: the CUDA context and
+/// Memory in use on CUDA device `index` (total minus free, as `nvidia-smi` counts it: the CUDA context and
 /// libtorch's cached blocks included), from the CUDA runtime libtorch has loaded; None without CUDA. libtorch's
 /// own allocator statistics are not reachable through tch, so the benchmark samples this after every step.
-pub fn cuda_memory_used_bytes() -> Option<u64> {
+pub fn cuda_memory_used_bytes(index: usize) -> Option<u64> {
     type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+    type GetDevice = unsafe extern "C" fn(*mut i32) -> i32;
+    type SetDevice = unsafe extern "C" fn(i32) -> i32;
     if !tch::Cuda::is_available() {
         return None;
     }
-    // SAFETY: RTLD_NOLOAD only finds a library that libtorch_cuda already loaded; cudaMemGetInfo has this C
-    // signature in every CUDA runtime and writes two size_t values.
+    // SAFETY: RTLD_NOLOAD only finds a library that libtorch_cuda already loaded; these three functions have these
+    // C signatures in every CUDA runtime.
     unsafe {
         let handle = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
             .iter()
             .map(|name| std::ffi::CString::new(*name).expect("no NUL"))
             .map(|name| libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD))
             .find(|handle| !handle.is_null())?;
-        let symbol = libc::dlsym(handle, c"cudaMemGetInfo".as_ptr());
-        if symbol.is_null() {
+        let function = |name: &std::ffi::CStr| Some(libc::dlsym(handle, name.as_ptr())).filter(|symbol| !symbol.is_null());
+        let mem_get_info: MemGetInfo = std::mem::transmute(function(c"cudaMemGetInfo")?);
+        let get_device: GetDevice = std::mem::transmute(function(c"cudaGetDevice")?);
+        let set_device: SetDevice = std::mem::transmute(function(c"cudaSetDevice")?);
+        // cudaMemGetInfo reports the thread's current device, which libtorch's device guards leave at the default
+        let mut current = 0;
+        if get_device(&mut current) != 0 || set_device(index as i32) != 0 {
             return None;
         }
-        let mem_get_info: MemGetInfo = std::mem::transmute(symbol);
         let (mut free, mut total) = (0usize, 0usize);
-        (mem_get_info(&mut free, &mut total) == 0).then(|| (total - free) as u64)
+        let status = mem_get_info(&mut free, &mut total);
+        set_device(current);
+        (status == 0).then(|| (total - free) as u64)
     }
 }
