@@ -23,7 +23,7 @@ impl ReferenceLogps {
     /// The values of the pairs at `indices`, as a batch on `device` (where the policy's log-probs are).
     pub fn batch(&self, indices: &[usize], device: Device) -> PairLogps {
         let index = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        let select = |values: &Tensor| values.index_select(0, &index.to_device(values.device())).to_device(device);
+        let select = |values: &Tensor| values.index_select(0, &index).to_device(device);
         PairLogps { chosen: select(&self.chosen), rejected: select(&self.rejected) }
     }
 }
