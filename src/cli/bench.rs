@@ -165,9 +165,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         crate::runtime::release_free_memory();
         if let tch::Device::Cuda(index) = device {
             tch::Cuda::synchronize(index as i64);
-            cuda_peak = cuda_peak.max(crate::model::device::cuda_memory_used_bytes(index));
         }
         let seconds = started.elapsed().as_secs_f64();
+        // read after the clock stops: the query is not part of a training step
+        if let tch::Device::Cuda(index) = device {
+            cuda_peak = cuda_peak.max(crate::model::device::cuda_memory_used_bytes(index));
+        }
         if step >= args.warmup {
             times.push(seconds);
             phases[0].push(reference_done);
