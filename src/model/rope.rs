@@ -44,9 +44,10 @@ impl Rope {
     pub fn new(config: &ModelConfig, device: Device) -> Result<Self> {
         let dim = config.head_dim() as i64;
         let theta = config.rope().rope_theta.unwrap_or(10_000.0);
-        // 1 / theta^(2i/d), in f32 like transformers.
-        let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / dim as f64;
-        let mut inv_freq = Tensor::from(theta).to_kind(Kind::Float).to_device(device).pow(&exponents).reciprocal();
+        // 1 / theta^(2i/d), in f32 like transformers, and on the CPU for every device: a transformers model that
+        // TRL's Trainer moves to a GPU computed them on the CPU, and a GPU's pow may round them apart.
+        let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / dim as f64;
+        let mut inv_freq = Tensor::from(theta).to_kind(Kind::Float).pow(&exponents).reciprocal();
         match RopeScaling::from_config(config)? {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq = inv_freq / factor,
@@ -66,7 +67,7 @@ impl Rope {
                 inv_freq = smoothed.where_self(&is_medium, &scaled);
             }
         }
-        Ok(Self { inv_freq })
+        Ok(Self { inv_freq: inv_freq.to_device(device) })
     }
 
     /// The rotary tables for positions `start..start+len`, each [len, head_dim], in `kind`.

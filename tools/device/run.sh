@@ -30,12 +30,14 @@ run() {
   echo "== exit $? after ${SECONDS}s" >&2
 }
 
-# 0. the unit tests that also run on CUDA when a GPU is there: torch's fused RMSNorm kernel against the CPU, and
-#    precomputed reference log-probs (kept on the CPU) batched onto the GPU
-run 60 .device/unit-tests --test-threads 1 torch_rms_norm batch_selects_pairs_onto_the_policys_device
+# 0. the unit tests that also run on CUDA when a GPU is there: torch's fused RMSNorm kernel against the CPU,
+#    precomputed reference log-probs (kept on the CPU) batched onto the GPU, and bench's random weights equal on both
+run 60 .device/unit-tests --test-threads 1 torch_rms_norm batch_selects_pairs_onto_the_policys_device \
+  random_model_draws_the_same_weights_on_every_device
 
-# 1. CUDA against CPU on the same seed: the losses of these steps on this project's CPU (2026-12-03, f32) were
-#    0.6931 (warm-up), 0.4562, 0.2898, 0.1799
+# 1. CUDA against CPU on the same seed and so the same weights (bench draws them with the CPU's generator on every
+#    device): the losses of these steps on this project's CPU (2026-12-03, f32) were
+#    0.6931 (warm-up), 0.4562, 0.2898, 0.1799; CUDA's should agree but for rounding
 run 60 "$prefalign" bench --shape smollm2-135m --objective dpo --pairs 2 --prompt-tokens 128 --completion-tokens 128 \
   --steps 3 --device cuda
 
