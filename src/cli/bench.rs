@@ -229,31 +229,3 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The same seed gives the same weights on every device (on CUDA too, where the tests run with a GPU), so a
-    /// CUDA run of `bench` can be checked against the CPU's losses.
-    #[test]
-    fn random_model_draws_the_same_weights_on_every_device() {
-        let config: ModelConfig = serde_json::from_str(
-            r#"{"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-                "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 64, "rms_norm_eps": 1e-5}"#,
-        )
-        .unwrap();
-        let weights = |device| {
-            let (vs, _) = random_model(&config, device, 7).unwrap();
-            let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-            variables.sort_by(|a, b| a.0.cmp(&b.0));
-            variables.into_iter().map(|(name, t)| (name, Vec::<f32>::try_from(t.flatten(0, -1)).unwrap())).collect::<Vec<_>>()
-        };
-        let cpu = weights(tch::Device::Cpu);
-        assert!(cpu.iter().any(|(name, values)| name.ends_with("q_proj.weight") && values.iter().any(|&v| v != 0.0)));
-        assert_eq!(weights(tch::Device::Cpu), cpu, "the same seed, the same draw");
-        if tch::Cuda::is_available() {
-            assert_eq!(weights(tch::Device::Cuda(0)), cpu, "CUDA draws with the CPU's generator");
-        }
-    }
-}

@@ -13,9 +13,23 @@ def key(run):
 
 
 def memory(run):
+    """Peak GiB, or None where the run could not read it (a CUDA run without the CUDA runtime's memory query)."""
     if run["device"].startswith("cuda"):
-        return run["peak_gpu_used_gib"]
+        return run.get("peak_gpu_used_gib")
     return run["peak_rss_gib"]
+
+
+def seconds(value):
+    """Two decimals, and three significant digits below a second (a GPU step is tens of milliseconds: 0.0412)."""
+    return f"{value:.2f}" if value >= 1 else f"{value:.3g}"
+
+
+def gib(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
+def ratio(ours, theirs):
+    return "-" if ours is None or theirs is None else f"{ours / theirs:.2f}"
 
 
 def variant(run):
@@ -48,9 +62,9 @@ def table(runs, reference_key):
         ours = "on" if checkpointing else "off"
         print(f"| {shape} | {objective} | {'bf16' if bf16 else 'f32'} "
               f"| {ours if ours == trl_checkpointing else f'{ours} (TRL {trl_checkpointing})'} "
-              f"| {variant(run)} | {base['median_step_s']:.2f} | {run['median_step_s']:.2f} "
-              f"| {base['median_step_s'] / run['median_step_s']:.2f}x | {memory(base):.2f} | {memory(run):.2f} "
-              f"| {memory(run) / memory(base):.2f} |")
+              f"| {variant(run)} | {seconds(base['median_step_s'])} | {seconds(run['median_step_s'])} "
+              f"| {base['median_step_s'] / run['median_step_s']:.2f}x | {gib(memory(base))} | {gib(memory(run))} "
+              f"| {ratio(memory(run), memory(base))} |")
 
 
 def main():

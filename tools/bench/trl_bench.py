@@ -19,6 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# everything loads from local folders: no Hub calls, and no telemetry from TRL's trainer
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import accelerate
 import datasets
 import torch
 import transformers
@@ -139,7 +144,8 @@ def main():
         "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "pairs": args.pairs,
         "prompt_tokens": args.prompt_tokens, "completion_tokens": args.completion_tokens, "steps": args.steps,
         "median_step_s": step, "pairs_per_s": args.pairs / step, "step_times_s": times,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, **memory,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__, **memory,
         "allocator_conf": os.environ.get("PYTORCH_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF")),
     }))
 

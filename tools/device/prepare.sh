@@ -10,7 +10,7 @@
 # `bash tools/device/run.sh` (at most about 8 minutes; docs/PERFORMANCE.md, "CUDA").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-torch=$(ls -d "$PWD"/.venv-fixtures/lib/python3*/site-packages/torch 2>/dev/null | head -n 1)
+torch=$(ls -d "$PWD"/.venv-fixtures/lib/python3*/site-packages/torch 2>/dev/null | head -n 1 || true)
 if [ ! -f "$torch/lib/libtorch_cuda.so" ]; then
   echo "prepare: no CUDA torch in .venv-fixtures; run: bash scripts/setup.sh --fixtures" >&2
   exit 1

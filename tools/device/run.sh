@@ -26,14 +26,13 @@ run() {
   local limit=$1; shift
   if (( SECONDS + limit / 2 > budget )); then echo "skipped (budget): $*" >&2; return; fi
   echo "== $(date -u +%T) $*" >&2
-  timeout "$limit" "$@"
+  timeout -k 5 "$limit" "$@"
   echo "== exit $? after ${SECONDS}s" >&2
 }
 
-# 0. the unit tests that also run on CUDA when a GPU is there: torch's fused RMSNorm kernel against the CPU,
-#    precomputed reference log-probs (kept on the CPU) batched onto the GPU, and bench's random weights equal on both
-run 60 .device/unit-tests --test-threads 1 torch_rms_norm batch_selects_pairs_onto_the_policys_device \
-  random_model_draws_the_same_weights_on_every_device
+# 0. the unit tests that also run on CUDA when a GPU is there: torch's fused RMSNorm kernel against the CPU, and
+#    precomputed reference log-probs (kept on the CPU) batched onto the GPU
+run 60 .device/unit-tests --test-threads 1 torch_rms_norm batch_selects_pairs_onto_the_policys_device
 
 # 1. CUDA against CPU on the same seed and so the same weights (bench draws them with the CPU's generator on every
 #    device): the losses of these steps on this project's CPU (2026-12-03, f32) were
@@ -72,9 +71,13 @@ run 90 "$prefalign" bench --json --shape smollm2-135m "${dpo[@]}" | tee -a "$row
 run 150 "$prefalign" bench --json --shape smollm2-1.7b "${dpo[@]}" | tee -a "$rows"
 echo "== installing TRL's wheels over the image's:"
 python3 -m pip list 2>/dev/null | grep -iE "^(transformers|accelerate|pyarrow|fsspec|huggingface.hub|pandas) "
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -c 'import trl, transformers, datasets; print("trl", trl.__version__, "transformers", transformers.__version__, "datasets", datasets.__version__)'
+run 90 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .device/wheels/*.whl
+# everything loads from local folders; no Hub calls, no telemetry (TRL's trainer posts some otherwise)
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+run 60 python3 -c 'import trl, transformers, accelerate, datasets, pyarrow, fsspec
+print("trl", trl.__version__, "transformers", transformers.__version__, "accelerate", accelerate.__version__,
+      "datasets", datasets.__version__, "pyarrow", pyarrow.__version__, "fsspec", fsspec.__version__)'
 run 150 python3 tools/bench/trl_bench.py --shape smollm2-135m "${dpo[@]}" | tail -n 1 | tee -a "$rows"
 run 180 python3 tools/bench/trl_bench.py --shape smollm2-1.7b "${dpo[@]}" | tail -n 1 | tee -a "$rows"
 
