@@ -43,7 +43,8 @@ pub struct Segments {
     pub branch: Tensor,
 }
 
-/// A batch as the model runs it, and how TRL's logical batch maps onto it.
+/// A batch as the model runs it, and how TRL's logical batch maps onto it. Its tensors stay on the CPU; what the
+/// model needs goes to its device from there (`objective::logps`).
 pub struct PackedBatch {
     /// TRL's [2B, T] batch: targets, masks and metrics are defined on it.
     pub logical: Batch,

@@ -164,7 +164,7 @@ pub fn summed_completion_logps(model: &CausalLm, packed: &PackedBatch, precision
     tch::no_grad(|| {
         let hidden = model.hidden_states(&input.input_ids, &input.layout(), precision.cast);
         let masks = ShiftedMasks::new(packed, hidden.device());
-        let tape = LmHeadTape::new(packed, &hidden, &masks, Needed::Completions, precision.cast);
+        let tape = LmHeadTape::new(packed, &hidden, Needed::Completions, precision.cast);
         let (logps, _) = tape.chunked_scores(model, false);
         let rows = packed.logical.input_ids.size()[0];
         let logps = tape.dense(&logps, rows, masks.len);
@@ -196,7 +196,7 @@ pub fn score_hidden(model: &CausalLm, packed: &PackedBatch, hidden: &Tensor, nee
     let (rows, width) = (packed.logical.input_ids.size()[0], packed.logical.input_ids.size()[1]);
     let masks = ShiftedMasks::new(packed, device);
     let len = masks.len;
-    let tape = LmHeadTape::new(packed, hidden, &masks, needed, precision.cast);
+    let tape = LmHeadTape::new(packed, hidden, needed, precision.cast);
     let source = packed.source.to_device(device); // [2B, T]
 
     let (logps, entropy, is_top1, mean_logits) = tch::no_grad(|| {
@@ -226,21 +226,24 @@ pub fn score_hidden(model: &CausalLm, packed: &PackedBatch, hidden: &Tensor, nee
 impl LmHeadTape {
     /// Picks the positions of `hidden` [R, L, hidden] whose next token is scored: completion tokens, and with
     /// `Needed::CompletionsAndChosenRows` every real token of the chosen rows.
-    fn new(packed: &PackedBatch, hidden: &Tensor, masks: &ShiftedMasks, needed: Needed, cast: Option<Kind>) -> Self {
+    fn new(packed: &PackedBatch, hidden: &Tensor, needed: Needed, cast: Option<Kind>) -> Self {
         let device = hidden.device();
         let logical = &packed.logical;
-        let (rows, len) = (logical.input_ids.size()[0], masks.len);
+        let (rows, len) = (logical.input_ids.size()[0], logical.input_ids.size()[1] - 1);
         let hidden_size = *hidden.size().last().expect("hidden states");
         let hidden_flat = hidden.detach().reshape([-1, hidden_size]); // [R*L, hidden]
-        let source = packed.source.to_device(device); // [2B, T]
-        let mut scored = masks.completion.gt(0.0);
+        // The indices come from the batch's CPU tensors: on a GPU, `nonzero` (whose output size the host must
+        // know) would wait there for every kernel issued so far, the whole forward pass.
+        let shifted = |mask: &Tensor| mask.narrow(1, 1, len).gt(0); // [2B, T-1] bool
+        let mut scored = shifted(&logical.completion_mask);
         if needed == Needed::CompletionsAndChosenRows {
-            let chosen_rows = Tensor::arange(rows, (Kind::Int64, device)).lt(rows / 2).unsqueeze(1);
-            scored = scored.logical_or(&masks.attention.gt(0.0).logical_and(&chosen_rows));
+            let chosen_rows = Tensor::arange(rows, tch::kind::INT64_CPU).lt(rows / 2).unsqueeze(1);
+            scored = scored.logical_or(&shifted(&logical.attention_mask).logical_and(&chosen_rows));
         }
         let logical_index = scored.flatten(0, -1).nonzero().squeeze_dim(1); // [N]
-        let hidden_index = source.narrow(1, 0, len).flatten(0, -1).index_select(0, &logical_index);
-        let targets = logical.input_ids.to_device(device).narrow(1, 1, len).flatten(0, -1).index_select(0, &logical_index);
+        let hidden_index = packed.source.narrow(1, 0, len).flatten(0, -1).index_select(0, &logical_index);
+        let targets = logical.input_ids.narrow(1, 1, len).flatten(0, -1).index_select(0, &logical_index);
+        let [logical_index, hidden_index, targets] = [logical_index, hidden_index, targets].map(|t| t.to_device(device));
         LmHeadTape {
             hidden: hidden_flat.index_select(0, &hidden_index),
             targets,
