@@ -163,8 +163,9 @@ pub fn summed_completion_logps(model: &CausalLm, packed: &PackedBatch, precision
     let input = ModelInput::new(packed, model.lm_head_weight().device());
     tch::no_grad(|| {
         let hidden = model.hidden_states(&input.input_ids, &input.layout(), precision.cast);
-        let masks = ShiftedMasks::new(packed, hidden.device());
-        let tape = LmHeadTape::new(packed, &hidden, Needed::Completions, precision.cast);
+        let masks = ShiftedMasks::new(packed);
+        let tape = LmHeadTape::new(packed, &hidden, &masks, Needed::Completions, precision.cast);
+        let masks = masks.to_device(hidden.device());
         let (logps, _) = tape.chunked_scores(model, false);
         let rows = packed.logical.input_ids.size()[0];
         let logps = tape.dense(&logps, rows, masks.len);
@@ -172,7 +173,8 @@ pub fn summed_completion_logps(model: &CausalLm, packed: &PackedBatch, precision
     })
 }
 
-/// The logical layout's masks shifted by one position (position t scores token t+1), [2B, T-1] f32 each.
+/// The logical layout's masks shifted by one position (position t scores token t+1), [2B, T-1] f32 each. Made on
+/// the CPU, where the batch is, so that the positions they select are found there (`LmHeadTape::new`).
 struct ShiftedMasks {
     completion: Tensor,
     attention: Tensor,
@@ -181,10 +183,14 @@ struct ShiftedMasks {
 }
 
 impl ShiftedMasks {
-    fn new(packed: &PackedBatch, device: Device) -> Self {
+    fn new(packed: &PackedBatch) -> Self {
         let len = packed.logical.input_ids.size()[1] - 1;
-        let shift = |mask: &Tensor| mask.to_device(device).narrow(1, 1, len).to_kind(Kind::Float);
+        let shift = |mask: &Tensor| mask.narrow(1, 1, len).to_kind(Kind::Float);
         ShiftedMasks { completion: shift(&packed.logical.completion_mask), attention: shift(&packed.logical.attention_mask), len }
+    }
+
+    fn to_device(&self, device: Device) -> Self {
+        ShiftedMasks { completion: self.completion.to_device(device), attention: self.attention.to_device(device), len: self.len }
     }
 }
 
@@ -194,9 +200,10 @@ pub fn score_hidden(model: &CausalLm, packed: &PackedBatch, hidden: &Tensor, nee
     let weight = model.lm_head_weight();
     let device = weight.device();
     let (rows, width) = (packed.logical.input_ids.size()[0], packed.logical.input_ids.size()[1]);
-    let masks = ShiftedMasks::new(packed, device);
+    let masks = ShiftedMasks::new(packed);
     let len = masks.len;
-    let tape = LmHeadTape::new(packed, hidden, needed, precision.cast);
+    let tape = LmHeadTape::new(packed, hidden, &masks, needed, precision.cast);
+    let masks = masks.to_device(device);
     let source = packed.source.to_device(device); // [2B, T]
 
     let (logps, entropy, is_top1, mean_logits) = tch::no_grad(|| {
@@ -225,20 +232,19 @@ pub fn score_hidden(model: &CausalLm, packed: &PackedBatch, hidden: &Tensor, nee
 
 impl LmHeadTape {
     /// Picks the positions of `hidden` [R, L, hidden] whose next token is scored: completion tokens, and with
-    /// `Needed::CompletionsAndChosenRows` every real token of the chosen rows.
-    fn new(packed: &PackedBatch, hidden: &Tensor, needed: Needed, cast: Option<Kind>) -> Self {
+    /// `Needed::CompletionsAndChosenRows` every real token of the chosen rows. `masks` are on the CPU: found
+    /// there, the indices cost the GPU nothing, where `nonzero` (whose output size the host must know) would wait
+    /// for every kernel issued so far, the whole forward pass.
+    fn new(packed: &PackedBatch, hidden: &Tensor, masks: &ShiftedMasks, needed: Needed, cast: Option<Kind>) -> Self {
         let device = hidden.device();
         let logical = &packed.logical;
-        let (rows, len) = (logical.input_ids.size()[0], logical.input_ids.size()[1] - 1);
+        let (rows, len) = (logical.input_ids.size()[0], masks.len);
         let hidden_size = *hidden.size().last().expect("hidden states");
         let hidden_flat = hidden.detach().reshape([-1, hidden_size]); // [R*L, hidden]
-        // The indices come from the batch's CPU tensors: on a GPU, `nonzero` (whose output size the host must
-        // know) would wait there for every kernel issued so far, the whole forward pass.
-        let shifted = |mask: &Tensor| mask.narrow(1, 1, len).gt(0); // [2B, T-1] bool
-        let mut scored = shifted(&logical.completion_mask);
+        let mut scored = masks.completion.gt(0.0);
         if needed == Needed::CompletionsAndChosenRows {
             let chosen_rows = Tensor::arange(rows, tch::kind::INT64_CPU).lt(rows / 2).unsqueeze(1);
-            scored = scored.logical_or(&shifted(&logical.attention_mask).logical_and(&chosen_rows));
+            scored = scored.logical_or(&masks.attention.gt(0.0).logical_and(&chosen_rows));
         }
         let logical_index = scored.flatten(0, -1).nonzero().squeeze_dim(1); // [N]
         let hidden_index = packed.source.narrow(1, 0, len).flatten(0, -1).index_select(0, &logical_index);

@@ -73,8 +73,8 @@ echo "== installing TRL's wheels over the image's:"
 python3 -m pip list 2>/dev/null | grep -iE "^(transformers|accelerate|pyarrow|fsspec|huggingface.hub|pandas) "
 run 90 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .device/wheels/*.whl
-# everything loads from local folders; no Hub calls, no telemetry (TRL's trainer posts some otherwise)
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+# (trl_bench.py itself runs offline, without TRL's telemetry)
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 run 60 python3 -c 'import trl, transformers, accelerate, datasets, pyarrow, fsspec
 print("trl", trl.__version__, "transformers", transformers.__version__, "accelerate", accelerate.__version__,
       "datasets", datasets.__version__, "pyarrow", pyarrow.__version__, "fsspec", fsspec.__version__)'
