@@ -2,7 +2,9 @@
 // GPU each such operator is a kernel launch; docs/PERFORMANCE.md, CUDA). Loaded with LD_PRELOAD, it counts every
 // operator call ("ops") and those that call no other operator and are not views or metadata ("kernels", about one
 // kernel each), and prints both to stderr at exit. Per step: run 2 steps and 1 step without warm-up, subtract.
-// With OPCOUNT_BY_NAME=1 it also prints each kernel-like operator's count ("OPCOUNT <n> <name>"), most first.
+// With OPCOUNT_BY_NAME=1 it also prints each kernel-like operator's count ("OPCOUNT <n> <name>"), most first; with
+// OPCOUNT_BY_NAME=callers, keyed by up to three operators that called it ("aten::mul > aten::to > aten::_to_copy >
+// aten::copy_"; an empty name is a call from outside any operator, such as autograd's backward functions).
 //
 //   T=<the torch package the process loads>   # .venv's for prefalign, .venv-fixtures' for TRL
 //   c++ -std=c++17 -O2 -shared -fPIC -D_GLIBCXX_USE_CXX11_ABI=1 -I$T/include -I$T/include/torch/csrc/api/include \
@@ -34,7 +36,9 @@ static const std::set<std::string> no_kernel = {
 static std::mutex by_name_mutex;
 // never destroyed: report() runs at exit, after static objects defined here would be
 static auto &by_name = *new std::map<std::string, long>;
-static const bool count_by_name = getenv("OPCOUNT_BY_NAME") && std::string(getenv("OPCOUNT_BY_NAME")) == "1";
+static const std::string by_name_mode = getenv("OPCOUNT_BY_NAME") ? getenv("OPCOUNT_BY_NAME") : "";
+static const bool count_by_name = by_name_mode == "1" || by_name_mode == "callers";
+static const bool with_callers = by_name_mode == "callers";
 
 static void report() {
     fprintf(stderr, "OPCOUNT ops=%ld kernels=%ld\n", ops.load(), kernels.load());
@@ -58,8 +62,11 @@ __attribute__((constructor)) static void install() {
         if (called_another || no_kernel.count(name)) return;
         kernels++;
         if (count_by_name) {
+            std::string key = name;
+            for (size_t i = running.size(); with_callers && i-- > 0 && running.size() - i <= 3;)
+                key = running[i].first + " > " + key;
             std::lock_guard<std::mutex> lock(by_name_mutex);
-            by_name[name]++;
+            by_name[key]++;
         }
     };
     at::addGlobalCallback(at::RecordFunctionCallback(start, end).scopes({at::RecordScope::FUNCTION}).needsInputs(false));
