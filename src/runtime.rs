@@ -68,3 +68,11 @@ pub extern "C" fn mkl_serv_intel_cpu_true() -> c_int {
         }
     })
 }
+
+/// The process's peak resident memory (VmHWM), where /proc provides it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

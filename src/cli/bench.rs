@@ -4,17 +4,16 @@
 
 use crate::cli::ComputeArgs;
 use crate::data::collate::TruncationMode;
-use crate::data::pack::pack;
+use crate::data::pack::Batching;
 use crate::data::tokenize::{Sequence, TokenizedPair};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::CausalLm;
-use crate::objective::dpo::{DpoLoss, LossParams, PairLogps};
-use crate::objective::reference::reference_logps;
+use crate::model::LoadedModel;
 use crate::objective::metrics::MetricLog;
-use crate::objective::Objective;
-use crate::train::optimizer::{AdamW, AdamWConfig};
-use crate::train::step::forward_backward;
-use crate::train::trainer::peak_rss_bytes;
+use crate::objective::{DpoParams, Objective, OrpoParams};
+use crate::runtime::peak_rss_bytes;
+use crate::train::reference;
+use crate::train::{Reference, Trainer, TrainerConfig};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::Path;
@@ -83,7 +82,7 @@ pub fn synthetic_pair(pair: usize, prompt_tokens: usize, completion_tokens: usiz
 /// A model of `config` with weights drawn like transformers' `_init_weights` (normal, std 0.02; norms 1). Drawn by
 /// the CPU's generator on every device, so that a CUDA run starts from the CPU run's weights (CUDA's generator
 /// draws another sequence from the same seed).
-fn random_model(config: &ModelConfig, device: tch::Device, seed: i64) -> Result<(VarStore, CausalLm)> {
+fn random_model(config: &ModelConfig, device: tch::Device, seed: i64) -> Result<LoadedModel> {
     tch::manual_seed(seed);
     let vs = VarStore::new(device);
     let model = CausalLm::new(&vs.root(), config)?;
@@ -96,7 +95,7 @@ fn random_model(config: &ModelConfig, device: tch::Device, seed: i64) -> Result<
             }
         }
     });
-    Ok((vs, model))
+    Ok(LoadedModel { vs, model, tokenizer: None })
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -116,55 +115,56 @@ pub fn run(args: BenchArgs) -> Result<()> {
         config.num_hidden_layers = layers;
     }
     let device = crate::model::device::parse_device(&args.device)?;
-    let (policy_vs, policy) = random_model(&config, device, 0)?;
-    let pairs: Vec<TokenizedPair> = (0..args.pairs).map(|i| synthetic_pair(i, args.prompt_tokens, args.completion_tokens, config.vocab_size)).collect();
-    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+    let policy = random_model(&config, device, 0)?;
+    let pairs: Vec<TokenizedPair> =
+        (0..args.pairs).map(|i| synthetic_pair(i, args.prompt_tokens, args.completion_tokens, config.vocab_size)).collect();
     let (objective, truncation) = match args.objective {
         BenchObjective::Dpo => (
-            Objective::Dpo { losses: vec![(DpoLoss::Sigmoid, 1.0)], params: LossParams { beta: 0.1, label_smoothing: 0.0, discopop_tau: 0.05 }, reference_free: false },
+            Objective::Dpo(DpoParams::default()),
             Some((args.prompt_tokens + args.completion_tokens, TruncationMode::KeepStart)),
         ),
-        BenchObjective::Orpo => (Objective::Orpo { beta: 0.1 }, None),
+        BenchObjective::Orpo => (Objective::Orpo(OrpoParams::default()), None),
     };
-    let layout = args.compute.layout();
-    let step_options = args.compute.step();
+    let trainer_config = TrainerConfig {
+        learning_rate: 1e-6,
+        batching: Batching { pad_id: 2, truncation, layout: args.compute.layout() },
+        step: args.compute.step(),
+        ..TrainerConfig::default()
+    };
+    let precision = trainer_config.step.precision;
     // TRL's default reference: a second, frozen copy of the policy run every step.
-    let reference = if objective.needs_reference() {
-        let (mut vs, model) = random_model(&config, device, 0)?;
-        vs.freeze();
-        if let Some(kind) = step_options.precision.cast {
-            model.store_matmul_weights_in(kind);
+    let reference_model = if objective.needs_reference() {
+        let mut reference = random_model(&config, device, 0)?;
+        reference.vs.freeze();
+        if let Some(kind) = precision.cast {
+            reference.model.store_matmul_weights_in(kind);
         }
-        Some((vs, model))
+        Some(reference)
     } else {
         None
     };
-    let precomputed = match (&reference, args.precompute_ref_log_probs) {
-        (Some((_, model)), true) => Some(reference_logps(model, &pack(&refs, 2, truncation, layout), step_options.precision)),
+    let precomputed = match (&reference_model, args.precompute_ref_log_probs) {
+        (Some(model), true) => Some(reference::compute(&model.model, &pairs, &trainer_config.batching, precision, pairs.len())),
         _ => None,
     };
     // A precomputed reference needs no model any more: dropped here, its memory goes back to the steps.
-    let reference = reference.filter(|_| precomputed.is_none());
-    let mut optimizer = AdamW::new(policy_vs.variables().into_iter().collect(), AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
+    let reference_model = reference_model.filter(|_| precomputed.is_none());
+    let reference = match (&precomputed, &reference_model) {
+        (Some(logps), _) => Reference::Precomputed { train: logps, eval: None },
+        (None, Some(model)) => Reference::Model(model),
+        (None, None) => Reference::None,
+    };
+    let mut trainer = Trainer::new(&policy, reference, &objective, &pairs, &trainer_config);
+    let batch: Vec<usize> = (0..pairs.len()).collect();
     let mut log = MetricLog::default();
     let mut cuda_peak: Option<u64> = None;
     let mut times = Vec::new();
     let mut phases = [Vec::new(), Vec::new(), Vec::new()]; // reference, policy forward+backward, optimizer
     for step in 0..args.warmup + args.steps {
         let started = Instant::now();
-        let batch = pack(&refs, 2, truncation, layout);
-        let reference_logps = match (&precomputed, &reference) {
-            (Some(logps), _) => Some(PairLogps { chosen: logps.chosen.shallow_clone(), rejected: logps.rejected.shallow_clone() }),
-            (None, Some((_, model))) => Some(reference_logps(model, &batch, step_options.precision)),
-            (None, None) => None,
-        };
-        let reference_done = started.elapsed().as_secs_f64();
-        let loss = forward_backward(&policy, &batch, &objective, reference_logps.as_ref(), 1.0, step_options, &mut log);
-        let policy_done = started.elapsed().as_secs_f64();
-        optimizer.clip_grad_norm(1.0);
-        optimizer.step(1e-6);
-        optimizer.zero_grad();
-        crate::runtime::release_free_memory();
+        let outcome = trainer
+            .optimizer_step(std::slice::from_ref(&batch), trainer_config.learning_rate, &mut log)
+            .map_err(|e| anyhow::anyhow!("non-finite {} at step {}", e.what, step + 1))?;
         if let tch::Device::Cuda(index) = device {
             tch::Cuda::synchronize(index as i64);
         }
@@ -175,13 +175,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         if step >= args.warmup {
             times.push(seconds);
-            phases[0].push(reference_done);
-            phases[1].push(policy_done - reference_done);
-            phases[2].push(seconds - policy_done);
+            phases[0].push(outcome.seconds.reference);
+            phases[1].push(outcome.seconds.policy);
+            phases[2].push(seconds - outcome.seconds.reference - outcome.seconds.policy);
         }
         if !args.json {
+            let loss = outcome.loss;
             eprintln!("step {}: {seconds:.3} s, loss {loss:.4}{}", step + 1, if step < args.warmup { " (warmup)" } else { "" });
         }
+        log = MetricLog::default();
     }
     let step_seconds = median(&mut times);
     let [reference_s, policy_s, optimizer_s] = phases.map(|mut p| median(&mut p));
@@ -195,9 +197,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "objective": format!("{:?}", args.objective).to_lowercase(),
         "device": args.device,
         "bf16": args.compute.bf16,
-        "prefix_sharing": layout.prefix_sharing,
-        "packing": layout.packing,
-        "gradient_checkpointing": step_options.gradient_checkpointing,
+        "prefix_sharing": trainer_config.batching.layout.prefix_sharing,
+        "packing": trainer_config.batching.layout.packing,
+        "gradient_checkpointing": trainer_config.step.gradient_checkpointing,
         "precompute_ref_log_probs": args.precompute_ref_log_probs,
         "pairs": args.pairs,
         "prompt_tokens": args.prompt_tokens,

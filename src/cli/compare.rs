@@ -7,13 +7,14 @@
 //! `train_summary.json`, the logs, and the held-out scores.
 
 use crate::report::{self, Report, RunRow};
-use crate::train::trainer::list_checkpoints;
+use crate::train::checkpoint::list_checkpoints;
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Args, CommandFactory};
 use serde_json::Value as Json;
 use serde_norway::{Mapping, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -111,6 +112,10 @@ struct Recipe {
     flags: HashMap<String, Value>,
     command: clap::Command,
 }
+
+/// The scores of base models, computed once per distinct evaluation (by its `prefalign eval` flags) and shared by
+/// the runs that evaluate the same way; a failure is reported in each of those runs' rows.
+type Baselines = HashMap<Vec<String>, (PathBuf, Result<Scored, Rc<anyhow::Error>>)>;
 
 /// What `prefalign eval` reported.
 #[derive(Clone)]
@@ -396,7 +401,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
     let out = &args.output_dir;
     std::fs::create_dir_all(out.join("runs")).with_context(|| format!("cannot create {}", out.display()))?;
     // Scores of base models, computed once per distinct evaluation (a β grid shares one).
-    let mut baselines: HashMap<Vec<String>, (PathBuf, Result<Scored, String>)> = HashMap::new();
+    let mut baselines = Baselines::new();
     let mut heldout_sets: Vec<String> = Vec::new();
     let mut rows = Vec::new();
     let mut picked_up = Vec::new();
@@ -475,7 +480,7 @@ fn one_run(
     out: &Path,
     args: &CompareArgs,
     row: &mut RunRow,
-    baselines: &mut HashMap<Vec<String>, (PathBuf, Result<Scored, String>)>,
+    baselines: &mut Baselines,
     heldout_sets: &mut Vec<String>,
 ) -> Result<Trained> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -545,7 +550,7 @@ fn one_run(
             let scored = std::fs::create_dir_all(&folder)
                 .map_err(anyhow::Error::from)
                 .and_then(|_| score_reusing(&flags, &folder.join("heldout.json"), &folder.join("eval.log"), &folder.join("flags.json"), args.rerun))
-                .map_err(|e| error_text(&e));
+                .map_err(Rc::new);
             if let Ok(scored) = &scored {
                 let (dataset, split) = heldout;
                 heldout_sets.push(format!(
@@ -559,7 +564,9 @@ fn one_run(
         });
         match scored {
             Ok(scored) => row.heldout_before = scored.accuracy,
-            Err(error) => row.error = Some(format!("held-out evaluation of the base model ({}): {error}", relative(folder, out))),
+            Err(error) => {
+                row.error = Some(format!("held-out evaluation of the base model ({}): {}", relative(folder, out), error_text(error)))
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 
 use crate::data::collate::TruncationMode;
 use crate::data::hub;
+use crate::data::pack::{Batching, PackOptions};
 use crate::data::prepare::{prepare, tokenize_pairs, PrepareOptions, Prepared, RowFormat, Rules};
 use crate::data::source::{read_rows, ReadRows};
 use crate::data::tokenize::{PairTokenizer, TokenizedPair};
@@ -116,6 +117,11 @@ impl DatasetArgs {
         options.validation.allow_empty_completions = self.allow_empty_completions;
         options.keep_empty_completions = self.keep_empty_completions;
         options
+    }
+
+    /// How these pairs are batched for `rules` (the truncation at collation is DPO's alone).
+    pub fn batching(&self, rules: Rules, pad_id: i64, layout: PackOptions) -> Batching {
+        Batching { pad_id, truncation: rules.truncation_at_collation(self.max_length, self.truncation_mode()), layout }
     }
 
     /// Reads and tokenizes the dataset for `rules`.

@@ -3,23 +3,20 @@
 //! after training, and leaving the trained model as a Hugging Face folder.
 
 use crate::cli::ModelArgs;
-use crate::data::collate::{SamplingStrategy, TruncationMode};
-use crate::data::pack::PackOptions;
+use crate::data::chat_template::Message;
+use crate::data::collate::TruncationMode;
+use crate::data::pack::{Batching, PackOptions};
 use crate::data::prepare::{prepare, PrepareOptions, Rules};
 use crate::data::source::read_rows;
 use crate::data::tokenize::PairTokenizer;
 use crate::model::generate::{generate, SamplingOptions};
 use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
 use crate::model::LoadedModel;
-use crate::data::chat_template::Message;
-use crate::objective::dpo::{DpoLoss, LossParams};
-use crate::objective::evaluate::{evaluate, EvalOptions};
-use crate::objective::reference::precompute;
-use crate::objective::Objective;
-use crate::train::optimizer::AdamWConfig;
+use crate::objective::{DpoParams, Objective};
+use crate::train::evaluate::{evaluate, EvalOptions};
+use crate::train::reference::{cache_dir, precompute};
 use crate::train::schedule::Schedule;
-use crate::train::step::StepOptions;
-use crate::train::trainer::{train, Reference, TrainInputs, TrainerConfig};
+use crate::train::{train, Reference, TrainInputs, TrainerConfig};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -64,17 +61,25 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("DPO demo: {} on {} preference pairs, {} held out", args.model, train_pairs.len(), test_pairs.len());
     println!("(chosen answers are correct and open with \"Sure! \"; rejected ones are wrong or evasive)\n");
 
-    let objective = Objective::Dpo {
-        losses: vec![(DpoLoss::Sigmoid, 1.0)],
-        params: LossParams { beta: 0.1, label_smoothing: 0.0, discopop_tau: 0.05 },
-        reference_free: false,
+    let objective = Objective::Dpo(DpoParams::default());
+    let batching = Batching {
+        pad_id: tokenizer.pad_id()?,
+        truncation: Rules::Dpo.truncation_at_collation(1024, TruncationMode::KeepStart),
+        layout: PackOptions::default(),
     };
-    let pad_id = tokenizer.pad_id()?;
-    let truncation = Some((1024, TruncationMode::KeepStart));
-    let (layout, step) = (PackOptions::default(), StepOptions::default());
-    let eval_options = EvalOptions { batch_size: 8, pad_id, truncation, layout, precision: step.precision };
+    let config = TrainerConfig {
+        output_dir: args.output_dir.clone(),
+        learning_rate: args.learning_rate,
+        schedule: Schedule::Constant,
+        num_train_epochs: args.num_train_epochs,
+        logging_steps: 5,
+        batching,
+        ..TrainerConfig::default()
+    };
+    let precision = config.step.precision;
+    let eval_options = EvalOptions { batch_size: 8, batching, precision };
     // Before training the policy is its own reference; its log-probs serve as the reference from then on.
-    let reference = precompute(&policy, train_pairs, pad_id, truncation, layout, step.precision, 8)?;
+    let reference = precompute(&policy, train_pairs, &batching, precision, 8, &cache_dir())?;
     let score = |label: &str, policy: &LoadedModel| {
         let result = evaluate(&policy.model, None, test_pairs, &objective, &eval_options);
         println!(
@@ -85,32 +90,6 @@ pub fn run(args: DemoArgs) -> Result<()> {
     score("before", &policy);
     let answers_before = answers(&policy)?;
 
-    let config = TrainerConfig {
-        output_dir: args.output_dir.clone(),
-        learning_rate: args.learning_rate,
-        schedule: Schedule::Constant,
-        warmup_steps: 0,
-        warmup_ratio: 0.0,
-        optimizer: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
-        max_grad_norm: 1.0,
-        per_device_train_batch_size: 8,
-        gradient_accumulation_steps: 1,
-        num_train_epochs: args.num_train_epochs,
-        max_steps: -1,
-        logging_steps: 5,
-        save_steps: 0,
-        save_total_limit: None,
-        eval_steps: 0,
-        per_device_eval_batch_size: 8,
-        seed: 42,
-        sampling: SamplingStrategy::Random,
-        pad_id,
-        truncation,
-        layout,
-        step,
-        skip_nonfinite: false,
-        resume_from_checkpoint: None,
-    };
     let started = std::time::Instant::now();
     let inputs = TrainInputs { policy: &policy, reference: Reference::Precomputed { train: &reference, eval: None }, train: train_pairs, eval: None, objective: &objective };
     let rows = train(&inputs, &config)?;

@@ -3,9 +3,9 @@
 
 use crate::cli::data::{DatasetArgs, RulesArg};
 use crate::cli::{ComputeArgs, ModelArgs};
-use crate::objective::dpo::{DpoLoss, LossParams};
-use crate::objective::evaluate::{evaluate, EvalOptions, EvalReference};
-use crate::objective::Objective;
+use crate::objective::dpo::{DpoParams, LossParams};
+use crate::objective::{Objective, OrpoParams};
+use crate::train::evaluate::{evaluate, EvalOptions, EvalReference};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::io::Write;
@@ -25,7 +25,7 @@ pub struct EvalArgs {
     /// dpo: summed log-probs and the sigmoid DPO loss; orpo: averaged log-probs and the ORPO loss
     #[arg(long, value_enum, default_value = "dpo")]
     objective: RulesArg,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = LossParams::default().beta)]
     beta: f64,
     #[arg(long, visible_alias = "per-device-eval-batch-size", default_value_t = 4)]
     batch_size: usize,
@@ -41,21 +41,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let rules = args.objective.rules();
     let prepared = args.data.prepare(tokenizer, rules)?;
     let objective = match args.objective {
-        RulesArg::Dpo => Objective::Dpo {
-            losses: vec![(DpoLoss::Sigmoid, 1.0)],
-            params: LossParams { beta: args.beta, label_smoothing: 0.0, discopop_tau: 0.05 },
+        RulesArg::Dpo => Objective::Dpo(DpoParams {
+            loss: LossParams { beta: args.beta, ..LossParams::default() },
             reference_free: reference.is_none(),
-        },
-        RulesArg::Orpo => Objective::Orpo { beta: args.beta },
+            ..DpoParams::default()
+        }),
+        RulesArg::Orpo => Objective::Orpo(OrpoParams { beta: args.beta }),
     };
     let options = EvalOptions {
         batch_size: args.batch_size,
-        pad_id: tokenizer.pad_id()?,
-        truncation: match args.objective {
-            RulesArg::Dpo => Some((args.data.max_length, args.data.truncation_mode())),
-            RulesArg::Orpo => None,
-        },
-        layout: args.compute.layout(),
+        batching: args.data.batching(rules, tokenizer.pad_id()?, args.compute.layout()),
         precision: args.compute.step().precision,
     };
     let result = evaluate(&policy.model, reference.as_ref().map(|r| EvalReference::Model(&r.model)), &prepared.pairs, &objective, &options);

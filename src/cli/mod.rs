@@ -115,7 +115,7 @@ impl ComputeArgs {
 
     pub fn step(&self) -> crate::train::step::StepOptions {
         crate::train::step::StepOptions {
-            precision: crate::objective::logps::Precision { cast: self.bf16.then_some(tch::Kind::BFloat16) },
+            precision: crate::model::lm_head::Precision { cast: self.bf16.then_some(tch::Kind::BFloat16) },
             gradient_checkpointing: self.gradient_checkpointing,
         }
     }

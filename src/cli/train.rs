@@ -5,14 +5,18 @@ use crate::cli::data::DatasetArgs;
 use crate::cli::{ComputeArgs, ModelArgs};
 use crate::data::collate::SamplingStrategy;
 use crate::data::prepare::Rules;
+use crate::data::tokenize::TokenizedPair;
 use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
-use crate::objective::cpo::{CpoLoss, CpoParams};
-use crate::objective::dpo::{DpoLoss, LossParams};
+use crate::model::LoadedModel;
+use crate::objective::cpo::CpoParams;
+use crate::objective::dpo::{DpoLoss, DpoParams, LossParams};
+use crate::objective::orpo::OrpoParams;
 use crate::objective::Objective;
+use crate::train::checkpoint::list_checkpoints;
 use crate::train::optimizer::AdamWConfig;
+use crate::train::reference::{cache_dir, precompute as precompute_reference};
 use crate::train::schedule::Schedule;
-use crate::objective::reference::precompute as precompute_reference;
-use crate::train::trainer::{list_checkpoints, train, Reference, TrainInputs, TrainerConfig};
+use crate::train::{train, Reference, TrainInputs, TrainerConfig};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -28,7 +32,7 @@ pub enum SamplingArg {
 pub struct TrainerArgs {
     #[arg(long, default_value = "prefalign-output")]
     output_dir: PathBuf,
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, default_value_t = TrainerConfig::default().learning_rate)]
     learning_rate: f64,
     /// constant, constant_with_warmup, linear, cosine, cosine_with_min_lr
     #[arg(long, default_value = "linear")]
@@ -36,33 +40,34 @@ pub struct TrainerArgs {
     /// cosine_with_min_lr: the final rate as a fraction of --learning-rate
     #[arg(long, default_value_t = 0.0)]
     min_lr_rate: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = TrainerConfig::default().warmup_steps)]
     warmup_steps: usize,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = TrainerConfig::default().warmup_ratio)]
     warmup_ratio: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = AdamWConfig::default().weight_decay)]
     weight_decay: f64,
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = AdamWConfig::default().beta1)]
     adam_beta1: f64,
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = AdamWConfig::default().beta2)]
     adam_beta2: f64,
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, default_value_t = AdamWConfig::default().eps)]
     adam_epsilon: f64,
-    #[arg(long, default_value_t = 1.0)]
+    /// Clip gradients to this global L2 norm (0: no clipping)
+    #[arg(long, default_value_t = TrainerConfig::default().max_grad_norm)]
     max_grad_norm: f64,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = TrainerConfig::default().per_device_train_batch_size)]
     per_device_train_batch_size: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = TrainerConfig::default().gradient_accumulation_steps)]
     gradient_accumulation_steps: usize,
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = TrainerConfig::default().num_train_epochs)]
     num_train_epochs: f64,
     /// Total optimizer steps; overrides --num-train-epochs when > 0
-    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = TrainerConfig::default().max_steps, allow_negative_numbers = true)]
     max_steps: i64,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = TrainerConfig::default().logging_steps)]
     logging_steps: usize,
     /// Write a checkpoint every N optimizer steps (0: none)
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = TrainerConfig::default().save_steps)]
     save_steps: usize,
     /// Keep only the newest N checkpoints
     #[arg(long)]
@@ -71,14 +76,14 @@ pub struct TrainerArgs {
     #[arg(long)]
     resume_from_checkpoint: Option<String>,
     /// Evaluate on --eval-dataset every N optimizer steps (0: never)
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = TrainerConfig::default().eval_steps)]
     eval_steps: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = TrainerConfig::default().per_device_eval_batch_size)]
     per_device_eval_batch_size: usize,
     /// Skip (and count) batches whose loss or gradient is not finite, instead of stopping
     #[arg(long)]
     skip_nonfinite: bool,
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = TrainerConfig::default().seed)]
     seed: u64,
     #[arg(long, value_enum, default_value = "random")]
     train_sampling_strategy: SamplingArg,
@@ -124,7 +129,7 @@ pub struct DpoArgs {
     /// reference model at every step
     #[arg(long)]
     precompute_ref_log_probs: bool,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = LossParams::default().beta)]
     beta: f64,
     /// One or more of TRL's loss types, comma-separated (sigmoid, hinge, ipo, robust, …)
     #[arg(long, default_value = "sigmoid", value_delimiter = ',')]
@@ -132,9 +137,9 @@ pub struct DpoArgs {
     /// One weight per loss type (default: 1 each)
     #[arg(long, value_delimiter = ',')]
     loss_weights: Vec<f64>,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = LossParams::default().label_smoothing)]
     label_smoothing: f64,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = LossParams::default().discopop_tau)]
     discopop_tau: f64,
 }
 
@@ -143,7 +148,7 @@ pub struct OrpoArgs {
     #[command(flatten)]
     run: RunArgs,
     /// λ, the weight of the odds-ratio term
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = OrpoParams::default().beta)]
     beta: f64,
 }
 
@@ -151,28 +156,28 @@ pub struct OrpoArgs {
 pub struct CpoArgs {
     #[command(flatten)]
     run: RunArgs,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = CpoParams::default().beta)]
     beta: f64,
     /// sigmoid, hinge, ipo, simpo, or alphapo (SimPO without the NLL term)
     #[arg(long, default_value = "sigmoid")]
     loss_type: String,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = CpoParams::default().label_smoothing)]
     label_smoothing: f64,
     /// Weight of the NLL term on the chosen completions
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = CpoParams::default().cpo_alpha)]
     cpo_alpha: f64,
     /// SimPO's target reward margin γ
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = CpoParams::default().simpo_gamma)]
     simpo_gamma: f64,
 }
 
 pub fn run_cpo(args: CpoArgs) -> Result<()> {
     let params = CpoParams {
-        loss: CpoLoss::Sigmoid,
         beta: args.beta,
         label_smoothing: args.label_smoothing,
         cpo_alpha: args.cpo_alpha,
         simpo_gamma: args.simpo_gamma,
+        ..CpoParams::default()
     }
     .with_loss_type(&args.loss_type)?;
     // CPOTrainer shares ORPOTrainer's data path.
@@ -185,11 +190,11 @@ pub fn run_dpo(args: DpoArgs) -> Result<()> {
     if weights.len() != losses.len() {
         bail!("--loss-weights has {} values for {} loss types", weights.len(), losses.len());
     }
-    let objective = Objective::Dpo {
+    let objective = Objective::Dpo(DpoParams {
         losses: losses.into_iter().zip(weights).collect(),
-        params: LossParams { beta: args.beta, label_smoothing: args.label_smoothing, discopop_tau: args.discopop_tau },
+        loss: LossParams { beta: args.beta, label_smoothing: args.label_smoothing, discopop_tau: args.discopop_tau },
         reference_free: args.reference_free,
-    };
+    });
     let reference = match (&args.ref_model, args.reference_free) {
         (_, true) => None,
         (Some(path), false) => Some(path.clone()),
@@ -200,7 +205,7 @@ pub fn run_dpo(args: DpoArgs) -> Result<()> {
 }
 
 pub fn run_orpo(args: OrpoArgs) -> Result<()> {
-    run(&args.run, None, Rules::Orpo, &Objective::Orpo { beta: args.beta })
+    run(&args.run, None, Rules::Orpo, &Objective::Orpo(OrpoParams { beta: args.beta }))
 }
 
 /// `reference`: the reference model's path, and whether to precompute its log-probs.
@@ -261,18 +266,14 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
             SamplingArg::Sequential => SamplingStrategy::Sequential,
             SamplingArg::Random => SamplingStrategy::Random,
         },
-        pad_id: tokenizer.pad_id()?,
-        truncation: match rules {
-            Rules::Dpo => Some((data.max_length, data.truncation_mode())),
-            Rules::Orpo => None,
-        },
-        layout: compute.layout(),
+        batching: data.batching(rules, tokenizer.pad_id()?, compute.layout()),
         step: compute.step(),
     };
     // Precomputed (and cached) for the training pairs and the evaluation pairs, as TRL does; the reference model
     // is then released.
-    let precompute_for = |r: &crate::model::LoadedModel, pairs: &[crate::data::tokenize::TokenizedPair]| {
-        precompute_reference(r, pairs, config.pad_id, config.truncation, config.layout, config.step.precision, t.per_device_eval_batch_size)
+    let precompute_for = |r: &LoadedModel, pairs: &[TokenizedPair]| {
+        let batch_size = t.per_device_eval_batch_size;
+        precompute_reference(r, pairs, &config.batching, config.step.precision, batch_size, &cache_dir())
     };
     let precomputed = match (&reference, precompute) {
         (Some(r), true) => Some((precompute_for(r, &prepared.pairs)?, eval_pairs.as_deref().map(|pairs| precompute_for(r, pairs)).transpose()?)),

@@ -3,7 +3,8 @@
 //! the row, and TRL's `extract_prompt` with its exact splitting rules.
 
 use crate::data::chat_template::Message;
-use crate::data::source::{json_kind, InvalidRow, RawRow};
+use crate::data::invalid::{ColumnError, InvalidRow, MessageError, RowError, ROLES};
+use crate::data::source::{json_kind, RawRow};
 use serde_json::{Map, Value};
 
 /// A prompt or a completion: plain text, or chat messages.
@@ -97,15 +98,12 @@ pub struct Validation {
 
 /// Reads one row in `format`; every problem names the column and the row.
 pub fn parse_row(row: &RawRow, format: DatasetFormat, columns: &Columns, rules: Validation) -> Result<PreferencePair, InvalidRow> {
-    let invalid = |reason: String| InvalidRow { location: row.location.clone(), reason };
+    let invalid = |reason: RowError| InvalidRow { location: row.location.clone(), reason };
+    let column_problem = |name: &str, problem: ColumnError| invalid(RowError::column(name, problem));
     let conversational = format.is_conversational();
     let column = |name: &str| -> Result<Turns, InvalidRow> {
-        let value = row.fields.get(name).ok_or_else(|| {
-            let mut present: Vec<&str> = row.fields.keys().map(String::as_str).collect();
-            present.sort();
-            invalid(format!("missing column \"{name}\" (the row has: {})", present.join(", ")))
-        })?;
-        parse_turns(value, conversational).map_err(|e| invalid(format!("column \"{name}\": {e}")))
+        let value = row.fields.get(name).ok_or_else(|| invalid(missing_column(row, name)))?;
+        parse_turns(value, conversational).map_err(|e| column_problem(name, e))
     };
     let prompt = match format {
         DatasetFormat::Standard | DatasetFormat::Conversational => Some(column(&columns.prompt)?),
@@ -115,57 +113,62 @@ pub fn parse_row(row: &RawRow, format: DatasetFormat, columns: &Columns, rules: 
     let rejected = column(&columns.rejected)?;
     for (name, turns) in [(&columns.chosen, &chosen), (&columns.rejected, &rejected)] {
         if turns.is_empty() && !rules.allow_empty_completions {
-            return Err(invalid(format!("column \"{name}\" is empty")));
+            return Err(invalid(RowError::EmptyColumn(name.clone())));
         }
     }
     if let Some(Turns::Messages(messages)) = &prompt {
-        check_prompt_roles(messages).map_err(|e| invalid(format!("column \"{}\": {e}", columns.prompt)))?;
+        check_prompt_roles(messages).map_err(|e| column_problem(&columns.prompt, e))?;
         for (name, turns) in [(&columns.chosen, &chosen), (&columns.rejected, &rejected)] {
             if let Turns::Messages(m) = turns {
-                check_completion_roles(m).map_err(|e| invalid(format!("column \"{name}\": {e}")))?;
+                check_completion_roles(m).map_err(|e| column_problem(name, e))?;
             }
         }
     }
     if format == DatasetFormat::ImplicitConversational {
         for (name, turns) in [(&columns.chosen, &chosen), (&columns.rejected, &rejected)] {
             if let Turns::Messages(m) = turns {
-                check_prompt_roles(m).map_err(|e| invalid(format!("column \"{name}\": {e}")))?;
+                check_prompt_roles(m).map_err(|e| column_problem(name, e))?;
             }
         }
     }
     Ok(PreferencePair { location: row.location.clone(), prompt, chosen, rejected })
 }
 
-fn parse_turns(value: &Value, conversational: bool) -> Result<Turns, String> {
+/// The row has no column `name`: the error lists the columns it has.
+pub fn missing_column(row: &RawRow, name: &str) -> RowError {
+    let mut present: Vec<String> = row.fields.keys().cloned().collect();
+    present.sort();
+    RowError::MissingColumn { column: name.to_string(), present }
+}
+
+fn parse_turns(value: &Value, conversational: bool) -> Result<Turns, ColumnError> {
     match (value, conversational) {
         (Value::String(text), false) => Ok(Turns::Text(text.clone())),
         (Value::Array(items), true) => items
             .iter()
             .enumerate()
-            .map(|(i, item)| parse_message(item).map_err(|e| format!("message {i}: {e}")))
+            .map(|(index, item)| parse_message(item).map_err(|problem| ColumnError::Message { index, problem }))
             .collect::<Result<_, _>>()
             .map(Turns::Messages),
-        (other, false) => Err(format!("expected a string like the first row, found {}", json_kind(other))),
-        (other, true) => Err(format!("expected a list of {{role, content}} messages like the first row, found {}", json_kind(other))),
+        (other, false) => Err(ColumnError::ExpectedText(json_kind(other))),
+        (other, true) => Err(ColumnError::ExpectedMessages(json_kind(other))),
     }
 }
 
-const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
-
-fn parse_message(value: &Value) -> Result<Message, String> {
+fn parse_message(value: &Value) -> Result<Message, MessageError> {
     let Value::Object(map) = value else {
-        return Err(format!("expected an object with \"role\" and \"content\", found {}", json_kind(value)));
+        return Err(MessageError::NotAnObject(json_kind(value)));
     };
     let role = match map.get("role") {
         Some(Value::String(role)) if ROLES.contains(&role.as_str()) => role.clone(),
-        Some(Value::String(role)) => return Err(format!("unknown role \"{role}\" (expected one of {})", ROLES.join(", "))),
-        Some(other) => return Err(format!("\"role\" is {}, expected a string", json_kind(other))),
-        None => return Err("no \"role\"".into()),
+        Some(Value::String(role)) => return Err(MessageError::UnknownRole(role.clone())),
+        Some(other) => return Err(MessageError::RoleNotText(json_kind(other))),
+        None => return Err(MessageError::NoRole),
     };
     let content = match map.get("content") {
         Some(Value::String(content)) => content.clone(),
-        Some(other) => return Err(format!("\"content\" is {}, expected a string", json_kind(other))),
-        None => return Err("no \"content\"".into()),
+        Some(other) => return Err(MessageError::ContentNotText(json_kind(other))),
+        None => return Err(MessageError::NoContent),
     };
     let extra: Map<String, Value> =
         map.iter().filter(|(k, _)| *k != "role" && *k != "content").map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -173,22 +176,20 @@ fn parse_message(value: &Value) -> Result<Message, String> {
 }
 
 /// A prompt (or a whole implicit conversation) needs a message, and `system` only first.
-fn check_prompt_roles(messages: &[Message]) -> Result<(), String> {
+fn check_prompt_roles(messages: &[Message]) -> Result<(), ColumnError> {
     if messages.is_empty() {
-        return Err("no messages".into());
+        return Err(ColumnError::NoMessages);
     }
     if let Some(i) = messages.iter().skip(1).position(|m| m.role == "system") {
-        return Err(format!("message {} is a system message; only the first message may be one", i + 1));
+        return Err(ColumnError::SystemNotFirst(i + 1));
     }
     Ok(())
 }
 
 /// A completion answers the prompt: it starts with an assistant message.
-fn check_completion_roles(messages: &[Message]) -> Result<(), String> {
+fn check_completion_roles(messages: &[Message]) -> Result<(), ColumnError> {
     match messages.first() {
-        Some(first) if first.role != "assistant" => {
-            Err(format!("the completion starts with a \"{}\" message; expected \"assistant\"", first.role))
-        }
+        Some(first) if first.role != "assistant" => Err(ColumnError::CompletionRole(first.role.clone())),
         _ => Ok(()),
     }
 }
@@ -198,7 +199,7 @@ fn check_completion_roles(messages: &[Message]) -> Result<(), String> {
 /// a space before the first difference moves into the completions; when no difference is found the split
 /// falls one element before the end of the shorter side; when the very first element differs Python's
 /// `chosen[-1]` is consulted, which can make the split index -1.
-pub fn extract_prompt(pair: &PreferencePair) -> Result<PreferencePair, String> {
+pub fn extract_prompt(pair: &PreferencePair) -> Result<PreferencePair, RowError> {
     let (prompt, chosen, rejected) = match (&pair.chosen, &pair.rejected) {
         (Turns::Text(c), Turns::Text(r)) => {
             let (c, r): (Vec<char>, Vec<char>) = (c.chars().collect(), r.chars().collect());
@@ -215,16 +216,16 @@ pub fn extract_prompt(pair: &PreferencePair) -> Result<PreferencePair, String> {
                 Turns::Messages(py_slice(r, Some(idx), None).to_vec()),
             )
         }
-        _ => return Err("chosen and rejected have different formats".into()),
+        _ => return Err(RowError::MixedFormats),
     };
     Ok(PreferencePair { location: pair.location.clone(), prompt: Some(prompt), chosen, rejected })
 }
 
 /// The loop of TRL's `extract_prompt`, returning Python's `idx` (possibly -1).
-fn split_index<T: PartialEq>(chosen: &[T], rejected: &[T], is_space: impl Fn(&T) -> bool) -> Result<isize, String> {
+fn split_index<T: PartialEq>(chosen: &[T], rejected: &[T], is_space: impl Fn(&T) -> bool) -> Result<isize, RowError> {
     let shortest = chosen.len().min(rejected.len());
     if shortest == 0 {
-        return Err("chosen or rejected is empty, so no prompt can be extracted".into());
+        return Err(RowError::NoPromptToExtract);
     }
     for idx in 0..shortest {
         if chosen[idx] != rejected[idx] {

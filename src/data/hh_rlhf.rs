@@ -3,15 +3,16 @@
 //! TRL's character-level `extract_prompt` would split inside them ("16" vs "17" gives the prompt "…1").
 
 use crate::data::chat_template::Message;
-use crate::data::example::{Columns, PreferencePair, Turns};
-use crate::data::source::{json_kind, InvalidRow, RawRow};
+use crate::data::example::{missing_column, Columns, PreferencePair, Turns};
+use crate::data::invalid::{ColumnError, InvalidRow, RowError};
+use crate::data::source::{json_kind, RawRow};
 
 const HUMAN: &str = "\n\nHuman:";
 const ASSISTANT: &str = "\n\nAssistant:";
 
 /// Splits a transcript into messages (user / assistant), each content trimmed of the space after the colon
 /// and of surrounding whitespace.
-fn parse_transcript(text: &str) -> Result<Vec<Message>, String> {
+fn parse_transcript(text: &str) -> Result<Vec<Message>, ColumnError> {
     let mut markers: Vec<(usize, &str, &str)> = text
         .match_indices(HUMAN)
         .map(|(i, m)| (i, m, "user"))
@@ -19,10 +20,8 @@ fn parse_transcript(text: &str) -> Result<Vec<Message>, String> {
         .collect();
     markers.sort_by_key(|(i, _, _)| *i);
     match markers.first() {
-        None => return Err("no \"\\n\\nHuman:\" turn".into()),
-        Some((start, _, _)) if !text[..*start].trim().is_empty() => {
-            return Err("text before the first \"\\n\\nHuman:\" turn".into())
-        }
+        None => return Err(ColumnError::NoHumanTurn),
+        Some((start, _, _)) if !text[..*start].trim().is_empty() => return Err(ColumnError::TextBeforeFirstTurn),
         _ => {}
     }
     Ok(markers
@@ -37,25 +36,26 @@ fn parse_transcript(text: &str) -> Result<Vec<Message>, String> {
 
 /// One HH-RLHF row as prompt (every turn before the final assistant reply), chosen and rejected replies.
 pub fn convert_row(row: &RawRow, columns: &Columns) -> Result<PreferencePair, InvalidRow> {
-    let invalid = |reason: String| InvalidRow { location: row.location.clone(), reason };
+    let invalid = |reason: RowError| InvalidRow { location: row.location.clone(), reason };
+    let column_problem = |name: &str, problem: ColumnError| invalid(RowError::column(name, problem));
     let transcript = |name: &str| -> Result<Vec<Message>, InvalidRow> {
         match row.fields.get(name) {
-            Some(serde_json::Value::String(text)) => parse_transcript(text).map_err(|e| invalid(format!("column \"{name}\": {e}"))),
-            Some(other) => Err(invalid(format!("column \"{name}\": expected an HH-RLHF transcript string, found {}", json_kind(other)))),
-            None => Err(invalid(format!("missing column \"{name}\""))),
+            Some(serde_json::Value::String(text)) => parse_transcript(text).map_err(|e| column_problem(name, e)),
+            Some(other) => Err(column_problem(name, ColumnError::ExpectedTranscript(json_kind(other)))),
+            None => Err(invalid(missing_column(row, name))),
         }
     };
     let mut chosen = transcript(&columns.chosen)?;
     let mut rejected = transcript(&columns.rejected)?;
     let last_reply = |messages: &mut Vec<Message>, name: &str| match messages.pop() {
         Some(m) if m.role == "assistant" && !m.content.is_empty() => Ok(m),
-        Some(m) if m.role == "assistant" => Err(invalid(format!("column \"{name}\": the final assistant reply is empty"))),
-        _ => Err(invalid(format!("column \"{name}\": the transcript does not end with an assistant reply"))),
+        Some(m) if m.role == "assistant" => Err(column_problem(name, ColumnError::EmptyFinalReply)),
+        _ => Err(column_problem(name, ColumnError::NoFinalReply)),
     };
     let chosen_reply = last_reply(&mut chosen, &columns.chosen)?;
     let rejected_reply = last_reply(&mut rejected, &columns.rejected)?;
     if chosen != rejected {
-        return Err(invalid("chosen and rejected differ before their final assistant replies".into()));
+        return Err(invalid(RowError::TranscriptsDiffer));
     }
     Ok(PreferencePair {
         location: row.location.clone(),
@@ -95,10 +95,10 @@ mod tests {
     fn rejects_broken_transcripts() {
         let columns = Columns::default();
         let err = convert_row(&row("\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant: Hello"), &columns).unwrap_err();
-        assert_eq!(err.reason, "column \"chosen\": the final assistant reply is empty");
+        assert_eq!(err.reason.to_string(), "column \"chosen\": the final assistant reply is empty");
         let err = convert_row(&row("\n\nHuman: A\n\nAssistant: x", "\n\nHuman: B\n\nAssistant: y"), &columns).unwrap_err();
-        assert!(err.reason.contains("differ before"), "{}", err.reason);
+        assert!(err.reason.to_string().contains("differ before"), "{}", err.reason);
         let err = convert_row(&row("hello", "\n\nHuman: B\n\nAssistant: y"), &columns).unwrap_err();
-        assert!(err.reason.contains("no \"\\n\\nHuman:\" turn"), "{}", err.reason);
+        assert!(err.reason.to_string().contains("no \"\\n\\nHuman:\" turn"), "{}", err.reason);
     }
 }

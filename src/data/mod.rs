@@ -1,11 +1,13 @@
-//! Data: read rows (`source`) -> interpret them (`example`, `hh_rlhf`) -> token ids by TRL's rules
-//! (`chat_template`, `tokenize`) -> the whole path with its accounting (`prepare`) -> batches (`collate`).
+//! Data: read rows (`source`, or the Hub: `hub`) -> interpret them (`example`, `hh_rlhf`; what is wrong with a
+//! row: `invalid`) -> token ids by TRL's rules (`chat_template`, `tokenize`) -> the whole path with its accounting
+//! (`prepare`) -> TRL's batches (`collate`) -> the model's input layout (`pack`).
 
 pub mod chat_template;
 pub mod collate;
 pub mod example;
 pub mod hub;
 pub mod hh_rlhf;
+pub mod invalid;
 pub mod pack;
 pub mod prepare;
 pub mod source;

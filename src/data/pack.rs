@@ -35,6 +35,21 @@ impl Default for PackOptions {
     }
 }
 
+/// How pairs become a batch: the pad id, the truncation DPO applies at collation (ORPO's pairs arrive
+/// truncated: `None`) and the layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Batching {
+    pub pad_id: i64,
+    pub truncation: Option<(usize, TruncationMode)>,
+    pub layout: PackOptions,
+}
+
+impl Batching {
+    pub fn pack(&self, pairs: &[&TokenizedPair]) -> PackedBatch {
+        pack(pairs, self.pad_id, self.truncation, self.layout)
+    }
+}
+
 /// Model input in a segment layout (see `model::decoder::TokenLayout::Segments`), all [R, L] int64.
 pub struct Segments {
     pub input_ids: Tensor,
@@ -44,7 +59,7 @@ pub struct Segments {
 }
 
 /// A batch as the model runs it, and how TRL's logical batch maps onto it. Its tensors stay on the CPU; what the
-/// model needs goes to its device from there (`objective::logps`).
+/// model needs goes to its device from there (`model::lm_head`).
 pub struct PackedBatch {
     /// TRL's [2B, T] batch: targets, masks and metrics are defined on it.
     pub logical: Batch,
@@ -53,8 +68,6 @@ pub struct PackedBatch {
     /// [2B, T] index into the flattened model input [R * L] of each logical token; -1 where the logical
     /// token is padding that the packed input does not hold.
     pub source: Tensor,
-    /// Tokens the model runs, padding included (for reporting).
-    pub model_tokens: i64,
 }
 
 /// Lays out `pairs` for the model. The logical batch is exactly `collate`'s.
@@ -62,7 +75,7 @@ pub fn pack(pairs: &[&TokenizedPair], pad_id: i64, truncation: Option<(usize, Tr
     let logical = crate::data::collate::collate(pairs, pad_id, truncation);
     let (rows, width) = (logical.input_ids.size()[0], logical.input_ids.size()[1]);
     if options.is_trl_layout() {
-        return PackedBatch { source: Tensor::arange(rows * width, tch::kind::INT64_CPU).view([rows, width]), segments: None, model_tokens: rows * width, logical };
+        return PackedBatch { source: Tensor::arange(rows * width, tch::kind::INT64_CPU).view([rows, width]), segments: None, logical };
     }
     let batch = pairs.len();
     // One unit per pair when sharing (prefix, chosen rest, rejected rest), else one per sequence.
@@ -140,7 +153,6 @@ pub fn pack(pairs: &[&TokenizedPair], pad_id: i64, truncation: Option<(usize, Tr
     PackedBatch {
         segments: Some(Segments { input_ids: tensor(&ids), positions: tensor(&positions), group: tensor(&group), branch: tensor(&branch) }),
         source: Tensor::from_slice(&source).view([rows, width]),
-        model_tokens: total as i64,
         logical,
     }
 }

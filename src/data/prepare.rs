@@ -4,7 +4,8 @@
 
 use crate::data::example::{detect_format, parse_row, Columns, DatasetFormat, PreferencePair, Validation};
 use crate::data::hh_rlhf;
-use crate::data::source::{InvalidRow, ReadRows};
+use crate::data::invalid::InvalidRow;
+use crate::data::source::ReadRows;
 use crate::data::tokenize::{tokenize_dpo, tokenize_orpo, PairTokenizer, TokenizedPair};
 use crate::data::collate::TruncationMode;
 use anyhow::{bail, Result};
@@ -23,6 +24,15 @@ impl Rules {
         match self {
             Rules::Dpo => "DPO",
             Rules::Orpo => "ORPO",
+        }
+    }
+
+    /// The truncation a batch of these pairs gets at collation: DPO's collator truncates to `max_length`; ORPO's
+    /// pairs arrive truncated.
+    pub fn truncation_at_collation(self, max_length: usize, mode: TruncationMode) -> Option<(usize, TruncationMode)> {
+        match self {
+            Rules::Dpo => Some((max_length, mode)),
+            Rules::Orpo => None,
         }
     }
 }

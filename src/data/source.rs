@@ -2,6 +2,7 @@
 //! optionally gzipped where the format allows. Every row keeps its location (`file:line`, `file[index]`,
 //! `file row N`) so that later errors can name it.
 
+use crate::data::invalid::{InvalidRow, RowError};
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 use std::io::{BufRead, Read};
@@ -12,19 +13,6 @@ use std::path::{Path, PathBuf};
 pub struct RawRow {
     pub location: String,
     pub fields: Map<String, Value>,
-}
-
-/// A row that cannot be used, and why; callers fail on it or skip and count it (`--skip-invalid-rows`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct InvalidRow {
-    pub location: String,
-    pub reason: String,
-}
-
-impl std::fmt::Display for InvalidRow {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.location, self.reason)
-    }
 }
 
 /// Rows of a dataset, with the lines that could not be read as rows (bad JSON, invalid UTF-8).
@@ -99,12 +87,12 @@ fn read_file(path: &Path) -> Result<ReadRows> {
                 }
                 let location = format!("{shown}:{number}");
                 let parsed = std::str::from_utf8(&line)
-                    .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))
+                    .map_err(|e| RowError::InvalidUtf8(e.valid_up_to()))
                     .and_then(|text| {
                         if text.trim().is_empty() {
                             return Ok(None);
                         }
-                        let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+                        let value: Value = serde_json::from_str(text).map_err(|e| RowError::InvalidJson(e.to_string()))?;
                         into_object(value).map(Some)
                     });
                 match parsed {
@@ -138,10 +126,10 @@ fn read_file(path: &Path) -> Result<ReadRows> {
     }
 }
 
-fn into_object(value: Value) -> Result<Map<String, Value>, String> {
+fn into_object(value: Value) -> Result<Map<String, Value>, RowError> {
     match value {
         Value::Object(map) => Ok(map),
-        other => Err(format!("expected a JSON object, found {}", json_kind(&other))),
+        other => Err(RowError::NotAnObject(json_kind(&other))),
     }
 }
 

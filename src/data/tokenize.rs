@@ -4,6 +4,7 @@
 
 use crate::data::chat_template::{ChatTemplate, Message};
 use crate::data::example::{extract_prompt, PreferencePair, Turns};
+use crate::data::invalid::RowError;
 use crate::model::tokenizer::TextTokenizer;
 use anyhow::{Context, Result};
 
@@ -51,28 +52,24 @@ impl<'a> PairTokenizer<'a> {
         Ok(Self { tokenizer, template, eos_token, eos_id, bos_id })
     }
 
-    pub fn eos_id(&self) -> i64 {
-        self.eos_id
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>, RowError> {
+        self.tokenizer.encode(text, add_special_tokens).map_err(|e| RowError::Encoding(format!("{e:#}")))
     }
 
-    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>, String> {
-        self.tokenizer.encode(text, add_special_tokens).map_err(|e| format!("{e:#}"))
+    fn template(&self) -> Result<&ChatTemplate, RowError> {
+        self.template.as_ref().ok_or(RowError::NoChatTemplate)
     }
 
-    fn template(&self) -> Result<&ChatTemplate, String> {
-        self.template.as_ref().ok_or_else(|| "conversational data needs a chat template, and the tokenizer has none".to_string())
-    }
-
-    fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
-        self.template()?.render(messages, add_generation_prompt).map_err(|e| format!("{e:#}"))
+    fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, RowError> {
+        self.template()?.render(messages, add_generation_prompt).map_err(|e| RowError::Template(format!("{e:#}")))
     }
 
     /// Renders a conversational pair to strings as TRL's `apply_chat_template` does for ORPO.
-    fn render_pair(&self, prompt: &[Message], chosen: &[Message], rejected: &[Message]) -> Result<(String, String, String), String> {
+    fn render_pair(&self, prompt: &[Message], chosen: &[Message], rejected: &[Message]) -> Result<(String, String, String), RowError> {
         let rendered_prompt = match prompt.last().map(|m| m.role.as_str()) {
             Some("user" | "tool") => self.render(prompt, true)?,
-            Some("assistant") => self.template()?.render_continuing(prompt).map_err(|e| format!("{e:#}"))?,
-            other => return Err(format!("the prompt's last message has role {:?}; TRL's ORPO needs user, tool or assistant", other.unwrap_or(""))),
+            Some("assistant") => self.template()?.render_continuing(prompt).map_err(|e| RowError::Template(format!("{e:#}")))?,
+            other => return Err(RowError::PromptEndsWith(other.unwrap_or("").to_string())),
         };
         let prompt_chosen = self.render(&concat(prompt, chosen), false)?;
         let prompt_rejected = self.render(&concat(prompt, rejected), false)?;
@@ -97,7 +94,7 @@ fn common_prefix_len(a: &[i64], b: &[i64]) -> usize {
 }
 
 /// Fills in an implicit prompt (TRL's `extract_prompt`) when the pair has none.
-fn with_prompt(pair: &PreferencePair) -> Result<PreferencePair, String> {
+fn with_prompt(pair: &PreferencePair) -> Result<PreferencePair, RowError> {
     match pair.prompt {
         Some(_) => Ok(pair.clone()),
         None => extract_prompt(pair),
@@ -106,7 +103,7 @@ fn with_prompt(pair: &PreferencePair) -> Result<PreferencePair, String> {
 
 /// DPOTrainer's `tokenize_fn`: prompt, prompt+chosen and prompt+rejected tokenized whole, split where all three
 /// agree. Text completions get the EOS text appended first; conversations are closed by their template.
-pub fn tokenize_dpo(pair: &PreferencePair, tok: &PairTokenizer) -> Result<TokenizedPair, String> {
+pub fn tokenize_dpo(pair: &PreferencePair, tok: &PairTokenizer) -> Result<TokenizedPair, RowError> {
     let pair = with_prompt(pair)?;
     let (prompt_ids, prompt_chosen, prompt_rejected) = match (pair.prompt.as_ref().expect("with_prompt"), &pair.chosen, &pair.rejected) {
         (Turns::Text(prompt), Turns::Text(chosen), Turns::Text(rejected)) => {
@@ -122,7 +119,7 @@ pub fn tokenize_dpo(pair: &PreferencePair, tok: &PairTokenizer) -> Result<Tokeni
             tok.encode(&tok.render(&concat(prompt, chosen), false)?, false)?,
             tok.encode(&tok.render(&concat(prompt, rejected), false)?, false)?,
         ),
-        _ => return Err("prompt, chosen and rejected mix text and messages".into()),
+        _ => return Err(RowError::MixedTurns),
     };
     let prompt_len = common_prefix_len(&prompt_ids, &prompt_chosen).min(common_prefix_len(&prompt_ids, &prompt_rejected));
     Ok(TokenizedPair {
@@ -136,12 +133,12 @@ pub fn tokenize_dpo(pair: &PreferencePair, tok: &PairTokenizer) -> Result<Tokeni
 /// ORPOTrainer's data path: `maybe_extract_prompt`, `maybe_apply_chat_template`, then `tokenize_row` (BOS
 /// prepended when missing, EOS id appended when missing, the answer cut to fit `max_length`; the prompt is
 /// never cut).
-pub fn tokenize_orpo(pair: &PreferencePair, tok: &PairTokenizer, max_length: usize) -> Result<TokenizedPair, String> {
+pub fn tokenize_orpo(pair: &PreferencePair, tok: &PairTokenizer, max_length: usize) -> Result<TokenizedPair, RowError> {
     let pair = with_prompt(pair)?;
     let (prompt, chosen, rejected) = match (pair.prompt.as_ref().expect("with_prompt"), &pair.chosen, &pair.rejected) {
         (Turns::Text(p), Turns::Text(c), Turns::Text(r)) => (p.clone(), c.clone(), r.clone()),
         (Turns::Messages(p), Turns::Messages(c), Turns::Messages(r)) => tok.render_pair(p, c, r)?,
-        _ => return Err("prompt, chosen and rejected mix text and messages".into()),
+        _ => return Err(RowError::MixedTurns),
     };
     let prompt_tokens = tok.encode(&prompt, false)?;
     let (chosen_prompt, chosen_answer) = split_answer(tok, &prompt, &prompt_tokens, &chosen)?;
@@ -149,7 +146,7 @@ pub fn tokenize_orpo(pair: &PreferencePair, tok: &PairTokenizer, max_length: usi
     let prompt_len = chosen_prompt.len().min(rejected_prompt.len());
     let differing = chosen_prompt.iter().zip(&rejected_prompt).filter(|(a, b)| a != b).count();
     if differing > 1 || chosen_prompt.len().abs_diff(rejected_prompt.len()) > 1 {
-        return Err("chosen and rejected prompt tokens differ by more than a merged last token".into());
+        return Err(RowError::PromptTokensDiffer);
     }
     let mut prompt_ids = prompt_tokens[..prompt_len.min(prompt_tokens.len())].to_vec();
     let finish = |mut prompt_part: Vec<i64>, mut answer: Vec<i64>| {
@@ -183,10 +180,10 @@ pub fn tokenize_orpo(pair: &PreferencePair, tok: &PairTokenizer, max_length: usi
 
 /// ORPO's `build_tokenized_answer`: tokenize prompt+answer and split at the prompt's length, one token earlier
 /// when the prompt's last token merged into the answer.
-fn split_answer(tok: &PairTokenizer, prompt: &str, prompt_tokens: &[i64], answer: &str) -> Result<(Vec<i64>, Vec<i64>), String> {
+fn split_answer(tok: &PairTokenizer, prompt: &str, prompt_tokens: &[i64], answer: &str) -> Result<(Vec<i64>, Vec<i64>), RowError> {
     let full = tok.encode(&format!("{prompt}{answer}"), false)?;
     if full.len() < prompt_tokens.len() {
-        return Err("prompt+answer tokenizes shorter than the prompt alone".into());
+        return Err(RowError::AnswerShorterThanPrompt);
     }
     let mut start = prompt_tokens.len();
     if full[..start] != *prompt_tokens {

@@ -5,6 +5,7 @@ pub mod decoder;
 pub mod device;
 pub mod fused;
 pub mod generate;
+pub mod lm_head;
 pub mod gguf;
 pub mod rope;
 pub mod save;

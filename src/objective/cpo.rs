@@ -2,8 +2,9 @@
 //! (sigmoid, hinge) or averaged (ipo, simpo) completion log-probs, plus `cpo_alpha` times the NLL of the
 //! chosen completions.
 
-use crate::objective::logps::TokenScores;
+use crate::model::lm_head::TokenScores;
 use crate::objective::metrics::{log_rewards, MetricLog};
+use crate::objective::{smoothed_sigmoid_loss, split_pairs};
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
@@ -15,13 +16,22 @@ pub enum CpoLoss {
     Simpo,
 }
 
+/// CPO's settings, with TRL's `CPOConfig` defaults.
 #[derive(Debug, Clone, Copy)]
 pub struct CpoParams {
     pub loss: CpoLoss,
     pub beta: f64,
     pub label_smoothing: f64,
+    /// weight of the NLL term on the chosen completions
     pub cpo_alpha: f64,
+    /// SimPO's target reward margin γ
     pub simpo_gamma: f64,
+}
+
+impl Default for CpoParams {
+    fn default() -> Self {
+        Self { loss: CpoLoss::Sigmoid, beta: 0.1, label_smoothing: 0.0, cpo_alpha: 1.0, simpo_gamma: 0.5 }
+    }
 }
 
 impl CpoParams {
@@ -49,11 +59,9 @@ pub fn batch_loss(scores: &TokenScores, p: &CpoParams, log: &mut MetricLog) -> T
         CpoLoss::Sigmoid | CpoLoss::Hinge => scores.summed_logps(),
     };
     let batch = logps.size()[0] / 2;
-    let (chosen, rejected) = (logps.narrow(0, 0, batch), logps.narrow(0, batch, batch));
+    let (chosen, rejected) = split_pairs(&logps);
     let delta = &chosen - &rejected;
-    let smoothed = |logits: &Tensor| {
-        -(logits * p.beta).log_sigmoid() * (1.0 - p.label_smoothing) - (logits * -p.beta).log_sigmoid() * p.label_smoothing
-    };
+    let smoothed = |logits: &Tensor| smoothed_sigmoid_loss(logits, p.beta, p.label_smoothing);
     let losses = match p.loss {
         CpoLoss::Sigmoid => smoothed(&delta),
         // β·(Δ - γ/β), in TRL's order of operations
@@ -62,8 +70,9 @@ pub fn batch_loss(scores: &TokenScores, p: &CpoParams, log: &mut MetricLog) -> T
         CpoLoss::Ipo => (&delta - 1.0 / (2.0 * p.beta)).square(),
     };
     let nll_loss = if p.cpo_alpha != 0.0 {
-        let mask = scores.completion_mask.narrow(0, 0, batch);
-        -(scores.logps.narrow(0, 0, batch) * &mask).sum(Kind::Float) / mask.sum(Kind::Float)
+        let (mask, _) = split_pairs(&scores.completion_mask);
+        let (chosen_token_logps, _) = split_pairs(&scores.logps);
+        -(chosen_token_logps * &mask).sum(Kind::Float) / mask.sum(Kind::Float)
     } else {
         Tensor::zeros([], (Kind::Float, logps.device()))
     };

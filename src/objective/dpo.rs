@@ -1,7 +1,8 @@
 //! DPO over summed completion log-probs (TRL's `DPOTrainer._compute_loss`): the loss and the metrics it logs.
 
-use crate::objective::logps::TokenScores;
+use crate::model::lm_head::TokenScores;
 use crate::objective::metrics::{log_rewards, MetricLog};
+use crate::objective::{smoothed_sigmoid_loss, split_pairs};
 use tch::{Kind, Tensor};
 
 /// Summed completion log-probs of a batch's chosen and rejected sequences, each [B].
@@ -13,8 +14,8 @@ pub struct PairLogps {
 impl PairLogps {
     /// Splits [2B] per-sequence values (chosen rows first) into halves.
     pub fn from_sequences(values: &Tensor) -> Self {
-        let halves = values.chunk(2, 0);
-        Self { chosen: halves[0].shallow_clone(), rejected: halves[1].shallow_clone() }
+        let (chosen, rejected) = split_pairs(values);
+        Self { chosen, rejected }
     }
 
     /// Zeros: the reference-free case (no reference model).
@@ -82,11 +83,34 @@ pub struct LossInputs<'a> {
     pub chosen_token_mask: &'a Tensor,
 }
 
+/// The scalars the DPO losses read, with TRL's `DPOConfig` defaults.
 #[derive(Debug, Clone, Copy)]
 pub struct LossParams {
     pub beta: f64,
     pub label_smoothing: f64,
     pub discopop_tau: f64,
+}
+
+impl Default for LossParams {
+    fn default() -> Self {
+        Self { beta: 0.1, label_smoothing: 0.0, discopop_tau: 0.05 }
+    }
+}
+
+/// DPO's settings, with TRL's `DPOConfig` defaults (`loss_type` sigmoid, a reference model).
+#[derive(Debug, Clone)]
+pub struct DpoParams {
+    /// TRL's `loss_type`s, each with its `loss_weights` entry
+    pub losses: Vec<(DpoLoss, f64)>,
+    pub loss: LossParams,
+    /// Score against a zero reference (no reference model).
+    pub reference_free: bool,
+}
+
+impl Default for DpoParams {
+    fn default() -> Self {
+        Self { losses: vec![(DpoLoss::Sigmoid, 1.0)], loss: LossParams::default(), reference_free: false }
+    }
 }
 
 impl DpoLoss {
@@ -97,7 +121,7 @@ impl DpoLoss {
         let rejected_ratio = &x.policy.rejected - &x.reference.rejected;
         let delta = &chosen_ratio - &rejected_ratio;
         let eps = p.label_smoothing;
-        let smoothed = |d: &Tensor| -(d * beta).log_sigmoid() * (1.0 - eps) - (d * -beta).log_sigmoid() * eps;
+        let smoothed = |d: &Tensor| smoothed_sigmoid_loss(d, beta, eps);
         let per_token = |ratio: &Tensor, tokens: &Tensor| ratio / tokens.clamp_min(1.0);
         let one_minus = |t: Tensor| -t + 1.0;
         match self {
@@ -162,30 +186,45 @@ pub fn combined_loss(losses: &[(DpoLoss, f64)], x: &LossInputs, p: LossParams) -
         .expect("at least one loss type")
 }
 
-/// The sigmoid DPO loss per pair, [B]: -log σ(β · ((πc - refc) - (πr - refr))).
-pub fn sigmoid_loss(policy: &PairLogps, reference: &PairLogps, beta: f64) -> Tensor {
-    let delta = (&policy.chosen - &reference.chosen) - (&policy.rejected - &reference.rejected);
-    -(delta * beta).log_sigmoid()
+/// The loss of one batch, from the policy's token scores and the reference's summed completion log-probs (zero
+/// when reference-free or absent); its metrics are appended to `log`.
+pub fn batch_loss(scores: &TokenScores, reference: Option<&PairLogps>, params: &DpoParams, log: &mut MetricLog) -> Tensor {
+    let policy = PairLogps::from_sequences(&scores.summed_logps());
+    let reference = reference.map_or_else(
+        || PairLogps::zeros_like(&policy),
+        |r| PairLogps { chosen: r.chosen.shallow_clone(), rejected: r.rejected.shallow_clone() },
+    );
+    let tokens = PairLogps::from_sequences(&scores.completion_tokens());
+    let (chosen_token_logps, _) = split_pairs(&scores.logps);
+    let (chosen_token_mask, _) = split_pairs(&scores.completion_mask);
+    let inputs = LossInputs {
+        policy: &policy,
+        reference: &reference,
+        chosen_tokens: &tokens.chosen,
+        rejected_tokens: &tokens.rejected,
+        chosen_token_logps: &chosen_token_logps,
+        chosen_token_mask: &chosen_token_mask,
+    };
+    let loss = combined_loss(&params.losses, &inputs, params.loss);
+    let detached = PairLogps { chosen: policy.chosen.detach(), rejected: policy.rejected.detach() };
+    log_batch_metrics(log, scores, &detached, &reference, params.loss.beta);
+    loss
 }
 
 /// Appends one batch's values of TRL's DPO metrics (`entropy`, `logits/*`, `mean_token_accuracy`, `rewards/*`,
 /// `logps/*`) to `log`.
-pub fn log_batch_metrics(log: &mut MetricLog, scores: &TokenScores, policy: &PairLogps, reference: &PairLogps, beta: f64) {
+fn log_batch_metrics(log: &mut MetricLog, scores: &TokenScores, policy: &PairLogps, reference: &PairLogps, beta: f64) {
     let mask = &scores.completion_mask;
     let scalar = |t: Tensor| t.double_value(&[]);
     let total = scalar(mask.sum(Kind::Float));
     log.push("entropy", if total > 0.0 { scalar((&scores.entropy * mask).sum(Kind::Float)) / total } else { 0.0 });
-    let halves = |t: &Tensor| {
-        let h = t.chunk(2, 0);
-        (h[0].shallow_clone(), h[1].shallow_clone())
-    };
-    let (chosen_mask, rejected_mask) = halves(mask);
-    let (chosen_logits, rejected_logits) = halves(&scores.mean_logits);
+    let (chosen_mask, rejected_mask) = split_pairs(mask);
+    let (chosen_logits, rejected_logits) = split_pairs(&scores.mean_logits);
     for (name, logits, side_mask) in [("logits/chosen", chosen_logits, &chosen_mask), ("logits/rejected", rejected_logits, &rejected_mask)] {
         let tokens = scalar(side_mask.sum(Kind::Float));
         log.push(name, if tokens > 0.0 { scalar((logits * side_mask).sum(Kind::Float)) / tokens } else { 0.0 });
     }
-    let (chosen_top1, _) = halves(&scores.is_top1.to_kind(Kind::Float));
+    let (chosen_top1, _) = split_pairs(&scores.is_top1.to_kind(Kind::Float));
     let chosen_tokens = scalar(chosen_mask.sum(Kind::Float));
     log.push("mean_token_accuracy", if chosen_tokens > 0.0 { scalar((chosen_top1 * &chosen_mask).sum(Kind::Float)) / chosen_tokens } else { 0.0 });
     let chosen_rewards = (&policy.chosen - &reference.chosen) * beta;

@@ -14,6 +14,13 @@ impl MetricLog {
         self.values.entry(name.to_string()).or_default().push(value);
     }
 
+    /// Adds every value of `other` after this log's own.
+    pub fn append(&mut self, other: MetricLog) {
+        for (name, values) in other.values {
+            self.values.entry(name).or_default().extend(values);
+        }
+    }
+
     /// The mean of every metric, names prefixed with `prefix` (e.g. "eval_"); the log is then emptied.
     pub fn drain_means(&mut self, prefix: &str) -> BTreeMap<String, f64> {
         std::mem::take(&mut self.values)

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::c_char;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use crate::model::fused::{handle, panic_on_error};
 use torch_sys::C_tensor;
 
@@ -22,12 +22,19 @@ extern "C" {
     fn prefalign_clear_grad(param: *mut C_tensor);
 }
 
+/// AdamW's settings, with transformers' `TrainingArguments` defaults.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
 }
 
 struct ParamState {
@@ -140,10 +147,6 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
-
-    pub fn kind(&self) -> Option<Kind> {
-        self.params.values().next().map(|s| s.param.kind())
-    }
 }
 
 /// `clip_grad_norm_` over gradients of one device and kind, torch's foreach kernels or one tensor at a time; the
@@ -164,6 +167,7 @@ fn clip_grad_norm(grads: &[Tensor], max_norm: f64, foreach: bool) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     /// The first optimizer step of TRL's DPO fixture run (`adamw_step1`: model.norm.weight, recorded from
     /// transformers' default fused AdamW) is reproduced bit for bit.

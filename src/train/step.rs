@@ -1,12 +1,12 @@
-//! One forward and backward pass of the policy over a batch. The lm_head runs in chunks (`objective::logps`),
+//! One forward and backward pass of the policy over a batch. The lm_head runs in chunks (`model::lm_head`),
 //! so backpropagation is in three parts: the loss to the log-probs (autograd), the log-probs to the final
 //! hidden states and lm_head weight (`LmHeadTape`), the hidden states to every other parameter (autograd, or
 //! layer by layer with recomputation under gradient checkpointing).
 
 use crate::data::pack::PackedBatch;
 use crate::model::decoder::CausalLm;
+use crate::model::lm_head::{backward_from, score_hidden, ModelInput, Precision};
 use crate::objective::dpo::PairLogps;
-use crate::objective::logps::{backward_from, score_hidden, ModelInput, Precision};
 use crate::objective::metrics::MetricLog;
 use crate::objective::Objective;
 use tch::Tensor;

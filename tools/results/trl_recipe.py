@@ -23,7 +23,7 @@ and train on a NaN loss); the script checks that TRL's tokenization leaves no su
 Same rows: `prefalign data export --model --trainer` writes the training and held-out pairs exactly as prefalign
 trains on them (HH-RLHF transcripts become conversational prompt / chosen / rejected; the pairs prefalign's
 rules drop are left out), and TRL tokenizes them by its own rules (prefalign's tokenization equals TRL's:
-tests/trl_data.rs). Same model: `prefalign convert` turns the GGUF into the Hugging Face folder TRL loads (logits
+tests/integration/trl_data.rs). Same model: `prefalign convert` turns the GGUF into the Hugging Face folder TRL loads (logits
 equal transformers' own GGUF loading). Same settings: the recipe's keys, with bf16 and gradient checkpointing off
 unless the recipe turns them on (prefalign's defaults; TRL's are on).
 The held-out preference accuracy and reward margin after training are measured by `prefalign eval` on TRL's

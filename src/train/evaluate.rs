@@ -2,16 +2,15 @@
 //! objective's loss and metrics over sequential batches, averaged per batch as TRL's `evaluate()` does (the
 //! loss weighted by batch size, like transformers' eval loop).
 
-use crate::data::collate::TruncationMode;
-use crate::data::pack::{pack, PackOptions};
+use crate::data::pack::Batching;
 use crate::data::tokenize::TokenizedPair;
 use crate::model::decoder::CausalLm;
+use crate::model::lm_head::{score_tokens, Precision};
 use crate::objective::cpo::CpoLoss;
 use crate::objective::dpo::PairLogps;
-use crate::objective::logps::{score_tokens, Precision};
 use crate::objective::metrics::MetricLog;
-use crate::objective::reference::{reference_logps, ReferenceLogps};
 use crate::objective::Objective;
+use crate::train::reference::{reference_logps, ReferenceLogps};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
@@ -26,10 +25,7 @@ pub enum EvalReference<'a> {
 
 pub struct EvalOptions {
     pub batch_size: usize,
-    pub pad_id: i64,
-    /// DPO truncates at collation; ORPO pairs arrive truncated.
-    pub truncation: Option<(usize, TruncationMode)>,
-    pub layout: PackOptions,
+    pub batching: Batching,
     pub precision: Precision,
 }
 
@@ -76,7 +72,7 @@ pub fn evaluate(
         let batch_size = options.batch_size.max(1);
         for (index, chunk) in pairs.chunks(batch_size).enumerate() {
             let refs: Vec<&TokenizedPair> = chunk.iter().collect();
-            let batch = pack(&refs, options.pad_id, options.truncation, options.layout);
+            let batch = options.batching.pack(&refs);
             let scores = score_tokens(policy, &batch, objective.needed(), options.precision);
             let summed = PairLogps::from_sequences(&scores.summed_logps());
             let averaged = PairLogps::from_sequences(&scores.averaged_logps());
@@ -91,12 +87,12 @@ pub fn evaluate(
             loss_sum += loss.double_value(&[]) * chunk.len() as f64;
             // The log-probs the objective compares: summed for DPO, averaged for ORPO.
             let (compared, rewards) = match objective {
-                Objective::Dpo { .. } => {
+                Objective::Dpo(_) => {
                     let zero = PairLogps::zeros_like(&summed);
                     let r = reference_logps.as_ref().unwrap_or(&zero);
                     (&summed, ((&summed.chosen - &r.chosen) * beta, (&summed.rejected - &r.rejected) * beta))
                 }
-                Objective::Orpo { .. } => (&averaged, (&averaged.chosen * beta, &averaged.rejected * beta)),
+                Objective::Orpo(_) => (&averaged, (&averaged.chosen * beta, &averaged.rejected * beta)),
                 Objective::Cpo(p) => {
                     let logps = if matches!(p.loss, CpoLoss::Ipo | CpoLoss::Simpo) { &averaged } else { &summed };
                     (logps, (&logps.chosen * beta, &logps.rejected * beta))

@@ -3,22 +3,18 @@
 //! within 1e-4 relative, and the final weights; in TRL's layout and in prefalign's default one (prefix sharing
 //! and packing), where ORPO's and CPO's `logits/*` leave out padding, which a packed batch does not compute.
 
-mod common;
-
-use common::{fixture, repo_path};
+use crate::common::{fixture, repo_path};
 use prefalign::data::collate::{SamplingStrategy, TruncationMode};
-use prefalign::data::pack::PackOptions;
-use prefalign::train::step::StepOptions;
+use prefalign::data::pack::{Batching, PackOptions};
 use prefalign::data::prepare::{prepare, PrepareOptions, Rules};
 use prefalign::data::source::read_rows;
 use prefalign::data::tokenize::PairTokenizer;
 use prefalign::model::{self, tokenizer::TextTokenizer};
-use prefalign::objective::cpo::{CpoLoss, CpoParams};
 use prefalign::objective::dpo::{DpoLoss, LossParams};
-use prefalign::objective::Objective;
+use prefalign::objective::{CpoParams, DpoParams, Objective, OrpoParams};
 use prefalign::train::optimizer::AdamWConfig;
 use prefalign::train::schedule::Schedule;
-use prefalign::train::trainer::{train, Reference, TrainInputs, TrainerConfig};
+use prefalign::train::{train, Reference, TrainInputs, TrainerConfig};
 use serde_json::Value;
 use tch::{Device, Kind};
 
@@ -45,22 +41,19 @@ fn check_layout(name: &str, layout: PackOptions) {
     let policy = model::load(&repo_path(&s("policy")), Device::Cpu, Kind::Float).unwrap();
     let objective = if is_dpo {
         let losses = settings["loss_type"].as_array().unwrap().iter().map(|l| (DpoLoss::parse(l.as_str().unwrap()).unwrap(), 1.0)).collect();
-        Objective::Dpo {
-            losses,
-            params: LossParams { beta: f("beta"), label_smoothing: f("label_smoothing"), discopop_tau: 0.05 },
-            reference_free: false,
-        }
+        let loss = LossParams { beta: f("beta"), label_smoothing: f("label_smoothing"), ..LossParams::default() };
+        Objective::Dpo(DpoParams { losses, loss, ..DpoParams::default() })
     } else if trainer == "CPOTrainer" {
         let params = CpoParams {
-            loss: CpoLoss::Sigmoid,
             beta: f("beta"),
             label_smoothing: f("label_smoothing"),
             cpo_alpha: f("cpo_alpha"),
             simpo_gamma: f("simpo_gamma"),
+            ..CpoParams::default()
         };
         Objective::Cpo(params.with_loss_type(&s("loss_type")).unwrap())
     } else {
-        Objective::Orpo { beta: f("beta") }
+        Objective::Orpo(OrpoParams { beta: f("beta") })
     };
     // No ref_model: TRL's reference is a frozen copy of the policy.
     let reference = is_dpo.then(|| {
@@ -74,27 +67,16 @@ fn check_layout(name: &str, layout: PackOptions) {
         output_dir: out.path().to_path_buf(),
         learning_rate: f("learning_rate"),
         schedule: Schedule::parse(&s("lr_scheduler_type"), 0.0).unwrap(),
-        warmup_steps: 0,
-        warmup_ratio: 0.0,
         optimizer: AdamWConfig { beta1: f("adam_beta1"), beta2: f("adam_beta2"), eps: f("adam_epsilon"), weight_decay: f("weight_decay") },
         max_grad_norm: f("max_grad_norm"),
         per_device_train_batch_size: f("per_device_train_batch_size") as usize,
-        gradient_accumulation_steps: 1,
         num_train_epochs: 1.0,
         max_steps: f("max_steps") as i64,
         logging_steps: 1,
-        save_steps: 0,
-        save_total_limit: None,
-        eval_steps: 0,
-        per_device_eval_batch_size: 4,
-        skip_nonfinite: false,
-        resume_from_checkpoint: None,
         seed: f("seed") as u64,
         sampling: if s("train_sampling_strategy") == "random" { SamplingStrategy::Random } else { SamplingStrategy::Sequential },
-        pad_id: 2,
-        truncation: is_dpo.then_some((f("max_length") as usize, TruncationMode::KeepStart)),
-        layout,
-        step: StepOptions::default(),
+        batching: Batching { pad_id: 2, truncation: is_dpo.then_some((f("max_length") as usize, TruncationMode::KeepStart)), layout },
+        ..TrainerConfig::default()
     };
     let reference = reference.as_ref().map_or(Reference::None, Reference::Model);
     let inputs = TrainInputs { policy: &policy, reference, train: &pairs, eval: None, objective: &objective };
@@ -214,9 +196,7 @@ fn small_config(out: &std::path::Path) -> TrainerConfig {
         learning_rate: 1e-3,
         schedule: Schedule::Cosine,
         warmup_steps: 1,
-        warmup_ratio: 0.0,
-        optimizer: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
-        max_grad_norm: 1.0,
+        optimizer: AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() },
         per_device_train_batch_size: 2,
         gradient_accumulation_steps: 2,
         num_train_epochs: 1.0,
@@ -224,25 +204,15 @@ fn small_config(out: &std::path::Path) -> TrainerConfig {
         logging_steps: 2,
         save_steps: 3,
         save_total_limit: Some(1),
-        eval_steps: 0,
         per_device_eval_batch_size: 4,
-        skip_nonfinite: false,
-        resume_from_checkpoint: None,
         seed: 7,
-        sampling: SamplingStrategy::Random,
-        pad_id: 2,
-        truncation: Some((64, TruncationMode::KeepStart)),
-        layout: PackOptions::default(),
-        step: StepOptions::default(),
+        batching: Batching { pad_id: 2, truncation: Some((64, TruncationMode::KeepStart)), layout: PackOptions::default() },
+        ..TrainerConfig::default()
     }
 }
 
 fn sigmoid_dpo() -> Objective {
-    Objective::Dpo {
-        losses: vec![(DpoLoss::Sigmoid, 1.0)],
-        params: LossParams { beta: 0.1, label_smoothing: 0.0, discopop_tau: 0.05 },
-        reference_free: false,
-    }
+    Objective::Dpo(DpoParams::default())
 }
 
 /// Stop after step 3 (a checkpoint mid logging window, mid epoch, random order, gradient accumulation),
@@ -286,15 +256,16 @@ fn resume_is_bit_for_bit() {
 fn nonfinite_loss_stops_naming_step_and_rows_or_is_skipped() {
     // ORPO pairs whose prompt fills max_length keep an empty completion here (TRL's behaviour): a NaN loss.
     let s = setup(Rules::Orpo, 64, true);
-    let objective = Objective::Orpo { beta: 0.1 };
+    let objective = Objective::Orpo(OrpoParams::default());
     let out = tempfile::tempdir().unwrap();
+    let small = small_config(out.path());
     let config = TrainerConfig {
         per_device_train_batch_size: 4,
         gradient_accumulation_steps: 1,
         sampling: SamplingStrategy::Sequential,
-        truncation: None,
+        batching: Batching { truncation: None, ..small.batching },
         save_steps: 1,
-        ..small_config(out.path())
+        ..small
     };
     let inputs = TrainInputs { policy: &s.policy, reference: Reference::None, train: &s.pairs, eval: None, objective: &objective };
     let err = format!("{:#}", train(&inputs, &config).unwrap_err());
@@ -310,7 +281,6 @@ fn nonfinite_loss_stops_naming_step_and_rows_or_is_skipped() {
 #[test]
 fn precomputed_reference_matches_the_reference_model() {
     let cache = tempfile::tempdir().unwrap();
-    std::env::set_var("PREFALIGN_CACHE", cache.path());
     let objective = sigmoid_dpo();
     let run = |precomputed: bool| {
         let s = setup(Rules::Dpo, 64, false);
@@ -325,7 +295,7 @@ fn precomputed_reference_matches_the_reference_model() {
         };
         let eval_pairs = &s.pairs[..5];
         let precompute = |pairs| {
-            prefalign::objective::reference::precompute(&s.reference, pairs, 2, config.truncation, config.layout, config.step.precision, 4).unwrap()
+            prefalign::train::reference::precompute(&s.reference, pairs, &config.batching, config.step.precision, 4, cache.path()).unwrap()
         };
         let logps = precomputed.then(|| (precompute(&s.pairs), precompute(eval_pairs)));
         let reference = logps.as_ref().map_or(Reference::Model(&s.reference), |(train, eval)| Reference::Precomputed { train, eval: Some(eval) });

@@ -1,7 +1,7 @@
 //! `prefalign compare` end to end on the tiny fixture model: recipes (DPO, ORPO, a broken one) and a β grid,
 //! each run a child process; the report's table, the plots, and a failed run reported as failed.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -3,18 +3,14 @@
 //! Qwen2 (q/k/v biases), for DPO, ORPO and SimPO; bf16 autocast stays close to f32;
 //! the reference's log-probs-only path equals the policy's scores bit for bit.
 
-mod common;
-
-use common::fixture;
+use crate::common::fixture;
 use prefalign::data::collate::TruncationMode;
 use prefalign::data::pack::{pack, PackOptions};
 use prefalign::data::tokenize::{Sequence, TokenizedPair};
 use prefalign::model::{self, LoadedModel};
-use prefalign::objective::cpo::{CpoLoss, CpoParams};
-use prefalign::objective::dpo::{DpoLoss, LossParams};
-use prefalign::objective::logps::{score_tokens, summed_completion_logps, Needed, Precision};
+use prefalign::model::lm_head::{score_tokens, summed_completion_logps, Needed, Precision};
 use prefalign::objective::metrics::MetricLog;
-use prefalign::objective::Objective;
+use prefalign::objective::{CpoParams, DpoParams, Objective, OrpoParams};
 use prefalign::train::step::{forward_backward, StepOptions};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -60,10 +56,10 @@ fn run(model: &LoadedModel, pairs: &[TokenizedPair], objective: &Objective, layo
 }
 
 fn objectives() -> Vec<(&'static str, Objective)> {
-    let simpo = CpoParams { loss: CpoLoss::Sigmoid, beta: 2.0, label_smoothing: 0.0, cpo_alpha: 0.0, simpo_gamma: 0.5 };
+    let simpo = CpoParams { beta: 2.0, cpo_alpha: 0.0, ..CpoParams::default() };
     vec![
-        ("dpo", Objective::Dpo { losses: vec![(DpoLoss::Sigmoid, 1.0)], params: LossParams { beta: 0.1, label_smoothing: 0.0, discopop_tau: 0.05 }, reference_free: true }),
-        ("orpo", Objective::Orpo { beta: 0.1 }),
+        ("dpo", Objective::Dpo(DpoParams { reference_free: true, ..DpoParams::default() })),
+        ("orpo", Objective::Orpo(OrpoParams::default())),
         ("simpo", Objective::Cpo(simpo.with_loss_type("simpo").unwrap())),
     ]
 }

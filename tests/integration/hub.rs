@@ -1,6 +1,7 @@
 //! Hub downloads against a local server that answers the Hub's URL paths with the Hub's headers
 //! (`x-repo-commit`, `etag`, `content-range` for `Range` requests, `x-error-code` on errors).
-//! The functions read HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE / HF_TOKEN, so the tests that set them take LOCK.
+//! The functions read HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE / HF_TOKEN, so the tests that set them take LOCK
+//! and put them back when done.
 
 use prefalign::data::hub::{dataset_files, looks_like_repo_id, model_dir, split_files};
 use std::collections::HashMap;
@@ -187,11 +188,32 @@ fn answer(hub: &FakeHub, stream: TcpStream, log: &Mutex<Vec<String>>) -> std::io
     }
 }
 
+const HUB_VARIABLES: [&str; 4] = ["HF_ENDPOINT", "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN"];
+
+/// LOCK, and the Hub variables as they were before `hub_env` (restored on drop: the other tests of this binary and
+/// the processes they start must not see the fake Hub).
+struct HubEnv {
+    saved: Vec<(&'static str, Option<std::ffi::OsString>)>,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl Drop for HubEnv {
+    fn drop(&mut self) {
+        for (name, value) in &self.saved {
+            match value {
+                Some(value) => std::env::set_var(name, value),
+                None => std::env::remove_var(name),
+            }
+        }
+    }
+}
+
 /// Takes LOCK and points the Hub variables at `endpoint` and `home`.
-fn hub_env(endpoint: &str, home: &Path, offline: bool, token: Option<&str>) -> MutexGuard<'static, ()> {
-    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+fn hub_env(endpoint: &str, home: &Path, offline: bool, token: Option<&str>) -> HubEnv {
+    let lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let saved = HUB_VARIABLES.iter().map(|&name| (name, std::env::var_os(name))).collect();
     set_env(endpoint, home, offline, token);
-    guard
+    HubEnv { saved, _lock: lock }
 }
 
 fn set_env(endpoint: &str, home: &Path, offline: bool, token: Option<&str>) {

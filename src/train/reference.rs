@@ -2,13 +2,12 @@
 //! of the reference weights, the token ids and the truncation settings, so that a sweep over β, loss types or
 //! learning rates runs the reference model once.
 
-use crate::data::collate::TruncationMode;
-use crate::data::pack::{pack, PackOptions, PackedBatch};
+use crate::data::pack::{Batching, PackedBatch};
 use crate::data::tokenize::TokenizedPair;
 use crate::model::decoder::CausalLm;
+use crate::model::lm_head::{summed_completion_logps, Precision};
 use crate::model::LoadedModel;
 use crate::objective::dpo::PairLogps;
-use crate::objective::logps::{summed_completion_logps, Precision};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -47,7 +46,7 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// A fingerprint of everything the reference log-probs depend on.
-pub fn fingerprint(reference: &LoadedModel, pairs: &[TokenizedPair], truncation: Option<(usize, TruncationMode)>, precision: Precision) -> String {
+fn fingerprint(reference: &LoadedModel, pairs: &[TokenizedPair], batching: &Batching, precision: Precision) -> String {
     let mut hasher = blake3::Hasher::new();
     let mut variables: Vec<(String, Tensor)> = reference.vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
@@ -67,7 +66,7 @@ pub fn fingerprint(reference: &LoadedModel, pairs: &[TokenizedPair], truncation:
             }
         }
     }
-    hasher.update(format!("{truncation:?}").as_bytes());
+    hasher.update(format!("{:?}", batching.truncation).as_bytes());
     // The layout changes log-probs by rounding only; the autocast dtype by more.
     if let Some(cast) = precision.cast {
         hasher.update(format!("{cast:?}").as_bytes());
@@ -75,32 +74,35 @@ pub fn fingerprint(reference: &LoadedModel, pairs: &[TokenizedPair], truncation:
     hasher.finalize().to_hex()[..32].to_string()
 }
 
-/// Computes the reference log-probs of `pairs` in batches of `batch_size`, or reads them from the cache.
-pub fn precompute(
-    reference: &LoadedModel,
-    pairs: &[TokenizedPair],
-    pad_id: i64,
-    truncation: Option<(usize, TruncationMode)>,
-    layout: PackOptions,
-    precision: Precision,
-    batch_size: usize,
-) -> Result<ReferenceLogps> {
-    let key = fingerprint(reference, pairs, truncation, precision);
-    let path = cache_dir().join("ref_logps").join(format!("{key}.safetensors"));
-    if let Some(cached) = read_cache(&path)? {
-        eprintln!("reference log-probs: cached ({})", path.display());
-        return Ok(cached);
-    }
+/// The reference log-probs of `pairs`, computed in batches of `batch_size`.
+pub fn compute(reference: &CausalLm, pairs: &[TokenizedPair], batching: &Batching, precision: Precision, batch_size: usize) -> ReferenceLogps {
     let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
     tch::no_grad(|| {
         for chunk in pairs.chunks(batch_size.max(1)) {
-            let batch = pack(&chunk.iter().collect::<Vec<_>>(), pad_id, truncation, layout);
-            let logps = reference_logps(&reference.model, &batch, precision);
+            let logps = reference_logps(reference, &batching.pack(&chunk.iter().collect::<Vec<_>>()), precision);
             chosen.push(logps.chosen.to_device(tch::Device::Cpu));
             rejected.push(logps.rejected.to_device(tch::Device::Cpu));
         }
     });
-    let logps = ReferenceLogps { chosen: Tensor::cat(&chosen, 0), rejected: Tensor::cat(&rejected, 0) };
+    ReferenceLogps { chosen: Tensor::cat(&chosen, 0), rejected: Tensor::cat(&rejected, 0) }
+}
+
+/// `compute`, or the values cached under `cache` (see `cache_dir`) by an earlier run with the same fingerprint.
+pub fn precompute(
+    reference: &LoadedModel,
+    pairs: &[TokenizedPair],
+    batching: &Batching,
+    precision: Precision,
+    batch_size: usize,
+    cache: &Path,
+) -> Result<ReferenceLogps> {
+    let key = fingerprint(reference, pairs, batching, precision);
+    let path = cache.join("ref_logps").join(format!("{key}.safetensors"));
+    if let Some(cached) = read_cache(&path)? {
+        eprintln!("reference log-probs: cached ({})", path.display());
+        return Ok(cached);
+    }
+    let logps = compute(&reference.model, pairs, batching, precision, batch_size);
     std::fs::create_dir_all(path.parent().expect("cache folder")).with_context(|| format!("cannot create {}", path.display()))?;
     crate::model::weights::save_safetensors_file(
         &path,

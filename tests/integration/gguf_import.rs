@@ -2,9 +2,8 @@
 //! and the real SmolLM2-135M-Instruct GGUF against transformers loading the same file
 //! (tools/fixtures/make_smollm2_fixtures.py).
 
-mod common;
-
-use common::{error_text, fixture, read_tensors, smollm2_gguf, to_vec_i64};
+use crate::common;
+use crate::common::{error_text, fixture, read_tensors, smollm2_gguf, to_vec_i64};
 use prefalign::data::chat_template::Message;
 use prefalign::model::generate::{generate, SamplingOptions};
 use prefalign::model::gguf::reader::Value;

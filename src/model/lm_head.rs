@@ -1,6 +1,6 @@
-//! Per-token scores of a batch under a model: log-probability of each next token, entropy, mean logit and
-//! whether the next token is the argmax. Position t scores token t+1 (the shift every causal LM loss makes),
-//! so every tensor here is TRL's logical [2B, T-1], whatever layout the model ran (`data::pack`).
+//! The LM head over a batch: per-token scores (log-probability of each next token, entropy, mean logit, whether
+//! the next token is the argmax) and their backward pass. Position t scores token t+1 (the shift every causal LM
+//! loss makes), so every tensor here is TRL's logical [2B, T-1], whatever layout the model ran (`data::pack`).
 //!
 //! The [tokens, vocab] logits are never materialized for the whole batch: the lm_head, log-softmax and gather
 //! run over chunks of the positions whose log-probs are needed, in f32, and `LmHeadTape::backward` recomputes

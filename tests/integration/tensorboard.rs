@@ -5,7 +5,7 @@
 //! transformers' TensorBoardCallback wrote the same events (tools/fixtures/check_tensorboard.py). The writer must
 //! still write that file's records byte for byte, but for each event's wall_time.
 //!
-//! Regenerate: `cargo test --release --test tensorboard -- --ignored write_fixture`, then
+//! Regenerate: `cargo test --release --test integration -- --ignored tensorboard::write_fixture`, then
 //! `.venv-fixtures/bin/python tools/fixtures/check_tensorboard.py`.
 
 use prefalign::train::tensorboard::TensorBoardWriter;

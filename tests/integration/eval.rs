@@ -1,19 +1,16 @@
 //! `evaluate` against TRL 1.16 on tiny models (fixtures: tools/fixtures/make_eval_fixtures.py): per-example
 //! summed (DPO) and averaged (ORPO) completion log-probs, and the metrics of `Trainer.evaluate()`.
 
-mod common;
-
-use common::fixture;
+use crate::common::fixture;
 use prefalign::data::collate::TruncationMode;
-use prefalign::data::pack::PackOptions;
-use prefalign::objective::logps::Precision;
+use prefalign::data::pack::{Batching, PackOptions};
 use prefalign::data::prepare::{prepare, PrepareOptions, Rules};
 use prefalign::data::source::read_rows;
 use prefalign::data::tokenize::PairTokenizer;
+use prefalign::model::lm_head::Precision;
 use prefalign::model::{self, tokenizer::TextTokenizer};
-use prefalign::objective::dpo::{DpoLoss, LossParams};
-use prefalign::objective::evaluate::{evaluate, EvalOptions, EvalReference};
-use prefalign::objective::Objective;
+use prefalign::objective::{DpoParams, Objective, OrpoParams};
+use prefalign::train::evaluate::{evaluate, EvalOptions, EvalReference};
 use serde_json::Value;
 use tch::{Device, Kind};
 
@@ -28,10 +25,9 @@ fn check(trainer: &str, data: &str) {
     let tokenizer = TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap();
     let tok = PairTokenizer::new(&tokenizer).unwrap();
     let (rules, objective) = if trainer == "dpo" {
-        let params = LossParams { beta: 0.1, label_smoothing: 0.0, discopop_tau: 0.05 };
-        (Rules::Dpo, Objective::Dpo { losses: vec![(DpoLoss::Sigmoid, 1.0)], params, reference_free: false })
+        (Rules::Dpo, Objective::Dpo(DpoParams::default()))
     } else {
-        (Rules::Orpo, Objective::Orpo { beta: 0.1 })
+        (Rules::Orpo, Objective::Orpo(OrpoParams::default()))
     };
     let mut options = PrepareOptions::new(rules);
     options.max_length = Some(64);
@@ -39,13 +35,8 @@ fn check(trainer: &str, data: &str) {
     let prepared = prepare(read_rows(&fixture(&format!("trl_data/{data}.jsonl"))).unwrap(), &tok, &options).unwrap();
     let policy = model::load(&fixture("eval/tiny_policy"), Device::Cpu, Kind::Float).unwrap();
     let reference = (trainer == "dpo").then(|| model::load(&fixture("eval/tiny_ref"), Device::Cpu, Kind::Float).unwrap());
-    let eval_options = EvalOptions {
-        batch_size: 4,
-        pad_id: 2,
-        truncation: (trainer == "dpo").then_some((64, TruncationMode::KeepStart)),
-        layout: PackOptions::TRL,
-        precision: Precision::default(),
-    };
+    let batching = Batching { pad_id: 2, truncation: rules.truncation_at_collation(64, TruncationMode::KeepStart), layout: PackOptions::TRL };
+    let eval_options = EvalOptions { batch_size: 4, batching, precision: Precision::default() };
     let result = evaluate(&policy.model, reference.as_ref().map(|r| EvalReference::Model(&r.model)), &prepared.pairs, &objective, &eval_options);
 
     // ORPO rows whose completion truncation empties are dropped by default (TRL would score NaN for them).

@@ -1,9 +1,7 @@
 //! Token ids and batches identical to TRL 1.16's for every row of the fixture datasets, in all formats and for
 //! both trainers (fixtures: tools/fixtures/make_trl_data_fixtures.py; rules: docs/TRL_DATA_SPEC.md).
 
-mod common;
-
-use common::{fixture, to_vec_i64};
+use crate::common::{fixture, to_vec_i64};
 use prefalign::data::collate::{collate, TruncationMode};
 use prefalign::data::prepare::{prepare, PrepareOptions, Rules};
 use prefalign::data::source::read_rows;

@@ -1,8 +1,7 @@
 //! The `prefalign` binary end to end on the real SmolLM2 GGUF: generate and convert.
 
-mod common;
-
-use common::smollm2_gguf;
+use crate::common;
+use crate::common::smollm2_gguf;
 use std::process::Command;
 
 fn prefalign(args: &[&str]) -> (String, String) {

@@ -1,8 +1,6 @@
 //! Bad input produces an error a user can act on: it names the file, the tensor and the shapes involved.
 
-mod common;
-
-use common::{error_text, fixture};
+use crate::common::{error_text, fixture};
 use prefalign::model;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,9 +1,7 @@
 //! Reading preference data: every source format, column mapping, the HH-RLHF converter on the real file, and
 //! bad input that names the file, line, column and row (or is skipped and counted).
 
-mod common;
-
-use common::{error_text, fixture};
+use crate::common::{error_text, fixture};
 use prefalign::data::prepare::{prepare, to_pairs, PrepareOptions, RowFormat, Rules};
 use prefalign::data::source::{read_rows, RawRow, ReadRows};
 use prefalign::data::tokenize::PairTokenizer;
@@ -38,9 +36,9 @@ fn prepare_rows(read: ReadRows, edit: impl FnOnce(&mut PrepareOptions)) -> anyho
     prepare(read, &tok, &options)
 }
 
-/// The real HH-RLHF harmless test split beside the repository (never copied into it).
+/// The real HH-RLHF harmless test split (data/hh-rlhf: Anthropic, MIT).
 fn hh_rlhf_file() -> std::path::PathBuf {
-    common::repo_path("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
+    crate::common::repo_path("data/hh-rlhf/harmless-base-test.jsonl.gz")
 }
 
 /// Runs `prefalign data export` on the first 120 rows of the HH-RLHF file with `extra` flags: the written file and
@@ -153,7 +151,7 @@ fn empty_completions_and_broken_roles() {
     assert!(err.contains("roles.jsonl:2: column \"chosen\": the completion starts with a \"user\" message"), "{err}");
     assert!(err.contains("and 2 more invalid rows"), "{err}");
     let prepared = prepare_file(&path, |o| o.skip_invalid_rows = true).unwrap();
-    let reasons: Vec<&str> = prepared.report.invalid.iter().map(|i| i.reason.as_str()).collect();
+    let reasons: Vec<String> = prepared.report.invalid.iter().map(|i| i.reason.to_string()).collect();
     assert_eq!(prepared.pairs.len(), 1);
     assert!(reasons[1].contains("message 1 is a system message"), "{reasons:?}");
     assert!(reasons[2].contains("unknown role \"narrator\""), "{reasons:?}");

@@ -1,9 +1,7 @@
 //! Logits parity with transformers on tiny random models of every supported architecture
 //! (fixtures from tools/fixtures/make_model_fixtures.py), and KV-cache consistency.
 
-mod common;
-
-use common::{fixture, max_abs_diff, read_tensors};
+use crate::common::{fixture, max_abs_diff, read_tensors};
 use prefalign::model;
 use tch::{Device, Kind, Tensor};
 

@@ -1,7 +1,7 @@
 //! Chat templates rendered exactly as transformers' `apply_chat_template(tokenize=False)` renders them, for the
-//! real templates in ../shared/data/chat_templates (fixture: tools/fixtures/make_chat_template_fixtures.py).
+//! real templates in tests/fixtures/chat_templates/templates (fixture: tools/fixtures/make_chat_template_fixtures.py).
 
-mod common;
+use crate::common;
 
 use prefalign::data::chat_template::{ChatTemplate, Message};
 use serde_json::Value;

@@ -1,0 +1,76 @@
+//! Checkpoints: `checkpoint-<step>` folders holding a loadable model, the optimizer's moments and where training
+//! stands, written atomically; and resuming from one.
+
+use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
+use crate::model::weights::{load_into, save_safetensors_file, SafetensorsFiles, WeightSource};
+use crate::model::LoadedModel;
+use crate::train::optimizer::AdamW;
+use crate::train::run::Progress;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    progress: Progress,
+    optimizer_step: i64,
+}
+
+/// Writes `checkpoint-<step>` (a loadable model folder plus optimizer and trainer state) atomically: into a
+/// temporary folder renamed at the end, so a crash never leaves a half-written checkpoint. Keeps the newest
+/// `keep` checkpoints when given.
+pub fn save_checkpoint(out: &Path, policy: &LoadedModel, optimizer: &AdamW, progress: &Progress, keep: Option<usize>) -> Result<PathBuf> {
+    let name = format!("checkpoint-{}", progress.global_step);
+    let final_dir = out.join(&name);
+    let tmp = out.join(format!(".{name}.partial"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    save_hf(policy, &tmp, DEFAULT_MAX_SHARD_BYTES)?;
+    save_safetensors_file(&tmp.join(OPTIMIZER_FILE), &optimizer.state_tensors())?;
+    let state = CheckpointState { progress: progress.clone(), optimizer_step: optimizer.step };
+    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move {} into place", final_dir.display()))?;
+    if let Some(keep) = keep {
+        let mut checkpoints = list_checkpoints(out)?;
+        while checkpoints.len() > keep.max(1) {
+            let (_, oldest) = checkpoints.remove(0);
+            std::fs::remove_dir_all(&oldest).with_context(|| format!("cannot remove {}", oldest.display()))?;
+        }
+    }
+    Ok(final_dir)
+}
+
+/// `checkpoint-<step>` folders of `out`, oldest first.
+pub fn list_checkpoints(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(out)
+        .with_context(|| format!("cannot list {}", out.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("checkpoint-").and_then(|s| s.parse().ok()).map(|step| (step, e.path()))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Loads a checkpoint's weights into `policy` and its moments into `optimizer`; returns where training stood.
+pub fn restore(checkpoint: &Path, policy: &LoadedModel, optimizer: &mut AdamW) -> Result<Progress> {
+    let state_path = checkpoint.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("{} is not a prefalign checkpoint (no {STATE_FILE})", checkpoint.display()))?;
+    let state: CheckpointState = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", state_path.display()))?;
+    let weights = SafetensorsFiles::open_dir(checkpoint)?;
+    load_into(&policy.vs, &weights)?;
+    let moments_file = SafetensorsFiles::open_dir_file(&checkpoint.join(OPTIMIZER_FILE))?;
+    let moments = moments_file
+        .names()
+        .into_iter()
+        .map(|n| Ok((n.clone(), moments_file.tensor(&n)?.expect("listed"))))
+        .collect::<Result<_>>()?;
+    optimizer.load_state(&moments, state.optimizer_step)?;
+    Ok(state.progress)
+}

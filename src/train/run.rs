@@ -1,0 +1,220 @@
+//! The training loop, step for step like transformers' Trainer driving TRL's losses: batches in a seeded order,
+//! `Trainer::optimizer_step` on each step's micro-batches, the schedule, a `metrics.jsonl` line per logging step
+//! with TRL's keys, evaluation every `eval_steps`, and checkpoints that resume bit for bit.
+
+use crate::data::collate::{epoch_order, SamplingStrategy};
+use crate::data::tokenize::TokenizedPair;
+use crate::model::LoadedModel;
+use crate::objective::metrics::MetricLog;
+use crate::objective::Objective;
+use crate::train::checkpoint::{restore, save_checkpoint};
+use crate::train::evaluate::{evaluate, EvalOptions, EvalReference};
+use crate::train::history::{progress_bar, write_summary, History};
+use crate::train::schedule::warmup_steps;
+use crate::train::trainer::{NonFinite, Reference, StepOutcome, Trainer, TrainerConfig};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+
+pub struct TrainInputs<'a> {
+    pub policy: &'a LoadedModel,
+    pub reference: Reference<'a>,
+    pub train: &'a [TokenizedPair],
+    pub eval: Option<&'a [TokenizedPair]>,
+    pub objective: &'a Objective,
+}
+
+/// Where training stands; saved in every checkpoint (`trainer_state.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Progress {
+    pub global_step: usize,
+    /// data position: epoch and index into that epoch's order
+    epoch: u64,
+    position: usize,
+    pub num_tokens: i64,
+    loss_since_log: f64,
+    steps_since_log: usize,
+    /// metrics of the steps since the last log line
+    pending: MetricLog,
+    skipped_nonfinite: usize,
+}
+
+/// The pairs in a seeded order per epoch, consumed batch by batch.
+struct BatchCursor {
+    pairs: usize,
+    batch_size: usize,
+    sampling: SamplingStrategy,
+    seed: u64,
+    order: Vec<usize>,
+}
+
+impl BatchCursor {
+    fn batches_per_epoch(&self) -> usize {
+        self.pairs.div_ceil(self.batch_size)
+    }
+
+    /// Indices of the next batch from `progress`'s position (the last of an epoch may be smaller), advancing it.
+    fn next(&mut self, progress: &mut Progress) -> Vec<usize> {
+        if progress.position >= self.pairs {
+            progress.epoch += 1;
+            progress.position = 0;
+        }
+        if progress.position == 0 || self.order.is_empty() {
+            self.order = epoch_order(self.pairs, self.sampling, self.seed, progress.epoch);
+        }
+        let end = (progress.position + self.batch_size).min(self.order.len());
+        let batch = self.order[progress.position..end].to_vec();
+        progress.position = end;
+        batch
+    }
+
+    /// Epochs done as a fraction, as transformers logs `epoch`.
+    fn epoch_progress(&self, progress: &Progress) -> f64 {
+        progress.epoch as f64 + progress.position.div_ceil(self.batch_size) as f64 / self.batches_per_epoch() as f64
+    }
+}
+
+/// Trains the policy; returns every row written to `metrics.jsonl` by this run.
+pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<String, Value>>> {
+    if inputs.train.is_empty() {
+        bail!("no training pairs");
+    }
+    if inputs.objective.needs_reference() && matches!(inputs.reference, Reference::None) {
+        bail!("this objective needs a reference model");
+    }
+    let eval_reference = eval_reference(inputs)?;
+    std::fs::create_dir_all(&config.output_dir).with_context(|| format!("cannot create {}", config.output_dir.display()))?;
+    tch::manual_seed(config.seed as i64);
+
+    let mut cursor = BatchCursor {
+        pairs: inputs.train.len(),
+        batch_size: config.per_device_train_batch_size.max(1),
+        sampling: config.sampling,
+        seed: config.seed,
+        order: Vec::new(),
+    };
+    let accumulation = config.gradient_accumulation_steps.max(1);
+    let updates_per_epoch = cursor.batches_per_epoch().div_ceil(accumulation).max(1);
+    let total_steps = if config.max_steps > 0 {
+        config.max_steps as usize
+    } else {
+        (config.num_train_epochs * updates_per_epoch as f64).ceil() as usize
+    };
+    let warmup = warmup_steps(config.warmup_steps, config.warmup_ratio, total_steps);
+    let lr_at = |step: usize| config.learning_rate * config.schedule.factor(step, warmup, total_steps);
+
+    let mut trainer = Trainer::new(inputs.policy, inputs.reference, inputs.objective, inputs.train, config);
+    let mut progress = Progress::default();
+    let mut last_checkpoint: Option<PathBuf> = None;
+    if let Some(checkpoint) = &config.resume_from_checkpoint {
+        progress = restore(checkpoint, inputs.policy, &mut trainer.optimizer)?;
+        last_checkpoint = Some(checkpoint.clone());
+        eprintln!("resuming from {} at step {}", checkpoint.display(), progress.global_step);
+    }
+    let mut history = History::open(&config.output_dir, progress.global_step)?;
+    let bar = progress_bar(total_steps, progress.global_step);
+    let started = std::time::Instant::now();
+    let tokens_at_start = progress.num_tokens;
+    let mut rows = Vec::new();
+
+    while progress.global_step < total_steps {
+        let step = progress.global_step;
+        let micro_batches: Vec<Vec<usize>> = (0..accumulation).map(|_| cursor.next(&mut progress)).collect();
+        let outcome = match trainer.optimizer_step(&micro_batches, lr_at(step), &mut progress.pending) {
+            Ok(outcome) => outcome,
+            Err(nonfinite) => {
+                progress.num_tokens += nonfinite.tokens;
+                skip_or_stop(&nonfinite, step + 1, config.skip_nonfinite, last_checkpoint.as_ref())?;
+                progress.skipped_nonfinite += 1;
+                continue;
+            }
+        };
+        progress.num_tokens += outcome.tokens;
+        progress.loss_since_log += outcome.loss;
+        progress.steps_since_log += 1;
+        progress.global_step += 1;
+        let global_step = progress.global_step;
+        let epoch = cursor.epoch_progress(&progress);
+        if global_step % config.logging_steps.max(1) == 0 || global_step == total_steps {
+            let row = training_row(&mut progress, &outcome, lr_at(step));
+            let tokens_per_second = (progress.num_tokens - tokens_at_start) as f64 / started.elapsed().as_secs_f64();
+            bar.set_message(format!(
+                "loss {:.4}  reward acc {}  {tokens_per_second:.0} tok/s",
+                row["loss"].as_f64().unwrap_or(f64::NAN),
+                row.get("rewards/accuracies").and_then(Value::as_f64).map_or("-".into(), |a| format!("{a:.2}")),
+            ));
+            rows.push(history.write(row, epoch, global_step)?);
+        }
+        if let Some(eval_pairs) = inputs.eval.filter(|_| config.eval_steps > 0 && global_step % config.eval_steps == 0) {
+            let row = evaluation_row(&trainer, eval_reference, eval_pairs, config);
+            rows.push(history.write(row, epoch, global_step)?);
+        }
+        bar.set_position(global_step as u64);
+        if config.save_steps > 0 && global_step % config.save_steps == 0 && global_step < total_steps {
+            let checkpoint = save_checkpoint(&config.output_dir, inputs.policy, &trainer.optimizer, &progress, config.save_total_limit)?;
+            last_checkpoint = Some(checkpoint);
+        }
+    }
+    bar.finish();
+    write_summary(&config.output_dir, &rows, started.elapsed().as_secs_f64(), progress.num_tokens - tokens_at_start)?;
+    Ok(rows)
+}
+
+/// The reference evaluation uses, checked against the evaluation pairs.
+fn eval_reference<'a>(inputs: &TrainInputs<'a>) -> Result<Option<EvalReference<'a>>> {
+    Ok(match inputs.reference {
+        Reference::None => None,
+        Reference::Model(model) => Some(EvalReference::Model(&model.model)),
+        Reference::Precomputed { eval, .. } => match (eval, inputs.eval) {
+            (Some(logps), Some(pairs)) if logps.chosen.size()[0] as usize != pairs.len() => {
+                bail!("precomputed reference log-probs cover {} evaluation pairs, not {}", logps.chosen.size()[0], pairs.len())
+            }
+            (Some(logps), _) => Some(EvalReference::Logps(logps)),
+            (None, Some(_)) => bail!("evaluation with precomputed reference log-probs needs them for the evaluation pairs too"),
+            (None, None) => None,
+        },
+    })
+}
+
+/// Counts a skipped step, or fails naming the step, the rows and the last good checkpoint.
+fn skip_or_stop(nonfinite: &NonFinite, step: usize, skip: bool, last_checkpoint: Option<&PathBuf>) -> Result<()> {
+    let NonFinite { what, rows, .. } = nonfinite;
+    if !skip {
+        bail!(
+            "non-finite {what} at step {step} (batch rows: {}); last good checkpoint: {}; pass --skip-nonfinite to skip such batches",
+            rows.join(", "),
+            last_checkpoint.map_or("none".to_string(), |p| p.display().to_string())
+        );
+    }
+    eprintln!("warning: skipped a batch with a non-finite {what} at step {step} ({})", rows.join(", "));
+    Ok(())
+}
+
+/// The logged row of a training step: the loss averaged since the last row, the step's gradient norm and learning
+/// rate, the objective's metrics averaged since the last row, and the tokens seen.
+fn training_row(progress: &mut Progress, outcome: &StepOutcome, learning_rate: f64) -> Map<String, Value> {
+    let mut row = Map::new();
+    row.insert("loss".into(), (progress.loss_since_log / progress.steps_since_log as f64).into());
+    if let Some(norm) = outcome.grad_norm {
+        row.insert("grad_norm".into(), norm.into());
+    }
+    row.insert("learning_rate".into(), learning_rate.into());
+    for (name, value) in progress.pending.drain_means("") {
+        row.insert(name, value.into());
+    }
+    row.insert("num_tokens".into(), (progress.num_tokens as f64).into());
+    if progress.skipped_nonfinite > 0 {
+        row.insert("skipped_nonfinite".into(), progress.skipped_nonfinite.into());
+    }
+    (progress.loss_since_log, progress.steps_since_log) = (0.0, 0);
+    row
+}
+
+/// The `eval_*` row of the policy as it is now.
+fn evaluation_row(trainer: &Trainer, reference: Option<EvalReference>, pairs: &[TokenizedPair], config: &TrainerConfig) -> Map<String, Value> {
+    let options =
+        EvalOptions { batch_size: config.per_device_eval_batch_size, batching: config.batching, precision: config.step.precision };
+    let result = evaluate(&trainer.policy.model, reference, pairs, trainer.objective, &options);
+    result.metrics.into_iter().map(|(k, v)| (k, Value::from(v))).collect()
+}
