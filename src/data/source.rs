@@ -144,26 +144,28 @@ pub fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-/// Parquet rows through arrow's JSON writer, so nested columns (lists of messages) arrive as JSON too.
+/// Parquet rows as JSON objects through parquet's record reader, so nested columns (lists of messages) arrive as JSON
+/// too. Null fields are left out, as a JSON Lines row would leave them out.
 fn read_parquet(path: &Path) -> Result<ReadRows> {
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
     let shown = path.display();
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("{shown} is not a valid Parquet file"))?
-        .build()?;
+    let reader = SerializedFileReader::new(file).with_context(|| format!("{shown} is not a valid Parquet file"))?;
     let mut out = ReadRows::default();
-    for batch in reader {
-        let batch = batch.with_context(|| format!("{shown}: cannot decode a row group"))?;
-        let mut writer = arrow_json::ArrayWriter::new(Vec::new());
-        writer.write(&batch)?;
-        writer.finish()?;
-        let json: Vec<Value> = serde_json::from_slice(&writer.into_inner())?;
-        for value in json {
-            let location = format!("{shown} row {}", out.rows.len());
-            let fields = into_object(value).map_err(|e| anyhow::anyhow!("{location}: {e}"))?;
-            out.rows.push(RawRow { location, fields });
-        }
+    for row in reader.get_row_iter(None).with_context(|| format!("{shown}: cannot read its rows"))? {
+        let location = format!("{shown} row {}", out.rows.len());
+        let row = row.with_context(|| format!("{location}: cannot decode"))?;
+        let fields = into_object(without_nulls(row.to_json_value())).map_err(|e| anyhow::anyhow!("{location}: {e}"))?;
+        out.rows.push(RawRow { location, fields });
     }
     Ok(out)
+}
+
+/// `value` without the object fields whose value is null, at every depth.
+fn without_nulls(value: Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(map.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, without_nulls(v))).collect()),
+        Value::Array(items) => Value::Array(items.into_iter().map(without_nulls).collect()),
+        other => other,
+    }
 }
