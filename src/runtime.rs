@@ -36,7 +36,11 @@ pub fn release_free_memory() {
             if info.arena > largest + largest / 8 {
                 LARGEST_HEAP.store(info.arena, Ordering::Relaxed);
                 libc::malloc_trim(0);
-                tracing::debug!("heap grew to {} MiB ({} MiB in use): free pages released", info.arena >> 20, info.uordblks >> 20);
+                tracing::debug!(
+                    "heap grew to {} MiB ({} MiB in use): free pages released",
+                    info.arena >> 20,
+                    info.uordblks >> 20
+                );
             }
         }
     }

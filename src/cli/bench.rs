@@ -75,8 +75,16 @@ pub struct BenchArgs {
 pub fn synthetic_pair(pair: usize, prompt_tokens: usize, completion_tokens: usize, vocab: usize) -> TokenizedPair {
     let id = |salt: usize, at: usize| (3 + (pair * 7_919 + at * 104_729 + salt * 15_485_863) % (vocab - 3)) as i64;
     let prompt: Vec<i64> = (0..prompt_tokens).map(|t| id(0, t)).collect();
-    let sequence = |salt| Sequence { ids: prompt.iter().copied().chain((0..completion_tokens).map(|t| id(salt, t))).collect(), prompt_len: prompt_tokens };
-    TokenizedPair { location: format!("synthetic:{pair}"), prompt_ids: prompt.clone(), chosen: sequence(1), rejected: sequence(2) }
+    let sequence = |salt| Sequence {
+        ids: prompt.iter().copied().chain((0..completion_tokens).map(|t| id(salt, t))).collect(),
+        prompt_len: prompt_tokens,
+    };
+    TokenizedPair {
+        location: format!("synthetic:{pair}"),
+        prompt_ids: prompt.clone(),
+        chosen: sequence(1),
+        rejected: sequence(2),
+    }
 }
 
 /// A model of `config` with weights drawn like transformers' `_init_weights` (normal, std 0.02; norms 1). Drawn by
@@ -101,7 +109,11 @@ fn random_model(config: &ModelConfig, device: tch::Device, seed: i64) -> Result<
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
-    if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -109,15 +121,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "smollm2-135m" => serde_json::from_str(SMOLLM2_135M)?,
         "smollm2-1.7b" => serde_json::from_str(SMOLLM2_1_7B)?,
         path if Path::new(path).is_file() => ModelConfig::from_file(Path::new(path)).context("--shape")?,
-        other => anyhow::bail!("--shape {other}: not a known shape (smollm2-135m, smollm2-1.7b) nor a config.json file"),
+        other => {
+            anyhow::bail!("--shape {other}: not a known shape (smollm2-135m, smollm2-1.7b) nor a config.json file")
+        }
     };
     if let Some(layers) = args.layers {
         config.num_hidden_layers = layers;
     }
     let device = crate::model::device::parse_device(&args.device)?;
     let policy = random_model(&config, device, 0)?;
-    let pairs: Vec<TokenizedPair> =
-        (0..args.pairs).map(|i| synthetic_pair(i, args.prompt_tokens, args.completion_tokens, config.vocab_size)).collect();
+    let pairs: Vec<TokenizedPair> = (0..args.pairs)
+        .map(|i| synthetic_pair(i, args.prompt_tokens, args.completion_tokens, config.vocab_size))
+        .collect();
     let (objective, truncation) = match args.objective {
         BenchObjective::Dpo => (
             Objective::Dpo(DpoParams::default()),
@@ -144,7 +159,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         None
     };
     let precomputed = match (&reference_model, args.precompute_ref_log_probs) {
-        (Some(model), true) => Some(reference::compute(&model.model, &pairs, &trainer_config.batching, precision, pairs.len())),
+        (Some(model), true) => {
+            Some(reference::compute(&model.model, &pairs, &trainer_config.batching, precision, pairs.len()))
+        }
         _ => None,
     };
     // A precomputed reference needs no model any more: dropped here, its memory goes back to the steps.
@@ -181,7 +198,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         if !args.json {
             let loss = outcome.loss;
-            eprintln!("step {}: {seconds:.3} s, loss {loss:.4}{}", step + 1, if step < args.warmup { " (warmup)" } else { "" });
+            eprintln!(
+                "step {}: {seconds:.3} s, loss {loss:.4}{}",
+                step + 1,
+                if step < args.warmup { " (warmup)" } else { "" }
+            );
         }
         log = MetricLog::default();
     }
@@ -189,7 +210,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let [reference_s, policy_s, optimizer_s] = phases.map(|mut p| median(&mut p));
     let peak_rss = peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64;
     // the CUDA caching allocator's settings, which change its peak (libtorch reads PYTORCH_ALLOC_CONF first)
-    let allocator_conf = ["PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"].iter().find_map(|name| std::env::var(name).ok());
+    let allocator_conf =
+        ["PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"].iter().find_map(|name| std::env::var(name).ok());
     let summary = serde_json::json!({
         "tool": "prefalign",
         "shape": args.shape,

@@ -14,8 +14,8 @@ use serde_json::Value as Json;
 use serde_norway::{Mapping, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::process::{Command, Stdio};
+use std::rc::Rc;
 use std::time::Instant;
 
 const TRAINERS: [&str; 3] = ["dpo", "orpo", "cpo"];
@@ -141,7 +141,11 @@ fn plan(args: &CompareArgs) -> Result<Vec<Planned>> {
     }
     let names: Vec<String> = match args.names.is_empty() {
         false => args.names.clone(),
-        true => args.recipes.iter().map(|p| p.file_stem().map_or("recipe".into(), |s| s.to_string_lossy().into_owned())).collect(),
+        true => args
+            .recipes
+            .iter()
+            .map(|p| p.file_stem().map_or("recipe".into(), |s| s.to_string_lossy().into_owned()))
+            .collect(),
     };
     let trainers: Vec<Option<String>> = match args.trainers.len() {
         0 => vec![None; args.recipes.len()],
@@ -181,7 +185,8 @@ fn folder_name(name: &str) -> String {
 fn find_arg<'a>(command: &'a clap::Command, key: &str) -> Option<&'a clap::Arg> {
     let long = key.replace('_', "-");
     command.get_arguments().find(|a| {
-        a.get_long() == Some(long.as_str()) || a.get_all_aliases().is_some_and(|aliases| aliases.contains(&long.as_str()))
+        a.get_long() == Some(long.as_str())
+            || a.get_all_aliases().is_some_and(|aliases| aliases.contains(&long.as_str()))
     })
 }
 
@@ -191,7 +196,8 @@ fn is_switch(arg: &clap::Arg) -> bool {
 
 fn read_recipe(path: &Path, trainer: Option<&str>, grid: Option<&(String, String)>) -> Result<Recipe> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
-    let value: Value = serde_norway::from_str(&text).with_context(|| format!("{} is not valid YAML", path.display()))?;
+    let value: Value =
+        serde_norway::from_str(&text).with_context(|| format!("{} is not valid YAML", path.display()))?;
     let Value::Mapping(mut yaml) = value else {
         bail!("{}: expected a mapping of keys to values at the top level", path.display());
     };
@@ -211,11 +217,14 @@ fn read_recipe(path: &Path, trainer: Option<&str>, grid: Option<&(String, String
     yaml.remove("output_dir");
     let command = super::Cli::command().find_subcommand(&trainer).expect("dpo, orpo and cpo are subcommands").clone();
     if let Some((key, value)) = grid.filter(|(key, _)| key != "trainer") {
-        let arg = find_arg(&command, key)
-            .with_context(|| format!("--grid {key}: `prefalign {trainer}` has no such flag (see prefalign {trainer} --help)"))?;
+        let arg = find_arg(&command, key).with_context(|| {
+            format!("--grid {key}: `prefalign {trainer}` has no such flag (see prefalign {trainer} --help)")
+        })?;
         let long = arg.get_long().expect("found by its long name").to_string();
         // Drop the key under any of its names, then set it under the snake_case of the flag.
-        yaml.retain(|k, _| k.as_str().and_then(|k| find_arg(&command, k)).and_then(|a| a.get_long()) != Some(long.as_str()));
+        yaml.retain(|k, _| {
+            k.as_str().and_then(|k| find_arg(&command, k)).and_then(|a| a.get_long()) != Some(long.as_str())
+        });
         let value = if is_switch(arg) {
             Value::Bool(value.parse().with_context(|| format!("--grid {key}: {value:?} is not true or false"))?)
         } else {
@@ -255,7 +264,13 @@ impl Recipe {
     /// `prefalign eval` flags for `model` on `dataset` with this recipe's data settings; `reference` for DPO.
     /// `with_beta`: pass the recipe's β (rewards and margins); the preference accuracy does not depend on it, so
     /// base models are scored without it and a β grid shares one baseline.
-    fn eval_flags(&self, model: &str, (dataset, split): (&str, &str), reference: Option<&str>, with_beta: bool) -> Vec<String> {
+    fn eval_flags(
+        &self,
+        model: &str,
+        (dataset, split): (&str, &str),
+        reference: Option<&str>,
+        with_beta: bool,
+    ) -> Vec<String> {
         let mut flags = vec!["eval".to_string(), "--model".into(), model.into(), "--dataset".into(), dataset.into()];
         flags.extend(["--dataset-split".into(), split.into()]);
         const PASSED: [&str; 16] = [
@@ -366,7 +381,8 @@ fn score(flags: &[String], json: &Path, log: &Path) -> Result<Scored> {
 /// What a `prefalign eval` run left in `json` (its metrics) and `log` (the count of pairs scored).
 fn read_scored(json: &Path, log: &Path) -> Result<Scored> {
     let text = std::fs::read_to_string(json).with_context(|| format!("cannot read {}", json.display()))?;
-    let metrics: Json = serde_json::from_str(&text).with_context(|| format!("{} is not the JSON prefalign eval prints", json.display()))?;
+    let metrics: Json = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not the JSON prefalign eval prints", json.display()))?;
     let pairs = std::fs::read_to_string(log).ok().and_then(|log| {
         log.lines().find_map(|l| l.split_once(" pairs scored").and_then(|(n, _)| n.trim().parse().ok()))
     });
@@ -549,7 +565,15 @@ fn one_run(
             let folder = out.join("baseline").join(format!("{}-{next}", recipe.trainer));
             let scored = std::fs::create_dir_all(&folder)
                 .map_err(anyhow::Error::from)
-                .and_then(|_| score_reusing(&flags, &folder.join("heldout.json"), &folder.join("eval.log"), &folder.join("flags.json"), args.rerun))
+                .and_then(|_| {
+                    score_reusing(
+                        &flags,
+                        &folder.join("heldout.json"),
+                        &folder.join("eval.log"),
+                        &folder.join("flags.json"),
+                        args.rerun,
+                    )
+                })
                 .map_err(Rc::new);
             if let Ok(scored) = &scored {
                 let (dataset, split) = heldout;
@@ -565,7 +589,11 @@ fn one_run(
         match scored {
             Ok(scored) => row.heldout_before = scored.accuracy,
             Err(error) => {
-                row.error = Some(format!("held-out evaluation of the base model ({}): {}", relative(folder, out), error_text(error)))
+                row.error = Some(format!(
+                    "held-out evaluation of the base model ({}): {}",
+                    relative(folder, out),
+                    error_text(error)
+                ))
             }
         }
     }
@@ -619,7 +647,9 @@ fn one_run(
 fn same_run(folder: &Path, recipe: &Recipe) -> bool {
     let trainer = std::fs::read_to_string(folder.join("command.txt"))
         .is_ok_and(|command| command.split_whitespace().nth(1) == Some(recipe.trainer.as_str()));
-    let yaml = std::fs::read_to_string(folder.join("recipe.yaml")).ok().and_then(|t| serde_norway::from_str::<Mapping>(&t).ok());
+    let yaml = std::fs::read_to_string(folder.join("recipe.yaml"))
+        .ok()
+        .and_then(|t| serde_norway::from_str::<Mapping>(&t).ok());
     trainer && yaml.as_ref() == Some(&recipe.yaml)
 }
 

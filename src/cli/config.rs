@@ -39,7 +39,9 @@ pub fn expand(argv: Vec<OsString>, cli: &Command) -> Result<Vec<OsString>> {
     let consumed = if argv[at].to_string_lossy().starts_with("--config=") { 1 } else { 2 };
     let mut subcommand = cli.clone();
     let mut first_flag = 1;
-    while let Some(next) = argv.get(first_flag).and_then(|a| subcommand.find_subcommand(a.to_string_lossy().as_ref()).cloned()) {
+    while let Some(next) =
+        argv.get(first_flag).and_then(|a| subcommand.find_subcommand(a.to_string_lossy().as_ref()).cloned())
+    {
         subcommand = next;
         first_flag += 1;
     }
@@ -66,7 +68,8 @@ fn flags_from_file(path: &str, command: &Command) -> Result<Vec<String>> {
         }
         let long = key.replace('_', "-");
         let Some(arg) = command.get_arguments().find(|a| {
-            a.get_long() == Some(long.as_str()) || a.get_all_aliases().is_some_and(|aliases| aliases.contains(&long.as_str()))
+            a.get_long() == Some(long.as_str())
+                || a.get_all_aliases().is_some_and(|aliases| aliases.contains(&long.as_str()))
         }) else {
             bail!("{path}: unknown key \"{key}\"{}", suggestion(&key, command));
         };
@@ -77,7 +80,11 @@ fn flags_from_file(path: &str, command: &Command) -> Result<Vec<String>> {
             Value::Bool(true) if is_switch => flags.push(flag),
             Value::Bool(false) if is_switch => {}
             Value::Sequence(items) => {
-                let items: Vec<String> = items.iter().map(scalar).collect::<Result<_>>().with_context(|| format!("{path}: key \"{key}\""))?;
+                let items: Vec<String> = items
+                    .iter()
+                    .map(scalar)
+                    .collect::<Result<_>>()
+                    .with_context(|| format!("{path}: key \"{key}\""))?;
                 flags.extend([flag, items.join(",")]);
             }
             other => {

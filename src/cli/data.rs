@@ -199,7 +199,14 @@ pub struct InspectArgs {
 fn percentiles(mut lengths: Vec<usize>) -> String {
     lengths.sort_unstable();
     let at = |q: f64| lengths[((lengths.len() - 1) as f64 * q).round() as usize];
-    format!("min {:>5}  p50 {:>5}  p90 {:>5}  p99 {:>5}  max {:>5}", lengths[0], at(0.5), at(0.9), at(0.99), lengths[lengths.len() - 1])
+    format!(
+        "min {:>5}  p50 {:>5}  p90 {:>5}  p99 {:>5}  max {:>5}",
+        lengths[0],
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        lengths[lengths.len() - 1]
+    )
 }
 
 pub fn inspect(args: InspectArgs) -> Result<()> {
@@ -215,7 +222,12 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     for invalid in report.invalid.iter().take(5) {
         println!("  {invalid}");
     }
-    println!("dropped      {} by the {} rules at max_length {}", report.dropped.len(), rules.name(), args.data.max_length);
+    println!(
+        "dropped      {} by the {} rules at max_length {}",
+        report.dropped.len(),
+        rules.name(),
+        args.data.max_length
+    );
     for dropped in report.dropped.iter().take(5) {
         println!("  {}: {}", dropped.location, dropped.reason);
     }
@@ -267,7 +279,9 @@ pub fn export(args: ExportArgs) -> Result<()> {
         crate::data::example::Turns::Text(text) => serde_json::Value::from(text.as_str()),
         crate::data::example::Turns::Messages(messages) => serde_json::to_value(messages).expect("messages serialize"),
     };
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?);
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?,
+    );
     for pair in &pairs {
         let mut row = serde_json::Map::new();
         if let Some(prompt) = &pair.prompt {
@@ -279,10 +293,20 @@ pub fn export(args: ExportArgs) -> Result<()> {
     }
     out.flush()?;
     let dropped = match &args.model {
-        Some(_) => format!(", {} dropped by the {} rules at max_length {}", report.dropped.len(), args.trainer.rules().name(), args.data.max_length),
+        Some(_) => format!(
+            ", {} dropped by the {} rules at max_length {}",
+            report.dropped.len(),
+            args.trainer.rules().name(),
+            args.data.max_length
+        ),
         None => String::new(),
     };
-    eprintln!("wrote {} pairs to {} ({} invalid rows skipped{dropped})", pairs.len(), args.output.display(), report.invalid.len());
+    eprintln!(
+        "wrote {} pairs to {} ({} invalid rows skipped{dropped})",
+        pairs.len(),
+        args.output.display(),
+        report.invalid.len()
+    );
     Ok(())
 }
 

@@ -24,7 +24,8 @@ use std::path::PathBuf;
 const TRAIN: &str = include_str!("../../data/demo/train.jsonl");
 const TEST: &str = include_str!("../../data/demo/test.jsonl");
 /// Held-out questions whose answers are shown before and after training.
-const QUESTIONS: [&str; 3] = ["What is the capital of Peru?", "How many minutes are in 4 hours?", "Name a fruit that is yellow."];
+const QUESTIONS: [&str; 3] =
+    ["What is the capital of Peru?", "How many minutes are in 4 hours?", "Name a fruit that is yellow."];
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -44,7 +45,10 @@ pub struct DemoArgs {
 pub fn run(args: DemoArgs) -> Result<()> {
     let model_args = ModelArgs { model: args.model.clone(), device: args.device.clone(), dtype: "f32".into() };
     if !std::path::Path::new(&args.model).exists() {
-        anyhow::bail!("{} does not exist: run `bash scripts/setup.sh` first (it fetches SmolLM2-135M-Instruct), or pass --model", args.model);
+        anyhow::bail!(
+            "{} does not exist: run `bash scripts/setup.sh` first (it fetches SmolLM2-135M-Instruct), or pass --model",
+            args.model
+        );
     }
     let policy = model_args.load()?;
     let tokenizer = policy.tokenizer()?;
@@ -91,7 +95,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let answers_before = answers(&policy)?;
 
     let started = std::time::Instant::now();
-    let inputs = TrainInputs { policy: &policy, reference: Reference::Precomputed { train: &reference, eval: None }, train: train_pairs, eval: None, objective: &objective };
+    let inputs = TrainInputs {
+        policy: &policy,
+        reference: Reference::Precomputed { train: &reference, eval: None },
+        train: train_pairs,
+        eval: None,
+        objective: &objective,
+    };
     let rows = train(&inputs, &config)?;
     let last = rows.last().context("no training step ran")?;
     println!(
@@ -107,7 +117,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
         println!("\n> {question}\n  before: {before}\n  after:  {after}");
     }
     save_hf(&policy, &args.output_dir, DEFAULT_MAX_SHARD_BYTES)?;
-    println!("\nThe aligned model is in {} (a Hugging Face folder; metrics in metrics.jsonl).", args.output_dir.display());
+    println!(
+        "\nThe aligned model is in {} (a Hugging Face folder; metrics in metrics.jsonl).",
+        args.output_dir.display()
+    );
     Ok(())
 }
 
@@ -120,7 +133,13 @@ fn answers(model: &LoadedModel) -> Result<Vec<String>> {
         .iter()
         .map(|question| {
             let prompt = template.render(&[Message::new("user", question)], true)?;
-            let ids = generate(&model.model, &tokenizer.encode(&prompt, false)?, &model.config().eos_token_ids(), &options, |_| Ok(()))?;
+            let ids = generate(
+                &model.model,
+                &tokenizer.encode(&prompt, false)?,
+                &model.config().eos_token_ids(),
+                &options,
+                |_| Ok(()),
+            )?;
             Ok(tokenizer.decode(&ids, true)?.trim().replace('\n', " "))
         })
         .collect()

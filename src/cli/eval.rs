@@ -53,9 +53,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
         batching: args.data.batching(rules, tokenizer.pad_id()?, args.compute.layout()),
         precision: args.compute.step().precision,
     };
-    let result = evaluate(&policy.model, reference.as_ref().map(|r| EvalReference::Model(&r.model)), &prepared.pairs, &objective, &options);
+    let result = evaluate(
+        &policy.model,
+        reference.as_ref().map(|r| EvalReference::Model(&r.model)),
+        &prepared.pairs,
+        &objective,
+        &options,
+    );
     if let Some(path) = &args.output {
-        let mut file = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
+        let mut file = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+        );
         for example in &result.examples {
             writeln!(file, "{}", serde_json::to_string(example)?)?;
         }

@@ -110,7 +110,11 @@ pub struct ComputeArgs {
 
 impl ComputeArgs {
     pub fn layout(&self) -> crate::data::pack::PackOptions {
-        crate::data::pack::PackOptions { prefix_sharing: !self.no_prefix_sharing, packing: !self.no_packing, row_tokens: self.pack_tokens }
+        crate::data::pack::PackOptions {
+            prefix_sharing: !self.no_prefix_sharing,
+            packing: !self.no_packing,
+            row_tokens: self.pack_tokens,
+        }
     }
 
     pub fn step(&self) -> crate::train::step::StepOptions {
@@ -132,9 +136,7 @@ pub fn resolve_model(model: &str) -> anyhow::Result<PathBuf> {
 /// Runs the CLI; returns the process exit code. User mistakes print one `error:` line chain, no backtrace.
 pub fn main() -> i32 {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PREFALIGN_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("PREFALIGN_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .without_time()
         .init();

@@ -225,7 +225,12 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
     eprintln!("{} pairs ({})", prepared.pairs.len(), prepared.report.counts(rules));
     let eval_pairs = match &eval_data.eval_dataset {
         Some(dataset) => {
-            let eval_args = DatasetArgs { dataset: dataset.clone(), dataset_split: eval_data.dataset_test_split.clone(), limit: None, ..data.clone() };
+            let eval_args = DatasetArgs {
+                dataset: dataset.clone(),
+                dataset_split: eval_data.dataset_test_split.clone(),
+                limit: None,
+                ..data.clone()
+            };
             let eval = eval_args.prepare(tokenizer, rules)?;
             eprintln!("{} evaluation pairs from {dataset}", eval.pairs.len());
             Some(eval.pairs)
@@ -248,7 +253,12 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
         schedule: Schedule::parse(&t.lr_scheduler_type, t.min_lr_rate)?,
         warmup_steps: t.warmup_steps,
         warmup_ratio: t.warmup_ratio,
-        optimizer: AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_epsilon, weight_decay: t.weight_decay },
+        optimizer: AdamWConfig {
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_epsilon,
+            weight_decay: t.weight_decay,
+        },
         max_grad_norm: t.max_grad_norm,
         per_device_train_batch_size: t.per_device_train_batch_size,
         gradient_accumulation_steps: t.gradient_accumulation_steps.max(1),
@@ -276,7 +286,10 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
         precompute_reference(r, pairs, &config.batching, config.step.precision, batch_size, &cache_dir())
     };
     let precomputed = match (&reference, precompute) {
-        (Some(r), true) => Some((precompute_for(r, &prepared.pairs)?, eval_pairs.as_deref().map(|pairs| precompute_for(r, pairs)).transpose()?)),
+        (Some(r), true) => Some((
+            precompute_for(r, &prepared.pairs)?,
+            eval_pairs.as_deref().map(|pairs| precompute_for(r, pairs)).transpose()?,
+        )),
         _ => None,
     };
     if precomputed.is_some() {

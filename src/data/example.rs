@@ -97,7 +97,12 @@ pub struct Validation {
 }
 
 /// Reads one row in `format`; every problem names the column and the row.
-pub fn parse_row(row: &RawRow, format: DatasetFormat, columns: &Columns, rules: Validation) -> Result<PreferencePair, InvalidRow> {
+pub fn parse_row(
+    row: &RawRow,
+    format: DatasetFormat,
+    columns: &Columns,
+    rules: Validation,
+) -> Result<PreferencePair, InvalidRow> {
     let invalid = |reason: RowError| InvalidRow { location: row.location.clone(), reason };
     let column_problem = |name: &str, problem: ColumnError| invalid(RowError::column(name, problem));
     let conversational = format.is_conversational();
@@ -204,7 +209,8 @@ pub fn extract_prompt(pair: &PreferencePair) -> Result<PreferencePair, RowError>
         (Turns::Text(c), Turns::Text(r)) => {
             let (c, r): (Vec<char>, Vec<char>) = (c.chars().collect(), r.chars().collect());
             let idx = split_index(&c, &r, |x| *x == ' ')?;
-            let (p, c, r) = (py_slice(&c, None, Some(idx)), py_slice(&c, Some(idx), None), py_slice(&r, Some(idx), None));
+            let (p, c, r) =
+                (py_slice(&c, None, Some(idx)), py_slice(&c, Some(idx), None), py_slice(&r, Some(idx), None));
             (Turns::Text(p.iter().collect()), Turns::Text(c.iter().collect()), Turns::Text(r.iter().collect()))
         }
         (Turns::Messages(c), Turns::Messages(r)) => {
@@ -238,10 +244,15 @@ fn split_index<T: PartialEq>(chosen: &[T], rejected: &[T], is_space: impl Fn(&T)
 
 /// Python's `items[start:end]` for the non-negative-or-minus-one indices `extract_prompt` produces.
 fn py_slice<T>(items: &[T], start: Option<isize>, end: Option<isize>) -> &[T] {
-    let resolve = |i: isize| if i < 0 { items.len().saturating_sub(i.unsigned_abs()) } else { (i as usize).min(items.len()) };
+    let resolve =
+        |i: isize| if i < 0 { items.len().saturating_sub(i.unsigned_abs()) } else { (i as usize).min(items.len()) };
     let start = start.map_or(0, resolve);
     let end = end.map_or(items.len(), resolve);
-    if start >= end { &items[0..0] } else { &items[start..end] }
+    if start >= end {
+        &items[0..0]
+    } else {
+        &items[start..end]
+    }
 }
 
 #[cfg(test)]
@@ -249,7 +260,12 @@ mod tests {
     use super::*;
 
     fn text_pair(chosen: &str, rejected: &str) -> PreferencePair {
-        PreferencePair { location: "t".into(), prompt: None, chosen: Turns::Text(chosen.into()), rejected: Turns::Text(rejected.into()) }
+        PreferencePair {
+            location: "t".into(),
+            prompt: None,
+            chosen: Turns::Text(chosen.into()),
+            rejected: Turns::Text(rejected.into()),
+        }
     }
 
     fn split(chosen: &str, rejected: &str) -> (String, String, String) {
@@ -264,11 +280,17 @@ mod tests {
     #[test]
     fn extract_prompt_reproduces_trl_quirks() {
         let s = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
-        assert_eq!(split("Q: sky? A: It is blue.", "Q: sky? A: It is green."), s("Q: sky? A: It is", " blue.", " green."));
+        assert_eq!(
+            split("Q: sky? A: It is blue.", "Q: sky? A: It is green."),
+            s("Q: sky? A: It is", " blue.", " green.")
+        );
         assert_eq!(split("The answer is blue", "The answer is black"), s("The answer is bl", "ue", "ack"));
         assert_eq!(split("Say OK. OK", "Say OK."), s("Say OK", ". OK", "."));
         assert_eq!(split("Yes ", "No"), s("Yes", " ", "o"));
-        assert_eq!(split("日本の首都は？東京です。", "日本の首都は？大阪です。"), s("日本の首都は？", "東京です。", "大阪です。"));
+        assert_eq!(
+            split("日本の首都は？東京です。", "日本の首都は？大阪です。"),
+            s("日本の首都は？", "東京です。", "大阪です。")
+        );
         assert!(extract_prompt(&text_pair("", "x")).is_err());
     }
 }

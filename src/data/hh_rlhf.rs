@@ -77,8 +77,10 @@ mod tests {
     #[test]
     fn cuts_at_the_last_assistant_turn() {
         let pair = convert_row(
-            &row("\n\nHuman: What is 4*4?\n\nAssistant: 16\n\nHuman: Sure?\n\nAssistant: Yes, 16.",
-                 "\n\nHuman: What is 4*4?\n\nAssistant: 16\n\nHuman: Sure?\n\nAssistant: Maybe 17."),
+            &row(
+                "\n\nHuman: What is 4*4?\n\nAssistant: 16\n\nHuman: Sure?\n\nAssistant: Yes, 16.",
+                "\n\nHuman: What is 4*4?\n\nAssistant: 16\n\nHuman: Sure?\n\nAssistant: Maybe 17.",
+            ),
             &Columns::default(),
         )
         .unwrap();
@@ -94,9 +96,11 @@ mod tests {
     #[test]
     fn rejects_broken_transcripts() {
         let columns = Columns::default();
-        let err = convert_row(&row("\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant: Hello"), &columns).unwrap_err();
+        let err = convert_row(&row("\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant: Hello"), &columns)
+            .unwrap_err();
         assert_eq!(err.reason.to_string(), "column \"chosen\": the final assistant reply is empty");
-        let err = convert_row(&row("\n\nHuman: A\n\nAssistant: x", "\n\nHuman: B\n\nAssistant: y"), &columns).unwrap_err();
+        let err =
+            convert_row(&row("\n\nHuman: A\n\nAssistant: x", "\n\nHuman: B\n\nAssistant: y"), &columns).unwrap_err();
         assert!(err.reason.to_string().contains("differ before"), "{}", err.reason);
         let err = convert_row(&row("hello", "\n\nHuman: B\n\nAssistant: y"), &columns).unwrap_err();
         assert!(err.reason.to_string().contains("no \"\\n\\nHuman:\" turn"), "{}", err.reason);

@@ -5,8 +5,8 @@
 pub mod chat_template;
 pub mod collate;
 pub mod example;
-pub mod hub;
 pub mod hh_rlhf;
+pub mod hub;
 pub mod invalid;
 pub mod pack;
 pub mod prepare;

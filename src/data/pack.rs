@@ -71,11 +71,20 @@ pub struct PackedBatch {
 }
 
 /// Lays out `pairs` for the model. The logical batch is exactly `collate`'s.
-pub fn pack(pairs: &[&TokenizedPair], pad_id: i64, truncation: Option<(usize, TruncationMode)>, options: PackOptions) -> PackedBatch {
+pub fn pack(
+    pairs: &[&TokenizedPair],
+    pad_id: i64,
+    truncation: Option<(usize, TruncationMode)>,
+    options: PackOptions,
+) -> PackedBatch {
     let logical = crate::data::collate::collate(pairs, pad_id, truncation);
     let (rows, width) = (logical.input_ids.size()[0], logical.input_ids.size()[1]);
     if options.is_trl_layout() {
-        return PackedBatch { source: Tensor::arange(rows * width, tch::kind::INT64_CPU).view([rows, width]), segments: None, logical };
+        return PackedBatch {
+            source: Tensor::arange(rows * width, tch::kind::INT64_CPU).view([rows, width]),
+            segments: None,
+            logical,
+        };
     }
     let batch = pairs.len();
     // One unit per pair when sharing (prefix, chosen rest, rejected rest), else one per sequence.
@@ -96,13 +105,26 @@ pub fn pack(pairs: &[&TokenizedPair], pad_id: i64, truncation: Option<(usize, Tr
             let mut ids = chosen.clone();
             ids.extend_from_slice(&rejected[shared..]);
             let positions = (0..chosen.len() as i64).chain(shared as i64..rejected.len() as i64).collect();
-            let branch = std::iter::repeat_n(0, shared).chain(std::iter::repeat_n(1, chosen.len() - shared)).chain(std::iter::repeat_n(2, rest)).collect();
+            let branch = std::iter::repeat_n(0, shared)
+                .chain(std::iter::repeat_n(1, chosen.len() - shared))
+                .chain(std::iter::repeat_n(2, rest))
+                .collect();
             let rejected_index = (0..shared).chain(chosen.len()..chosen.len() + rest).collect();
-            units.push(Unit { ids, positions, branch, rows: vec![(i, (0..chosen.len()).collect()), (batch + i, rejected_index)] });
+            units.push(Unit {
+                ids,
+                positions,
+                branch,
+                rows: vec![(i, (0..chosen.len()).collect()), (batch + i, rejected_index)],
+            });
         } else {
             for (row, seq) in [(i, chosen), (batch + i, rejected)] {
                 let n = seq.len();
-                units.push(Unit { positions: (0..n as i64).collect(), branch: vec![0; n], rows: vec![(row, (0..n).collect())], ids: seq });
+                units.push(Unit {
+                    positions: (0..n as i64).collect(),
+                    branch: vec![0; n],
+                    rows: vec![(row, (0..n).collect())],
+                    ids: seq,
+                });
             }
         }
     }
@@ -122,7 +144,8 @@ pub fn pack(pairs: &[&TokenizedPair], pad_id: i64, truncation: Option<(usize, Tr
     }
     let len = packed_rows.iter().map(|(_, used)| *used).max().unwrap_or(0).max(1);
     let total = packed_rows.len() * len;
-    let (mut ids, mut positions, mut group, mut branch) = (vec![pad_id; total], vec![0i64; total], vec![0i64; total], vec![0i64; total]);
+    let (mut ids, mut positions, mut group, mut branch) =
+        (vec![pad_id; total], vec![0i64; total], vec![0i64; total], vec![0i64; total]);
     let mut source = vec![-1i64; (rows * width) as usize];
     let mut next_group = 0;
     for (r, (row, _)) in packed_rows.iter().enumerate() {
@@ -151,7 +174,12 @@ pub fn pack(pairs: &[&TokenizedPair], pad_id: i64, truncation: Option<(usize, Tr
     let shape = [packed_rows.len() as i64, len as i64];
     let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape);
     PackedBatch {
-        segments: Some(Segments { input_ids: tensor(&ids), positions: tensor(&positions), group: tensor(&group), branch: tensor(&branch) }),
+        segments: Some(Segments {
+            input_ids: tensor(&ids),
+            positions: tensor(&positions),
+            group: tensor(&group),
+            branch: tensor(&branch),
+        }),
         source: Tensor::from_slice(&source).view([rows, width]),
         logical,
     }
@@ -164,7 +192,12 @@ mod tests {
 
     fn pair(prompt: &[i64], chosen: &[i64], rejected: &[i64]) -> TokenizedPair {
         let seq = |c: &[i64]| Sequence { ids: prompt.iter().chain(c).copied().collect(), prompt_len: prompt.len() };
-        TokenizedPair { location: String::new(), prompt_ids: prompt.to_vec(), chosen: seq(chosen), rejected: seq(rejected) }
+        TokenizedPair {
+            location: String::new(),
+            prompt_ids: prompt.to_vec(),
+            chosen: seq(chosen),
+            rejected: seq(rejected),
+        }
     }
 
     fn values(t: &Tensor) -> Vec<i64> {
@@ -199,7 +232,8 @@ mod tests {
         let refs: Vec<&TokenizedPair> = pairs.iter().collect();
         let rows = pack(&refs, 0, None, PackOptions { packing: false, ..Default::default() });
         assert_eq!(rows.segments.as_ref().unwrap().input_ids.size(), vec![2, 4]);
-        let unshared = pack(&refs, 0, None, PackOptions { prefix_sharing: false, row_tokens: 64, ..Default::default() });
+        let unshared =
+            pack(&refs, 0, None, PackOptions { prefix_sharing: false, row_tokens: 64, ..Default::default() });
         assert_eq!(values(&unshared.segments.as_ref().unwrap().input_ids), vec![1, 2, 3, 1, 2, 4, 5, 6, 5, 7]);
         // By default no row outgrows the longest pair: [1 2 3 4] and [5 6 7] fill one row each.
         let auto = pack(&refs, 0, None, PackOptions::default());

@@ -2,12 +2,12 @@
 //! ids by TRL's rules -> TRL's drops. Nothing disappears silently: invalid rows fail the run (or, with
 //! `skip_invalid_rows`, are counted), and every dropped pair is listed with its reason.
 
+use crate::data::collate::TruncationMode;
 use crate::data::example::{detect_format, parse_row, Columns, DatasetFormat, PreferencePair, Validation};
 use crate::data::hh_rlhf;
 use crate::data::invalid::InvalidRow;
 use crate::data::source::ReadRows;
 use crate::data::tokenize::{tokenize_dpo, tokenize_orpo, PairTokenizer, TokenizedPair};
-use crate::data::collate::TruncationMode;
 use anyhow::{bail, Result};
 
 /// Whose tokenization rules apply.
@@ -98,7 +98,13 @@ pub struct PrepareReport {
 impl PrepareReport {
     /// "N rows read, N invalid skipped, N dropped by the DPO rules", for a one-line summary.
     pub fn counts(&self, rules: Rules) -> String {
-        format!("{} rows read, {} invalid skipped, {} dropped by the {} rules", self.rows_read, self.invalid.len(), self.dropped.len(), rules.name())
+        format!(
+            "{} rows read, {} invalid skipped, {} dropped by the {} rules",
+            self.rows_read,
+            self.invalid.len(),
+            self.dropped.len(),
+            rules.name()
+        )
     }
 
     /// Fails on the first invalid row (naming how many more there are) unless they are to be skipped and counted.
@@ -122,7 +128,8 @@ pub struct Prepared {
 
 /// Rows as preference pairs (before tokenization), with the invalid ones set aside.
 pub fn to_pairs(read: ReadRows, options: &PrepareOptions) -> (Vec<PreferencePair>, PrepareReport) {
-    let mut report = PrepareReport { rows_read: read.rows.len() + read.invalid.len(), invalid: read.invalid, ..Default::default() };
+    let mut report =
+        PrepareReport { rows_read: read.rows.len() + read.invalid.len(), invalid: read.invalid, ..Default::default() };
     let mut pairs = Vec::new();
     let format = read.rows.first().map(|first| detect_format(first, &options.columns));
     for row in &read.rows {
@@ -182,7 +189,12 @@ pub fn tokenize_pairs(
         }
     }
     if kept.is_empty() {
-        bail!("no usable preference pairs ({} rows read, {} invalid, {} dropped)", report.rows_read, report.invalid.len(), report.dropped.len());
+        bail!(
+            "no usable preference pairs ({} rows read, {} invalid, {} dropped)",
+            report.rows_read,
+            report.invalid.len(),
+            report.dropped.len()
+        );
     }
     Ok((kept, report))
 }
@@ -190,10 +202,15 @@ pub fn tokenize_pairs(
 fn drop_reason(pair: &TokenizedPair, options: &PrepareOptions) -> Option<String> {
     match (options.rules, options.max_length) {
         // DPOTrainer's filter: with keep_start, a prompt that fills max_length leaves nothing to score.
-        (Rules::Dpo, Some(max)) if options.truncation_mode == TruncationMode::KeepStart && pair.prompt_ids.len() >= max => {
+        (Rules::Dpo, Some(max))
+            if options.truncation_mode == TruncationMode::KeepStart && pair.prompt_ids.len() >= max =>
+        {
             Some(format!("the prompt has {} tokens, at least max_length ({max})", pair.prompt_ids.len()))
         }
-        (Rules::Orpo, _) if !options.keep_empty_completions && (pair.chosen.completion().is_empty() || pair.rejected.completion().is_empty()) => {
+        (Rules::Orpo, _)
+            if !options.keep_empty_completions
+                && (pair.chosen.completion().is_empty() || pair.rejected.completion().is_empty()) =>
+        {
             Some("truncation to max_length leaves an empty completion (TRL would train on a NaN loss)".into())
         }
         _ => None,

@@ -63,14 +63,20 @@ impl DataFormat {
             Some("jsonl" | "ndjson") => Self::JsonLines,
             Some("json") => Self::JsonArray,
             Some("parquet") => Self::Parquet,
-            _ => bail!("{}: unknown dataset format (expected .jsonl, .json or .parquet, optionally .gz)", path.display()),
+            _ => {
+                bail!("{}: unknown dataset format (expected .jsonl, .json or .parquet, optionally .gz)", path.display())
+            }
         })
     }
 }
 
 fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    Ok(if path.extension().is_some_and(|e| e == "gz") { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) })
+    Ok(if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    })
 }
 
 fn read_file(path: &Path) -> Result<ReadRows> {
@@ -86,13 +92,13 @@ fn read_file(path: &Path) -> Result<ReadRows> {
                     break;
                 }
                 let location = format!("{shown}:{number}");
-                let parsed = std::str::from_utf8(&line)
-                    .map_err(|e| RowError::InvalidUtf8(e.valid_up_to()))
-                    .and_then(|text| {
+                let parsed =
+                    std::str::from_utf8(&line).map_err(|e| RowError::InvalidUtf8(e.valid_up_to())).and_then(|text| {
                         if text.trim().is_empty() {
                             return Ok(None);
                         }
-                        let value: Value = serde_json::from_str(text).map_err(|e| RowError::InvalidJson(e.to_string()))?;
+                        let value: Value =
+                            serde_json::from_str(text).map_err(|e| RowError::InvalidJson(e.to_string()))?;
                         into_object(value).map(Some)
                     });
                 match parsed {
@@ -164,7 +170,9 @@ fn read_parquet(path: &Path) -> Result<ReadRows> {
 /// `value` without the object fields whose value is null, at every depth.
 fn without_nulls(value: Value) -> Value {
     match value {
-        Value::Object(map) => Value::Object(map.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, without_nulls(v))).collect()),
+        Value::Object(map) => {
+            Value::Object(map.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, without_nulls(v))).collect())
+        }
         Value::Array(items) => Value::Array(items.into_iter().map(without_nulls).collect()),
         other => other,
     }

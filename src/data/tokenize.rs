@@ -43,7 +43,9 @@ pub struct PairTokenizer<'a> {
 impl<'a> PairTokenizer<'a> {
     pub fn new(tokenizer: &'a TextTokenizer) -> Result<Self> {
         let eos_token = tokenizer.eos_token.clone().context("the tokenizer has no eos_token")?;
-        let eos_id = tokenizer.token_id(&eos_token).with_context(|| format!("eos_token {eos_token:?} is not in the vocabulary"))?;
+        let eos_id = tokenizer
+            .token_id(&eos_token)
+            .with_context(|| format!("eos_token {eos_token:?} is not in the vocabulary"))?;
         let bos_id = tokenizer.bos_token.as_deref().and_then(|t| tokenizer.token_id(t));
         let template = match tokenizer.chat_template {
             Some(_) => Some(tokenizer.chat_template()?),
@@ -65,16 +67,25 @@ impl<'a> PairTokenizer<'a> {
     }
 
     /// Renders a conversational pair to strings as TRL's `apply_chat_template` does for ORPO.
-    fn render_pair(&self, prompt: &[Message], chosen: &[Message], rejected: &[Message]) -> Result<(String, String, String), RowError> {
+    fn render_pair(
+        &self,
+        prompt: &[Message],
+        chosen: &[Message],
+        rejected: &[Message],
+    ) -> Result<(String, String, String), RowError> {
         let rendered_prompt = match prompt.last().map(|m| m.role.as_str()) {
             Some("user" | "tool") => self.render(prompt, true)?,
-            Some("assistant") => self.template()?.render_continuing(prompt).map_err(|e| RowError::Template(format!("{e:#}")))?,
+            Some("assistant") => {
+                self.template()?.render_continuing(prompt).map_err(|e| RowError::Template(format!("{e:#}")))?
+            }
             other => return Err(RowError::PromptEndsWith(other.unwrap_or("").to_string())),
         };
         let prompt_chosen = self.render(&concat(prompt, chosen), false)?;
         let prompt_rejected = self.render(&concat(prompt, rejected), false)?;
         // The prompt is cut to its character-wise common prefix with both renderings.
-        let common = |a: &str, b: &str| a.chars().zip(b.chars()).take_while(|(x, y)| x == y).map(|(x, _)| x.len_utf8()).sum::<usize>();
+        let common = |a: &str, b: &str| {
+            a.chars().zip(b.chars()).take_while(|(x, y)| x == y).map(|(x, _)| x.len_utf8()).sum::<usize>()
+        };
         let mut prompt_len = common(&rendered_prompt, &prompt_chosen);
         prompt_len = common(&rendered_prompt[..prompt_len], &prompt_rejected);
         Ok((
@@ -105,23 +116,31 @@ fn with_prompt(pair: &PreferencePair) -> Result<PreferencePair, RowError> {
 /// agree. Text completions get the EOS text appended first; conversations are closed by their template.
 pub fn tokenize_dpo(pair: &PreferencePair, tok: &PairTokenizer) -> Result<TokenizedPair, RowError> {
     let pair = with_prompt(pair)?;
-    let (prompt_ids, prompt_chosen, prompt_rejected) = match (pair.prompt.as_ref().expect("with_prompt"), &pair.chosen, &pair.rejected) {
-        (Turns::Text(prompt), Turns::Text(chosen), Turns::Text(rejected)) => {
-            let with_eos = |text: &str| if text.ends_with(&tok.eos_token) { text.to_string() } else { format!("{text}{}", tok.eos_token) };
-            (
-                tok.encode(prompt, true)?,
-                tok.encode(&format!("{prompt}{}", with_eos(chosen)), true)?,
-                tok.encode(&format!("{prompt}{}", with_eos(rejected)), true)?,
-            )
-        }
-        (Turns::Messages(prompt), Turns::Messages(chosen), Turns::Messages(rejected)) => (
-            tok.encode(&tok.render(prompt, true)?, false)?,
-            tok.encode(&tok.render(&concat(prompt, chosen), false)?, false)?,
-            tok.encode(&tok.render(&concat(prompt, rejected), false)?, false)?,
-        ),
-        _ => return Err(RowError::MixedTurns),
-    };
-    let prompt_len = common_prefix_len(&prompt_ids, &prompt_chosen).min(common_prefix_len(&prompt_ids, &prompt_rejected));
+    let (prompt_ids, prompt_chosen, prompt_rejected) =
+        match (pair.prompt.as_ref().expect("with_prompt"), &pair.chosen, &pair.rejected) {
+            (Turns::Text(prompt), Turns::Text(chosen), Turns::Text(rejected)) => {
+                let with_eos = |text: &str| {
+                    if text.ends_with(&tok.eos_token) {
+                        text.to_string()
+                    } else {
+                        format!("{text}{}", tok.eos_token)
+                    }
+                };
+                (
+                    tok.encode(prompt, true)?,
+                    tok.encode(&format!("{prompt}{}", with_eos(chosen)), true)?,
+                    tok.encode(&format!("{prompt}{}", with_eos(rejected)), true)?,
+                )
+            }
+            (Turns::Messages(prompt), Turns::Messages(chosen), Turns::Messages(rejected)) => (
+                tok.encode(&tok.render(prompt, true)?, false)?,
+                tok.encode(&tok.render(&concat(prompt, chosen), false)?, false)?,
+                tok.encode(&tok.render(&concat(prompt, rejected), false)?, false)?,
+            ),
+            _ => return Err(RowError::MixedTurns),
+        };
+    let prompt_len =
+        common_prefix_len(&prompt_ids, &prompt_chosen).min(common_prefix_len(&prompt_ids, &prompt_rejected));
     Ok(TokenizedPair {
         location: pair.location.clone(),
         prompt_ids: prompt_ids[..prompt_len].to_vec(),
@@ -180,7 +199,12 @@ pub fn tokenize_orpo(pair: &PreferencePair, tok: &PairTokenizer, max_length: usi
 
 /// ORPO's `build_tokenized_answer`: tokenize prompt+answer and split at the prompt's length, one token earlier
 /// when the prompt's last token merged into the answer.
-fn split_answer(tok: &PairTokenizer, prompt: &str, prompt_tokens: &[i64], answer: &str) -> Result<(Vec<i64>, Vec<i64>), RowError> {
+fn split_answer(
+    tok: &PairTokenizer,
+    prompt: &str,
+    prompt_tokens: &[i64],
+    answer: &str,
+) -> Result<(Vec<i64>, Vec<i64>), RowError> {
     let full = tok.encode(&format!("{prompt}{answer}"), false)?;
     if full.len() < prompt_tokens.len() {
         return Err(RowError::AnswerShorterThanPrompt);

@@ -21,9 +21,9 @@ impl Architecture {
             "mistral" => Self::Mistral,
             "qwen2" => Self::Qwen2,
             "qwen3" => Self::Qwen3,
-            other => bail!(
-                "unsupported architecture (model_type \"{other}\"); supported: llama, mistral, qwen2, qwen3"
-            ),
+            other => {
+                bail!("unsupported architecture (model_type \"{other}\"); supported: llama, mistral, qwen2, qwen3")
+            }
         })
     }
 
@@ -288,8 +288,10 @@ mod tests {
     #[test]
     fn impossible_head_layouts_are_refused() {
         // hidden 64 over 3 heads: head_dim 21, which rotary embeddings cannot split into pairs
-        let odd = parse(r#"{"model_type": "llama", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 32,
-            "num_hidden_layers": 1, "num_attention_heads": 3}"#);
+        let odd = parse(
+            r#"{"model_type": "llama", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 3}"#,
+        );
         let message = odd.validate().unwrap_err().to_string();
         assert!(message.contains("head_dim 21") && message.contains("odd"), "{message}");
         let groups = parse(&format!(r#"{{{BASE}, "num_key_value_heads": 3}}"#));

@@ -10,8 +10,8 @@ use anyhow::Result;
 use tch::{nn, Device, Kind, Tensor};
 
 struct Linear {
-    weight: Tensor,         // [out, in]
-    bias: Option<Tensor>,   // [out]
+    weight: Tensor,       // [out, in]
+    bias: Option<Tensor>, // [out]
 }
 
 impl Linear {
@@ -134,7 +134,14 @@ impl Attention {
 /// copies (`enable_gqa`), which on CPU keeps less for backward; on CUDA only the flash kernel does that and it takes
 /// no mask, so with ours SDPA would fall back to its unfused math kernel (pytorch/pytorch#181528): there the k/v
 /// heads are repeated and the memory-efficient kernel runs.
-fn grouped_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64, share_in_sdpa: bool) -> Tensor {
+fn grouped_query_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    share_in_sdpa: bool,
+) -> Tensor {
     let groups = q.size()[1] / k.size()[1];
     let (k, v) = if groups > 1 && !share_in_sdpa {
         (k.repeat_interleave_self_int(groups, 1, None), v.repeat_interleave_self_int(groups, 1, None))
@@ -221,7 +228,12 @@ impl LayerContext {
     /// `masks` are boolean (true = attend); activations are `kind` and run attention in `cast` when given. SDPA
     /// turns a boolean mask into this additive one in the query's dtype at every call: here it happens once for
     /// all layers.
-    fn new(rotary: RotaryTables, masks: impl IntoIterator<Item = (Option<i64>, Tensor)>, cast: Option<Kind>, kind: Kind) -> Self {
+    fn new(
+        rotary: RotaryTables,
+        masks: impl IntoIterator<Item = (Option<i64>, Tensor)>,
+        cast: Option<Kind>,
+        kind: Kind,
+    ) -> Self {
         let attention_kind = cast.unwrap_or(kind);
         let masks = masks
             .into_iter()
@@ -269,9 +281,7 @@ impl CausalLm {
         let layers_path = &model / "layers";
         Ok(Self {
             embed_tokens: (&model / "embed_tokens").var("weight", &[vocab, hidden], nn::Init::Const(0.0)),
-            layers: (0..config.num_hidden_layers)
-                .map(|i| DecoderLayer::new(&layers_path / i, config, i))
-                .collect(),
+            layers: (0..config.num_hidden_layers).map(|i| DecoderLayer::new(&layers_path / i, config, i)).collect(),
             norm: RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps),
             lm_head: (!config.tie_word_embeddings)
                 .then(|| (root / "lm_head").var("weight", &[vocab, hidden], nn::Init::Const(0.0))),
@@ -459,7 +469,16 @@ mod tests {
             assert!(a.allclose(b, 1e-5, 1e-6, false));
         }
         // and it is grouped: query heads 0-2 read k/v head 0, heads 3-5 k/v head 1
-        let one_head = Tensor::scaled_dot_product_attention(&q.narrow(1, 3, 1), &k.narrow(1, 1, 1), &v.narrow(1, 1, 1), Some(&mask), 0.0, false, 0.5, false);
+        let one_head = Tensor::scaled_dot_product_attention(
+            &q.narrow(1, 3, 1),
+            &k.narrow(1, 1, 1),
+            &v.narrow(1, 1, 1),
+            Some(&mask),
+            0.0,
+            false,
+            0.5,
+            false,
+        );
         assert!(one_head.detach().allclose(&repeated.narrow(1, 3, 1), 1e-5, 1e-6, false));
     }
 }

@@ -62,7 +62,8 @@ pub fn cuda_memory_used_bytes(index: usize) -> Option<u64> {
             .map(|name| std::ffi::CString::new(*name).expect("no NUL"))
             .map(|name| libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD))
             .find(|handle| !handle.is_null())?;
-        let function = |name: &std::ffi::CStr| Some(libc::dlsym(handle, name.as_ptr())).filter(|symbol| !symbol.is_null());
+        let function =
+            |name: &std::ffi::CStr| Some(libc::dlsym(handle, name.as_ptr())).filter(|symbol| !symbol.is_null());
         let mem_get_info: MemGetInfo = std::mem::transmute(function(c"cudaMemGetInfo")?);
         let get_device: GetDevice = std::mem::transmute(function(c"cudaGetDevice")?);
         let set_device: SetDevice = std::mem::transmute(function(c"cudaSetDevice")?);

@@ -10,10 +10,18 @@ use torch_sys::C_tensor;
 extern "C" {
     fn prefalign_rms_norm(x: *mut C_tensor, weight: *mut C_tensor, eps: f64, out: *mut *mut C_tensor) -> *mut c_char;
     fn prefalign_swiglu_down(
-        gate: *mut C_tensor, up: *mut C_tensor, weight: *mut C_tensor, cast: i64, out: *mut *mut C_tensor,
+        gate: *mut C_tensor,
+        up: *mut C_tensor,
+        weight: *mut C_tensor,
+        cast: i64,
+        out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn prefalign_cast_linears(
-        x: *mut C_tensor, weights: *const *mut C_tensor, biases: *const *mut C_tensor, count: usize, cast: i64,
+        x: *mut C_tensor,
+        weights: *const *mut C_tensor,
+        biases: *const *mut C_tensor,
+        count: usize,
+        cast: i64,
         outs: *mut *mut C_tensor,
     ) -> *mut c_char;
 }
@@ -103,8 +111,12 @@ pub fn cast_linears(x: &Tensor, weights: &[&Tensor], biases: Option<&[&Tensor]>,
     // Safety: the handles point at tensors borrowed for the call; `outs` has room for one handle per weight.
     let error = unsafe {
         prefalign_cast_linears(
-            handle(x), weight_handles.as_ptr(), bias_handles.as_ref().map_or(std::ptr::null(), |b| b.as_ptr()),
-            weights.len(), cast_code(cast), outs.as_mut_ptr(),
+            handle(x),
+            weight_handles.as_ptr(),
+            bias_handles.as_ref().map_or(std::ptr::null(), |b| b.as_ptr()),
+            weights.len(),
+            cast_code(cast),
+            outs.as_mut_ptr(),
         )
     };
     panic_on_error("cast_linears", error);
@@ -131,11 +143,14 @@ mod tests {
     /// Gradients of sum(output * probe) with respect to `inputs`, cleared afterwards.
     fn grads(output: &Tensor, probe: &Tensor, inputs: &[&Tensor]) -> Vec<Tensor> {
         (output.to_kind(Kind::Float) * probe).sum(Kind::Float).backward();
-        inputs.iter().map(|t| {
-            let grad = t.grad().copy();
-            let _ = t.grad().zero_();
-            grad
-        }).collect()
+        inputs
+            .iter()
+            .map(|t| {
+                let grad = t.grad().copy();
+                let _ = t.grad().zero_();
+                grad
+            })
+            .collect()
     }
 
     #[test]
@@ -211,7 +226,8 @@ mod tests {
             let x = &x_leaf * 1.5; // a non-leaf input, as a norm's output
             let weights = [leaf(&[16, 24], 6), leaf(&[8, 24], 7), leaf(&[8, 24], 8)];
             let biases = [leaf(&[16], 9), leaf(&[8], 10), leaf(&[8], 11)];
-            let probes: Vec<Tensor> = [16, 8, 8].iter().map(|&n| Tensor::randn([2, 5, n], (Kind::Float, tch::Device::Cpu))).collect();
+            let probes: Vec<Tensor> =
+                [16, 8, 8].iter().map(|&n| Tensor::randn([2, 5, n], (Kind::Float, tch::Device::Cpu))).collect();
             let weight_refs: Vec<&Tensor> = weights.iter().collect();
             let bias_refs: Vec<&Tensor> = biases.iter().collect();
             let fused = cast_linears(&x, &weight_refs, with_bias.then_some(bias_refs.as_slice()), Kind::BFloat16);
@@ -229,14 +245,24 @@ mod tests {
             if with_bias {
                 inputs.extend(biases.iter());
             }
-            let sum = |outputs: &[Tensor]| outputs.iter().zip(&probes).map(|(o, p)| (o.to_kind(Kind::Float) * p).sum(Kind::Float)).reduce(|a, b| a + b).unwrap();
+            let sum = |outputs: &[Tensor]| {
+                outputs
+                    .iter()
+                    .zip(&probes)
+                    .map(|(o, p)| (o.to_kind(Kind::Float) * p).sum(Kind::Float))
+                    .reduce(|a, b| a + b)
+                    .unwrap()
+            };
             let grads = |outputs: &[Tensor]| {
                 sum(outputs).backward();
-                inputs.iter().map(|t| {
-                    let grad = t.grad().copy();
-                    let _ = t.grad().zero_();
-                    grad
-                }).collect::<Vec<_>>()
+                inputs
+                    .iter()
+                    .map(|t| {
+                        let grad = t.grad().copy();
+                        let _ = t.grad().zero_();
+                        grad
+                    })
+                    .collect::<Vec<_>>()
             };
             let (fused_grads, plain_grads) = (grads(&fused), grads(&plain));
             for (got, want) in fused.iter().zip(&plain) {

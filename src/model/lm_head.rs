@@ -186,17 +186,31 @@ impl ShiftedMasks {
     fn new(packed: &PackedBatch) -> Self {
         let len = packed.logical.input_ids.size()[1] - 1;
         let shift = |mask: &Tensor| mask.narrow(1, 1, len).to_kind(Kind::Float);
-        ShiftedMasks { completion: shift(&packed.logical.completion_mask), attention: shift(&packed.logical.attention_mask), len }
+        ShiftedMasks {
+            completion: shift(&packed.logical.completion_mask),
+            attention: shift(&packed.logical.attention_mask),
+            len,
+        }
     }
 
     fn to_device(&self, device: Device) -> Self {
-        ShiftedMasks { completion: self.completion.to_device(device), attention: self.attention.to_device(device), len: self.len }
+        ShiftedMasks {
+            completion: self.completion.to_device(device),
+            attention: self.attention.to_device(device),
+            len: self.len,
+        }
     }
 }
 
 /// Scores the needed tokens from the model's final hidden states [R, L, hidden]. The returned log-probs are a
 /// leaf that requires grad: after `loss.backward()`, its gradient goes to `LmHeadTape::backward`.
-pub fn score_hidden(model: &CausalLm, packed: &PackedBatch, hidden: &Tensor, needed: Needed, precision: Precision) -> (TokenScores, LmHeadTape) {
+pub fn score_hidden(
+    model: &CausalLm,
+    packed: &PackedBatch,
+    hidden: &Tensor,
+    needed: Needed,
+    precision: Precision,
+) -> (TokenScores, LmHeadTape) {
     let weight = model.lm_head_weight();
     let device = weight.device();
     let (rows, width) = (packed.logical.input_ids.size()[0], packed.logical.input_ids.size()[1]);
@@ -212,7 +226,11 @@ pub fn score_hidden(model: &CausalLm, packed: &PackedBatch, hidden: &Tensor, nee
         // The mean logit is the hidden state times the mean lm_head row: no vocabulary-wide logits needed.
         let hidden_flat = hidden.detach().reshape([tape.hidden_rows, -1]); // [R*L, hidden]
         let mean_row = weight.to_kind(Kind::Float).mean_dim(0, false, Kind::Float); // [hidden]
-        let mean_logits = hidden_flat.to_kind(Kind::Float).matmul(&mean_row).index_select(0, &source.clamp_min(0).flatten(0, -1)).view([rows, width]);
+        let mean_logits = hidden_flat
+            .to_kind(Kind::Float)
+            .matmul(&mean_row)
+            .index_select(0, &source.clamp_min(0).flatten(0, -1))
+            .view([rows, width]);
         (tape.dense(&logps, rows, len), tape.dense(&entropy, rows, len), tape.dense(&top1, rows, len), mean_logits)
     });
     let has_logits = source.ge(0).to_kind(Kind::Float);
@@ -249,7 +267,8 @@ impl LmHeadTape {
         let logical_index = scored.flatten(0, -1).nonzero().squeeze_dim(1); // [N]
         let hidden_index = packed.source.narrow(1, 0, len).flatten(0, -1).index_select(0, &logical_index);
         let targets = logical.input_ids.narrow(1, 1, len).flatten(0, -1).index_select(0, &logical_index);
-        let [logical_index, hidden_index, targets] = [logical_index, hidden_index, targets].map(|t| t.to_device(device));
+        let [logical_index, hidden_index, targets] =
+            [logical_index, hidden_index, targets].map(|t| t.to_device(device));
         LmHeadTape {
             hidden: hidden_flat.index_select(0, &hidden_index),
             targets,
@@ -283,14 +302,22 @@ impl LmHeadTape {
                 entropy.push(-plogp.g_mul_(&log_probs).sum_dim_intlist(-1, false, Kind::Float));
             }
         }
-        let cat = |parts: Vec<Tensor>, kind: Kind| if parts.is_empty() { Tensor::zeros([0], (kind, device)) } else { Tensor::cat(&parts, 0) };
+        let cat = |parts: Vec<Tensor>, kind: Kind| {
+            if parts.is_empty() {
+                Tensor::zeros([0], (kind, device))
+            } else {
+                Tensor::cat(&parts, 0)
+            }
+        };
         let logps = cat(logps, Kind::Float);
         (logps, metrics.then(|| (cat(entropy, Kind::Float), cat(top1, Kind::Bool))))
     }
 
     /// Per-row values [N] placed at their logical positions, zero elsewhere, [2B, T-1].
     fn dense(&self, values: &Tensor, rows: i64, len: i64) -> Tensor {
-        Tensor::zeros([rows * len], (values.kind(), values.device())).index_put(&[Some(&self.logical_index)], values, false).view([rows, len])
+        Tensor::zeros([rows * len], (values.kind(), values.device()))
+            .index_put(&[Some(&self.logical_index)], values, false)
+            .view([rows, len])
     }
 
     /// From d loss / d logps [2B, T-1]: accumulates the lm_head weight's gradient and returns d loss / d hidden
@@ -302,7 +329,8 @@ impl LmHeadTape {
         // Accumulate straight into the weight's gradient when it exists (after an earlier micro-batch of the step).
         let existing = weight.grad();
         let fresh = !existing.defined();
-        let mut grad_weight = if fresh { Tensor::zeros(weight.size(), (Kind::Float, weight.device())) } else { existing };
+        let mut grad_weight =
+            if fresh { Tensor::zeros(weight.size(), (Kind::Float, weight.device())) } else { existing };
         let mut grad_hidden = Vec::new();
         tch::no_grad(|| {
             let matmul_weight = matmul_weight(model, self.cast);
@@ -324,9 +352,17 @@ impl LmHeadTape {
             }
         });
         let hidden_size = self.hidden.size()[1];
-        let per_row = if grad_hidden.is_empty() { Tensor::zeros([0, hidden_size], (Kind::Float, weight.device())) } else { Tensor::cat(&grad_hidden, 0) };
+        let per_row = if grad_hidden.is_empty() {
+            Tensor::zeros([0, hidden_size], (Kind::Float, weight.device()))
+        } else {
+            Tensor::cat(&grad_hidden, 0)
+        };
         // A shared token's hidden state predicts both branches' next tokens: gradients add up.
-        let grad = Tensor::zeros([self.hidden_rows, hidden_size], (Kind::Float, weight.device())).index_add(0, &self.hidden_index, &per_row);
+        let grad = Tensor::zeros([self.hidden_rows, hidden_size], (Kind::Float, weight.device())).index_add(
+            0,
+            &self.hidden_index,
+            &per_row,
+        );
         if fresh {
             backward_from(weight, &grad_weight);
         }

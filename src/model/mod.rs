@@ -5,8 +5,8 @@ pub mod decoder;
 pub mod device;
 pub mod fused;
 pub mod generate;
-pub mod lm_head;
 pub mod gguf;
+pub mod lm_head;
 pub mod rope;
 pub mod save;
 pub mod tokenizer;
@@ -89,7 +89,12 @@ fn build(
     vs.set_kind(dtype);
     let unused = weights::load_into(&vs, weights)?;
     if !unused.is_empty() {
-        tracing::warn!("{} tensor(s) in {} are not used by the model: {}", unused.len(), weights.describe(), unused.join(", "));
+        tracing::warn!(
+            "{} tensor(s) in {} are not used by the model: {}",
+            unused.len(),
+            weights.describe(),
+            unused.join(", ")
+        );
     }
     Ok(LoadedModel { vs, model, tokenizer })
 }

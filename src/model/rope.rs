@@ -46,7 +46,8 @@ impl Rope {
         let theta = config.rope().rope_theta.unwrap_or(10_000.0);
         // 1 / theta^(2i/d), in f32 like transformers, and on the CPU for every device: a transformers model that
         // TRL's Trainer moves to a GPU computed them on the CPU, and a GPU's pow may round them apart.
-        let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / dim as f64;
+        let exponents =
+            Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / dim as f64;
         let mut inv_freq = Tensor::from(theta).to_kind(Kind::Float).pow(&exponents).reciprocal();
         match RopeScaling::from_config(config)? {
             RopeScaling::None => {}
@@ -80,7 +81,8 @@ impl Rope {
     /// The rotary tables at `positions` [batch, len] (int64), each [batch, 1, len, head_dim], in `kind`.
     pub fn tables_at(&self, positions: &Tensor, kind: Kind) -> RotaryTables {
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * &self.inv_freq; // [batch, len, head_dim/2]
-        RotaryTables::new(&Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1), kind) // angles [batch, 1, len, head_dim]
+        RotaryTables::new(&Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1), kind)
+        // angles [batch, 1, len, head_dim]
     }
 }
 

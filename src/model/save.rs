@@ -27,7 +27,11 @@ pub fn save_hf(model: &LoadedModel, dir: &Path, max_shard_bytes: usize) -> Resul
     write_json(dir, "config.json", &config_json)?;
 
     let mut generation = json!({});
-    for (key, value) in [("bos_token_id", &config.bos_token_id), ("eos_token_id", &config.eos_token_id), ("pad_token_id", &config.pad_token_id)] {
+    for (key, value) in [
+        ("bos_token_id", &config.bos_token_id),
+        ("eos_token_id", &config.eos_token_id),
+        ("pad_token_id", &config.pad_token_id),
+    ] {
         if let Some(value) = value {
             generation[key] = serde_json::to_value(value)?;
         }

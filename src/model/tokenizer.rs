@@ -47,7 +47,10 @@ impl TextTokenizer {
         let special = |key: &str| config.get(key).and_then(token_content);
         let template_file = dir.join("chat_template.jinja");
         let chat_template = if template_file.exists() {
-            Some(std::fs::read_to_string(&template_file).with_context(|| format!("cannot read {}", template_file.display()))?)
+            Some(
+                std::fs::read_to_string(&template_file)
+                    .with_context(|| format!("cannot read {}", template_file.display()))?,
+            )
         } else {
             match config.get("chat_template") {
                 Some(Json::String(t)) => Some(t.clone()),
@@ -83,7 +86,9 @@ impl TextTokenizer {
                 .and_then(Value::as_array)
                 .with_context(|| format!("GGUF metadata has no array tokenizer.ggml.{k}"))?
                 .iter()
-                .map(|v| v.as_str().map(str::to_string).with_context(|| format!("tokenizer.ggml.{k} holds a non-string")))
+                .map(|v| {
+                    v.as_str().map(str::to_string).with_context(|| format!("tokenizer.ggml.{k} holds a non-string"))
+                })
                 .collect()
         };
         let tokens = strings("tokens")?;
@@ -119,7 +124,8 @@ impl TextTokenizer {
         }
         let add_bos_token = meta("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
         let bos_token = token_at("bos_token_id")?;
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let byte_level =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
         let post_processor = match (&bos_token, add_bos_token) {
             (Some(bos), true) => json!({
                 "type": "TemplateProcessing",
@@ -160,10 +166,15 @@ impl TextTokenizer {
 
     /// The special tokens as transformers passes them to chat templates.
     pub fn special_tokens(&self) -> Vec<(String, String)> {
-        [("bos_token", &self.bos_token), ("eos_token", &self.eos_token), ("pad_token", &self.pad_token), ("unk_token", &self.unk_token)]
-            .into_iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
-            .collect()
+        [
+            ("bos_token", &self.bos_token),
+            ("eos_token", &self.eos_token),
+            ("pad_token", &self.pad_token),
+            ("unk_token", &self.unk_token),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
+        .collect()
     }
 
     /// The model's chat template, ready to render.
@@ -174,7 +185,11 @@ impl TextTokenizer {
 
     /// The id batches are padded with: `pad_token`, else `eos_token` (as TRL falls back).
     pub fn pad_id(&self) -> Result<i64> {
-        let pad = self.pad_token.as_deref().or(self.eos_token.as_deref()).context("the tokenizer has neither pad_token nor eos_token")?;
+        let pad = self
+            .pad_token
+            .as_deref()
+            .or(self.eos_token.as_deref())
+            .context("the tokenizer has neither pad_token nor eos_token")?;
         self.token_id(pad).with_context(|| format!("pad token {pad:?} is not in the vocabulary"))
     }
 
@@ -188,7 +203,8 @@ impl TextTokenizer {
 
     /// Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. a BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
-        let encoding = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
+        let encoding =
+            self.inner.encode(text, add_special_tokens).map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
         Ok(encoding.get_ids().iter().map(|&id| id as i64).collect())
     }
 
@@ -217,8 +233,11 @@ impl TextTokenizer {
             .get_added_tokens_decoder()
             .into_iter()
             .map(|(id, t)| {
-                (id.to_string(), json!({"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
-                                         "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}))
+                (
+                    id.to_string(),
+                    json!({"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
+                                         "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}),
+                )
             })
             .collect();
         let mut config = special.clone();
@@ -245,12 +264,8 @@ const KNOWN_PRE_TOKENIZERS: [&str; 7] = ["default", "gpt2", "gpt-2", "smollm", "
 
 /// The pre-tokenizer llama.cpp's `tokenizer.ggml.pre` names (its `llama_vocab_pre_type`), as tokenizers JSON.
 fn pre_tokenizer(pre: &str) -> Json {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
-    let split = |pattern: &str| {
-        json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
     match pre {
         // SmolLM's tokenizer splits every digit before the GPT-2 byte-level split.
         "smollm" => json!({"type": "Sequence", "pretokenizers": [

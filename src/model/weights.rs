@@ -207,8 +207,11 @@ pub fn save_safetensors(dir: &Path, tensors: &[(String, Tensor)], max_shard_byte
     let mut written = Vec::new();
     let mut weight_map = serde_json::Map::new();
     for (i, shard) in shards.iter().enumerate() {
-        let file_name =
-            if count == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, count) };
+        let file_name = if count == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, count)
+        };
         let path = dir.join(&file_name);
         write_views(&path, shard)?;
         for (name, _) in shard {
@@ -236,9 +239,11 @@ pub fn save_safetensors_file(path: &Path, tensors: &[(String, Tensor)]) -> Resul
 }
 
 fn write_views(path: &Path, views: &[(&String, SavedTensor)]) -> Result<()> {
-    let metadata: Option<std::collections::HashMap<String, String>> = Some([("format".to_string(), "pt".to_string())].into());
+    let metadata: Option<std::collections::HashMap<String, String>> =
+        Some([("format".to_string(), "pt".to_string())].into());
     write_atomically(path, |tmp| {
-        safetensors::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), metadata, tmp).map_err(anyhow::Error::from)
+        safetensors::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), metadata, tmp)
+            .map_err(anyhow::Error::from)
     })
 }
 
@@ -248,4 +253,3 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
     write(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
 }
-

@@ -188,7 +188,12 @@ pub fn combined_loss(losses: &[(DpoLoss, f64)], x: &LossInputs, p: LossParams) -
 
 /// The loss of one batch, from the policy's token scores and the reference's summed completion log-probs (zero
 /// when reference-free or absent); its metrics are appended to `log`.
-pub fn batch_loss(scores: &TokenScores, reference: Option<&PairLogps>, params: &DpoParams, log: &mut MetricLog) -> Tensor {
+pub fn batch_loss(
+    scores: &TokenScores,
+    reference: Option<&PairLogps>,
+    params: &DpoParams,
+    log: &mut MetricLog,
+) -> Tensor {
     let policy = PairLogps::from_sequences(&scores.summed_logps());
     let reference = reference.map_or_else(
         || PairLogps::zeros_like(&policy),
@@ -220,13 +225,18 @@ fn log_batch_metrics(log: &mut MetricLog, scores: &TokenScores, policy: &PairLog
     log.push("entropy", if total > 0.0 { scalar((&scores.entropy * mask).sum(Kind::Float)) / total } else { 0.0 });
     let (chosen_mask, rejected_mask) = split_pairs(mask);
     let (chosen_logits, rejected_logits) = split_pairs(&scores.mean_logits);
-    for (name, logits, side_mask) in [("logits/chosen", chosen_logits, &chosen_mask), ("logits/rejected", rejected_logits, &rejected_mask)] {
+    for (name, logits, side_mask) in
+        [("logits/chosen", chosen_logits, &chosen_mask), ("logits/rejected", rejected_logits, &rejected_mask)]
+    {
         let tokens = scalar(side_mask.sum(Kind::Float));
         log.push(name, if tokens > 0.0 { scalar((logits * side_mask).sum(Kind::Float)) / tokens } else { 0.0 });
     }
     let (chosen_top1, _) = split_pairs(&scores.is_top1.to_kind(Kind::Float));
     let chosen_tokens = scalar(chosen_mask.sum(Kind::Float));
-    log.push("mean_token_accuracy", if chosen_tokens > 0.0 { scalar((chosen_top1 * &chosen_mask).sum(Kind::Float)) / chosen_tokens } else { 0.0 });
+    log.push(
+        "mean_token_accuracy",
+        if chosen_tokens > 0.0 { scalar((chosen_top1 * &chosen_mask).sum(Kind::Float)) / chosen_tokens } else { 0.0 },
+    );
     let chosen_rewards = (&policy.chosen - &reference.chosen) * beta;
     let rejected_rewards = (&policy.rejected - &reference.rejected) * beta;
     log_rewards(log, (&chosen_rewards, &rejected_rewards), (&policy.chosen, &policy.rejected));

@@ -53,7 +53,11 @@ pub const HELDOUT_PNG: &str = "heldout_accuracy.png";
 /// The rows of a `metrics.jsonl` file (lines that are not JSON objects are skipped: a run killed mid-write).
 pub fn read_metrics(path: &Path) -> Result<Vec<Map<String, Value>>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(text.lines().filter_map(|line| serde_json::from_str::<Value>(line).ok()).filter_map(|v| v.as_object().cloned()).collect())
+    Ok(text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter_map(|v| v.as_object().cloned())
+        .collect())
 }
 
 /// (step, value) for every row that has `key` (training rows for `loss`, `rewards/accuracies`, …).
@@ -96,7 +100,13 @@ pub fn write(dir: &Path, report: &Report) -> Result<()> {
             after: run.heldout_after.map(|a| 100.0 * a),
         })
         .collect();
-    plots::before_after_chart(&dir.join(HELDOUT_PNG), "Held-out preference accuracy", "run", "held-out preference accuracy (%)", &groups)?;
+    plots::before_after_chart(
+        &dir.join(HELDOUT_PNG),
+        "Held-out preference accuracy",
+        "run",
+        "held-out preference accuracy (%)",
+        &groups,
+    )?;
     let path = dir.join("report.md");
     std::fs::write(&path, markdown(report)).with_context(|| format!("cannot write {}", path.display()))
 }
@@ -118,11 +128,16 @@ pub const TABLE_HEADER: [&str; 11] = [
 /// The table alone (also printed by `prefalign compare` when it ends).
 pub fn table(runs: &[RunRow]) -> String {
     let dash = || "–".to_string();
-    let num = |v: Option<f64>, digits: usize| v.filter(|v| v.is_finite()).map_or_else(dash, |v| format!("{v:.digits$}"));
+    let num =
+        |v: Option<f64>, digits: usize| v.filter(|v| v.is_finite()).map_or_else(dash, |v| format!("{v:.digits$}"));
     let pct = |v: Option<f64>| v.filter(|v| v.is_finite()).map_or_else(dash, |v| format!("{:.1}", 100.0 * v));
     let mut out = String::new();
     let _ = writeln!(out, "| {} |", TABLE_HEADER.join(" | "));
-    let _ = writeln!(out, "|{}", ["---|", "---|", "---|", "--:|", "--:|", ":-:|", "--:|", "--:|", "--:|", "--:|", "--:|"].concat());
+    let _ = writeln!(
+        out,
+        "|{}",
+        ["---|", "---|", "---|", "--:|", "--:|", ":-:|", "--:|", "--:|", "--:|", "--:|", "--:|"].concat()
+    );
     for run in runs {
         let status = match &run.error {
             None => "ok".to_string(),
@@ -168,7 +183,8 @@ fn markdown(report: &Report) -> String {
     if !report.notes.is_empty() {
         out.push('\n');
     }
-    let _ = writeln!(out, "## Training loss\n\n![training loss against optimizer step, one line per run]({LOSS_PNG})\n");
+    let _ =
+        writeln!(out, "## Training loss\n\n![training loss against optimizer step, one line per run]({LOSS_PNG})\n");
     let _ = writeln!(
         out,
         "## Reward accuracy\n\nThe fraction of training pairs in each logged batch whose chosen completion earns the higher \

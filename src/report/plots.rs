@@ -51,7 +51,9 @@ fn font(bold: bool) -> &'static FontRef<'static> {
     static REGULAR: OnceLock<FontRef<'static>> = OnceLock::new();
     static BOLD: OnceLock<FontRef<'static>> = OnceLock::new();
     let (cell, bytes) = if bold { (&BOLD, dejavu::sans::bold()) } else { (&REGULAR, dejavu::sans::regular()) };
-    cell.get_or_init(|| FontRef::try_from_slice(bytes).expect("DejaVu Sans from the dejavu crate is a valid TrueType font"))
+    cell.get_or_init(|| {
+        FontRef::try_from_slice(bytes).expect("DejaVu Sans from the dejavu crate is a valid TrueType font")
+    })
 }
 
 /// ab_glyph scales by ascent−descent; `size` here is pixels per em, as in CSS.
@@ -122,7 +124,12 @@ impl TextStyle {
 }
 
 /// Draws `text` anchored at `at` (pixel coordinates of `area`), antialiased, kerned, with the glyphs' bearings.
-fn draw_text<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, text: &str, at: (i32, i32), style: &TextStyle) -> Result<()> {
+fn draw_text<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    text: &str,
+    at: (i32, i32),
+    style: &TextStyle,
+) -> Result<()> {
     let font = font(style.bold);
     let scale = px_scale(font, style.size);
     let scaled = font.as_scaled(scale);
@@ -184,7 +191,8 @@ fn nice_ticks(lo: f64, hi: f64, target: usize) -> (Vec<f64>, usize) {
             n if n <= 5.0 => 5.0,
             _ => 10.0,
         };
-    let decimals = (-(step.log10().floor()) as i64).max(0) as usize + usize::from((step / magnitude - 2.5).abs() < 1e-9);
+    let decimals =
+        (-(step.log10().floor()) as i64).max(0) as usize + usize::from((step / magnitude - 2.5).abs() < 1e-9);
     let first = (lo / step).ceil() as i64;
     let last = (hi / step + 1e-9).floor() as i64;
     ((first..=last).map(|k| k as f64 * step).collect(), decimals)
@@ -308,7 +316,8 @@ pub struct Series {
 
 /// A padded range around `values` (a small range around a single value).
 fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) =
+        values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
@@ -319,7 +328,14 @@ fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
 
 /// A line chart of `series` against the optimizer step (integer ticks), with the legend on the right.
 /// `y_range`: fixed limits (e.g. for percentages), otherwise fitted to the data.
-pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], y_range: Option<(f64, f64)>) -> Result<()> {
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    y_range: Option<(f64, f64)>,
+) -> Result<()> {
     let labels: Vec<&str> = series.iter().map(|s| s.label.as_str()).collect();
     let Canvas { root, plot, legend } = canvas(path, title, &labels)?;
 
@@ -350,15 +366,26 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
         }
     }
     let x_text: Vec<(i32, String)> = x_px.iter().zip(&x_ticks).map(|(&px, x)| (px, x.to_string())).collect();
-    let y_text: Vec<(i32, String)> = y_px.iter().zip(&y_ticks).map(|(&py, y)| (py, format!("{:.*}", decimals, y + 0.0))).collect();
+    let y_text: Vec<(i32, String)> =
+        y_px.iter().zip(&y_ticks).map(|(&py, y)| (py, format!("{:.*}", decimals, y + 0.0))).collect();
     axis_text(&root, area.clone(), x_label, y_label, &x_text, &y_text)?;
     if series.iter().all(|s| s.points.is_empty()) {
         let centre = ((area.0.start + area.0.end) / 2, (area.1.start + area.1.end) / 2);
-        draw_text(&root, "no data", centre, &TextStyle { color: RGBColor(120, 120, 120), ..TextStyle::new(22.0, Align::Center, Align::Center) })?;
+        draw_text(
+            &root,
+            "no data",
+            centre,
+            &TextStyle { color: RGBColor(120, 120, 120), ..TextStyle::new(22.0, Align::Center, Align::Center) },
+        )?;
     }
     let entries: Vec<LegendEntry> = series
         .iter()
-        .map(|s| LegendEntry { label: &s.label, color: s.color, filled_box: false, marker: s.points.len() <= MAX_MARKERS })
+        .map(|s| LegendEntry {
+            label: &s.label,
+            color: s.color,
+            filled_box: false,
+            marker: s.points.len() <= MAX_MARKERS,
+        })
         .collect();
     draw_legend(&legend, &entries)?;
     root.present().map_err(err(path))?;
@@ -368,7 +395,13 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
 /// The chart builder of every plot: the same margins, and label areas for `axis_text`.
 fn chart_builder<'a, 'b, DB: DrawingBackend>(plot: &'a DrawingArea<DB, Shift>) -> ChartBuilder<'a, 'b, DB> {
     let mut builder = ChartBuilder::on(plot);
-    builder.margin_top(56).margin_right(24).margin_left(12).margin_bottom(8).x_label_area_size(76).y_label_area_size(96);
+    builder
+        .margin_top(56)
+        .margin_right(24)
+        .margin_left(12)
+        .margin_bottom(8)
+        .x_label_area_size(76)
+        .y_label_area_size(96);
     builder
 }
 
@@ -380,13 +413,17 @@ pub struct BeforeAfter {
 }
 
 /// Grouped bars per run, before (grey) and after (blue), on 0–100 %, each value printed above its bar.
-pub fn before_after_chart(path: &Path, title: &str, x_label: &str, y_label: &str, groups: &[BeforeAfter]) -> Result<()> {
+pub fn before_after_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    groups: &[BeforeAfter],
+) -> Result<()> {
     let Canvas { root, plot, legend } = canvas(path, title, &["before training", "after training"])?;
     let n = groups.len().max(1) as f64;
     let y_ticks: Vec<f64> = (0..=10).map(|k| k as f64 * 10.0).collect();
-    let mut chart = chart_builder(&plot)
-        .build_cartesian_2d(0.0..n, 0.0..108.0)
-        .map_err(err(path))?;
+    let mut chart = chart_builder(&plot).build_cartesian_2d(0.0..n, 0.0..108.0).map_err(err(path))?;
     let y_px: Vec<i32> = y_ticks.iter().map(|&y| chart.backend_coord(&(0.0, y)).1).collect();
     frame(&root, chart.plotting_area().get_pixel_range(), &[], &y_px, false)?;
     let slot = (chart.backend_coord(&(1.0, 0.0)).0 - chart.backend_coord(&(0.0, 0.0)).0) as f32;
@@ -398,7 +435,9 @@ pub fn before_after_chart(path: &Path, title: &str, x_label: &str, y_label: &str
             let (text, top) = match value {
                 Some(v) => {
                     let v = v.clamp(0.0, 100.0);
-                    chart.draw_series(std::iter::once(Rectangle::new([(i + from, 0.0), (i + to, v)], color.filled()))).map_err(err(path))?;
+                    chart
+                        .draw_series(std::iter::once(Rectangle::new([(i + from, 0.0), (i + to, v)], color.filled())))
+                        .map_err(err(path))?;
                     (format!("{v:.1}"), chart.backend_coord(&(i, v)).1)
                 }
                 None => ("n/a".to_string(), chart.backend_coord(&(i, 0.0)).1),
@@ -424,7 +463,9 @@ mod tests {
 
     #[test]
     fn ticks_are_round() {
-        let show = |(ticks, decimals): (Vec<f64>, usize)| ticks.iter().map(|t| format!("{t:.decimals$}")).collect::<Vec<_>>().join(" ");
+        let show = |(ticks, decimals): (Vec<f64>, usize)| {
+            ticks.iter().map(|t| format!("{t:.decimals$}")).collect::<Vec<_>>().join(" ")
+        };
         assert_eq!(show(nice_ticks(0.0, 1.0, 5)), "0.0 0.2 0.4 0.6 0.8 1.0");
         assert_eq!(show(nice_ticks(-2.0, 102.0, 8)), "0 20 40 60 80 100");
         assert_eq!(show(nice_ticks(0.68, 0.72, 8)), "0.680 0.685 0.690 0.695 0.700 0.705 0.710 0.715 0.720");

@@ -22,7 +22,13 @@ struct CheckpointState {
 /// Writes `checkpoint-<step>` (a loadable model folder plus optimizer and trainer state) atomically: into a
 /// temporary folder renamed at the end, so a crash never leaves a half-written checkpoint. Keeps the newest
 /// `keep` checkpoints when given.
-pub fn save_checkpoint(out: &Path, policy: &LoadedModel, optimizer: &AdamW, progress: &Progress, keep: Option<usize>) -> Result<PathBuf> {
+pub fn save_checkpoint(
+    out: &Path,
+    policy: &LoadedModel,
+    optimizer: &AdamW,
+    progress: &Progress,
+    keep: Option<usize>,
+) -> Result<PathBuf> {
     let name = format!("checkpoint-{}", progress.global_step);
     let final_dir = out.join(&name);
     let tmp = out.join(format!(".{name}.partial"));
@@ -62,7 +68,8 @@ pub fn restore(checkpoint: &Path, policy: &LoadedModel, optimizer: &mut AdamW) -
     let state_path = checkpoint.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path)
         .with_context(|| format!("{} is not a prefalign checkpoint (no {STATE_FILE})", checkpoint.display()))?;
-    let state: CheckpointState = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", state_path.display()))?;
+    let state: CheckpointState =
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", state_path.display()))?;
     let weights = SafetensorsFiles::open_dir(checkpoint)?;
     load_into(&policy.vs, &weights)?;
     let moments_file = SafetensorsFiles::open_dir_file(&checkpoint.join(OPTIMIZER_FILE))?;

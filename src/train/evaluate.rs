@@ -79,9 +79,10 @@ pub fn evaluate(
             let tokens = PairLogps::from_sequences(&scores.completion_tokens());
             let reference_logps = reference.as_ref().map(|r| match r {
                 EvalReference::Model(model) => reference_logps(model, &batch, options.precision),
-                EvalReference::Logps(logps) => {
-                    logps.batch(&(index * batch_size..index * batch_size + chunk.len()).collect::<Vec<_>>(), summed.chosen.device())
-                }
+                EvalReference::Logps(logps) => logps.batch(
+                    &(index * batch_size..index * batch_size + chunk.len()).collect::<Vec<_>>(),
+                    summed.chosen.device(),
+                ),
             });
             let loss = objective.batch_loss(&scores, reference_logps.as_ref(), &mut log);
             loss_sum += loss.double_value(&[]) * chunk.len() as f64;

@@ -21,13 +21,18 @@ impl History {
             Ok(text) if resume_step > 0 => text
                 .lines()
                 .filter(|line| {
-                    serde_json::from_str::<Value>(line).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= resume_step)
+                    serde_json::from_str::<Value>(line)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s as usize <= resume_step)
                 })
                 .map(str::to_string)
                 .collect(),
             _ => Vec::new(),
         };
-        let mut file = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
+        let mut file = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+        );
         for line in kept {
             writeln!(file, "{line}")?;
         }

@@ -2,22 +2,34 @@
 //! decay only where the Trainer applies it (not on biases or norm weights), and gradient clipping as
 //! `clip_grad_norm_`. Not tch's optimizer, so that its state can be checkpointed and restored exactly.
 
+use crate::model::fused::{handle, panic_on_error};
 use std::collections::BTreeMap;
 use std::ffi::c_char;
 use tch::Tensor;
-use crate::model::fused::{handle, panic_on_error};
 use torch_sys::C_tensor;
 
 extern "C" {
     /// src/train/optimizer.cpp: `torch._fused_adamw_` over `count` parameters; null or an error to free().
     fn prefalign_fused_adamw(
-        params: *const *mut C_tensor, grads: *const *mut C_tensor, exp_avgs: *const *mut C_tensor,
-        exp_avg_sqs: *const *mut C_tensor, step: *mut C_tensor, count: usize, lr: f64, beta1: f64, beta2: f64,
-        weight_decay: f64, eps: f64,
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        exp_avgs: *const *mut C_tensor,
+        exp_avg_sqs: *const *mut C_tensor,
+        step: *mut C_tensor,
+        count: usize,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
     ) -> *mut c_char;
     /// src/train/optimizer.cpp: `clip_grad_norm_` over `count` gradients; null or an error to free().
     fn prefalign_clip_grad_norm(
-        grads: *const *mut C_tensor, count: usize, max_norm: f64, foreach: bool, total_out: *mut *mut C_tensor,
+        grads: *const *mut C_tensor,
+        count: usize,
+        max_norm: f64,
+        foreach: bool,
+        total_out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn prefalign_clear_grad(param: *mut C_tensor);
 }
@@ -98,7 +110,8 @@ impl AdamW {
         self.step += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         for decay in [true, false] {
-            let states: Vec<&ParamState> = self.params.values().filter(|s| s.decay == decay && s.param.grad().defined()).collect();
+            let states: Vec<&ParamState> =
+                self.params.values().filter(|s| s.decay == decay && s.param.grad().defined()).collect();
             if states.is_empty() {
                 continue;
             }
@@ -113,8 +126,17 @@ impl AdamW {
             // Safety: every handle points at a tensor that `states`, `grads` or `step` keeps alive for the call.
             let error = tch::no_grad(|| unsafe {
                 prefalign_fused_adamw(
-                    params.as_ptr(), grads.as_ptr(), exp_avgs.as_ptr(), exp_avg_sqs.as_ptr(), handle(&step),
-                    params.len(), lr, beta1, beta2, decay_rate, eps,
+                    params.as_ptr(),
+                    grads.as_ptr(),
+                    exp_avgs.as_ptr(),
+                    exp_avg_sqs.as_ptr(),
+                    handle(&step),
+                    params.len(),
+                    lr,
+                    beta1,
+                    beta2,
+                    decay_rate,
+                    eps,
                 )
             });
             // Only a broken invariant fails here (tensors of mixed devices or kinds): a bug, not a user error.
@@ -127,7 +149,10 @@ impl AdamW {
         self.params
             .iter()
             .flat_map(|(name, s)| {
-                [(format!("{name}.exp_avg"), s.exp_avg.shallow_clone()), (format!("{name}.exp_avg_sq"), s.exp_avg_sq.shallow_clone())]
+                [
+                    (format!("{name}.exp_avg"), s.exp_avg.shallow_clone()),
+                    (format!("{name}.exp_avg_sq"), s.exp_avg_sq.shallow_clone()),
+                ]
             })
             .collect()
     }
@@ -138,7 +163,9 @@ impl AdamW {
             for (name, state) in self.params.iter_mut() {
                 for (suffix, target) in [("exp_avg", &mut state.exp_avg), ("exp_avg_sq", &mut state.exp_avg_sq)] {
                     let key = format!("{name}.{suffix}");
-                    let saved = tensors.get(&key).ok_or_else(|| anyhow::anyhow!("optimizer state {key} missing from the checkpoint"))?;
+                    let saved = tensors
+                        .get(&key)
+                        .ok_or_else(|| anyhow::anyhow!("optimizer state {key} missing from the checkpoint"))?;
                     target.copy_(saved);
                 }
             }
@@ -176,7 +203,9 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/training/dpo_sigmoid_ref_model.json");
         let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let probe = &fixture["adamw_step1"];
-        let floats = |key: &str| -> Vec<f32> { probe[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect() };
+        let floats = |key: &str| -> Vec<f32> {
+            probe[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+        };
         let param = Tensor::from_slice(&floats("value")).set_requires_grad(true);
         // d/dparam of sum(param · g) is exactly g
         (&param * Tensor::from_slice(&floats("grad_post_clip"))).sum(Kind::Float).backward();
@@ -200,9 +229,18 @@ mod tests {
     #[test]
     fn clip_grad_norm_scales_to_max_norm_either_way() {
         tch::manual_seed(3);
-        let fresh = || [Tensor::randn([7, 5], (Kind::Float, tch::Device::Cpu)), Tensor::randn([11], (Kind::Float, tch::Device::Cpu)) * 3.0];
+        let fresh = || {
+            [
+                Tensor::randn([7, 5], (Kind::Float, tch::Device::Cpu)),
+                Tensor::randn([11], (Kind::Float, tch::Device::Cpu)) * 3.0,
+            ]
+        };
         let originals = fresh();
-        let norm_f64 = originals.iter().map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
+        let norm_f64 = originals
+            .iter()
+            .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]))
+            .sum::<f64>()
+            .sqrt();
         let mut clipped = Vec::new();
         for foreach in [false, true] {
             let grads: Vec<Tensor> = originals.iter().map(|g| g.copy()).collect();

@@ -75,7 +75,13 @@ fn fingerprint(reference: &LoadedModel, pairs: &[TokenizedPair], batching: &Batc
 }
 
 /// The reference log-probs of `pairs`, computed in batches of `batch_size`.
-pub fn compute(reference: &CausalLm, pairs: &[TokenizedPair], batching: &Batching, precision: Precision, batch_size: usize) -> ReferenceLogps {
+pub fn compute(
+    reference: &CausalLm,
+    pairs: &[TokenizedPair],
+    batching: &Batching,
+    precision: Precision,
+    batch_size: usize,
+) -> ReferenceLogps {
     let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
     tch::no_grad(|| {
         for chunk in pairs.chunks(batch_size.max(1)) {
@@ -103,7 +109,8 @@ pub fn precompute(
         return Ok(cached);
     }
     let logps = compute(&reference.model, pairs, batching, precision, batch_size);
-    std::fs::create_dir_all(path.parent().expect("cache folder")).with_context(|| format!("cannot create {}", path.display()))?;
+    std::fs::create_dir_all(path.parent().expect("cache folder"))
+        .with_context(|| format!("cannot create {}", path.display()))?;
     crate::model::weights::save_safetensors_file(
         &path,
         &[("chosen".into(), logps.chosen.shallow_clone()), ("rejected".into(), logps.rejected.shallow_clone())],
@@ -121,7 +128,9 @@ fn read_cache(path: &Path) -> Result<Option<ReferenceLogps>> {
         .into_iter()
         .collect();
     match (tensors.get("chosen"), tensors.get("rejected")) {
-        (Some(c), Some(r)) => Ok(Some(ReferenceLogps { chosen: c.to_kind(Kind::Float), rejected: r.to_kind(Kind::Float) })),
+        (Some(c), Some(r)) => {
+            Ok(Some(ReferenceLogps { chosen: c.to_kind(Kind::Float), rejected: r.to_kind(Kind::Float) }))
+        }
         _ => Ok(None),
     }
 }

@@ -84,7 +84,8 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
         bail!("this objective needs a reference model");
     }
     let eval_reference = eval_reference(inputs)?;
-    std::fs::create_dir_all(&config.output_dir).with_context(|| format!("cannot create {}", config.output_dir.display()))?;
+    std::fs::create_dir_all(&config.output_dir)
+        .with_context(|| format!("cannot create {}", config.output_dir.display()))?;
     tch::manual_seed(config.seed as i64);
 
     let mut cursor = BatchCursor {
@@ -146,13 +147,20 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
             ));
             rows.push(history.write(row, epoch, global_step)?);
         }
-        if let Some(eval_pairs) = inputs.eval.filter(|_| config.eval_steps > 0 && global_step % config.eval_steps == 0) {
+        if let Some(eval_pairs) = inputs.eval.filter(|_| config.eval_steps > 0 && global_step % config.eval_steps == 0)
+        {
             let row = evaluation_row(&trainer, eval_reference, eval_pairs, config);
             rows.push(history.write(row, epoch, global_step)?);
         }
         bar.set_position(global_step as u64);
         if config.save_steps > 0 && global_step % config.save_steps == 0 && global_step < total_steps {
-            let checkpoint = save_checkpoint(&config.output_dir, inputs.policy, &trainer.optimizer, &progress, config.save_total_limit)?;
+            let checkpoint = save_checkpoint(
+                &config.output_dir,
+                inputs.policy,
+                &trainer.optimizer,
+                &progress,
+                config.save_total_limit,
+            )?;
             last_checkpoint = Some(checkpoint);
         }
     }
@@ -168,10 +176,16 @@ fn eval_reference<'a>(inputs: &TrainInputs<'a>) -> Result<Option<EvalReference<'
         Reference::Model(model) => Some(EvalReference::Model(&model.model)),
         Reference::Precomputed { eval, .. } => match (eval, inputs.eval) {
             (Some(logps), Some(pairs)) if logps.chosen.size()[0] as usize != pairs.len() => {
-                bail!("precomputed reference log-probs cover {} evaluation pairs, not {}", logps.chosen.size()[0], pairs.len())
+                bail!(
+                    "precomputed reference log-probs cover {} evaluation pairs, not {}",
+                    logps.chosen.size()[0],
+                    pairs.len()
+                )
             }
             (Some(logps), _) => Some(EvalReference::Logps(logps)),
-            (None, Some(_)) => bail!("evaluation with precomputed reference log-probs needs them for the evaluation pairs too"),
+            (None, Some(_)) => {
+                bail!("evaluation with precomputed reference log-probs needs them for the evaluation pairs too")
+            }
             (None, None) => None,
         },
     })
@@ -212,9 +226,17 @@ fn training_row(progress: &mut Progress, outcome: &StepOutcome, learning_rate: f
 }
 
 /// The `eval_*` row of the policy as it is now.
-fn evaluation_row(trainer: &Trainer, reference: Option<EvalReference>, pairs: &[TokenizedPair], config: &TrainerConfig) -> Map<String, Value> {
-    let options =
-        EvalOptions { batch_size: config.per_device_eval_batch_size, batching: config.batching, precision: config.step.precision };
+fn evaluation_row(
+    trainer: &Trainer,
+    reference: Option<EvalReference>,
+    pairs: &[TokenizedPair],
+    config: &TrainerConfig,
+) -> Map<String, Value> {
+    let options = EvalOptions {
+        batch_size: config.per_device_eval_batch_size,
+        batching: config.batching,
+        precision: config.step.precision,
+    };
     let result = evaluate(&trainer.policy.model, reference, pairs, trainer.objective, &options);
     result.metrics.into_iter().map(|(k, v)| (k, Value::from(v))).collect()
 }

@@ -10,7 +10,9 @@ pub enum Schedule {
     Linear,
     Cosine,
     /// cosine decaying to `min_lr_rate` times the base rate
-    CosineWithMinLr { min_lr_rate: f64 },
+    CosineWithMinLr {
+        min_lr_rate: f64,
+    },
 }
 
 impl Schedule {
@@ -46,7 +48,11 @@ impl Schedule {
 
 /// transformers' warmup: `warmup_steps` when positive, else `ceil(warmup_ratio * total)`.
 pub fn warmup_steps(warmup_steps: usize, warmup_ratio: f64, total: usize) -> usize {
-    if warmup_steps > 0 { warmup_steps } else { (warmup_ratio * total as f64).ceil() as usize }
+    if warmup_steps > 0 {
+        warmup_steps
+    } else {
+        (warmup_ratio * total as f64).ceil() as usize
+    }
 }
 
 #[cfg(test)]

@@ -161,7 +161,12 @@ impl<'a> Trainer<'a> {
     /// One optimizer step at learning rate `lr` over `micro_batches` (indices into `pairs`); the metrics of its
     /// batches are appended to `log` when the step succeeds. A non-finite loss stops the step at that micro-batch
     /// (the later ones are not run) and, like a non-finite gradient norm, leaves the weights as they were.
-    pub fn optimizer_step(&mut self, micro_batches: &[Vec<usize>], lr: f64, log: &mut MetricLog) -> Result<StepOutcome, NonFinite> {
+    pub fn optimizer_step(
+        &mut self,
+        micro_batches: &[Vec<usize>],
+        lr: f64,
+        log: &mut MetricLog,
+    ) -> Result<StepOutcome, NonFinite> {
         let mut seconds = PhaseSeconds::default();
         let (mut loss, mut tokens) = (0.0, 0);
         let mut step_log = MetricLog::default();
@@ -179,7 +184,15 @@ impl<'a> Trainer<'a> {
             };
             let reference_done = Instant::now();
             seconds.reference += (reference_done - started).as_secs_f64();
-            let value = forward_backward(&self.policy.model, &batch, self.objective, reference.as_ref(), scale, self.step, &mut step_log);
+            let value = forward_backward(
+                &self.policy.model,
+                &batch,
+                self.objective,
+                reference.as_ref(),
+                scale,
+                self.step,
+                &mut step_log,
+            );
             seconds.policy += reference_done.elapsed().as_secs_f64();
             if !value.is_finite() {
                 self.optimizer.zero_grad();

@@ -8,10 +8,9 @@ use serde_json::Value;
 
 #[test]
 fn renderings_equal_transformers() {
-    let fixture: Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixture("chat_templates/renderings.json")).unwrap(),
-    )
-    .unwrap();
+    let fixture: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("chat_templates/renderings.json")).unwrap())
+            .unwrap();
     let templates = common::repo_path(fixture["templates_dir"].as_str().unwrap());
     let date = chrono::NaiveDate::parse_from_str(fixture["fixed_date"].as_str().unwrap(), "%Y-%m-%d").unwrap();
     let (mut checked, mut failures) = (0, Vec::new());
@@ -31,14 +30,17 @@ fn renderings_equal_transformers() {
             .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
             .collect();
         let generation_prompt = case["add_generation_prompt"].as_bool().unwrap();
-        let label = format!("{name} / {} / add_generation_prompt={generation_prompt}", case["conversation"].as_str().unwrap());
+        let label =
+            format!("{name} / {} / add_generation_prompt={generation_prompt}", case["conversation"].as_str().unwrap());
         let result = ChatTemplate::new(&source, special).and_then(|mut t| {
             t.fix_date(date);
             t.render(&messages, generation_prompt)
         });
         match (result, case.get("rendered").and_then(Value::as_str), case.get("error").and_then(Value::as_str)) {
             (Ok(ours), Some(theirs), _) if ours == theirs => {}
-            (Ok(ours), Some(theirs), _) => failures.push(format!("{label}: rendered\n{ours:?}\ntransformers:\n{theirs:?}")),
+            (Ok(ours), Some(theirs), _) => {
+                failures.push(format!("{label}: rendered\n{ours:?}\ntransformers:\n{theirs:?}"))
+            }
             (Err(e), None, Some(_)) if case["error_type"] == "TemplateError" => {
                 let message = case["error"].as_str().unwrap();
                 if !format!("{e:#}").contains(message) {
@@ -46,7 +48,9 @@ fn renderings_equal_transformers() {
                 }
             }
             (Err(_), None, Some(_)) => {} // an undefined-attribute error in jinja2 and in minijinja alike
-            (Ok(ours), None, Some(err)) => failures.push(format!("{label}: rendered {ours:?}, transformers raised {err:?}")),
+            (Ok(ours), None, Some(err)) => {
+                failures.push(format!("{label}: rendered {ours:?}, transformers raised {err:?}"))
+            }
             (Err(e), Some(_), _) => failures.push(format!("{label}: {e:#}")),
             (_, None, None) => panic!("{label}: case without outcome"),
         }

@@ -16,8 +16,14 @@ fn prefalign(args: &[&str]) -> (String, String) {
 fn generate_greedy_chat_answers_paris() {
     let gguf = smollm2_gguf();
     let (stdout, _) = prefalign(&[
-        "generate", "--model", gguf.to_str().unwrap(), "--prompt", "What is the capital of France?", "--greedy",
-        "--max-new-tokens", "24",
+        "generate",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--prompt",
+        "What is the capital of France?",
+        "--greedy",
+        "--max-new-tokens",
+        "24",
     ]);
     assert_eq!(stdout.trim(), "The capital of France is Paris.");
 }
@@ -27,8 +33,19 @@ fn sampling_is_deterministic_per_seed() {
     let gguf = smollm2_gguf();
     let run = |seed: &str| {
         prefalign(&[
-            "generate", "--model", gguf.to_str().unwrap(), "--prompt", "Tell me a story.", "--temperature", "0.9",
-            "--top-p", "0.9", "--seed", seed, "--max-new-tokens", "16",
+            "generate",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--prompt",
+            "Tell me a story.",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--max-new-tokens",
+            "16",
         ])
         .0
     };
@@ -42,11 +59,29 @@ fn system_message_and_raw_mode() {
     let gguf = smollm2_gguf();
     let gguf = gguf.to_str().unwrap();
     let (stdout, _) = prefalign(&[
-        "generate", "--model", gguf, "--system", "You are a pirate. Always answer like a pirate.", "--prompt",
-        "Hello!", "--greedy", "--max-new-tokens", "20",
+        "generate",
+        "--model",
+        gguf,
+        "--system",
+        "You are a pirate. Always answer like a pirate.",
+        "--prompt",
+        "Hello!",
+        "--greedy",
+        "--max-new-tokens",
+        "20",
     ]);
     assert!(!stdout.trim().is_empty());
-    let (raw, _) = prefalign(&["generate", "--model", gguf, "--raw", "--prompt", "The capital of France is", "--greedy", "--max-new-tokens", "3"]);
+    let (raw, _) = prefalign(&[
+        "generate",
+        "--model",
+        gguf,
+        "--raw",
+        "--prompt",
+        "The capital of France is",
+        "--greedy",
+        "--max-new-tokens",
+        "3",
+    ]);
     assert!(raw.contains("Paris"), "{raw}");
 }
 
@@ -58,8 +93,16 @@ fn convert_then_generate_from_the_hf_folder() {
     let (_, stderr) = prefalign(&["convert", "--model", gguf.to_str().unwrap(), "--output", out.to_str().unwrap()]);
     assert!(stderr.contains("wrote"), "{stderr}");
     let (stdout, _) = prefalign(&[
-        "generate", "--model", out.to_str().unwrap(), "--prompt", "What is the capital of France?", "--greedy",
-        "--dtype", "bf16", "--max-new-tokens", "24",
+        "generate",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        "What is the capital of France?",
+        "--greedy",
+        "--dtype",
+        "bf16",
+        "--max-new-tokens",
+        "24",
     ]);
     assert!(stdout.contains("Paris"), "{stdout}");
 }
@@ -85,10 +128,23 @@ fn eval_writes_per_example_scores_and_trl_metrics() {
     let output = dir.path().join("per_example.jsonl");
     let dataset = common::fixture("trl_data/standard.jsonl");
     let (stdout, stderr) = prefalign(&[
-        "eval", "--model", policy.to_str().unwrap(), "--ref-model", reference.to_str().unwrap(), "--dataset",
-        dataset.to_str().unwrap(), "--max-length", "64", "--allow-empty-completions", "--output", output.to_str().unwrap(),
+        "eval",
+        "--model",
+        policy.to_str().unwrap(),
+        "--ref-model",
+        reference.to_str().unwrap(),
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--max-length",
+        "64",
+        "--allow-empty-completions",
+        "--output",
+        output.to_str().unwrap(),
     ]);
-    assert!(stderr.contains("12 pairs scored (14 rows read, 0 invalid skipped, 2 dropped by the DPO rules)"), "{stderr}");
+    assert!(
+        stderr.contains("12 pairs scored (14 rows read, 0 invalid skipped, 2 dropped by the DPO rules)"),
+        "{stderr}"
+    );
     let metrics: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(common::fixture("eval/dpo_standard.json")).unwrap()).unwrap();
@@ -109,10 +165,25 @@ fn data_inspect_reports_counts_and_examples() {
     let tokenizer = common::fixture("trl_data/tokenizer");
     let dataset = common::fixture("trl_data/standard.jsonl");
     let (stdout, _) = prefalign(&[
-        "data", "inspect", "--model", tokenizer.to_str().unwrap(), "--dataset", dataset.to_str().unwrap(),
-        "--max-length", "64", "--allow-empty-completions", "--examples", "1",
+        "data",
+        "inspect",
+        "--model",
+        tokenizer.to_str().unwrap(),
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--max-length",
+        "64",
+        "--allow-empty-completions",
+        "--examples",
+        "1",
     ]);
-    for expected in ["rows read    14", "pairs kept   12", "dropped      2", "standard.jsonl:8: the prompt has", "[chosen]\n It is blue.<|im_end|>"] {
+    for expected in [
+        "rows read    14",
+        "pairs kept   12",
+        "dropped      2",
+        "standard.jsonl:8: the prompt has",
+        "[chosen]\n It is blue.<|im_end|>",
+    ] {
         assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
     }
 }
@@ -175,9 +246,20 @@ fn demo_runs_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
     let (stdout, _) = prefalign(&[
-        "demo", "--model", gguf.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--num-train-epochs", "0.1",
+        "demo",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--num-train-epochs",
+        "0.1",
     ]);
-    for expected in ["before  held-out preference accuracy", "after   held-out preference accuracy", "trained  3 steps", "> What is the capital of Peru?"] {
+    for expected in [
+        "before  held-out preference accuracy",
+        "after   held-out preference accuracy",
+        "trained  3 steps",
+        "> What is the capital of Peru?",
+    ] {
         assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
     }
     prefalign::model::load(&out, tch::Device::Cpu, tch::Kind::Float).unwrap();
@@ -193,7 +275,8 @@ fn bench_reports_step_time_and_memory() {
         ("dpo", &["--gradient-checkpointing", "--precompute-ref-log-probs"][..]),
         ("orpo", &["--bf16", "--gradient-checkpointing"][..]),
     ] {
-        let mut args = vec!["bench", "--json", "--shape", shape.to_str().unwrap(), "--objective", objective, "--steps", "2"];
+        let mut args =
+            vec!["bench", "--json", "--shape", shape.to_str().unwrap(), "--objective", objective, "--steps", "2"];
         args.extend_from_slice(flags);
         let (stdout, _) = prefalign(&args);
         let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));

@@ -91,9 +91,22 @@ fn recipes_are_compared_and_a_broken_one_is_reported_as_failed() {
     let broken = recipe(dir.path(), "broken", Some("dpo"), &model, "betaa: 0.2\n");
     let out = dir.path().join("report");
     let output = compare(&[
-        "--recipe", dpo.to_str().unwrap(), "--recipe", orpo.to_str().unwrap(), "--recipe", broken.to_str().unwrap(),
-        "--name", "DPO", "--name", "ORPO", "--name", "broken", "--held-out",
-        common::fixture("trl_data/standard.jsonl").to_str().unwrap(), "--output-dir", out.to_str().unwrap(),
+        "--recipe",
+        dpo.to_str().unwrap(),
+        "--recipe",
+        orpo.to_str().unwrap(),
+        "--recipe",
+        broken.to_str().unwrap(),
+        "--name",
+        "DPO",
+        "--name",
+        "ORPO",
+        "--name",
+        "broken",
+        "--held-out",
+        common::fixture("trl_data/standard.jsonl").to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "a failed run makes compare fail:\n{stderr}");
@@ -125,7 +138,10 @@ fn recipes_are_compared_and_a_broken_one_is_reported_as_failed() {
         assert!(!trained.contains("trainer") && trained.contains("max_steps: 2"), "{trained}");
     }
     let failed = row(&rows, "broken");
-    assert!(failed[2].starts_with("**failed**:") && failed[2].contains(r#"unknown key "betaa"; did you mean "beta"?"#), "{failed:?}");
+    assert!(
+        failed[2].starts_with("**failed**:") && failed[2].contains(r#"unknown key "betaa"; did you mean "beta"?"#),
+        "{failed:?}"
+    );
     assert_eq!(failed[4], "–");
     // The base model is scored once per set of tokenization rules: DPO's (shared by two runs) and ORPO's.
     assert_eq!(std::fs::read_dir(out.join("baseline")).unwrap().count(), 2);
@@ -145,7 +161,13 @@ fn a_grid_runs_the_recipe_once_per_value() {
     let orpo = recipe(dir.path(), "orpo", None, &model, "");
     let out = dir.path().join("grid");
     let output = compare(&[
-        "--recipe", orpo.to_str().unwrap(), "--trainer", "orpo", "--grid", "beta=0.05,0.5", "--output-dir",
+        "--recipe",
+        orpo.to_str().unwrap(),
+        "--trainer",
+        "orpo",
+        "--grid",
+        "beta=0.05,0.5",
+        "--output-dir",
         out.to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -161,7 +183,10 @@ fn a_grid_runs_the_recipe_once_per_value() {
     // Each value reaches its run, which then differs: ORPO's loss is NLL + β·odds-ratio term.
     for (name, beta) in [("beta=0.05", "0.05"), ("beta=0.5", "0.5")] {
         let trained = std::fs::read_to_string(out.join("runs").join(name).join("recipe.yaml")).unwrap();
-        assert!(trained.contains(&format!("beta: '{beta}'")) || trained.contains(&format!("beta: {beta}")), "{trained}");
+        assert!(
+            trained.contains(&format!("beta: '{beta}'")) || trained.contains(&format!("beta: {beta}")),
+            "{trained}"
+        );
         assert!(!trained.contains("beta: 0.1"), "{trained}");
     }
     assert_ne!(small[4], large[4]);
@@ -180,11 +205,31 @@ fn a_grid_runs_the_recipe_once_per_value() {
 fn bad_arguments_fail_before_any_run() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let output = compare(&["--recipe", "a.yaml", "--recipe", "b.yaml", "--name", "only-one", "--output-dir", out.to_str().unwrap()]);
+    let output = compare(&[
+        "--recipe",
+        "a.yaml",
+        "--recipe",
+        "b.yaml",
+        "--name",
+        "only-one",
+        "--output-dir",
+        out.to_str().unwrap(),
+    ]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("1 --name for 2 --recipe"));
     let output = compare(&["--recipe", "a.yaml", "--grid", "beta", "--output-dir", out.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("expected KEY=V1,V2"));
-    let output = compare(&["--recipe", "a.yaml", "--recipe", "b.yaml", "--recipe", "c.yaml", "--trainer", "dpo", "--trainer", "orpo"]);
+    let output = compare(&[
+        "--recipe",
+        "a.yaml",
+        "--recipe",
+        "b.yaml",
+        "--recipe",
+        "c.yaml",
+        "--trainer",
+        "dpo",
+        "--trainer",
+        "orpo",
+    ]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("2 --trainer for 3 --recipe"));
     assert!(!out.exists());
 }
@@ -253,8 +298,14 @@ fn comparing_again_reuses_finished_runs_and_resumes_interrupted_ones() {
     // differs), and trains nothing.
     let other = dir.path().join("other");
     let from_grid = compare(&[
-        "--recipe", orpo.to_str().unwrap(), "--grid", "beta=0.3", "--reuse-runs", out.to_str().unwrap(),
-        "--output-dir", other.to_str().unwrap(),
+        "--recipe",
+        orpo.to_str().unwrap(),
+        "--grid",
+        "beta=0.3",
+        "--reuse-runs",
+        out.to_str().unwrap(),
+        "--output-dir",
+        other.to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&from_grid.stderr);
     assert!(from_grid.status.success(), "{stderr}");

@@ -7,8 +7,8 @@ use crate::common::fixture;
 use prefalign::data::collate::TruncationMode;
 use prefalign::data::pack::{pack, PackOptions};
 use prefalign::data::tokenize::{Sequence, TokenizedPair};
-use prefalign::model::{self, LoadedModel};
 use prefalign::model::lm_head::{score_tokens, summed_completion_logps, Needed, Precision};
+use prefalign::model::{self, LoadedModel};
 use prefalign::objective::metrics::MetricLog;
 use prefalign::objective::{CpoParams, DpoParams, Objective, OrpoParams};
 use prefalign::train::step::{forward_backward, StepOptions};
@@ -29,7 +29,12 @@ fn random_pairs(count: usize, vocab: i64) -> Vec<TokenizedPair> {
                 rejected[0] = chosen[0]; // a completion prefix that is shared too
             }
             let seq = |c: &[i64]| Sequence { ids: prompt.iter().chain(c).copied().collect(), prompt_len: prompt.len() };
-            TokenizedPair { location: format!("pair {i}"), prompt_ids: prompt.clone(), chosen: seq(&chosen), rejected: seq(&rejected) }
+            TokenizedPair {
+                location: format!("pair {i}"),
+                prompt_ids: prompt.clone(),
+                chosen: seq(&chosen),
+                rejected: seq(&rejected),
+            }
         })
         .collect()
 }
@@ -40,7 +45,13 @@ struct Outcome {
     grads: BTreeMap<String, Tensor>,
 }
 
-fn run(model: &LoadedModel, pairs: &[TokenizedPair], objective: &Objective, layout: PackOptions, step: StepOptions) -> Outcome {
+fn run(
+    model: &LoadedModel,
+    pairs: &[TokenizedPair],
+    objective: &Objective,
+    layout: PackOptions,
+    step: StepOptions,
+) -> Outcome {
     for (_, var) in model.vs.variables() {
         let mut grad = var.grad();
         if grad.defined() {
@@ -65,7 +76,12 @@ fn objectives() -> Vec<(&'static str, Objective)> {
 }
 
 fn assert_close(what: &str, got: &Outcome, want: &Outcome, metrics: bool) {
-    assert!((got.loss - want.loss).abs() <= 1e-5 * want.loss.abs().max(1.0), "{what}: loss {} vs {}", got.loss, want.loss);
+    assert!(
+        (got.loss - want.loss).abs() <= 1e-5 * want.loss.abs().max(1.0),
+        "{what}: loss {} vs {}",
+        got.loss,
+        want.loss
+    );
     if metrics {
         for (key, value) in &want.metrics {
             let ours = got.metrics[key];
@@ -102,7 +118,12 @@ fn layouts_and_checkpointing_match_trl_layout() {
             let checkpointed = StepOptions { gradient_checkpointing: true, ..Default::default() };
             for layout in [PackOptions::TRL, PackOptions::default()] {
                 let got = run(&model, &pairs, &objective, layout, checkpointed);
-                assert_close(&format!("{model_name} {objective_name} checkpointed {layout:?}"), &got, &want, objective_name == "dpo" || layout.is_trl_layout());
+                assert_close(
+                    &format!("{model_name} {objective_name} checkpointed {layout:?}"),
+                    &got,
+                    &want,
+                    objective_name == "dpo" || layout.is_trl_layout(),
+                );
             }
         }
     }
@@ -116,10 +137,16 @@ fn bf16_autocast_stays_close_to_f32() {
     for (name, objective) in objectives() {
         let f32 = run(&model, &pairs, &objective, PackOptions::default(), StepOptions::default());
         let half = run(&model, &pairs, &objective, PackOptions::default(), bf16);
-        assert!((half.loss - f32.loss).abs() <= 2e-2 * f32.loss.abs().max(1.0), "{name}: bf16 loss {} vs f32 {}", half.loss, f32.loss);
+        assert!(
+            (half.loss - f32.loss).abs() <= 2e-2 * f32.loss.abs().max(1.0),
+            "{name}: bf16 loss {} vs f32 {}",
+            half.loss,
+            f32.loss
+        );
         let flat = |o: &Outcome| Tensor::cat(&o.grads.values().map(|g| g.flatten(0, -1)).collect::<Vec<_>>(), 0);
         let (a, b) = (flat(&half), flat(&f32));
-        let cosine = (&a * &b).sum(Kind::Double).double_value(&[]) / (a.norm().double_value(&[]) * b.norm().double_value(&[]));
+        let cosine =
+            (&a * &b).sum(Kind::Double).double_value(&[]) / (a.norm().double_value(&[]) * b.norm().double_value(&[]));
         assert!(cosine > 0.99, "{name}: bf16 gradient direction cosine {cosine}");
         // The master weights stay f32.
         assert!(model.vs.variables().values().all(|v| v.kind() == Kind::Float));

@@ -23,12 +23,18 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
 }
 
 /// Prepares `path` for DPO with `edit` applied to the default options.
-fn prepare_file(path: &Path, edit: impl FnOnce(&mut PrepareOptions)) -> anyhow::Result<prefalign::data::prepare::Prepared> {
+fn prepare_file(
+    path: &Path,
+    edit: impl FnOnce(&mut PrepareOptions),
+) -> anyhow::Result<prefalign::data::prepare::Prepared> {
     prepare_rows(read_rows(path)?, edit)
 }
 
 /// Prepares `read` for DPO with `edit` applied to the default options.
-fn prepare_rows(read: ReadRows, edit: impl FnOnce(&mut PrepareOptions)) -> anyhow::Result<prefalign::data::prepare::Prepared> {
+fn prepare_rows(
+    read: ReadRows,
+    edit: impl FnOnce(&mut PrepareOptions),
+) -> anyhow::Result<prefalign::data::prepare::Prepared> {
     let tokenizer = tokenizer();
     let tok = PairTokenizer::new(&tokenizer)?;
     let mut options = PrepareOptions::new(Rules::Dpo);
@@ -86,7 +92,11 @@ const GOOD: &str = r#"{"prompt": "Hi", "chosen": " Hello!", "rejected": " Go awa
 #[test]
 fn malformed_json_line_names_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "bad.jsonl", format!("{GOOD}\n{GOOD}\n{{\"prompt\": \"Hi\", \"chosen\": \n{GOOD}\n").as_bytes());
+    let path = write(
+        dir.path(),
+        "bad.jsonl",
+        format!("{GOOD}\n{GOOD}\n{{\"prompt\": \"Hi\", \"chosen\": \n{GOOD}\n").as_bytes(),
+    );
     let err = error_text(prepare_file(&path, |_| {}));
     assert!(err.contains("bad.jsonl:3: invalid JSON") && err.contains("--skip-invalid-rows"), "{err}");
     let prepared = prepare_file(&path, |o| o.skip_invalid_rows = true).unwrap();
@@ -106,12 +116,20 @@ fn invalid_utf8_names_the_line_and_byte() {
 #[test]
 fn missing_and_mistyped_columns_name_column_and_row() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "cols.jsonl", format!("{GOOD}\n{{\"prompt\": \"Hi\", \"chosen\": \"a\"}}\n").as_bytes());
+    let path =
+        write(dir.path(), "cols.jsonl", format!("{GOOD}\n{{\"prompt\": \"Hi\", \"chosen\": \"a\"}}\n").as_bytes());
     let err = error_text(prepare_file(&path, |_| {}));
     assert!(err.contains("cols.jsonl:2: missing column \"rejected\" (the row has: chosen, prompt)"), "{err}");
-    let path = write(dir.path(), "types.jsonl", format!("{GOOD}\n{{\"prompt\": \"Hi\", \"chosen\": 5, \"rejected\": \"b\"}}\n").as_bytes());
+    let path = write(
+        dir.path(),
+        "types.jsonl",
+        format!("{GOOD}\n{{\"prompt\": \"Hi\", \"chosen\": 5, \"rejected\": \"b\"}}\n").as_bytes(),
+    );
     let err = error_text(prepare_file(&path, |_| {}));
-    assert!(err.contains("types.jsonl:2: column \"chosen\": expected a string like the first row, found a number"), "{err}");
+    assert!(
+        err.contains("types.jsonl:2: column \"chosen\": expected a string like the first row, found a number"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -144,7 +162,9 @@ fn empty_completions_and_broken_roles() {
         format!(r#"{{"prompt": [{user}], "chosen": [{assistant}], "rejected": [{assistant}]}}"#),
         format!(r#"{{"prompt": [{user}], "chosen": [{user}], "rejected": [{assistant}]}}"#),
         format!(r#"{{"prompt": [{user}, {system}], "chosen": [{assistant}], "rejected": [{assistant}]}}"#),
-        format!(r#"{{"prompt": [{{"role": "narrator", "content": "x"}}], "chosen": [{assistant}], "rejected": [{assistant}]}}"#),
+        format!(
+            r#"{{"prompt": [{{"role": "narrator", "content": "x"}}], "chosen": [{assistant}], "rejected": [{assistant}]}}"#
+        ),
     ];
     let path = write(dir.path(), "roles.jsonl", lines.join("\n").as_bytes());
     let err = error_text(prepare_file(&path, |_| {}));
@@ -205,8 +225,10 @@ fn exported_hh_rows_tokenize_like_the_transcripts() {
 fn export_with_a_model_leaves_out_what_the_rules_drop() {
     let dir = tempfile::tempdir().unwrap();
     let tokenizer_dir = fixture("trl_data/tokenizer");
-    let (exported, output) =
-        export_hh_rows(dir.path(), &["--model", tokenizer_dir.to_str().unwrap(), "--trainer", "orpo", "--max-length", "128"]);
+    let (exported, output) = export_hh_rows(
+        dir.path(),
+        &["--model", tokenizer_dir.to_str().unwrap(), "--trainer", "orpo", "--max-length", "128"],
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     let orpo = |o: &mut PrepareOptions| {

@@ -21,7 +21,8 @@ fn close(ours: f64, theirs: f64, what: &str) {
 
 fn check(trainer: &str, data: &str) {
     let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(&format!("eval/{trainer}_{data}.json"))).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture(&format!("eval/{trainer}_{data}.json"))).unwrap())
+            .unwrap();
     let tokenizer = TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap();
     let tok = PairTokenizer::new(&tokenizer).unwrap();
     let (rules, objective) = if trainer == "dpo" {
@@ -34,13 +35,25 @@ fn check(trainer: &str, data: &str) {
     options.validation.allow_empty_completions = true;
     let prepared = prepare(read_rows(&fixture(&format!("trl_data/{data}.jsonl"))).unwrap(), &tok, &options).unwrap();
     let policy = model::load(&fixture("eval/tiny_policy"), Device::Cpu, Kind::Float).unwrap();
-    let reference = (trainer == "dpo").then(|| model::load(&fixture("eval/tiny_ref"), Device::Cpu, Kind::Float).unwrap());
-    let batching = Batching { pad_id: 2, truncation: rules.truncation_at_collation(64, TruncationMode::KeepStart), layout: PackOptions::TRL };
+    let reference =
+        (trainer == "dpo").then(|| model::load(&fixture("eval/tiny_ref"), Device::Cpu, Kind::Float).unwrap());
+    let batching = Batching {
+        pad_id: 2,
+        truncation: rules.truncation_at_collation(64, TruncationMode::KeepStart),
+        layout: PackOptions::TRL,
+    };
     let eval_options = EvalOptions { batch_size: 4, batching, precision: Precision::default() };
-    let result = evaluate(&policy.model, reference.as_ref().map(|r| EvalReference::Model(&r.model)), &prepared.pairs, &objective, &eval_options);
+    let result = evaluate(
+        &policy.model,
+        reference.as_ref().map(|r| EvalReference::Model(&r.model)),
+        &prepared.pairs,
+        &objective,
+        &eval_options,
+    );
 
     // ORPO rows whose completion truncation empties are dropped by default (TRL would score NaN for them).
-    let rows: Vec<&Value> = expected["rows"].as_array().unwrap().iter().filter(|r| !r["chosen_logps"].is_null()).collect();
+    let rows: Vec<&Value> =
+        expected["rows"].as_array().unwrap().iter().filter(|r| !r["chosen_logps"].is_null()).collect();
     assert_eq!(result.examples.len(), rows.len(), "{trainer}_{data}: examples");
     for (ours, row) in result.examples.iter().zip(&rows) {
         let at = format!("{trainer}_{data} {}", ours.location);
@@ -54,8 +67,16 @@ fn check(trainer: &str, data: &str) {
         assert_eq!(ours.chosen_tokens, row["chosen_tokens"].as_i64().unwrap(), "{at} chosen_tokens");
         assert_eq!(ours.rejected_tokens, row["rejected_tokens"].as_i64().unwrap(), "{at} rejected_tokens");
         if trainer == "dpo" {
-            close(ours.ref_chosen_logps.unwrap(), row["ref_chosen_logps"].as_f64().unwrap(), &format!("{at} ref_chosen_logps"));
-            close(ours.ref_rejected_logps.unwrap(), row["ref_rejected_logps"].as_f64().unwrap(), &format!("{at} ref_rejected_logps"));
+            close(
+                ours.ref_chosen_logps.unwrap(),
+                row["ref_chosen_logps"].as_f64().unwrap(),
+                &format!("{at} ref_chosen_logps"),
+            );
+            close(
+                ours.ref_rejected_logps.unwrap(),
+                row["ref_rejected_logps"].as_f64().unwrap(),
+                &format!("{at} ref_rejected_logps"),
+            );
         }
     }
     let metrics = if trainer == "dpo" { &expected["metrics"] } else { &expected["metrics_without_nan_rows"] };

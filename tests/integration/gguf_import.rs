@@ -115,7 +115,10 @@ struct SmolFixture {
 
 fn smol_fixture() -> SmolFixture {
     let json = std::fs::read_to_string(fixture("smollm2/expected.json")).unwrap();
-    SmolFixture { tensors: read_tensors(&fixture("smollm2/expected.safetensors")), json: serde_json::from_str(&json).unwrap() }
+    SmolFixture {
+        tensors: read_tensors(&fixture("smollm2/expected.safetensors")),
+        json: serde_json::from_str(&json).unwrap(),
+    }
 }
 
 /// Our GGUF import against transformers' import of the same file: same chat rendering, same token ids, same
@@ -179,7 +182,14 @@ fn smollm2_round_trip_through_hf_folder() {
     let gguf = model::load(&smollm2_gguf(), Device::Cpu, Kind::Float).unwrap();
     let dir = tempfile::tempdir().unwrap();
     model::save::save_hf(&gguf, dir.path(), model::save::DEFAULT_MAX_SHARD_BYTES).unwrap();
-    for file in ["config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
         assert!(dir.path().join(file).exists(), "{file} written");
     }
     let hf = model::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
@@ -203,7 +213,8 @@ fn sharded_save_writes_an_index() {
     let dir = tempfile::tempdir().unwrap();
     model::save::save_hf(&loaded, dir.path(), 40_000).unwrap();
     let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("model.safetensors.index.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("model.safetensors.index.json")).unwrap())
+            .unwrap();
     let shards: std::collections::BTreeSet<&str> =
         index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
     assert!(shards.len() > 1 && !Path::new(&dir.path().join("model.safetensors")).exists());

@@ -105,7 +105,11 @@ fn numeric_grad(loss: DpoLoss, side: usize) -> Vec<f64> {
         .map(|i| {
             let shifted = |delta: f64| {
                 let (mut pc, mut pr) = (PC.to_vec(), PR.to_vec());
-                if side == 0 { pc[i] += delta } else { pr[i] += delta }
+                if side == 0 {
+                    pc[i] += delta
+                } else {
+                    pr[i] += delta
+                }
                 direct(loss, &pc, &pr)
             };
             (shifted(h) - shifted(-h)) / (2.0 * h)

@@ -24,7 +24,8 @@ fn check(name: &str) {
 }
 
 fn check_layout(name: &str, layout: PackOptions) {
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture(&format!("{name}.json"))).unwrap()).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(&format!("{name}.json"))).unwrap()).unwrap();
     let settings = &expected["settings"];
     let s = |key: &str| settings[key].as_str().unwrap_or_else(|| panic!("setting {key}")).to_string();
     let f = |key: &str| settings[key].as_f64().unwrap_or_else(|| panic!("setting {key}"));
@@ -40,7 +41,12 @@ fn check_layout(name: &str, layout: PackOptions) {
 
     let policy = model::load(&repo_path(&s("policy")), Device::Cpu, Kind::Float).unwrap();
     let objective = if is_dpo {
-        let losses = settings["loss_type"].as_array().unwrap().iter().map(|l| (DpoLoss::parse(l.as_str().unwrap()).unwrap(), 1.0)).collect();
+        let losses = settings["loss_type"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| (DpoLoss::parse(l.as_str().unwrap()).unwrap(), 1.0))
+            .collect();
         let loss = LossParams { beta: f("beta"), label_smoothing: f("label_smoothing"), ..LossParams::default() };
         Objective::Dpo(DpoParams { losses, loss, ..DpoParams::default() })
     } else if trainer == "CPOTrainer" {
@@ -57,7 +63,11 @@ fn check_layout(name: &str, layout: PackOptions) {
     };
     // No ref_model: TRL's reference is a frozen copy of the policy.
     let reference = is_dpo.then(|| {
-        let path = settings["ref_model"].as_str().map(repo_path).filter(|p| p.exists()).unwrap_or_else(|| repo_path(&s("policy")));
+        let path = settings["ref_model"]
+            .as_str()
+            .map(repo_path)
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| repo_path(&s("policy")));
         let mut r = model::load(&path, Device::Cpu, Kind::Float).unwrap();
         r.vs.freeze();
         r
@@ -67,15 +77,28 @@ fn check_layout(name: &str, layout: PackOptions) {
         output_dir: out.path().to_path_buf(),
         learning_rate: f("learning_rate"),
         schedule: Schedule::parse(&s("lr_scheduler_type"), 0.0).unwrap(),
-        optimizer: AdamWConfig { beta1: f("adam_beta1"), beta2: f("adam_beta2"), eps: f("adam_epsilon"), weight_decay: f("weight_decay") },
+        optimizer: AdamWConfig {
+            beta1: f("adam_beta1"),
+            beta2: f("adam_beta2"),
+            eps: f("adam_epsilon"),
+            weight_decay: f("weight_decay"),
+        },
         max_grad_norm: f("max_grad_norm"),
         per_device_train_batch_size: f("per_device_train_batch_size") as usize,
         num_train_epochs: 1.0,
         max_steps: f("max_steps") as i64,
         logging_steps: 1,
         seed: f("seed") as u64,
-        sampling: if s("train_sampling_strategy") == "random" { SamplingStrategy::Random } else { SamplingStrategy::Sequential },
-        batching: Batching { pad_id: 2, truncation: is_dpo.then_some((f("max_length") as usize, TruncationMode::KeepStart)), layout },
+        sampling: if s("train_sampling_strategy") == "random" {
+            SamplingStrategy::Random
+        } else {
+            SamplingStrategy::Sequential
+        },
+        batching: Batching {
+            pad_id: 2,
+            truncation: is_dpo.then_some((f("max_length") as usize, TruncationMode::KeepStart)),
+            layout,
+        },
         ..TrainerConfig::default()
     };
     let reference = reference.as_ref().map_or(Reference::None, Reference::Model);
@@ -91,7 +114,8 @@ fn check_layout(name: &str, layout: PackOptions) {
             if !is_dpo && !layout.is_trl_layout() && key.starts_with("logits/") {
                 continue;
             }
-            let got = ours.get(key).and_then(Value::as_f64).unwrap_or_else(|| panic!("{name} step {step}: {key} not logged"));
+            let got =
+                ours.get(key).and_then(Value::as_f64).unwrap_or_else(|| panic!("{name} step {step}: {key} not logged"));
             let tolerance = 1e-4 * want.abs().max(if key.starts_with("logits/") { 1e-2 } else { 1.0 });
             assert!((got - want).abs() <= tolerance, "{name} ({layout:?}) step {step}: {key} = {got}, TRL {want}");
         }
@@ -103,7 +127,10 @@ fn check_layout(name: &str, layout: PackOptions) {
         let ours = policy.vs.variables()[param].to_kind(Kind::Double);
         let (sum, norm) = (ours.sum(Kind::Double).double_value(&[]), ours.norm().double_value(&[]));
         let (want_sum, want_norm) = (stats[0].as_f64().unwrap(), stats[1].as_f64().unwrap());
-        assert!((norm - want_norm).abs() <= 1e-4 * want_norm.abs().max(1.0), "{name} ({layout:?}): {param} norm {norm} vs {want_norm}");
+        assert!(
+            (norm - want_norm).abs() <= 1e-4 * want_norm.abs().max(1.0),
+            "{name} ({layout:?}): {param} norm {norm} vs {want_norm}"
+        );
         assert!((sum - want_sum).abs() <= 1e-4 * want_norm.abs().max(1.0), "{name}: {param} sum {sum} vs {want_sum}");
     }
 }
@@ -206,7 +233,11 @@ fn small_config(out: &std::path::Path) -> TrainerConfig {
         save_total_limit: Some(1),
         per_device_eval_batch_size: 4,
         seed: 7,
-        batching: Batching { pad_id: 2, truncation: Some((64, TruncationMode::KeepStart)), layout: PackOptions::default() },
+        batching: Batching {
+            pad_id: 2,
+            truncation: Some((64, TruncationMode::KeepStart)),
+            layout: PackOptions::default(),
+        },
         ..TrainerConfig::default()
     }
 }
@@ -223,7 +254,13 @@ fn resume_is_bit_for_bit() {
     let uninterrupted_dir = tempfile::tempdir().unwrap();
     let a = setup(Rules::Dpo, 64, false);
     let config = small_config(uninterrupted_dir.path());
-    let inputs = TrainInputs { policy: &a.policy, reference: Reference::Model(&a.reference), train: &a.pairs, eval: Some(&a.pairs[..4]), objective: &objective };
+    let inputs = TrainInputs {
+        policy: &a.policy,
+        reference: Reference::Model(&a.reference),
+        train: &a.pairs,
+        eval: Some(&a.pairs[..4]),
+        objective: &objective,
+    };
     let rows_a = train(&inputs, &TrainerConfig { eval_steps: 3, ..config.clone() }).unwrap();
     let checkpoint = uninterrupted_dir.path().join("checkpoint-3");
     assert!(checkpoint.join("model.safetensors").exists() && checkpoint.join("trainer_state.json").exists());
@@ -232,8 +269,19 @@ fn resume_is_bit_for_bit() {
 
     let resumed_dir = tempfile::tempdir().unwrap();
     let b = setup(Rules::Dpo, 64, false);
-    let inputs = TrainInputs { policy: &b.policy, reference: Reference::Model(&b.reference), train: &b.pairs, eval: Some(&b.pairs[..4]), objective: &objective };
-    let resumed = TrainerConfig { output_dir: resumed_dir.path().to_path_buf(), resume_from_checkpoint: Some(checkpoint), eval_steps: 3, ..config };
+    let inputs = TrainInputs {
+        policy: &b.policy,
+        reference: Reference::Model(&b.reference),
+        train: &b.pairs,
+        eval: Some(&b.pairs[..4]),
+        objective: &objective,
+    };
+    let resumed = TrainerConfig {
+        output_dir: resumed_dir.path().to_path_buf(),
+        resume_from_checkpoint: Some(checkpoint),
+        eval_steps: 3,
+        ..config
+    };
     let rows_b = train(&inputs, &resumed).unwrap();
 
     let (va, vb) = (a.policy.vs.variables(), b.policy.vs.variables());
@@ -267,7 +315,13 @@ fn nonfinite_loss_stops_naming_step_and_rows_or_is_skipped() {
         save_steps: 1,
         ..small
     };
-    let inputs = TrainInputs { policy: &s.policy, reference: Reference::None, train: &s.pairs, eval: None, objective: &objective };
+    let inputs = TrainInputs {
+        policy: &s.policy,
+        reference: Reference::None,
+        train: &s.pairs,
+        eval: None,
+        objective: &objective,
+    };
     let err = format!("{:#}", train(&inputs, &config).unwrap_err());
     assert!(err.contains("non-finite loss NaN at step 2") && err.contains("standard.jsonl:8"), "{err}");
     assert!(err.contains("last good checkpoint: ") && err.contains("checkpoint-1"), "{err}");
@@ -295,11 +349,27 @@ fn precomputed_reference_matches_the_reference_model() {
         };
         let eval_pairs = &s.pairs[..5];
         let precompute = |pairs| {
-            prefalign::train::reference::precompute(&s.reference, pairs, &config.batching, config.step.precision, 4, cache.path()).unwrap()
+            prefalign::train::reference::precompute(
+                &s.reference,
+                pairs,
+                &config.batching,
+                config.step.precision,
+                4,
+                cache.path(),
+            )
+            .unwrap()
         };
         let logps = precomputed.then(|| (precompute(&s.pairs), precompute(eval_pairs)));
-        let reference = logps.as_ref().map_or(Reference::Model(&s.reference), |(train, eval)| Reference::Precomputed { train, eval: Some(eval) });
-        let inputs = TrainInputs { policy: &s.policy, reference, train: &s.pairs, eval: Some(eval_pairs), objective: &objective };
+        let reference = logps
+            .as_ref()
+            .map_or(Reference::Model(&s.reference), |(train, eval)| Reference::Precomputed { train, eval: Some(eval) });
+        let inputs = TrainInputs {
+            policy: &s.policy,
+            reference,
+            train: &s.pairs,
+            eval: Some(eval_pairs),
+            objective: &objective,
+        };
         train(&inputs, &config).unwrap()
     };
     let live = run(false);

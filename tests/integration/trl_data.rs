@@ -31,7 +31,8 @@ fn check(trainer: &str, data: &str, truncation_mode: TruncationMode) {
         TruncationMode::KeepStart => format!("{trainer}_{data}"),
         TruncationMode::KeepEnd => format!("{trainer}_{data}_keep_end"),
     };
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture(&format!("trl_data/{name}.json"))).unwrap()).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(&format!("trl_data/{name}.json"))).unwrap()).unwrap();
     let tokenizer = TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap();
     let tok = PairTokenizer::new(&tokenizer).unwrap();
     let rules = if trainer == "dpo" { Rules::Dpo } else { Rules::Orpo };
@@ -82,13 +83,27 @@ fn check(trainer: &str, data: &str, truncation_mode: TruncationMode) {
         let at = format!("{name} batch {b}");
         if trainer == "dpo" {
             assert_eq!(tensor_rows(&batch.input_ids), matrix(&want["batch"]["input_ids"]), "{at}: input_ids");
-            assert_eq!(tensor_rows(&batch.attention_mask), matrix(&want["batch"]["attention_mask"]), "{at}: attention_mask");
-            assert_eq!(tensor_rows(&batch.completion_mask), matrix(&want["batch"]["completion_mask"]), "{at}: completion_mask");
+            assert_eq!(
+                tensor_rows(&batch.attention_mask),
+                matrix(&want["batch"]["attention_mask"]),
+                "{at}: attention_mask"
+            );
+            assert_eq!(
+                tensor_rows(&batch.completion_mask),
+                matrix(&want["batch"]["completion_mask"]),
+                "{at}: completion_mask"
+            );
         } else {
             let derived = &want["derived"];
             assert_eq!(tensor_rows(&batch.input_ids), matrix(&derived["concatenated_input_ids"]), "{at}: input_ids");
-            assert_eq!(tensor_rows(&batch.attention_mask), matrix(&derived["concatenated_attention_mask"]), "{at}: attention_mask");
-            let labels = batch.input_ids.where_self(&batch.completion_mask.to_kind(tch::Kind::Bool), &tch::Tensor::from(-100i64));
+            assert_eq!(
+                tensor_rows(&batch.attention_mask),
+                matrix(&derived["concatenated_attention_mask"]),
+                "{at}: attention_mask"
+            );
+            let labels = batch
+                .input_ids
+                .where_self(&batch.completion_mask.to_kind(tch::Kind::Bool), &tch::Tensor::from(-100i64));
             assert_eq!(tensor_rows(&labels), matrix(&derived["concatenated_labels"]), "{at}: labels");
         }
     }

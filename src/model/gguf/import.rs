@@ -49,7 +49,12 @@ impl GgufModel {
     }
 }
 
-fn config_from_metadata(file: &GgufFile, arch: Architecture, prefix: &str, tokenizer: &TextTokenizer) -> Result<ModelConfig> {
+fn config_from_metadata(
+    file: &GgufFile,
+    arch: Architecture,
+    prefix: &str,
+    tokenizer: &TextTokenizer,
+) -> Result<ModelConfig> {
     let key = |k: &str| format!("{prefix}.{k}");
     let get_u = |k: &str| -> Result<usize> {
         file.get(&key(k))
@@ -165,10 +170,14 @@ impl WeightSource for GgufWeights {
         let Some(&index) = self.names.get(name) else { return Ok(None) };
         let tensor = self.file.dequantize(&self.file.tensors[index])?;
         Ok(Some(match self.unpermute {
-            Some((heads, _)) if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") => {
+            Some((heads, _))
+                if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") =>
+            {
                 unpermute_rows(&tensor, heads)
             }
-            Some((_, kv_heads)) if name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias") => {
+            Some((_, kv_heads))
+                if name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias") =>
+            {
                 unpermute_rows(&tensor, kv_heads)
             }
             _ => tensor,

@@ -218,9 +218,9 @@ impl GgufFile {
     /// The bytes of a tensor, checked against the file size.
     pub fn tensor_bytes(&self, info: &TensorInfo, byte_len: usize) -> Result<&[u8]> {
         let start = self.data_start + info.offset as usize;
-        self.mmap.get(start..start + byte_len).with_context(|| {
-            format!("tensor {} in {} runs past the end of the file", info.name, self.path.display())
-        })
+        self.mmap
+            .get(start..start + byte_len)
+            .with_context(|| format!("tensor {} in {} runs past the end of the file", info.name, self.path.display()))
     }
 
     /// The tensor as f32 in its PyTorch shape.
