@@ -147,8 +147,11 @@ impl Bound {
     }
 }
 
+/// A split's slice: its start and, if given, its end.
+type Slice = (Bound, Option<Bound>);
+
 /// "train[300:]" -> ("train", Some((300, None))), as `datasets` slices splits.
-fn parse_split(spec: &str) -> Result<(&str, Option<(Bound, Option<Bound>)>)> {
+fn parse_split(spec: &str) -> Result<(&str, Option<Slice>)> {
     let Some((name, rest)) = spec.split_once('[') else { return Ok((spec, None)) };
     let inner = rest.strip_suffix(']').with_context(|| format!("split \"{spec}\": missing ']'"))?;
     let bound = |text: &str| -> Result<Option<Bound>> {

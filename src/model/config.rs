@@ -161,14 +161,14 @@ impl ModelConfig {
         if self.hidden_act != "silu" {
             bail!("unsupported hidden_act \"{}\" (only silu)", self.hidden_act);
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             bail!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
                 self.num_kv_heads()
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!(
                 "head_dim {} (hidden_size {} / num_attention_heads {} unless head_dim is given) is odd: rotary position \
                  embeddings rotate pairs of dimensions",

@@ -51,7 +51,7 @@ impl Rope {
         let mut inv_freq = Tensor::from(theta).to_kind(Kind::Float).pow(&exponents).reciprocal();
         match RopeScaling::from_config(config)? {
             RopeScaling::None => {}
-            RopeScaling::Linear { factor } => inv_freq = inv_freq / factor,
+            RopeScaling::Linear { factor } => inv_freq /= factor,
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions } => {
                 let low_freq_wavelen = original_max_positions / low_freq_factor;
                 let high_freq_wavelen = original_max_positions / high_freq_factor;

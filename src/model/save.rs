@@ -16,7 +16,7 @@ pub fn save_hf(model: &LoadedModel, dir: &Path, max_shard_bytes: usize) -> Resul
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let variables = model.vs.variables();
     let mut tensors: Vec<(String, Tensor)> = variables.into_iter().collect();
-    tensors.sort_by(|a, b| natural_key(&a.0).cmp(&natural_key(&b.0)));
+    tensors.sort_by_key(|(name, _)| natural_key(name));
     let dtype = tensors.first().map_or(tch::Kind::Float, |(_, t)| t.kind());
     save_safetensors(dir, &tensors, max_shard_bytes)?;
 

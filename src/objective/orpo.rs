@@ -62,8 +62,8 @@ fn log_batch_metrics(log: &mut MetricLog, scores: &TokenScores, terms: &OrpoTerm
     log_rewards(log, (&rewards.0, &rewards.1), (&terms.chosen_logps, &terms.rejected_logps));
     // TRL averages the logits of every position of each half, prompt and padding included (a packed layout has
     // no padding: docs/TRAINING.md).
-    log.push("logits/chosen", scores.mean_logit_of_rows(0, batch as i64, false));
-    log.push("logits/rejected", scores.mean_logit_of_rows(batch as i64, batch as i64, false));
+    log.push("logits/chosen", scores.mean_logit_of_rows(0, batch, false));
+    log.push("logits/rejected", scores.mean_logit_of_rows(batch, batch, false));
     log.push("nll_loss", scalar(terms.nll_loss.shallow_clone()));
     log.push("log_odds_ratio", scalar(terms.log_odds.log_sigmoid().mean(Kind::Float)));
     log.push("log_odds_chosen", scalar(terms.log_odds.mean(Kind::Float)));

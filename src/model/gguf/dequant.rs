@@ -55,7 +55,7 @@ impl GgmlType {
     /// Bytes taken by `elements` values (which must fill whole blocks).
     pub fn byte_len(self, elements: usize) -> Result<usize> {
         let (block_elems, block_bytes) = self.block();
-        if elements % block_elems != 0 {
+        if !elements.is_multiple_of(block_elems) {
             bail!("{elements} elements do not fill whole {self:?} blocks of {block_elems}");
         }
         Ok(elements / block_elems * block_bytes)
