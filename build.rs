@@ -33,8 +33,8 @@ fn main() {
 }
 
 /// gperftools' tcmalloc (Debian's libtcmalloc-minimal4, which scripts/setup.sh installs) in place of glibc's malloc
-/// for the whole process, libtorch included: on the 135M benchmark a CPU step took 5.8-6.0 s at 3.15 GiB peak
-/// with it against 6.4-7.4 s at 3.8 GiB with glibc (docs/PERFORMANCE.md). Linked ahead of libc so its malloc
+/// for the whole process, libtorch included: glibc's heap fragments around the fresh gradients and temporaries of
+/// each backward pass, tcmalloc's does not (peak and time: docs/PERFORMANCE.md). Linked ahead of libc so its malloc
 /// wins symbol lookup; without the library the build keeps glibc. `PREFALIGN_TCMALLOC=0` keeps glibc anyway.
 fn link_tcmalloc() {
     println!("cargo:rerun-if-env-changed=PREFALIGN_TCMALLOC");

@@ -5,8 +5,8 @@ use std::ffi::c_int;
 
 /// With glibc's malloc (a build without tcmalloc, see build.rs): keeps freed memory in the process instead of
 /// handing it back to the kernel. A training step frees and reallocates the same large activation buffers; with
-/// glibc's defaults each one is unmapped and faulted in (and zeroed) again on the next step, which cost 15% of a
-/// CPU step here (docs/PERFORMANCE.md). Blocks up to 32 MiB, glibc's ceiling for this threshold, now come from the
+/// glibc's defaults each one is unmapped and faulted in (and zeroed) again on the next step, a sizeable part of a
+/// CPU step (docs/PERFORMANCE.md). Blocks up to 32 MiB, glibc's ceiling for this threshold, now come from the
 /// heap, and the heap is never trimmed. tcmalloc needs neither this nor `release_free_memory`: it keeps freed
 /// spans for reuse and returns idle ones to the kernel gradually on its own.
 pub fn tune_allocator() {
@@ -22,8 +22,8 @@ pub fn tune_allocator() {
 /// Hands free heap memory back to the kernel whenever the heap grew by more than an eighth over its largest size
 /// so far. `tune_allocator` keeps freed memory for the next step, which costs nothing while steps repeat the same
 /// shapes (the heap settles after the first steps, and this stops trimming) but fragments the heap when they
-/// vary: by step 60 of an HH-RLHF DPO run the heap held 3.6 GB free beside 2.9 GB in use, all of it resident,
-/// and kept growing. Called between training steps.
+/// vary (on HH-RLHF batches the free part of the heap outgrew the part in use, all of it resident, and kept
+/// growing). Called between training steps.
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu", not(prefalign_tcmalloc)))]
     {
@@ -48,11 +48,10 @@ pub fn release_free_memory() {
 
 /// MKL asks this function whether the CPU is Intel's and, on any other vendor's, runs generic or "zen" kernels
 /// instead of the ones the CPU's instruction set allows. libtorch links MKL statically but exports its symbols, so
-/// this definition in the executable (exported by build.rs) wins the dynamic lookup. On this project's AMD EPYC
-/// (Zen 4, AVX-512 and AVX512-BF16) an f32 matrix product then runs at 340-440 GFLOP/s instead of 170-200, and
-/// bf16 products inside attention use MKL's AVX512-BF16 kernel instead of converting to f32: an f32 DPO step of
-/// the 135M benchmark took 2.9 s instead of 5.6-5.9 s (docs/PERFORMANCE.md). MKL still checks the instruction
-/// set itself, so it runs only kernels the CPU has. `PREFALIGN_MKL_VENDOR_CHECK=1` keeps MKL's own answer.
+/// this definition in the executable (exported by build.rs) wins the dynamic lookup. On an AMD CPU with AVX-512,
+/// f32 matrix products then run MKL's AVX-512 kernels and bf16 products inside attention its AVX512-BF16 kernel
+/// instead of an f32 fallback (the speed-up: docs/PERFORMANCE.md). MKL still checks the instruction set itself, so
+/// it runs only kernels the CPU has. `PREFALIGN_MKL_VENDOR_CHECK=1` keeps MKL's own answer.
 #[no_mangle]
 pub extern "C" fn mkl_serv_intel_cpu_true() -> c_int {
     static ANSWER: std::sync::OnceLock<c_int> = std::sync::OnceLock::new();

@@ -1,7 +1,7 @@
 //! RMSNorm, the SwiGLU MLP's output projection and the other projections under autocast as autograd functions
 //! that keep less for the backward pass (src/model/fused.cpp): the same forward computation, with the element-wise
-//! intermediates and the casts recomputed in the backward pass instead of kept. Per token and layer of the
-//! SmolLM2-135M shape in f32 that is 16.6 KB of the 45.4 KB autograd kept (docs/PERFORMANCE.md).
+//! intermediates and the casts recomputed in the backward pass instead of kept (what that saves:
+//! docs/PERFORMANCE.md).
 
 use std::ffi::c_char;
 use tch::{Kind, Tensor};

@@ -7,7 +7,7 @@
 #   - gperftools' tcmalloc, which the binary links
 #   - the wheels TRL 1.16 needs beyond the GPU machine's image (trl, datasets, dill, multiprocess)
 # Needs `bash scripts/setup.sh --fixtures`. Then call the device tool with carry [".device"] and the command
-# `bash tools/device/run.sh` (at most about 8 minutes; docs/PERFORMANCE.md, "CUDA").
+# `bash tools/device/run.sh` (at most about 8 minutes; tools/device/README.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 torch=$(ls -d "$PWD"/.venv-fixtures/lib/python3*/site-packages/torch 2>/dev/null | head -n 1 || true)
