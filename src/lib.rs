@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod files;
 pub mod model;
 pub mod objective;
 pub mod report;

@@ -2,6 +2,7 @@
 //! kernels MKL picks for matrix products.
 
 use std::ffi::c_int;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// With glibc's malloc (a build without tcmalloc, see build.rs): keeps freed memory in the process instead of
 /// handing it back to the kernel. A training step frees and reallocates the same large activation buffers; with
@@ -27,7 +28,7 @@ pub fn tune_allocator() {
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu", not(prefalign_tcmalloc)))]
     {
-        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::atomic::AtomicUsize;
         static LARGEST_HEAP: AtomicUsize = AtomicUsize::new(0);
         // SAFETY: mallinfo2 reads allocator statistics; malloc_trim only releases free pages.
         unsafe {
@@ -78,4 +79,80 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// The signal (SIGINT or SIGTERM) that asked a run to stop at the end of its step; 0: none.
+static STOP_REQUESTED: AtomicI32 = AtomicI32::new(0);
+/// Whether the process is in a part that can stop cleanly at the end of a step (a training run and its final
+/// save): there the first signal only asks it to stop, elsewhere any signal ends the process at once.
+static STOPPABLE: AtomicBool = AtomicBool::new(false);
+
+/// SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send before a kill): inside a `StopAtStepEnd` scope the
+/// first one asks the run to stop after its current step (`stop_requested`), and a second one ends the process at
+/// once; outside such a scope the first one does. Exit status 128 + the signal's number (130, 143), as a shell
+/// reports a process killed by it.
+pub fn handle_stop_signals() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler is async-signal-safe (atomics, write(2), _exit(2)); sigaction is given a zeroed,
+        // then filled, struct.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_stop_signal as *const () as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+extern "C" fn on_stop_signal(signal: c_int) {
+    let say = |text: &[u8]| {
+        // SAFETY: write(2) to stderr is async-signal-safe.
+        unsafe { libc::write(2, text.as_ptr().cast(), text.len()) };
+    };
+    if STOPPABLE.load(Ordering::SeqCst)
+        && STOP_REQUESTED.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+    {
+        say(b"\nprefalign: stopping after this step, with a checkpoint (signal again to stop at once)\n");
+        return;
+    }
+    say(b"\nprefalign: stopped\n");
+    // SAFETY: _exit(2) is async-signal-safe.
+    unsafe { libc::_exit(128 + signal) };
+}
+
+/// The signal that asked the run to stop at the end of its step, if one did.
+pub fn stop_requested() -> Option<i32> {
+    Some(STOP_REQUESTED.load(Ordering::SeqCst)).filter(|&s| s != 0)
+}
+
+/// While alive, the first SIGINT/SIGTERM asks the run to stop at the end of its step instead of ending it.
+pub struct StopAtStepEnd(());
+
+impl StopAtStepEnd {
+    pub fn new() -> Self {
+        STOPPABLE.store(true, Ordering::SeqCst);
+        StopAtStepEnd(())
+    }
+}
+
+impl Default for StopAtStepEnd {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for StopAtStepEnd {
+    fn drop(&mut self) {
+        STOPPABLE.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The name of a stop signal, for messages.
+pub fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
 }

@@ -41,19 +41,19 @@ pub struct BenchArgs {
     #[arg(long, default_value = "smollm2-135m")]
     shape: String,
     /// The shape with this many decoder layers instead of its own (to project a large shape's memory per layer)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::values::at_least_one)]
     layers: Option<usize>,
     #[arg(long, value_enum, default_value = "dpo")]
     objective: BenchObjective,
     /// Pairs per step
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, value_parser = crate::cli::values::at_least_one, default_value_t = 2)]
     pairs: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, value_parser = crate::cli::values::at_least_one, default_value_t = 128)]
     prompt_tokens: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, value_parser = crate::cli::values::at_least_one, default_value_t = 128)]
     completion_tokens: usize,
     /// Timed steps (after --warmup untimed ones)
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, value_parser = crate::cli::values::at_least_one, default_value_t = 5)]
     steps: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -141,7 +141,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchObjective::Orpo => (Objective::Orpo(OrpoParams::default()), None),
     };
     let trainer_config = TrainerConfig {
-        learning_rate: 1e-6,
         batching: Batching { pad_id: 2, truncation, layout: args.compute.layout() },
         step: args.compute.step(),
         ..TrainerConfig::default()
@@ -173,14 +172,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let mut trainer = Trainer::new(&policy, reference, &objective, &pairs, &trainer_config);
     let batch: Vec<usize> = (0..pairs.len()).collect();
-    let mut log = MetricLog::default();
     let mut cuda_peak: Option<u64> = None;
     let mut times = Vec::new();
     let mut phases = [Vec::new(), Vec::new(), Vec::new()]; // reference, policy forward+backward, optimizer
     for step in 0..args.warmup + args.steps {
         let started = Instant::now();
         let outcome = trainer
-            .optimizer_step(std::slice::from_ref(&batch), trainer_config.learning_rate, &mut log)
+            .optimizer_step(std::slice::from_ref(&batch), trainer_config.learning_rate, &mut MetricLog::default())
             .map_err(|e| anyhow::anyhow!("non-finite {} at step {}", e.what, step + 1))?;
         if let tch::Device::Cuda(index) = device {
             tch::Cuda::synchronize(index as i64);
@@ -194,6 +192,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             times.push(seconds);
             phases[0].push(outcome.seconds.reference);
             phases[1].push(outcome.seconds.policy);
+            // the rest of the step: clipping, AdamW and, on CUDA, waiting for the GPU to finish
             phases[2].push(seconds - outcome.seconds.reference - outcome.seconds.policy);
         }
         if !args.json {
@@ -204,7 +203,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 if step < args.warmup { " (warmup)" } else { "" }
             );
         }
-        log = MetricLog::default();
     }
     let step_seconds = median(&mut times);
     let [reference_s, policy_s, optimizer_s] = phases.map(|mut p| median(&mut p));

@@ -2,6 +2,7 @@
 //! subcommand's flags. They are placed before the command line's own flags, which therefore override them.
 
 use anyhow::{bail, Context, Result};
+use clap::error::ErrorKind;
 use clap::{ArgAction, Command};
 use serde_norway::Value;
 use std::ffi::OsString;
@@ -74,26 +75,54 @@ fn flags_from_file(path: &str, command: &Command) -> Result<Vec<String>> {
             bail!("{path}: unknown key \"{key}\"{}", suggestion(&key, command));
         };
         let flag = format!("--{}", arg.get_long().expect("found by its long name"));
-        let is_switch = matches!(arg.get_action(), ArgAction::SetTrue);
-        match value {
-            Value::Null => {}
-            Value::Bool(true) if is_switch => flags.push(flag),
-            Value::Bool(false) if is_switch => {}
-            Value::Sequence(items) => {
-                let items: Vec<String> = items
-                    .iter()
-                    .map(scalar)
-                    .collect::<Result<_>>()
-                    .with_context(|| format!("{path}: key \"{key}\""))?;
-                flags.extend([flag, items.join(",")]);
+        let in_file = || format!("{path}: key \"{key}\"");
+        if matches!(arg.get_action(), ArgAction::SetTrue) {
+            if switch_value(&value).with_context(in_file)? {
+                flags.push(flag);
             }
-            other => {
-                let text = scalar(&other).with_context(|| format!("{path}: key \"{key}\""))?;
-                flags.extend([flag, text]);
-            }
+            continue;
         }
+        let text = match value {
+            Value::Null => continue,
+            Value::Sequence(items) => {
+                items.iter().map(scalar).collect::<Result<Vec<_>>>().with_context(in_file)?.join(",")
+            }
+            other => scalar(&other).with_context(in_file)?,
+        };
+        check_value(command, &flag, &text).with_context(in_file)?;
+        flags.extend([flag, text]);
     }
     Ok(flags)
+}
+
+/// A switch's YAML value: a boolean, or what transformers' `string_to_bool` reads as one.
+fn switch_value(value: &Value) -> Result<bool> {
+    let text = match value {
+        Value::Null => return Ok(false),
+        Value::Bool(b) => return Ok(*b),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.to_lowercase(),
+        _ => bail!("expected true or false"),
+    };
+    match text.as_str() {
+        "true" | "yes" | "y" | "t" | "1" => Ok(true),
+        "false" | "no" | "n" | "f" | "0" => Ok(false),
+        _ => bail!("expected true or false, found {text:?}"),
+    }
+}
+
+/// Runs the flag's own value parser on `text` (clap's checks and prefalign's ranges), so that a bad value is
+/// reported with the key and the file it came from.
+fn check_value(command: &Command, flag: &str, text: &str) -> Result<()> {
+    let Err(error) = command.clone().try_get_matches_from(["prefalign", flag, text]) else { return Ok(()) };
+    if !matches!(error.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue) {
+        return Ok(()); // e.g. the other required flags, which this check leaves out
+    }
+    let reason = match std::error::Error::source(&error) {
+        Some(source) => source.to_string(),
+        None => error.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string(),
+    };
+    bail!("invalid value '{text}': {reason}")
 }
 
 fn scalar(value: &Value) -> Result<String> {

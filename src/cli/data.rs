@@ -57,7 +57,7 @@ pub struct DatasetArgs {
     #[arg(long)]
     pub keep_empty_completions: bool,
     /// Longest prompt+completion in tokens
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, value_parser = crate::cli::values::max_length, default_value_t = 1024)]
     pub max_length: usize,
     #[arg(long, value_enum, default_value = "keep-start")]
     pub truncation_mode: TruncationArg,
@@ -81,7 +81,12 @@ impl DatasetArgs {
             read_rows(Path::new(&self.dataset))?
         } else {
             let mut all = ReadRows::default();
-            for file in hub::dataset_files(&self.dataset, self.dataset_config.as_deref(), split)? {
+            let files =
+                hub::dataset_files(&hub::HubSettings::from_env(), &self.dataset, self.dataset_config.as_deref(), split)
+                    .with_context(|| {
+                        format!("{} is no local path, so it was read as a Hub dataset id", self.dataset)
+                    })?;
+            for file in files {
                 let part = read_rows(&file)?;
                 all.rows.extend(part.rows);
                 all.invalid.extend(part.invalid);

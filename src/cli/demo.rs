@@ -34,9 +34,9 @@ pub struct DemoArgs {
     model: String,
     #[arg(long, default_value = "prefalign-demo")]
     output_dir: PathBuf,
-    #[arg(long, default_value_t = 5e-6)]
+    #[arg(long, value_parser = crate::cli::values::non_negative, default_value_t = 5e-6)]
     learning_rate: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_parser = crate::cli::values::positive, default_value_t = 1.0)]
     num_train_epochs: f64,
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -50,6 +50,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             args.model
         );
     }
+    let _lock = crate::files::RunLock::acquire(&args.output_dir)?;
     let policy = model_args.load()?;
     let tokenizer = policy.tokenizer()?;
     let data_dir = args.output_dir.join("data");

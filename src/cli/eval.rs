@@ -25,9 +25,9 @@ pub struct EvalArgs {
     /// dpo: summed log-probs and the sigmoid DPO loss; orpo: averaged log-probs and the ORPO loss
     #[arg(long, value_enum, default_value = "dpo")]
     objective: RulesArg,
-    #[arg(long, default_value_t = LossParams::default().beta)]
+    #[arg(long, value_parser = crate::cli::values::positive, default_value_t = LossParams::default().beta)]
     beta: f64,
-    #[arg(long, visible_alias = "per-device-eval-batch-size", default_value_t = 4)]
+    #[arg(long, visible_alias = "per-device-eval-batch-size", value_parser = crate::cli::values::at_least_one, default_value_t = 4)]
     batch_size: usize,
     /// Write one JSON object per example here
     #[arg(long)]

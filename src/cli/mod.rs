@@ -9,7 +9,9 @@ mod demo;
 mod eval;
 mod generate;
 mod train;
+pub mod values;
 
+use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -128,7 +130,8 @@ impl ComputeArgs {
 /// A local model path, or a Hub model id downloaded (or taken from the cache) to a local folder.
 pub fn resolve_model(model: &str) -> anyhow::Result<PathBuf> {
     if !std::path::Path::new(model).exists() && crate::data::hub::looks_like_repo_id(model) {
-        return crate::data::hub::model_dir(model, None);
+        return crate::data::hub::model_dir(&crate::data::hub::HubSettings::from_env(), model, None)
+            .with_context(|| format!("{model} is no local path, so it was read as a Hub model id"));
     }
     Ok(PathBuf::from(model))
 }
@@ -148,6 +151,7 @@ pub fn main() -> i32 {
         }
     };
     let cli = Cli::parse_from(argv);
+    crate::runtime::handle_stop_signals();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Generate(args) => generate::run(args),
@@ -163,6 +167,11 @@ pub fn main() -> i32 {
     };
     match result {
         Ok(()) => 0,
+        Err(error) if error.downcast_ref::<crate::train::run::Stopped>().is_some() => {
+            let stopped = error.downcast_ref::<crate::train::run::Stopped>().expect("checked");
+            eprintln!("{stopped}");
+            128 + stopped.signal
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             1

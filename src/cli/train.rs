@@ -2,19 +2,22 @@
 //! it as a Hugging Face folder in --output-dir.
 
 use crate::cli::data::DatasetArgs;
-use crate::cli::{ComputeArgs, ModelArgs};
+use crate::cli::{values, ComputeArgs, ModelArgs};
 use crate::data::collate::SamplingStrategy;
 use crate::data::prepare::Rules;
 use crate::data::tokenize::TokenizedPair;
+use crate::files;
 use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
 use crate::model::LoadedModel;
 use crate::objective::cpo::CpoParams;
 use crate::objective::dpo::{DpoLoss, DpoParams, LossParams};
 use crate::objective::orpo::OrpoParams;
 use crate::objective::Objective;
+use crate::runtime;
 use crate::train::checkpoint::list_checkpoints;
 use crate::train::optimizer::AdamWConfig;
 use crate::train::reference::{cache_dir, precompute as precompute_reference};
+use crate::train::run::Stopped;
 use crate::train::schedule::Schedule;
 use crate::train::{train, Reference, TrainInputs, TrainerConfig};
 use anyhow::{bail, Context, Result};
@@ -32,45 +35,45 @@ pub enum SamplingArg {
 pub struct TrainerArgs {
     #[arg(long, default_value = "prefalign-output")]
     output_dir: PathBuf,
-    #[arg(long, default_value_t = TrainerConfig::default().learning_rate)]
+    #[arg(long, value_parser = values::non_negative, default_value_t = TrainerConfig::default().learning_rate)]
     learning_rate: f64,
     /// constant, constant_with_warmup, linear, cosine, cosine_with_min_lr
     #[arg(long, default_value = "linear")]
     lr_scheduler_type: String,
     /// cosine_with_min_lr: the final rate as a fraction of --learning-rate
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = values::fraction, default_value_t = 0.0)]
     min_lr_rate: f64,
     #[arg(long, default_value_t = TrainerConfig::default().warmup_steps)]
     warmup_steps: usize,
-    #[arg(long, default_value_t = TrainerConfig::default().warmup_ratio)]
+    #[arg(long, value_parser = values::fraction, default_value_t = TrainerConfig::default().warmup_ratio)]
     warmup_ratio: f64,
-    #[arg(long, default_value_t = AdamWConfig::default().weight_decay)]
+    #[arg(long, value_parser = values::non_negative, default_value_t = AdamWConfig::default().weight_decay)]
     weight_decay: f64,
-    #[arg(long, default_value_t = AdamWConfig::default().beta1)]
+    #[arg(long, value_parser = values::adam_beta, default_value_t = AdamWConfig::default().beta1)]
     adam_beta1: f64,
-    #[arg(long, default_value_t = AdamWConfig::default().beta2)]
+    #[arg(long, value_parser = values::adam_beta, default_value_t = AdamWConfig::default().beta2)]
     adam_beta2: f64,
-    #[arg(long, default_value_t = AdamWConfig::default().eps)]
+    #[arg(long, value_parser = values::non_negative, default_value_t = AdamWConfig::default().eps)]
     adam_epsilon: f64,
     /// Clip gradients to this global L2 norm (0: no clipping)
-    #[arg(long, default_value_t = TrainerConfig::default().max_grad_norm)]
+    #[arg(long, value_parser = values::non_negative, default_value_t = TrainerConfig::default().max_grad_norm)]
     max_grad_norm: f64,
-    #[arg(long, default_value_t = TrainerConfig::default().per_device_train_batch_size)]
+    #[arg(long, value_parser = values::at_least_one, default_value_t = TrainerConfig::default().per_device_train_batch_size)]
     per_device_train_batch_size: usize,
-    #[arg(long, default_value_t = TrainerConfig::default().gradient_accumulation_steps)]
+    #[arg(long, value_parser = values::at_least_one, default_value_t = TrainerConfig::default().gradient_accumulation_steps)]
     gradient_accumulation_steps: usize,
-    #[arg(long, default_value_t = TrainerConfig::default().num_train_epochs)]
+    #[arg(long, value_parser = values::non_negative, default_value_t = TrainerConfig::default().num_train_epochs)]
     num_train_epochs: f64,
     /// Total optimizer steps; overrides --num-train-epochs when > 0
     #[arg(long, default_value_t = TrainerConfig::default().max_steps, allow_negative_numbers = true)]
     max_steps: i64,
-    #[arg(long, default_value_t = TrainerConfig::default().logging_steps)]
+    #[arg(long, value_parser = values::at_least_one, default_value_t = TrainerConfig::default().logging_steps)]
     logging_steps: usize,
     /// Write a checkpoint every N optimizer steps (0: none)
     #[arg(long, default_value_t = TrainerConfig::default().save_steps)]
     save_steps: usize,
     /// Keep only the newest N checkpoints
-    #[arg(long)]
+    #[arg(long, value_parser = values::at_least_one)]
     save_total_limit: Option<usize>,
     /// Continue from a checkpoint folder, or "last" for the newest in --output-dir
     #[arg(long)]
@@ -78,7 +81,7 @@ pub struct TrainerArgs {
     /// Evaluate on --eval-dataset every N optimizer steps (0: never)
     #[arg(long, default_value_t = TrainerConfig::default().eval_steps)]
     eval_steps: usize,
-    #[arg(long, default_value_t = TrainerConfig::default().per_device_eval_batch_size)]
+    #[arg(long, value_parser = values::at_least_one, default_value_t = TrainerConfig::default().per_device_eval_batch_size)]
     per_device_eval_batch_size: usize,
     /// Skip (and count) batches whose loss or gradient is not finite, instead of stopping
     #[arg(long)]
@@ -129,17 +132,17 @@ pub struct DpoArgs {
     /// reference model at every step
     #[arg(long)]
     precompute_ref_log_probs: bool,
-    #[arg(long, default_value_t = LossParams::default().beta)]
+    #[arg(long, value_parser = values::positive, default_value_t = LossParams::default().beta)]
     beta: f64,
     /// One or more of TRL's loss types, comma-separated (sigmoid, hinge, ipo, robust, …)
     #[arg(long, default_value = "sigmoid", value_delimiter = ',')]
     loss_type: Vec<String>,
     /// One weight per loss type (default: 1 each)
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = values::non_negative)]
     loss_weights: Vec<f64>,
-    #[arg(long, default_value_t = LossParams::default().label_smoothing)]
+    #[arg(long, value_parser = values::label_smoothing, default_value_t = LossParams::default().label_smoothing)]
     label_smoothing: f64,
-    #[arg(long, default_value_t = LossParams::default().discopop_tau)]
+    #[arg(long, value_parser = values::positive, default_value_t = LossParams::default().discopop_tau)]
     discopop_tau: f64,
 }
 
@@ -148,7 +151,7 @@ pub struct OrpoArgs {
     #[command(flatten)]
     run: RunArgs,
     /// λ, the weight of the odds-ratio term
-    #[arg(long, default_value_t = OrpoParams::default().beta)]
+    #[arg(long, value_parser = values::non_negative, default_value_t = OrpoParams::default().beta)]
     beta: f64,
 }
 
@@ -156,18 +159,18 @@ pub struct OrpoArgs {
 pub struct CpoArgs {
     #[command(flatten)]
     run: RunArgs,
-    #[arg(long, default_value_t = CpoParams::default().beta)]
+    #[arg(long, value_parser = values::positive, default_value_t = CpoParams::default().beta)]
     beta: f64,
     /// sigmoid, hinge, ipo, simpo, or alphapo (SimPO without the NLL term)
     #[arg(long, default_value = "sigmoid")]
     loss_type: String,
-    #[arg(long, default_value_t = CpoParams::default().label_smoothing)]
+    #[arg(long, value_parser = values::label_smoothing, default_value_t = CpoParams::default().label_smoothing)]
     label_smoothing: f64,
     /// Weight of the NLL term on the chosen completions
-    #[arg(long, default_value_t = CpoParams::default().cpo_alpha)]
+    #[arg(long, value_parser = values::non_negative, default_value_t = CpoParams::default().cpo_alpha)]
     cpo_alpha: f64,
     /// SimPO's target reward margin γ
-    #[arg(long, default_value_t = CpoParams::default().simpo_gamma)]
+    #[arg(long, value_parser = values::finite, default_value_t = CpoParams::default().simpo_gamma)]
     simpo_gamma: f64,
 }
 
@@ -211,9 +214,25 @@ pub fn run_orpo(args: OrpoArgs) -> Result<()> {
 /// `reference`: the reference model's path, and whether to precompute its log-probs.
 fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objective: &Objective) -> Result<()> {
     let RunArgs { model, data, eval_data, trainer: t, compute } = args;
-    let policy = model.load()?;
+    // One run per output folder, from before anything is read until the model is saved.
+    let _lock = files::RunLock::acquire(&t.output_dir)?;
+    let policy = model.load().with_context(|| format!("the policy model {}", model.model))?;
     let precompute = reference.as_ref().is_some_and(|(_, precompute)| *precompute);
-    let mut reference = reference.map(|(r, _)| model.with_model(&r).load()).transpose()?;
+    let reference_path = reference.as_ref().map(|(r, _)| r.clone());
+    let mut reference = reference_path
+        .as_ref()
+        .map(|r| model.with_model(r).load().with_context(|| format!("the reference model {r}")))
+        .transpose()?;
+    if let (Some(loaded), Some(path)) = (&reference, &reference_path) {
+        let (theirs, ours) = (loaded.config().vocab_size, policy.config().vocab_size);
+        if theirs != ours {
+            bail!(
+                "the reference model {path} has a vocabulary of {theirs} tokens and the policy {} one of {ours}: \
+                 they must share the policy's tokenizer",
+                model.model
+            );
+        }
+    }
     if let Some(reference) = reference.as_mut() {
         reference.vs.freeze();
         if let Some(kind) = compute.step().precision.cast {
@@ -261,7 +280,7 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
         },
         max_grad_norm: t.max_grad_norm,
         per_device_train_batch_size: t.per_device_train_batch_size,
-        gradient_accumulation_steps: t.gradient_accumulation_steps.max(1),
+        gradient_accumulation_steps: t.gradient_accumulation_steps,
         num_train_epochs: t.num_train_epochs,
         max_steps: t.max_steps,
         logging_steps: t.logging_steps,
@@ -306,8 +325,18 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
         eval: eval_pairs.as_deref(),
         objective,
     };
+    let stop_at_step_end = runtime::StopAtStepEnd::new();
     train(&inputs, &config)?;
     save_hf(&policy, &t.output_dir, DEFAULT_MAX_SHARD_BYTES)?;
     eprintln!("saved the trained model to {}", t.output_dir.display());
+    drop(stop_at_step_end);
+    if let Some(signal) = runtime::stop_requested() {
+        let message = format!(
+            "{} came after the last step; the trained model is saved in {}",
+            runtime::signal_name(signal),
+            t.output_dir.display()
+        );
+        return Err(Stopped { signal, message }.into());
+    }
     Ok(())
 }

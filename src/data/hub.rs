@@ -40,14 +40,50 @@ const MODEL_FILES: [&str; 10] = [
 const SINGLE_WEIGHTS: &str = "model.safetensors";
 const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
 
+/// Where and how the Hub is reached: Python `huggingface_hub`'s environment variables, read once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubSettings {
+    /// `HF_ENDPOINT`, without a trailing slash
+    pub endpoint: String,
+    /// `HF_HOME` (default `~/.cache/huggingface`); downloads go to its `hub/` folder, the token file is `token`
+    pub home: PathBuf,
+    /// `HF_HUB_OFFLINE`: the cache only
+    pub offline: bool,
+    /// `HF_TOKEN` (else hf-hub reads `$HF_HOME/token`)
+    pub token: Option<String>,
+}
+
+impl HubSettings {
+    /// The settings the process's environment gives.
+    pub fn from_env() -> Self {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// The settings the variables `var` returns give.
+    pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Self {
+        let set = |name: &str| var(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let home = set("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            let user_home = set("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+            user_home.join(".cache/huggingface")
+        });
+        HubSettings {
+            endpoint: set("HF_ENDPOINT").map_or(DEFAULT_ENDPOINT.to_string(), |e| e.trim_end_matches('/').to_string()),
+            home,
+            offline: set("HF_HUB_OFFLINE")
+                .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true")),
+            token: set("HF_TOKEN"),
+        }
+    }
+}
+
 /// Local data files (parquet/jsonl/json, possibly .gz) for split `split` (and config `config`) of Hub dataset `repo`
 /// ("org/name"), downloaded or taken from the cache.
 ///
 /// Files are chosen like the `datasets` library's defaults (see [`split_files`]) on the `main` branch; when none
 /// match, the Hub's Parquet conversion (`refs/convert/parquet`, `{config or default}/{split}/*.parquet`) is used.
-pub fn dataset_files(repo: &str, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>> {
-    let main = HubRepo::new(repo, RepoType::Dataset, "main")?;
-    let parquet = HubRepo::new(repo, RepoType::Dataset, PARQUET_REVISION)?;
+pub fn dataset_files(hub: &HubSettings, repo: &str, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>> {
+    let main = HubRepo::new(hub, repo, RepoType::Dataset, "main")?;
+    let parquet = HubRepo::new(hub, repo, RepoType::Dataset, PARQUET_REVISION)?;
     if main.api.is_none() {
         return cached_dataset_files(&main, &parquet, config, split);
     }
@@ -73,8 +109,8 @@ pub fn dataset_files(repo: &str, config: Option<&str>, split: &str) -> Result<Ve
 
 /// A local folder holding a Hub model's config.json, tokenizer files, chat template and safetensors weights
 /// (single, or sharded per model.safetensors.index.json), at `revision` (a branch, tag or commit; default `main`).
-pub fn model_dir(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
-    let hub = HubRepo::new(repo, RepoType::Model, revision.unwrap_or("main"))?;
+pub fn model_dir(settings: &HubSettings, repo: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let hub = HubRepo::new(settings, repo, RepoType::Model, revision.unwrap_or("main"))?;
     if hub.api.is_none() {
         let dir = hub.cached_snapshot().ok_or_else(|| hub.not_cached(None))?;
         check_model_dir(&hub, &dir)?;
@@ -317,19 +353,15 @@ struct HubRepo {
 }
 
 impl HubRepo {
-    fn new(id: &str, kind: RepoType, revision: &str) -> Result<Self> {
-        let endpoint = std::env::var("HF_ENDPOINT")
-            .ok()
-            .filter(|e| !e.trim().is_empty())
-            .map_or(DEFAULT_ENDPOINT.to_string(), |e| e.trim().trim_end_matches('/').to_string());
-        let offline = std::env::var("HF_HUB_OFFLINE")
-            .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true"));
-        let api = if offline {
+    fn new(settings: &HubSettings, id: &str, kind: RepoType, revision: &str) -> Result<Self> {
+        let cache = Cache::new(settings.home.join("hub"));
+        let endpoint = settings.endpoint.clone();
+        let api = if settings.offline {
             None
         } else {
-            // hf-hub reads HF_HOME and the token file but not HF_TOKEN, which Python's client prefers.
-            let token = std::env::var("HF_TOKEN").ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
-            let mut builder = ApiBuilder::from_env()
+            // hf-hub reads the token file of its cache but not HF_TOKEN, which Python's client prefers.
+            let token = settings.token.clone();
+            let mut builder = ApiBuilder::from_cache(cache.clone())
                 .with_endpoint(endpoint.clone())
                 .with_progress(std::io::stderr().is_terminal())
                 // Each retry resumes the partial file where the connection dropped.
@@ -341,7 +373,7 @@ impl HubRepo {
         };
         let repo = Repo::with_revision(id.to_string(), kind, revision.to_string());
         let kind = if matches!(kind, RepoType::Dataset) { "dataset" } else { "model" };
-        Ok(Self { id: id.to_string(), kind, repo, cache: Cache::from_env(), endpoint, api })
+        Ok(Self { id: id.to_string(), kind, repo, cache, endpoint, api })
     }
 
     fn name(&self) -> String {

@@ -3,11 +3,11 @@
 //! `skip_invalid_rows`, are counted), and every dropped pair is listed with its reason.
 
 use crate::data::collate::TruncationMode;
-use crate::data::example::{detect_format, parse_row, Columns, DatasetFormat, PreferencePair, Validation};
+use crate::data::example::{detect_format, parse_row, Columns, DatasetFormat, PreferencePair, Turns, Validation};
 use crate::data::hh_rlhf;
 use crate::data::invalid::InvalidRow;
 use crate::data::source::ReadRows;
-use crate::data::tokenize::{tokenize_dpo, tokenize_orpo, PairTokenizer, TokenizedPair};
+use crate::data::tokenize::{tokenize_dpo, tokenize_orpo, with_prompt, PairTokenizer, TokenizedPair};
 use anyhow::{bail, Result};
 
 /// Whose tokenization rules apply.
@@ -167,10 +167,16 @@ pub fn tokenize_pairs(
 ) -> Result<(Vec<(usize, TokenizedPair)>, PrepareReport)> {
     let mut tokenized = Vec::with_capacity(pairs.len());
     for (index, pair) in pairs.iter().enumerate() {
-        let result = match options.rules {
-            Rules::Dpo => tokenize_dpo(pair, tok),
-            Rules::Orpo => tokenize_orpo(pair, tok, options.max_length.unwrap_or(512)),
-        };
+        let result = with_prompt(pair).and_then(|pair| {
+            if let Some(reason) = prompt_too_long_to_tokenize(&pair, tok, options) {
+                return Ok(Err(Dropped { location: pair.location.clone(), reason }));
+            }
+            match options.rules {
+                Rules::Dpo => tokenize_dpo(&pair, tok),
+                Rules::Orpo => tokenize_orpo(&pair, tok, options.max_length.unwrap_or(512)),
+            }
+            .map(Ok)
+        });
         match result {
             Ok(t) => tokenized.push((index, t)),
             Err(reason) => report.invalid.push(InvalidRow { location: pair.location.clone(), reason }),
@@ -179,6 +185,13 @@ pub fn tokenize_pairs(
     report.check_invalid(options.skip_invalid_rows)?;
     let mut kept = Vec::with_capacity(tokenized.len());
     for (index, pair) in tokenized {
+        let pair = match pair {
+            Ok(pair) => pair,
+            Err(dropped) => {
+                report.dropped.push(dropped);
+                continue;
+            }
+        };
         match drop_reason(&pair, options) {
             Some(reason) => report.dropped.push(Dropped { location: pair.location.clone(), reason }),
             None => {
@@ -189,14 +202,44 @@ pub fn tokenize_pairs(
         }
     }
     if kept.is_empty() {
+        let hint = match (options.max_length, report.dropped.first()) {
+            (Some(max), Some(first)) if report.invalid.is_empty() => format!(
+                "; every pair was dropped at max_length {max} (the first, {}: {}): raise --max-length",
+                first.location, first.reason
+            ),
+            _ => String::new(),
+        };
         bail!(
-            "no usable preference pairs ({} rows read, {} invalid, {} dropped)",
+            "no usable preference pairs ({} rows read, {} invalid, {} dropped){hint}",
             report.rows_read,
             report.invalid.len(),
             report.dropped.len()
         );
     }
     Ok((kept, report))
+}
+
+/// Whether the pair's prompt is so long that the pair would be dropped for length whatever its tokens: then it is
+/// dropped before it is tokenized, which for a row of megabytes would take minutes and gigabytes. A text of n bytes
+/// has at least n / (the longest token's bytes) tokens.
+fn prompt_too_long_to_tokenize(pair: &PreferencePair, tok: &PairTokenizer, options: &PrepareOptions) -> Option<String> {
+    let max = options.max_length?;
+    let drops_long_prompts = match options.rules {
+        Rules::Dpo => options.truncation_mode == TruncationMode::KeepStart,
+        Rules::Orpo => !options.keep_empty_completions,
+    };
+    let bytes = match pair.prompt.as_ref()? {
+        // trimmed: a chat template may trim what it renders
+        Turns::Text(text) => text.trim().len(),
+        Turns::Messages(messages) => messages.iter().map(|m| m.content.trim().len()).sum(),
+    };
+    let at_least = bytes / tok.longest_token_bytes().max(1);
+    // one token of slack: ORPO's prompt may lose its last token to the answer
+    (drops_long_prompts && at_least > max).then(|| {
+        format!(
+            "the prompt is {bytes} bytes, so at least {at_least} tokens, more than max_length ({max}); not tokenized"
+        )
+    })
 }
 
 fn drop_reason(pair: &TokenizedPair, options: &PrepareOptions) -> Option<String> {

@@ -79,9 +79,20 @@ fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read>> {
     })
 }
 
+/// The UTF-8 byte order mark, which some editors put at the start of a file; JSON does not allow it.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 fn read_file(path: &Path) -> Result<ReadRows> {
     let shown = path.display();
-    match DataFormat::of(path)? {
+    let format = DataFormat::of(path)?;
+    if format != DataFormat::Parquet {
+        let mut start = Vec::new();
+        open_maybe_gzip(path)?.take(3).read_to_end(&mut start).with_context(|| format!("cannot read {shown}"))?;
+        if start == BOM {
+            bail!("{shown} starts with a UTF-8 byte order mark (BOM), which JSON does not allow; save it as UTF-8 without a BOM");
+        }
+    }
+    match format {
         DataFormat::JsonLines => {
             let mut reader = std::io::BufReader::new(open_maybe_gzip(path)?);
             let mut out = ReadRows::default();
@@ -153,6 +164,18 @@ pub fn json_kind(value: &Value) -> &'static str {
 /// Parquet rows as JSON objects through parquet's record reader, so nested columns (lists of messages) arrive as JSON
 /// too. Null fields are left out, as a JSON Lines row would leave them out.
 fn read_parquet(path: &Path) -> Result<ReadRows> {
+    // The record reader panics on some schemas (INTERVAL columns, malformed LIST/MAP groups) instead of failing.
+    std::panic::catch_unwind(|| read_parquet_rows(path)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        bail!("{}: the Parquet reader cannot read this file ({what}); is it corrupt?", path.display())
+    })
+}
+
+fn read_parquet_rows(path: &Path) -> Result<ReadRows> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let shown = path.display();
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;

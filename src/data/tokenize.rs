@@ -38,6 +38,7 @@ pub struct PairTokenizer<'a> {
     eos_token: String,
     eos_id: i64,
     bos_id: Option<i64>,
+    longest_token_bytes: usize,
 }
 
 impl<'a> PairTokenizer<'a> {
@@ -51,7 +52,13 @@ impl<'a> PairTokenizer<'a> {
             Some(_) => Some(tokenizer.chat_template()?),
             None => None,
         };
-        Ok(Self { tokenizer, template, eos_token, eos_id, bos_id })
+        let longest_token_bytes = tokenizer.inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1);
+        Ok(Self { tokenizer, template, eos_token, eos_id, bos_id, longest_token_bytes })
+    }
+
+    /// The longest token of the vocabulary, in bytes of its string (at least the bytes of text it stands for).
+    pub fn longest_token_bytes(&self) -> usize {
+        self.longest_token_bytes
     }
 
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>, RowError> {
@@ -105,7 +112,7 @@ fn common_prefix_len(a: &[i64], b: &[i64]) -> usize {
 }
 
 /// Fills in an implicit prompt (TRL's `extract_prompt`) when the pair has none.
-fn with_prompt(pair: &PreferencePair) -> Result<PreferencePair, RowError> {
+pub fn with_prompt(pair: &PreferencePair) -> Result<PreferencePair, RowError> {
     match pair.prompt {
         Some(_) => Ok(pair.clone()),
         None => extract_prompt(pair),

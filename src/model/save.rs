@@ -1,8 +1,9 @@
 //! Saving a model as a Hugging Face folder that transformers loads: config.json, safetensors weights (sharded
 //! past a size limit), generation_config.json and the tokenizer files.
 
+use crate::files::write_file_atomically;
 use crate::model::device::dtype_name;
-use crate::model::weights::{save_safetensors, write_atomically};
+use crate::model::weights::save_safetensors;
 use crate::model::LoadedModel;
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -45,8 +46,7 @@ pub fn save_hf(model: &LoadedModel, dir: &Path, max_shard_bytes: usize) -> Resul
 }
 
 fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)?;
-    write_atomically(&dir.join(name), |tmp| Ok(std::fs::write(tmp, &text)?))
+    write_file_atomically(&dir.join(name), serde_json::to_string_pretty(value)?)
 }
 
 /// Sorts "model.layers.10" after "model.layers.9" so shards follow layer order.

@@ -216,7 +216,7 @@ impl TextTokenizer {
     /// Writes tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja.
     pub fn save_hf(&self, dir: &Path, model_max_length: usize) -> Result<()> {
         let path = dir.join("tokenizer.json");
-        self.inner.save(&path, false).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        crate::files::write_atomically(&path, |tmp| self.inner.save(tmp, false).map_err(|e| anyhow::anyhow!("{e}")))?;
         let mut special = serde_json::Map::new();
         for (key, value) in [
             ("bos_token", &self.bos_token),
@@ -257,7 +257,7 @@ impl TextTokenizer {
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    crate::files::write_file_atomically(path, text)
 }
 
 const KNOWN_PRE_TOKENIZERS: [&str; 7] = ["default", "gpt2", "gpt-2", "smollm", "llama3", "llama-bpe", "qwen2"];

@@ -1,6 +1,7 @@
 //! Reading and writing weights as safetensors (single file or sharded with `model.safetensors.index.json`),
 //! and copying named tensors into a `VarStore` with precise errors.
 
+use crate::files::{write_atomically, write_file_atomically};
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
@@ -222,8 +223,7 @@ pub fn save_safetensors(dir: &Path, tensors: &[(String, Tensor)], max_shard_byte
     if count > 1 {
         let index = serde_json::json!({ "metadata": { "total_size": total_bytes }, "weight_map": weight_map });
         let path = dir.join("model.safetensors.index.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&index)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_file_atomically(&path, serde_json::to_string_pretty(&index)?)?;
         written.push(path);
     }
     Ok(written)
@@ -245,11 +245,4 @@ fn write_views(path: &Path, views: &[(&String, SavedTensor)]) -> Result<()> {
         safetensors::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), metadata, tmp)
             .map_err(anyhow::Error::from)
     })
-}
-
-/// Writes through a temporary file in the same folder and renames it into place.
-pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    write(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
 }

@@ -1,6 +1,7 @@
 //! Checkpoints: `checkpoint-<step>` folders holding a loadable model, the optimizer's moments and where training
 //! stands, written atomically; and resuming from one.
 
+use crate::files;
 use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
 use crate::model::weights::{load_into, save_safetensors_file, SafetensorsFiles, WeightSource};
 use crate::model::LoadedModel;
@@ -20,8 +21,8 @@ struct CheckpointState {
 }
 
 /// Writes `checkpoint-<step>` (a loadable model folder plus optimizer and trainer state) atomically: into a
-/// temporary folder renamed at the end, so a crash never leaves a half-written checkpoint. Keeps the newest
-/// `keep` checkpoints when given.
+/// temporary folder that replaces the checkpoint in one step, so a crash never leaves a half-written checkpoint
+/// (a killed run's temporary folder is removed at the next start). Keeps the newest `keep` checkpoints when given.
 pub fn save_checkpoint(
     out: &Path,
     policy: &LoadedModel,
@@ -29,16 +30,16 @@ pub fn save_checkpoint(
     progress: &Progress,
     keep: Option<usize>,
 ) -> Result<PathBuf> {
-    let name = format!("checkpoint-{}", progress.global_step);
-    let final_dir = out.join(&name);
-    let tmp = out.join(format!(".{name}.partial"));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let final_dir = out.join(format!("checkpoint-{}", progress.global_step));
+    let tmp = files::partial_path(&final_dir);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
+    }
     save_hf(policy, &tmp, DEFAULT_MAX_SHARD_BYTES)?;
     save_safetensors_file(&tmp.join(OPTIMIZER_FILE), &optimizer.state_tensors())?;
     let state = CheckpointState { progress: progress.clone(), optimizer_step: optimizer.step };
-    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
-    let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move {} into place", final_dir.display()))?;
+    files::write_file_atomically(&tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+    files::replace_dir(&tmp, &final_dir)?;
     if let Some(keep) = keep {
         let mut checkpoints = list_checkpoints(out)?;
         while checkpoints.len() > keep.max(1) {

@@ -4,9 +4,11 @@
 
 use crate::data::collate::{epoch_order, SamplingStrategy};
 use crate::data::tokenize::TokenizedPair;
+use crate::files;
 use crate::model::LoadedModel;
 use crate::objective::metrics::MetricLog;
 use crate::objective::Objective;
+use crate::runtime;
 use crate::train::checkpoint::{restore, save_checkpoint};
 use crate::train::evaluate::{evaluate, EvalOptions, EvalReference};
 use crate::train::history::{progress_bar, write_summary, History};
@@ -83,25 +85,40 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
     if inputs.objective.needs_reference() && matches!(inputs.reference, Reference::None) {
         bail!("this objective needs a reference model");
     }
+    config.check_counts()?;
     let eval_reference = eval_reference(inputs)?;
     std::fs::create_dir_all(&config.output_dir)
         .with_context(|| format!("cannot create {}", config.output_dir.display()))?;
+    let leftovers = files::remove_partials(&config.output_dir)?;
+    if leftovers > 0 {
+        eprintln!(
+            "removed {leftovers} half-written file(s) an interrupted run left in {}",
+            config.output_dir.display()
+        );
+    }
     tch::manual_seed(config.seed as i64);
 
     let mut cursor = BatchCursor {
         pairs: inputs.train.len(),
-        batch_size: config.per_device_train_batch_size.max(1),
+        batch_size: config.per_device_train_batch_size,
         sampling: config.sampling,
         seed: config.seed,
         order: Vec::new(),
     };
-    let accumulation = config.gradient_accumulation_steps.max(1);
+    let accumulation = config.gradient_accumulation_steps;
     let updates_per_epoch = cursor.batches_per_epoch().div_ceil(accumulation).max(1);
     let total_steps = if config.max_steps > 0 {
         config.max_steps as usize
     } else {
         (config.num_train_epochs * updates_per_epoch as f64).ceil() as usize
     };
+    if total_steps == 0 {
+        bail!(
+            "--num-train-epochs {} gives 0 training steps ({updates_per_epoch} per epoch): nothing would be trained; \
+             raise it or set --max-steps",
+            config.num_train_epochs
+        );
+    }
     let warmup = warmup_steps(config.warmup_steps, config.warmup_ratio, total_steps);
     let lr_at = |step: usize| config.learning_rate * config.schedule.factor(step, warmup, total_steps);
 
@@ -126,7 +143,7 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
             Ok(outcome) => outcome,
             Err(nonfinite) => {
                 progress.num_tokens += nonfinite.tokens;
-                skip_or_stop(&nonfinite, step + 1, config.skip_nonfinite, last_checkpoint.as_ref())?;
+                skip_or_stop(&trainer, &nonfinite, step + 1, config.skip_nonfinite, last_checkpoint.as_ref())?;
                 progress.skipped_nonfinite += 1;
                 continue;
             }
@@ -153,7 +170,10 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
             rows.push(history.write(row, epoch, global_step)?);
         }
         bar.set_position(global_step as u64);
-        if config.save_steps > 0 && global_step % config.save_steps == 0 && global_step < total_steps {
+        let stop = runtime::stop_requested().filter(|_| global_step < total_steps);
+        let save_due = config.save_steps > 0 && global_step % config.save_steps == 0 && global_step < total_steps;
+        if save_due || stop.is_some() {
+            history.sync()?;
             let checkpoint = save_checkpoint(
                 &config.output_dir,
                 inputs.policy,
@@ -162,6 +182,16 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
                 config.save_total_limit,
             )?;
             last_checkpoint = Some(checkpoint);
+        }
+        if let (Some(signal), Some(checkpoint)) = (stop, &last_checkpoint) {
+            bar.abandon();
+            let message = format!(
+                "stopped by {} after step {global_step}; its checkpoint is {checkpoint}; continue with \
+                 --resume-from-checkpoint {checkpoint} (or `last`)",
+                runtime::signal_name(signal),
+                checkpoint = checkpoint.display()
+            );
+            return Err(Stopped { signal, message }.into());
         }
     }
     bar.finish();
@@ -191,9 +221,27 @@ fn eval_reference<'a>(inputs: &TrainInputs<'a>) -> Result<Option<EvalReference<'
     })
 }
 
-/// Counts a skipped step, or fails naming the step, the rows and the last good checkpoint.
-fn skip_or_stop(nonfinite: &NonFinite, step: usize, skip: bool, last_checkpoint: Option<&PathBuf>) -> Result<()> {
+/// A run stopped by SIGINT or SIGTERM; the message says what was saved and how to continue.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Stopped {
+    pub signal: i32,
+    pub message: String,
+}
+
+/// Counts a skipped step, or fails naming the step, the rows and the last good checkpoint. Non-finite weights are
+/// named first: no data row is to blame then, and skipping would not help.
+fn skip_or_stop(
+    trainer: &Trainer,
+    nonfinite: &NonFinite,
+    step: usize,
+    skip: bool,
+    last_checkpoint: Option<&PathBuf>,
+) -> Result<()> {
     let NonFinite { what, rows, .. } = nonfinite;
+    if let Some(weight) = trainer.nonfinite_weight() {
+        bail!("non-finite {what} at step {step}: {weight}, so no data row is to blame");
+    }
     if !skip {
         bail!(
             "non-finite {what} at step {step} (batch rows: {}); last good checkpoint: {}; pass --skip-nonfinite to skip such batches",

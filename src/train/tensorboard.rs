@@ -101,6 +101,12 @@ impl TensorBoardWriter {
         self.file.flush().with_context(|| format!("cannot write {}", self.path.display()))
     }
 
+    /// Flushes and syncs the event file to disk.
+    pub fn sync(&mut self) -> Result<()> {
+        self.flush()?;
+        self.file.get_ref().sync_data().with_context(|| format!("cannot sync {}", self.path.display()))
+    }
+
     fn write_record(&mut self, data: &[u8]) -> Result<()> {
         self.file.write_all(&frame(data)).with_context(|| format!("cannot write {}", self.path.display()))
     }
@@ -110,6 +116,91 @@ impl Drop for TensorBoardWriter {
     fn drop(&mut self) {
         let _ = self.file.flush();
     }
+}
+
+/// After a resume from the checkpoint of `step`: every event file in `dir` loses its events of later steps (the run
+/// logs them again) and any torn record a kill left at its end, so that no step appears twice across the files.
+/// Each changed file is rewritten atomically; files that are not TFRecord event files are left alone.
+pub fn keep_events_up_to(dir: &Path, step: i64) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if !entry.file_name().to_string_lossy().starts_with("events.out.tfevents.") || !path.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let records = records(&bytes);
+        let kept: Vec<&[u8]> = records.iter().copied().filter(|r| event_step(r).is_none_or(|s| s <= step)).collect();
+        if kept.len() < records.len() || records.iter().map(|r| r.len() + 16).sum::<usize>() < bytes.len() {
+            let data: Vec<u8> = kept.iter().flat_map(|r| frame(r)).collect();
+            crate::files::write_file_atomically(&path, data)?;
+        }
+    }
+    Ok(())
+}
+
+/// The data of each whole, intact record of an event file, in order; reading stops at the first torn or
+/// corrupt one.
+pub fn records(bytes: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while bytes.len() >= at + 12 {
+        let len_bytes = &bytes[at..at + 8];
+        let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes")) as usize;
+        let crc = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes"));
+        let Some(end) = len.checked_add(at + 16).filter(|&end| end <= bytes.len()) else { break };
+        let data = &bytes[at + 12..end - 4];
+        let data_crc = u32::from_le_bytes(bytes[end - 4..end].try_into().expect("4 bytes"));
+        if crc != masked_crc32c(len_bytes) || data_crc != masked_crc32c(data) {
+            break;
+        }
+        out.push(data);
+        at = end;
+    }
+    out
+}
+
+/// The `step` of an `Event` (field 2; absent when 0, as proto3 writes it), `None` for an event without one that
+/// is not a scalar (the `file_version` event).
+fn event_step(event: &[u8]) -> Option<i64> {
+    let mut at = 0;
+    let mut step = None;
+    let mut has_summary = false;
+    while at < event.len() {
+        let key = read_varint(event, &mut at)?;
+        match (key >> 3, key & 7) {
+            (2, 0) => step = Some(read_varint(event, &mut at)? as i64),
+            (field, 2) => {
+                let len = read_varint(event, &mut at)? as usize;
+                at = at.checked_add(len)?;
+                has_summary |= field == 5;
+            }
+            (_, 0) => {
+                read_varint(event, &mut at)?;
+            }
+            (_, 1) => at += 8,
+            (_, 5) => at += 4,
+            _ => return None,
+        }
+    }
+    if has_summary {
+        Some(step.unwrap_or(0))
+    } else {
+        step
+    }
+}
+
+fn read_varint(buf: &[u8], at: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *buf.get(*at)?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(value);
+        }
+    }
+    None
 }
 
 /// transformers' `rewrite_logs` for one key.

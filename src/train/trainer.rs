@@ -16,8 +16,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tch::Kind;
 
-/// The trainer's settings, named as in transformers' `TrainingArguments` / TRL's configs, with TRL's defaults
-/// (those of its preference trainers where they differ from transformers').
+/// The trainer's settings, named as in transformers' `TrainingArguments` / TRL's configs. The defaults are TRL's
+/// (those of its preference trainers where they differ from transformers'), except prefalign's own choices:
+/// `output_dir`, no checkpoints unless `save_steps` is set, and `batching.layout` sharing prompts and packing
+/// (`PackOptions::TRL` gives TRL's layout).
 #[derive(Debug, Clone)]
 pub struct TrainerConfig {
     pub output_dir: PathBuf,
@@ -50,6 +52,26 @@ pub struct TrainerConfig {
     /// Skip (and count) steps with a non-finite loss or gradient instead of stopping.
     pub skip_nonfinite: bool,
     pub resume_from_checkpoint: Option<PathBuf>,
+}
+
+impl TrainerConfig {
+    /// Refuses counts that would be coerced or train nothing, naming the flag.
+    pub fn check_counts(&self) -> anyhow::Result<()> {
+        for (flag, value) in [
+            ("--per-device-train-batch-size", self.per_device_train_batch_size),
+            ("--gradient-accumulation-steps", self.gradient_accumulation_steps),
+            ("--logging-steps", self.logging_steps),
+            ("--per-device-eval-batch-size", self.per_device_eval_batch_size),
+        ] {
+            if value == 0 {
+                anyhow::bail!("{flag} is 0; it must be at least 1");
+            }
+        }
+        if self.save_total_limit == Some(0) {
+            anyhow::bail!("--save-total-limit is 0; it must be at least 1 (leave it out to keep every checkpoint)");
+        }
+        Ok(())
+    }
 }
 
 impl Default for TrainerConfig {
@@ -115,15 +137,14 @@ pub struct StepOutcome {
     pub seconds: PhaseSeconds,
 }
 
-/// Host time of a step's parts (on CUDA the kernels may still run after their part returns).
+/// Host time of a step's first two parts (on CUDA the kernels may still run after their part returns); the rest of
+/// a step is the optimizer's.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PhaseSeconds {
     /// packing the batches and the reference's log-probs
     pub reference: f64,
     /// the policy's forward and backward passes
     pub policy: f64,
-    /// clipping, AdamW, zeroing the gradients
-    pub optimizer: f64,
 }
 
 /// A step whose loss or gradient norm was not finite: nothing was updated and the gradients are zeroed.
@@ -131,7 +152,8 @@ pub struct PhaseSeconds {
 pub struct NonFinite {
     /// "loss NaN", "gradient norm inf"
     pub what: String,
-    /// The data rows of the micro-batch whose loss was not finite, or of the whole step for the gradient norm.
+    /// The data rows of the micro-batches that ran (the last of them had the non-finite loss), or of the whole step
+    /// for the gradient norm.
     pub rows: Vec<String>,
     /// Tokens of the micro-batches that ran.
     pub tokens: i64,
@@ -158,6 +180,25 @@ impl<'a> Trainer<'a> {
         }
     }
 
+    /// The first weight of the policy (or of the reference model) holding a NaN or an infinity, named.
+    pub fn nonfinite_weight(&self) -> Option<String> {
+        let reference = match self.reference {
+            Reference::Model(model) => Some(("the reference model's", model)),
+            _ => None,
+        };
+        for (whose, model) in std::iter::once(("the policy's", self.policy)).chain(reference) {
+            let mut variables: Vec<(String, tch::Tensor)> = model.vs.variables().into_iter().collect();
+            variables.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, tensor) in variables {
+                let finite = tch::no_grad(|| tensor.isfinite().all().int64_value(&[]) != 0);
+                if !finite {
+                    return Some(format!("{whose} weight {name} holds NaN or infinite values"));
+                }
+            }
+        }
+        None
+    }
+
     /// One optimizer step at learning rate `lr` over `micro_batches` (indices into `pairs`); the metrics of its
     /// batches are appended to `log` when the step succeeds. A non-finite loss stops the step at that micro-batch
     /// (the later ones are not run) and, like a non-finite gradient norm, leaves the weights as they were.
@@ -169,12 +210,14 @@ impl<'a> Trainer<'a> {
     ) -> Result<StepOutcome, NonFinite> {
         let mut seconds = PhaseSeconds::default();
         let (mut loss, mut tokens) = (0.0, 0);
+        let mut rows = Vec::new();
         let mut step_log = MetricLog::default();
         let scale = 1.0 / micro_batches.len() as f64;
         let device = self.policy.vs.device();
         for indices in micro_batches {
             let started = Instant::now();
             let pairs: Vec<&TokenizedPair> = indices.iter().map(|&i| &self.pairs[i]).collect();
+            rows.extend(pairs.iter().map(|p| p.location.clone()));
             let batch = self.batching.pack(&pairs);
             tokens += batch.logical.attention_mask.sum(Kind::Int64).int64_value(&[]);
             let reference = match self.reference {
@@ -196,22 +239,18 @@ impl<'a> Trainer<'a> {
             seconds.policy += reference_done.elapsed().as_secs_f64();
             if !value.is_finite() {
                 self.optimizer.zero_grad();
-                let rows = pairs.iter().map(|p| p.location.clone()).collect();
                 return Err(NonFinite { what: format!("loss {value}"), rows, tokens });
             }
             loss += value;
         }
-        let started = Instant::now();
         let grad_norm = (self.max_grad_norm > 0.0).then(|| self.optimizer.clip_grad_norm(self.max_grad_norm));
         if let Some(norm) = grad_norm.filter(|n| !n.is_finite()) {
             self.optimizer.zero_grad();
-            let rows = micro_batches.iter().flatten().map(|&i| self.pairs[i].location.clone()).collect();
             return Err(NonFinite { what: format!("gradient norm {norm}"), rows, tokens });
         }
         self.optimizer.step(lr);
         self.optimizer.zero_grad();
         crate::runtime::release_free_memory();
-        seconds.optimizer = started.elapsed().as_secs_f64();
         log.append(step_log);
         Ok(StepOutcome { loss, grad_norm, tokens, seconds })
     }

@@ -1,19 +1,17 @@
 //! Hub downloads against a local server that answers the Hub's URL paths with the Hub's headers
 //! (`x-repo-commit`, `etag`, `content-range` for `Range` requests, `x-error-code` on errors).
-//! The functions read HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE / HF_TOKEN, so the tests that set them take LOCK
-//! and put them back when done.
+//! The tests pass `HubSettings` (what HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE / HF_TOKEN give) instead of setting
+//! those variables for the whole test process.
 
-use prefalign::data::hub::{dataset_files, looks_like_repo_id, model_dir, split_files};
+use prefalign::data::hub::{dataset_files, looks_like_repo_id, model_dir, split_files, HubSettings};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-static LOCK: Mutex<()> = Mutex::new(());
 
 /// What the server answers on one path.
 #[derive(Clone)]
@@ -188,46 +186,10 @@ fn answer(hub: &FakeHub, stream: TcpStream, log: &Mutex<Vec<String>>) -> std::io
     }
 }
 
-const HUB_VARIABLES: [&str; 4] = ["HF_ENDPOINT", "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN"];
-
-/// LOCK, and the Hub variables as they were before `hub_env` (restored on drop: the other tests of this binary and
-/// the processes they start must not see the fake Hub).
-struct HubEnv {
-    saved: Vec<(&'static str, Option<std::ffi::OsString>)>,
-    _lock: MutexGuard<'static, ()>,
-}
-
-impl Drop for HubEnv {
-    fn drop(&mut self) {
-        for (name, value) in &self.saved {
-            match value {
-                Some(value) => std::env::set_var(name, value),
-                None => std::env::remove_var(name),
-            }
-        }
-    }
-}
-
-/// Takes LOCK and points the Hub variables at `endpoint` and `home`.
-fn hub_env(endpoint: &str, home: &Path, offline: bool, token: Option<&str>) -> HubEnv {
-    let lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let saved = HUB_VARIABLES.iter().map(|&name| (name, std::env::var_os(name))).collect();
-    set_env(endpoint, home, offline, token);
-    HubEnv { saved, _lock: lock }
-}
-
-fn set_env(endpoint: &str, home: &Path, offline: bool, token: Option<&str>) {
-    std::env::set_var("HF_ENDPOINT", endpoint);
-    std::env::set_var("HF_HOME", home);
-    if offline {
-        std::env::set_var("HF_HUB_OFFLINE", "1");
-    } else {
-        std::env::remove_var("HF_HUB_OFFLINE");
-    }
-    match token {
-        Some(token) => std::env::set_var("HF_TOKEN", token),
-        None => std::env::remove_var("HF_TOKEN"),
-    }
+/// Settings that point at `endpoint`, with the cache in `home` (tests pass these instead of setting HF_* variables:
+/// the other tests of this binary, and the processes they start, must not see the fake Hub).
+fn settings(endpoint: &str, home: &Path) -> HubSettings {
+    HubSettings { endpoint: endpoint.to_string(), home: home.to_path_buf(), offline: false, token: None }
 }
 
 fn err_text<T: std::fmt::Debug>(result: anyhow::Result<T>) -> String {
@@ -256,32 +218,31 @@ fn prefs_hub() -> FakeHub {
 fn dataset_split_downloads_into_the_python_cache_layout_and_works_offline() {
     let home = tempfile::tempdir().unwrap();
     let server = prefs_hub().serve();
-    let _env = hub_env(&server.url(), home.path(), false, None);
+    let mut hub = settings(&server.url(), home.path());
 
-    let files = dataset_files("org/prefs", None, "train").unwrap();
+    let files = dataset_files(&hub, "org/prefs", None, "train").unwrap();
     let repo_dir = home.path().join("hub/datasets--org--prefs");
     assert_eq!(files, vec![repo_dir.join("snapshots/c0ffee01/data/train-00000-of-00001.jsonl")]);
     assert_eq!(read(&files[0]), TRAIN);
     assert_eq!(std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(), "c0ffee01");
     assert!(std::fs::symlink_metadata(&files[0]).unwrap().file_type().is_symlink(), "snapshots link to blobs/");
-    let test = dataset_files("org/prefs", None, "test").unwrap();
+    let test = dataset_files(&hub, "org/prefs", None, "test").unwrap();
     assert_eq!(read(&test[0]), TEST);
 
     // A second call lists the repo again but downloads nothing.
     server.take_log();
-    assert_eq!(dataset_files("org/prefs", None, "train").unwrap(), files);
+    assert_eq!(dataset_files(&hub, "org/prefs", None, "train").unwrap(), files);
     assert_eq!(server.take_log(), vec!["/api/datasets/org/prefs/revision/main"]);
 
     // Offline, with no server at all: served from the cache.
-    let endpoint = server.url();
     drop(server);
-    set_env(&endpoint, home.path(), true, None);
-    assert_eq!(dataset_files("org/prefs", None, "train").unwrap(), files);
-    let text = err_text(dataset_files("org/prefs", None, "validation"));
+    hub.offline = true;
+    assert_eq!(dataset_files(&hub, "org/prefs", None, "train").unwrap(), files);
+    let text = err_text(dataset_files(&hub, "org/prefs", None, "validation"));
     assert!(text.contains("validation") && text.contains("train") && text.contains("HF_HUB_OFFLINE"), "{text}");
-    let text = err_text(dataset_files("org/other", None, "train"));
+    let text = err_text(dataset_files(&hub, "org/other", None, "train"));
     assert!(text.contains("dataset org/other is not in the cache"), "{text}");
-    let text = err_text(model_dir("org/tiny", None));
+    let text = err_text(model_dir(&hub, "org/tiny", None));
     assert!(text.contains("model org/tiny is not in the cache"), "{text}");
 }
 
@@ -294,12 +255,12 @@ fn dataset_config_selects_a_folder_of_gzipped_jsonl() {
         ("helpful-base/train.jsonl.gz", b"helpful train"),
     ];
     let server = FakeHub::default().repo("dataset", "org/hh", "main", "abc123", files).serve();
-    let _env = hub_env(&server.url(), home.path(), false, None);
+    let hub = settings(&server.url(), home.path());
 
-    let harmless = dataset_files("org/hh", Some("harmless-base"), "train").unwrap();
+    let harmless = dataset_files(&hub, "org/hh", Some("harmless-base"), "train").unwrap();
     assert_eq!(harmless.len(), 1);
     assert_eq!(read(&harmless[0]), b"harmless train");
-    let all: Vec<Vec<u8>> = dataset_files("org/hh", None, "train").unwrap().iter().map(|p| read(p)).collect();
+    let all: Vec<Vec<u8>> = dataset_files(&hub, "org/hh", None, "train").unwrap().iter().map(|p| read(p)).collect();
     assert_eq!(all, vec![b"harmless train".to_vec(), b"helpful train".to_vec()]);
 }
 
@@ -313,32 +274,31 @@ fn dataset_without_matching_files_falls_back_to_the_parquet_conversion() {
         .repo("dataset", "org/scripted", "main", "main0001", main)
         .repo("dataset", "org/scripted", "refs/convert/parquet", "conv0001", converted)
         .serve();
-    let _env = hub_env(&server.url(), home.path(), false, None);
+    let mut hub = settings(&server.url(), home.path());
 
-    let files = dataset_files("org/scripted", None, "train").unwrap();
+    let files = dataset_files(&hub, "org/scripted", None, "train").unwrap();
     let repo_dir = home.path().join("hub/datasets--org--scripted");
     assert_eq!(files, vec![repo_dir.join("snapshots/conv0001/default/train/0000.parquet")]);
     assert_eq!(read(&files[0]), b"PAR1 train PAR1");
     assert_eq!(std::fs::read_to_string(repo_dir.join("refs/refs/convert/parquet")).unwrap(), "conv0001");
 
-    let text = err_text(dataset_files("org/scripted", None, "validation"));
+    let text = err_text(dataset_files(&hub, "org/scripted", None, "validation"));
     assert!(text.contains("validation") && text.contains("splits that seem available: test, train"), "{text}");
 
-    let endpoint = server.url();
     drop(server);
-    set_env(&endpoint, home.path(), true, None);
-    assert_eq!(dataset_files("org/scripted", None, "train").unwrap(), files);
+    hub.offline = true;
+    assert_eq!(dataset_files(&hub, "org/scripted", None, "train").unwrap(), files);
 }
 
 #[test]
 fn missing_repo_names_the_repo_and_the_endpoint() {
     let home = tempfile::tempdir().unwrap();
     let server = FakeHub::default().serve();
-    let _env = hub_env(&server.url(), home.path(), false, None);
+    let hub = settings(&server.url(), home.path());
 
-    let text = err_text(dataset_files("org/nope", None, "train"));
+    let text = err_text(dataset_files(&hub, "org/nope", None, "train"));
     assert!(text.contains("dataset org/nope") && text.contains(&server.url()), "{text}");
-    let text = err_text(model_dir("org/nope", Some("v2")));
+    let text = err_text(model_dir(&hub, "org/nope", Some("v2")));
     assert!(text.contains("model org/nope (revision v2)") && text.contains(&server.url()), "{text}");
 }
 
@@ -354,15 +314,15 @@ fn missing_split_lists_the_available_splits() {
         .repo("dataset", "org/uf", "main", "d00d", files)
         .missing("/api/datasets/org/uf/revision/refs%2Fconvert%2Fparquet", "RevisionNotFound")
         .serve();
-    let _env = hub_env(&server.url(), home.path(), false, None);
+    let hub = settings(&server.url(), home.path());
 
-    let text = err_text(dataset_files("org/prefs", None, "validation"));
+    let text = err_text(dataset_files(&hub, "org/prefs", None, "validation"));
     assert!(text.contains("\"validation\"") && text.contains("splits that seem available: test, train"), "{text}");
     assert!(text.contains("data/test-00000-of-00001.jsonl"), "{text}");
     // "train" must not silently mix train_prefs and train_sft.
-    let text = err_text(dataset_files("org/uf", None, "train"));
+    let text = err_text(dataset_files(&hub, "org/uf", None, "train"));
     assert!(text.contains("test_prefs, train_prefs, train_sft"), "{text}");
-    assert_eq!(dataset_files("org/uf", None, "train_prefs").unwrap().len(), 1);
+    assert_eq!(dataset_files(&hub, "org/uf", None, "train_prefs").unwrap().len(), 1);
 }
 
 #[test]
@@ -370,11 +330,11 @@ fn truncated_download_fails_naming_the_file_and_is_completed_next_time() {
     let home = tempfile::tempdir().unwrap();
     let big: Vec<u8> = (0..100_000u32).flat_map(|i| i.to_le_bytes()).collect();
     let files: &[(&str, &[u8])] = &[("data/train-00000-of-00001.parquet", &big)];
-    let hub = || FakeHub::default().repo("dataset", "org/big", "main", "beef", files);
-    let server = hub().truncating().serve();
-    let _env = hub_env(&server.url(), home.path(), false, None);
+    let fake = || FakeHub::default().repo("dataset", "org/big", "main", "beef", files);
+    let server = fake().truncating().serve();
+    let mut hub = settings(&server.url(), home.path());
 
-    let text = err_text(dataset_files("org/big", None, "train"));
+    let text = err_text(dataset_files(&hub, "org/big", None, "train"));
     assert!(text.contains("data/train-00000-of-00001.parquet") && text.contains("org/big"), "{text}");
     let repo_dir = home.path().join("hub/datasets--org--big");
     assert!(!repo_dir.join("snapshots/beef/data/train-00000-of-00001.parquet").exists(), "not linked as complete");
@@ -385,9 +345,9 @@ fn truncated_download_fails_naming_the_file_and_is_completed_next_time() {
     assert!(blobs.iter().all(|b| b.ends_with(".part") || b.ends_with(".lock")), "{blobs:?}");
     drop(server);
 
-    let server = hub().serve();
-    set_env(&server.url(), home.path(), false, None);
-    let files = dataset_files("org/big", None, "train").unwrap();
+    let server = fake().serve();
+    hub.endpoint = server.url();
+    let files = dataset_files(&hub, "org/big", None, "train").unwrap();
     assert_eq!(read(&files[0]), big);
 }
 
@@ -395,15 +355,15 @@ fn truncated_download_fails_naming_the_file_and_is_completed_next_time() {
 fn private_repo_uses_hf_token() {
     let home = tempfile::tempdir().unwrap();
     let files: &[(&str, &[u8])] = &[("train.jsonl", TRAIN)];
-    let mut hub = FakeHub::default().repo("dataset", "org/private", "main", "5ec4e7", files);
-    hub.token = Some("hf_secret".into());
-    let server = hub.serve();
-    let _env = hub_env(&server.url(), home.path(), false, None);
+    let mut fake = FakeHub::default().repo("dataset", "org/private", "main", "5ec4e7", files);
+    fake.token = Some("hf_secret".into());
+    let server = fake.serve();
+    let mut hub = settings(&server.url(), home.path());
 
-    let text = err_text(dataset_files("org/private", None, "train"));
+    let text = err_text(dataset_files(&hub, "org/private", None, "train"));
     assert!(text.contains("org/private") && text.contains("HF_TOKEN"), "{text}");
-    set_env(&server.url(), home.path(), false, Some("hf_secret"));
-    assert_eq!(read(&dataset_files("org/private", None, "train").unwrap()[0]), TRAIN);
+    hub.token = Some("hf_secret".into());
+    assert_eq!(read(&dataset_files(&hub, "org/private", None, "train").unwrap()[0]), TRAIN);
 }
 
 #[test]
@@ -425,9 +385,9 @@ fn sharded_model_with_tokenizer_files() {
         ("pytorch_model.bin", b"not wanted"),
     ];
     let server = FakeHub::default().repo("model", "org/tiny", "main", "feed", files).serve();
-    let _env = hub_env(&server.url(), home.path(), false, None);
+    let mut hub = settings(&server.url(), home.path());
 
-    let dir = model_dir("org/tiny", None).unwrap();
+    let dir = model_dir(&hub, "org/tiny", None).unwrap();
     assert_eq!(dir, home.path().join("hub/models--org--tiny/snapshots/feed"));
     for (name, bytes) in &files[2..11] {
         assert_eq!(read(&dir.join(name)), *bytes, "{name}");
@@ -435,12 +395,11 @@ fn sharded_model_with_tokenizer_files() {
     let log = server.take_log();
     assert!(!log.iter().any(|p| p.ends_with("pytorch_model.bin") || p.ends_with("README.md")), "{log:?}");
 
-    let endpoint = server.url();
     drop(server);
-    set_env(&endpoint, home.path(), true, None);
-    assert_eq!(model_dir("org/tiny", None).unwrap(), dir);
+    hub.offline = true;
+    assert_eq!(model_dir(&hub, "org/tiny", None).unwrap(), dir);
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
-    let text = err_text(model_dir("org/tiny", None));
+    let text = err_text(model_dir(&hub, "org/tiny", None));
     assert!(text.contains("model-00002-of-00002.safetensors") && text.contains("org/tiny"), "{text}");
 }
 
@@ -495,4 +454,28 @@ fn repo_id_detection() {
     }
     // An existing local folder wins over the repo reading (tests run in the package root).
     assert!(Path::new("tests/fixtures").is_dir() && !looks_like_repo_id("tests/fixtures"));
+}
+
+#[test]
+fn settings_read_the_variables_as_huggingface_hub_does() {
+    let vars = |pairs: &[(&str, &str)]| {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        HubSettings::from_lookup(|name| map.get(name).cloned())
+    };
+    let defaults = vars(&[("HOME", "/home/u")]);
+    assert_eq!(defaults.endpoint, "https://huggingface.co");
+    assert_eq!(defaults.home, Path::new("/home/u/.cache/huggingface"));
+    assert!(!defaults.offline && defaults.token.is_none());
+    let set = vars(&[
+        ("HF_ENDPOINT", " http://localhost:8080/ "),
+        ("HF_HOME", "/data/hf"),
+        ("HF_HUB_OFFLINE", "YES"),
+        ("HF_TOKEN", " hf_x \n"),
+    ]);
+    assert_eq!(set.endpoint, "http://localhost:8080");
+    assert_eq!(set.home, Path::new("/data/hf"));
+    assert!(set.offline);
+    assert_eq!(set.token.as_deref(), Some("hf_x"));
+    assert!(!vars(&[("HF_HUB_OFFLINE", "0"), ("HF_TOKEN", "  ")]).offline);
+    assert!(vars(&[("HF_TOKEN", "  ")]).token.is_none());
 }
