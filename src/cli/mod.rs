@@ -136,6 +136,13 @@ pub fn resolve_model(model: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(model))
 }
 
+/// Expands `--config` and parses `argv` as `main` does, without running anything (for tests and fuzzing).
+pub fn parse_args(argv: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+    let argv = config::expand(argv, &Cli::command())?;
+    Cli::try_parse_from(argv)?;
+    Ok(())
+}
+
 /// Runs the CLI; returns the process exit code. User mistakes print one `error:` line chain, no backtrace.
 pub fn main() -> i32 {
     tracing_subscriber::fmt()

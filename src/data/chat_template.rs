@@ -37,17 +37,18 @@ impl ChatTemplate {
         env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, message))
         });
-        env.add_function("strftime_now", |format: String| chrono::Local::now().format(&format).to_string());
+        env.add_function("strftime_now", |format: String| strftime(chrono::Local::now().format(&format), &format));
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", rewrite_generation_tags(source))
-            .map_err(|e| anyhow!("the chat template does not parse: {e:#}"))?;
+            .map_err(|e| anyhow!("the chat template does not parse: {}", template_error(&e)))?;
         Ok(Self { env, special_tokens })
     }
 
     /// Makes `strftime_now` report `date` instead of today (templates like Llama 3.x print the date, so token ids
     /// depend on it; fixing it makes a run reproducible on another day).
     pub fn fix_date(&mut self, date: chrono::NaiveDate) {
-        self.env.add_function("strftime_now", move |format: String| date.format(&format).to_string());
+        let midnight = date.and_hms_opt(0, 0, 0).expect("midnight exists");
+        self.env.add_function("strftime_now", move |format: String| strftime(midnight.format(&format), &format));
     }
 
     /// Renders `messages` (with the assistant header appended when `add_generation_prompt`).
@@ -60,7 +61,7 @@ impl ChatTemplate {
         // transformers passes these as None when unused; templates test them with `is none` / `is defined`.
         context.insert("tools", Value::from(()));
         context.insert("documents", Value::from(()));
-        template.render(context).map_err(|e| anyhow!("chat template error: {e:#}"))
+        template.render(context).map_err(|e| anyhow!("chat template error: {}", template_error(&e)))
     }
 
     /// transformers' `continue_final_message=True`: render, then cut after the final message's (stripped)
@@ -122,4 +123,21 @@ impl serde_json::ser::Formatter for PythonCompact {
     fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
         writer.write_all(b": ")
     }
+}
+
+/// `strftime_now(format)`: a time `formatted` with `format`, or a template error for a format chrono cannot use
+/// (Python would raise too, for most of them); `to_string` would panic.
+fn strftime(formatted: impl std::fmt::Display, format: &str) -> Result<String, Error> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{formatted}")
+        .map_err(|_| Error::new(ErrorKind::InvalidOperation, format!("strftime_now: cannot format with {format:?}")))?;
+    Ok(out)
+}
+
+/// A minijinja error as one line with its template line ("… (in chat:12)"). Not minijinja's alternate form, whose
+/// excerpt of the template subtracts columns unchecked and, for some broken templates, asks for an enormous string
+/// of carets (docs/RELIABILITY.md).
+fn template_error(error: &Error) -> String {
+    error.to_string()
 }

@@ -1,6 +1,7 @@
-//! Data: read rows (`source`, or the Hub: `hub`) -> interpret them (`example`, `hh_rlhf`; what is wrong with a
-//! row: `invalid`) -> token ids by TRL's rules (`chat_template`, `tokenize`) -> the whole path with its accounting
-//! (`prepare`) -> TRL's batches (`collate`) -> the model's input layout (`pack`).
+//! Data: read rows (`source`, which checks a Parquet file's sizes first: `parquet_check`; or the Hub: `hub`) ->
+//! interpret them (`example`, `hh_rlhf`; what is wrong with a row: `invalid`) -> token ids by TRL's rules
+//! (`chat_template`, `tokenize`) -> the whole path with its accounting (`prepare`) -> TRL's batches (`collate`) ->
+//! the model's input layout (`pack`).
 
 pub mod chat_template;
 pub mod collate;
@@ -9,6 +10,7 @@ pub mod hh_rlhf;
 pub mod hub;
 pub mod invalid;
 pub mod pack;
+mod parquet_check;
 pub mod prepare;
 pub mod source;
 pub mod tokenize;

@@ -3,6 +3,7 @@
 //! `file row N`) so that later errors can name it.
 
 use crate::data::invalid::{InvalidRow, RowError};
+use crate::data::parquet_check;
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 use std::io::{BufRead, Read};
@@ -178,8 +179,12 @@ fn read_parquet(path: &Path) -> Result<ReadRows> {
 fn read_parquet_rows(path: &Path) -> Result<ReadRows> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let shown = path.display();
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
-    let reader = SerializedFileReader::new(file).with_context(|| format!("{shown} is not a valid Parquet file"))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {shown}"))?;
+    parquet_check::check_footer(&bytes).with_context(|| format!("{shown} is not a valid Parquet file"))?;
+    let bytes = bytes::Bytes::from(bytes);
+    let reader = SerializedFileReader::new(StrictParquet(bytes.clone()))
+        .with_context(|| format!("{shown} is not a valid Parquet file"))?;
+    parquet_check::check_pages(&reader, &bytes).with_context(|| format!("{shown}: cannot read its rows"))?;
     let mut out = ReadRows::default();
     for row in reader.get_row_iter(None).with_context(|| format!("{shown}: cannot read its rows"))? {
         let location = format!("{shown} row {}", out.rows.len());
@@ -198,5 +203,46 @@ fn without_nulls(value: Value) -> Value {
         }
         Value::Array(items) => Value::Array(items.into_iter().map(without_nulls).collect()),
         other => other,
+    }
+}
+
+/// A Parquet file in memory whose readers fail at its end instead of reporting 0 bytes read: the parquet crate
+/// skips page-header fields it does not know with `io::copy`, which on a plain reader at the end of the data
+/// "skips" a corrupt length for free, up to 2^31 times per list (docs/RELIABILITY.md).
+struct StrictParquet(bytes::Bytes);
+
+/// A reader of a `StrictParquet` from some offset.
+struct StrictRead(bytes::Bytes);
+
+impl Read for StrictRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.0.is_empty() {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file ends inside a page"));
+        }
+        let n = buf.len().min(self.0.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = self.0.slice(n..);
+        Ok(n)
+    }
+}
+
+impl parquet::file::reader::Length for StrictParquet {
+    fn len(&self) -> u64 {
+        self.0.len() as u64
+    }
+}
+
+impl parquet::file::reader::ChunkReader for StrictParquet {
+    type T = StrictRead;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<StrictRead> {
+        Ok(StrictRead(self.0.get_bytes(start, (self.0.len() as u64).saturating_sub(start) as usize)?))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
+        self.0.get_bytes(start, length)
     }
 }

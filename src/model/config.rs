@@ -158,6 +158,22 @@ impl ModelConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.architecture()?;
+        for (key, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_kv_heads()),
+            ("head_dim", self.head_dim.unwrap_or(1)),
+        ] {
+            if value == 0 {
+                bail!("{key} is 0");
+            }
+        }
+        if self.head_dim() == 0 {
+            bail!("hidden_size {} is smaller than num_attention_heads {}", self.hidden_size, self.num_attention_heads);
+        }
         if self.hidden_act != "silu" {
             bail!("unsupported hidden_act \"{}\" (only silu)", self.hidden_act);
         }

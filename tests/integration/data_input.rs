@@ -72,6 +72,29 @@ fn parquet_file_and_folder_of_shards_read_like_jsonl() {
     assert_eq!(fields(&shards.rows), fields(&jsonl.rows));
 }
 
+/// `name`.parquet reads as the rows of `name`.expected.json (both written by tools/fixtures/make_parquet_fixtures.py).
+fn assert_parquet_reads_as_expected(name: &str) {
+    let rows = read_rows(&fixture(&format!("parquet/{name}.parquet"))).unwrap();
+    let expected: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixture(&format!("parquet/{name}.expected.json"))).unwrap())
+            .unwrap();
+    assert_eq!(fields(&rows.rows), expected);
+}
+
+/// Nulls at every depth, a float32 and a map column: null object fields are left out as in a JSON Lines row, null
+/// list items stay, a map is an object.
+#[test]
+fn parquet_nulls_floats_and_maps_read_as_json_rows() {
+    assert_parquet_reads_as_expected("nulls");
+}
+
+/// Booleans (in lists too), zstd, version 2 data pages of a few values, a page index, page checksums and a bloom
+/// filter pass the checks of a file's structure (`data::parquet_check`) and read as written.
+#[test]
+fn parquet_writer_options_pass_the_structure_checks() {
+    assert_parquet_reads_as_expected("writer-options");
+}
+
 #[test]
 fn json_array_and_gzip() {
     let rows = read_rows(&fixture("trl_data/standard.jsonl")).unwrap();

@@ -1,6 +1,6 @@
 //! Dequantization of ggml tensor types to f32, following ggml's reference `dequantize_row_*` code.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
 
 /// The ggml types prefalign reads, with their block layout.
@@ -58,7 +58,9 @@ impl GgmlType {
         if !elements.is_multiple_of(block_elems) {
             bail!("{elements} elements do not fill whole {self:?} blocks of {block_elems}");
         }
-        Ok(elements / block_elems * block_bytes)
+        (elements / block_elems)
+            .checked_mul(block_bytes)
+            .with_context(|| format!("{elements} {self:?} elements take more bytes than any file holds"))
     }
 }
 

@@ -66,7 +66,8 @@ fn config_from_metadata(
     let opt_f = |k: &str| file.get(&key(k)).and_then(Value::as_f64);
     let hidden_size = get_u("embedding_length")?;
     let num_attention_heads = get_u("attention.head_count")?;
-    let head_dim = opt_u("attention.key_length").filter(|&d| d != hidden_size / num_attention_heads);
+    // checked: 0 heads reaches `ModelConfig::validate`, which names it.
+    let head_dim = opt_u("attention.key_length").filter(|&d| Some(d) != hidden_size.checked_div(num_attention_heads));
     let vocab_size = opt_u("vocab_size").unwrap_or(tokenizer.vocab_size());
     let has_output = file.tensors.iter().any(|t| t.name == "output.weight");
     let token_id = |k: &str| file.get(&format!("tokenizer.ggml.{k}")).and_then(Value::as_i64).map(TokenIds::One);

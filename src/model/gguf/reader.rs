@@ -91,6 +91,7 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// The number of elements (the parser has checked that it fits an i64).
     pub fn element_count(&self) -> u64 {
         self.dims.iter().product()
     }
@@ -100,6 +101,9 @@ impl TensorInfo {
         self.dims.iter().rev().map(|&d| d as i64).collect()
     }
 }
+
+/// How deep arrays may nest in the metadata.
+const MAX_ARRAY_DEPTH: usize = 8;
 
 pub struct GgufFile {
     pub path: PathBuf,
@@ -146,6 +150,11 @@ impl<'a> Cursor<'a> {
     }
 
     fn value(&mut self, value_type: u32) -> Result<Value> {
+        self.value_nested(value_type, 0)
+    }
+
+    /// A value inside `depth` arrays (GGUF's arrays of arrays are rare; deep ones only exhaust the stack).
+    fn value_nested(&mut self, value_type: u32, depth: usize) -> Result<Value> {
         Ok(match value_type {
             0 => Value::U8(self.array::<1>()?[0]),
             1 => Value::I8(self.array::<1>()?[0] as i8),
@@ -157,12 +166,16 @@ impl<'a> Cursor<'a> {
             7 => Value::Bool(self.array::<1>()?[0] != 0),
             8 => Value::String(self.string()?),
             9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    bail!("arrays nested more than {MAX_ARRAY_DEPTH} deep at byte {}", self.pos);
+                }
                 let item_type = self.u32()?;
                 let len = self.u64()?;
-                if len > self.bytes.len() as u64 {
-                    bail!("array length {len} at byte {} exceeds the file size", self.pos);
+                // every item takes at least a byte
+                if len > (self.bytes.len() - self.pos) as u64 {
+                    bail!("array length {len} at byte {} exceeds the rest of the file", self.pos);
                 }
-                (0..len).map(|_| self.value(item_type)).collect::<Result<_>>().map(Value::Array)?
+                (0..len).map(|_| self.value_nested(item_type, depth + 1)).collect::<Result<_>>().map(Value::Array)?
             }
             10 => Value::U64(self.u64()?),
             11 => Value::I64(i64::from_le_bytes(self.array()?)),
@@ -206,20 +219,28 @@ impl GgufFile {
                 bail!("tensor {name} has {n_dims} dimensions (at most 4)");
             }
             let dims = (0..n_dims).map(|_| cur.u64()).collect::<Result<Vec<_>>>()?;
+            let elements = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d)).filter(|&n| n <= i64::MAX as u64);
+            if elements.is_none() || dims.iter().any(|&d| d > i64::MAX as u64) {
+                bail!("tensor {name} has dimensions {dims:?}, larger than any file holds");
+            }
             let ggml_type = cur.u32()?;
             let offset = cur.u64()?;
             tensors.push(TensorInfo { name, dims, ggml_type, offset });
         }
-        let alignment = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32) as usize;
-        let data_start = cur.pos.div_ceil(alignment) * alignment;
+        let alignment = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32);
+        if alignment == 0 || !alignment.is_power_of_two() || alignment > 1 << 20 {
+            bail!("general.alignment is {alignment}; expected a power of two up to 1 MiB");
+        }
+        let data_start = cur.pos.div_ceil(alignment as usize) * alignment as usize;
         Ok(Self { path: path.to_path_buf(), version, metadata, tensors, data_start, mmap })
     }
 
     /// The bytes of a tensor, checked against the file size.
     pub fn tensor_bytes(&self, info: &TensorInfo, byte_len: usize) -> Result<&[u8]> {
-        let start = self.data_start + info.offset as usize;
-        self.mmap
-            .get(start..start + byte_len)
+        let start = usize::try_from(info.offset).ok().and_then(|offset| self.data_start.checked_add(offset));
+        let range = start.and_then(|start| Some(start..start.checked_add(byte_len)?));
+        range
+            .and_then(|range| self.mmap.get(range))
             .with_context(|| format!("tensor {} in {} runs past the end of the file", info.name, self.path.display()))
     }
 

@@ -1,0 +1,25 @@
+//! Preference rows as JSON Lines and as a JSON array: reading, format detection, HH-RLHF transcripts, and TRL's
+//! DPO and ORPO tokenization through the fixture tokenizer and its chat template.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use prefalign::data::prepare::{prepare, PrepareOptions, RowFormat, Rules};
+use prefalign::data::source::read_rows;
+use prefalign::data::tokenize::PairTokenizer;
+
+fuzz_target!(|data: &[u8]| {
+    let tok = PairTokenizer::new(prefalign_fuzz::tokenizer()).expect("fixture tokenizer");
+    for name in ["rows.jsonl", "rows.json"] {
+        let path = prefalign_fuzz::scratch_file(name, data);
+        for (rules, row_format) in
+            [(Rules::Dpo, RowFormat::Auto), (Rules::Orpo, RowFormat::Auto), (Rules::Dpo, RowFormat::HhRlhf)]
+        {
+            let Ok(read) = read_rows(&path) else { continue };
+            let mut options = PrepareOptions::new(rules);
+            options.row_format = row_format;
+            options.max_length = Some(64);
+            options.skip_invalid_rows = true;
+            let _ = prepare(read, &tok, &options);
+        }
+    }
+});
