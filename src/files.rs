@@ -21,8 +21,12 @@ pub fn partial_path(path: &Path) -> PathBuf {
 }
 
 /// Writes `path` atomically: `write` fills the temporary file it is given, which is then synced and renamed over
-/// `path`. On an error the temporary file is removed and the error names `path`.
+/// `path`. On an error the temporary file is removed and the error names `path`. A `path` that exists and is no
+/// regular file (`/dev/stdout`, a named pipe) is written directly: renaming over it would replace it.
 pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return write(path).with_context(|| format!("cannot write {}", path.display()));
+    }
     let tmp = partial_path(path);
     let written = write(&tmp).and_then(|()| sync_file(&tmp));
     if let Err(error) = written {
@@ -182,6 +186,13 @@ mod tests {
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         names.sort();
         assert_eq!(names, ["a.json", "checkpoint-1"]);
+    }
+
+    #[test]
+    fn a_device_is_written_in_place_not_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        write_file_atomically(Path::new("/dev/null"), "to nowhere").unwrap();
+        assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! own. A run's folder holds the recipe as it was trained (`recipe.yaml`), the trained model, `metrics.jsonl`,
 //! `train_summary.json`, the logs, and the held-out scores.
 
+use crate::files;
 use crate::report::{self, Report, RunRow};
 use crate::train::checkpoint::list_checkpoints;
 use anyhow::{bail, Context, Result};
@@ -403,7 +404,7 @@ fn score_reusing(flags: &[String], json: &Path, log: &Path, flags_file: &Path, r
     }
     let _ = std::fs::remove_file(flags_file);
     let scored = score(flags, json, log)?;
-    std::fs::write(flags_file, flags_text).with_context(|| format!("cannot write {}", flags_file.display()))?;
+    files::write_file_atomically(flags_file, flags_text)?;
     Ok(scored)
 }
 
@@ -541,8 +542,8 @@ fn one_run(
             let _ = std::fs::remove_file(dir.join(name));
         }
         let recipe_text = serde_norway::to_string(&recipe.yaml)?;
-        std::fs::write(&recipe_path, recipe_text).with_context(|| format!("cannot write {}", recipe_path.display()))?;
-        std::fs::write(dir.join("command.txt"), format!("{}\n", row.command))?;
+        files::write_file_atomically(&recipe_path, recipe_text)?;
+        files::write_file_atomically(&dir.join("command.txt"), format!("{}\n", row.command))?;
     }
     if let Some(checkpoint) = &checkpoint {
         train_args.extend(["--resume-from-checkpoint".into(), checkpoint.display().to_string()]);
@@ -616,7 +617,7 @@ fn one_run(
     row.metrics = report::read_metrics(&dir.join("metrics.jsonl")).unwrap_or_default();
     let wall = wall?;
     if matches!(trained, Trained::Now | Trained::Resumed(_)) {
-        std::fs::write(dir.join(FINISHED), serde_json::json!({ "wall_seconds": wall }).to_string())?;
+        files::write_file_atomically(&dir.join(FINISHED), serde_json::json!({ "wall_seconds": wall }).to_string())?;
     }
     row.wall_seconds = Some(wall);
     let summary = read_json(&dir.join("train_summary.json"))?;

@@ -287,19 +287,19 @@ pub fn export(args: ExportArgs) -> Result<()> {
         crate::data::example::Turns::Text(text) => serde_json::Value::from(text.as_str()),
         crate::data::example::Turns::Messages(messages) => serde_json::to_value(messages).expect("messages serialize"),
     };
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?,
-    );
-    for pair in &pairs {
-        let mut row = serde_json::Map::new();
-        if let Some(prompt) = &pair.prompt {
-            row.insert("prompt".into(), turns(prompt));
+    crate::files::write_atomically(&args.output, |tmp| {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+        for pair in &pairs {
+            let mut row = serde_json::Map::new();
+            if let Some(prompt) = &pair.prompt {
+                row.insert("prompt".into(), turns(prompt));
+            }
+            row.insert("chosen".into(), turns(&pair.chosen));
+            row.insert("rejected".into(), turns(&pair.rejected));
+            writeln!(out, "{}", serde_json::Value::Object(row))?;
         }
-        row.insert("chosen".into(), turns(&pair.chosen));
-        row.insert("rejected".into(), turns(&pair.rejected));
-        writeln!(out, "{}", serde_json::Value::Object(row))?;
-    }
-    out.flush()?;
+        Ok(out.flush()?)
+    })?;
     let dropped = match &args.model {
         Some(_) => format!(
             ", {} dropped by the {} rules at max_length {}",

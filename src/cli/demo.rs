@@ -58,7 +58,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let mut splits = Vec::new();
     for (name, text) in [("train", TRAIN), ("test", TEST)] {
         let path = data_dir.join(format!("{name}.jsonl"));
-        std::fs::write(&path, text)?;
+        crate::files::write_file_atomically(&path, text)?;
         let tok = PairTokenizer::new(tokenizer)?;
         splits.push(prepare(read_rows(&path)?, &tok, &PrepareOptions::new(Rules::Dpo))?.pairs);
     }

@@ -6,7 +6,7 @@ use crate::cli::{ComputeArgs, ModelArgs};
 use crate::objective::dpo::{DpoParams, LossParams};
 use crate::objective::{Objective, OrpoParams};
 use crate::train::evaluate::{evaluate, EvalOptions, EvalReference};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
@@ -61,13 +61,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
         &options,
     );
     if let Some(path) = &args.output {
-        let mut file = std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-        );
-        for example in &result.examples {
-            writeln!(file, "{}", serde_json::to_string(example)?)?;
-        }
-        file.flush()?;
+        crate::files::write_atomically(path, |tmp| {
+            let mut file = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+            for example in &result.examples {
+                writeln!(file, "{}", serde_json::to_string(example)?)?;
+            }
+            Ok(file.flush()?)
+        })?;
     }
     eprintln!("{} pairs scored ({})", prepared.pairs.len(), prepared.report.counts(rules));
     println!("{}", serde_json::to_string_pretty(&result.metrics)?);

@@ -108,7 +108,7 @@ pub fn write(dir: &Path, report: &Report) -> Result<()> {
         &groups,
     )?;
     let path = dir.join("report.md");
-    std::fs::write(&path, markdown(report)).with_context(|| format!("cannot write {}", path.display()))
+    crate::files::write_file_atomically(&path, markdown(report))
 }
 
 pub const TABLE_HEADER: [&str; 11] = [

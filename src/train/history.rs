@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 /// `metrics.jsonl` and TensorBoard event files under `runs/`. On a resume, the rows and events of steps after the
 /// checkpoint (which the run logs again) are dropped by rewriting the files atomically, so a kill at any moment
-/// leaves either the old history or the new one; rows are then appended and flushed one by one.
+/// leaves either the old history or the new one; rows are then appended one write each. A fresh run (no resume)
+/// starts both empty.
 pub struct History {
     path: PathBuf,
     file: std::fs::File,
@@ -35,10 +36,10 @@ impl History {
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
         files::write_file_atomically(&path, kept)?;
+        // A fresh run's history starts empty in both files: events an earlier run left in runs/ go too.
         let runs = out.join("runs");
-        if resume_step > 0 {
-            keep_events_up_to(&runs, resume_step as i64)?;
-        }
+        files::remove_partials(&runs)?;
+        keep_events_up_to(&runs, resume_step as i64)?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)

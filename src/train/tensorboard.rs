@@ -118,9 +118,10 @@ impl Drop for TensorBoardWriter {
     }
 }
 
-/// After a resume from the checkpoint of `step`: every event file in `dir` loses its events of later steps (the run
-/// logs them again) and any torn record a kill left at its end, so that no step appears twice across the files.
-/// Each changed file is rewritten atomically; files that are not TFRecord event files are left alone.
+/// Before a run resumed from the checkpoint of `step` (0: a fresh run) writes its events: every event file in `dir`
+/// loses its events of later steps (the run logs them again) and any torn record a kill left at its end, so that no
+/// step appears twice across the files. Each changed file is rewritten atomically, or removed when no step is left
+/// in it; other files are left alone.
 pub fn keep_events_up_to(dir: &Path, step: i64) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
     for entry in entries.filter_map(|e| e.ok()) {
@@ -131,7 +132,10 @@ pub fn keep_events_up_to(dir: &Path, step: i64) -> Result<()> {
         let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let records = records(&bytes);
         let kept: Vec<&[u8]> = records.iter().copied().filter(|r| event_step(r).is_none_or(|s| s <= step)).collect();
-        if kept.len() < records.len() || records.iter().map(|r| r.len() + 16).sum::<usize>() < bytes.len() {
+        if kept.iter().all(|r| event_step(r).is_none()) {
+            // only the file_version header is left: the file would be an empty run in TensorBoard's list
+            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        } else if kept.len() < records.len() || records.iter().map(|r| r.len() + 16).sum::<usize>() < bytes.len() {
             let data: Vec<u8> = kept.iter().flat_map(|r| frame(r)).collect();
             crate::files::write_file_atomically(&path, data)?;
         }

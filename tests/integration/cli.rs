@@ -1,7 +1,7 @@
 //! The `prefalign` binary end to end on the real SmolLM2 GGUF: generate and convert.
 
 use crate::common;
-use crate::common::smollm2_gguf;
+use crate::common::{smollm2_gguf, tiny_model_dir};
 use std::process::Command;
 
 fn prefalign(args: &[&str]) -> (String, String) {
@@ -105,19 +105,6 @@ fn convert_then_generate_from_the_hf_folder() {
         "24",
     ]);
     assert!(stdout.contains("Paris"), "{stdout}");
-}
-
-/// A complete model folder: the tiny eval policy's weights with the SmolLM2 tokenizer files beside them.
-fn tiny_model_dir(dir: &std::path::Path, which: &str) -> std::path::PathBuf {
-    let out = dir.join(which);
-    std::fs::create_dir_all(&out).unwrap();
-    for src in [common::fixture(&format!("eval/{which}")), common::fixture("trl_data/tokenizer")] {
-        for entry in std::fs::read_dir(src).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
-        }
-    }
-    out
 }
 
 #[test]

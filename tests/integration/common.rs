@@ -42,3 +42,17 @@ pub fn error_text<T>(result: anyhow::Result<T>) -> String {
         Err(e) => format!("{e:#}"),
     }
 }
+
+/// A complete model folder in `dir`: the tiny eval model `which` (tiny_policy or tiny_ref) with the SmolLM2
+/// tokenizer files beside it.
+pub fn tiny_model_dir(dir: &Path, which: &str) -> PathBuf {
+    let out = dir.join(which);
+    std::fs::create_dir_all(&out).unwrap();
+    for src in [fixture(&format!("eval/{which}")), fixture("trl_data/tokenizer")] {
+        for entry in std::fs::read_dir(src).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
+        }
+    }
+    out
+}

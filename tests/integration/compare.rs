@@ -6,19 +6,6 @@ use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// A complete model folder: the tiny eval policy's weights with the SmolLM2 tokenizer files beside them.
-fn tiny_model_dir(dir: &Path) -> PathBuf {
-    let out = dir.join("tiny_policy");
-    std::fs::create_dir_all(&out).unwrap();
-    for src in [common::fixture("eval/tiny_policy"), common::fixture("trl_data/tokenizer")] {
-        for entry in std::fs::read_dir(src).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
-        }
-    }
-    out
-}
-
 /// A two-step recipe on the fixture pairs, held out on the same file, with a `trainer:` key if given; `extra` is
 /// appended.
 fn recipe(dir: &Path, name: &str, trainer: Option<&str>, model: &Path, extra: &str) -> PathBuf {
@@ -85,7 +72,7 @@ const COLUMNS: [&str; 11] = [
 #[test]
 fn recipes_are_compared_and_a_broken_one_is_reported_as_failed() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model_dir(dir.path());
+    let model = common::tiny_model_dir(dir.path(), "tiny_policy");
     let dpo = recipe(dir.path(), "dpo", Some("dpo"), &model, "");
     let orpo = recipe(dir.path(), "orpo", Some("orpo"), &model, "");
     let broken = recipe(dir.path(), "broken", Some("dpo"), &model, "betaa: 0.2\n");
@@ -156,7 +143,7 @@ fn recipes_are_compared_and_a_broken_one_is_reported_as_failed() {
 #[test]
 fn a_grid_runs_the_recipe_once_per_value() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model_dir(dir.path());
+    let model = common::tiny_model_dir(dir.path(), "tiny_policy");
     // A recipe as `prefalign orpo --config` takes it (no `trainer:` key), the command given by --trainer.
     let orpo = recipe(dir.path(), "orpo", None, &model, "");
     let out = dir.path().join("grid");
@@ -243,7 +230,7 @@ fn losses(run: &Path) -> Vec<f64> {
 #[test]
 fn comparing_again_reuses_finished_runs_and_resumes_interrupted_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model_dir(dir.path());
+    let model = common::tiny_model_dir(dir.path(), "tiny_policy");
     let dpo = recipe(dir.path(), "dpo", Some("dpo"), &model, "save_steps: 1\n");
     let orpo = recipe(dir.path(), "orpo", Some("orpo"), &model, "");
     let out = dir.path().join("out");

@@ -15,6 +15,7 @@ mod gguf_import;
 mod hub;
 mod losses;
 mod model_parity;
+mod reliability;
 mod tensorboard;
 mod training;
 mod trl_data;

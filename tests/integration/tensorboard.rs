@@ -34,7 +34,7 @@ fn masked_crc32c(data: &[u8]) -> u32 {
 }
 
 /// The records' data, checking the framing and both CRCs.
-fn read_records(path: &Path) -> Vec<Vec<u8>> {
+pub fn read_records(path: &Path) -> Vec<Vec<u8>> {
     let bytes = std::fs::read(path).unwrap();
     let mut records = Vec::new();
     let mut at = 0;
@@ -54,13 +54,13 @@ fn read_records(path: &Path) -> Vec<Vec<u8>> {
 }
 
 #[derive(Debug, Default, PartialEq)]
-struct Event {
-    wall_time: f64,
-    step: i64,
-    file_version: Option<String>,
-    source_writer: Option<String>,
+pub struct Event {
+    pub wall_time: f64,
+    pub step: i64,
+    pub file_version: Option<String>,
+    pub source_writer: Option<String>,
     /// (tag, simple_value)
-    values: Vec<(String, f32)>,
+    pub values: Vec<(String, f32)>,
 }
 
 fn varint(data: &[u8], at: &mut usize) -> u64 {
@@ -104,7 +104,7 @@ fn fields(data: &[u8]) -> Vec<(u64, u64, Vec<u8>)> {
     out
 }
 
-fn decode_event(data: &[u8]) -> Event {
+pub fn decode_event(data: &[u8]) -> Event {
     let mut event = Event::default();
     let string = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
     for (field, wire, payload) in fields(data) {
@@ -209,6 +209,32 @@ fn scalars_and_metrics_read_back() {
     // A second writer in the same directory gets its own file.
     let second = TensorBoardWriter::create(&dir).unwrap();
     assert_ne!(second.path(), writer.path());
+}
+
+/// After a resume from step 2, the events of later steps and a torn record at the end go; other files stay.
+#[test]
+fn keeping_the_events_up_to_a_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut writer = TensorBoardWriter::create(tmp.path()).unwrap();
+    for step in 1..=4 {
+        writer.add_scalar("train/loss", step as f64, step).unwrap();
+    }
+    writer.flush().unwrap();
+    let path = writer.path().to_path_buf();
+    drop(writer);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let whole = bytes.len();
+    bytes.extend_from_slice(&[7, 0, 0, 0, 0, 0, 0, 0, 1, 2]); // a record torn by a kill
+    std::fs::write(&path, &bytes).unwrap();
+    std::fs::write(tmp.path().join("notes.txt"), "not an event file").unwrap();
+
+    prefalign::train::tensorboard::keep_events_up_to(tmp.path(), 2).unwrap();
+    let steps: Vec<i64> = read_records(&path).iter().map(|r| decode_event(r).step).collect();
+    assert_eq!(steps, [0, 1, 2], "the file_version event, then steps 1 and 2");
+    assert!(std::fs::read(&path).unwrap().len() < whole);
+    assert_eq!(std::fs::read_to_string(tmp.path().join("notes.txt")).unwrap(), "not an event file");
+    prefalign::train::tensorboard::keep_events_up_to(tmp.path(), 0).unwrap();
+    assert!(!path.exists(), "a fresh run removes a file that would keep only its file_version event");
 }
 
 /// Writes the inputs of inputs.json with `writer`.
