@@ -30,8 +30,8 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     pub fn new(source: &str, special_tokens: Vec<(String, String)>) -> Result<Self> {
         let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
+        let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build();
+        env.set_syntax(syntax.expect("the default delimiters"));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
@@ -56,7 +56,7 @@ impl ChatTemplate {
         let template = self.env.get_template("chat").expect("added in new()");
         let mut context: std::collections::BTreeMap<&str, Value> =
             self.special_tokens.iter().map(|(k, v)| (k.as_str(), Value::from(v.as_str()))).collect();
-        context.insert("messages", Value::from_serialize(messages));
+        context.insert("messages", Value::from(minijinja::value::Serde(messages)));
         context.insert("add_generation_prompt", Value::from(add_generation_prompt));
         // transformers passes these as None when unused; templates test them with `is none` / `is defined`.
         context.insert("tools", Value::from(()));

@@ -167,22 +167,17 @@ pub fn json_kind(value: &Value) -> &'static str {
 fn read_parquet(path: &Path) -> Result<ReadRows> {
     // The record reader panics on some schemas (INTERVAL columns, malformed LIST/MAP groups) instead of failing.
     std::panic::catch_unwind(|| read_parquet_rows(path)).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("no message");
+        let what = parquet_check::panic_message(&panic);
         bail!("{}: the Parquet reader cannot read this file ({what}); is it corrupt?", path.display())
     })
 }
 
 fn read_parquet_rows(path: &Path) -> Result<ReadRows> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::file::reader::FileReader;
     let shown = path.display();
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {shown}"))?;
-    parquet_check::check_footer(&bytes).with_context(|| format!("{shown} is not a valid Parquet file"))?;
     let bytes = bytes::Bytes::from(bytes);
-    let reader = SerializedFileReader::new(StrictParquet(bytes.clone()))
+    let reader = parquet_check::open(StrictParquet(bytes.clone()), &bytes)
         .with_context(|| format!("{shown} is not a valid Parquet file"))?;
     parquet_check::check_pages(&reader, &bytes).with_context(|| format!("{shown}: cannot read its rows"))?;
     let mut out = ReadRows::default();

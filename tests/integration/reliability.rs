@@ -459,6 +459,14 @@ fn fuzzer_findings_are_errors() {
         .and_then(|t| t.render(&messages, true));
     let error = result.map(|_| ()).expect_err("a broken template");
     assert!(format!("{error:#}").len() < 1000, "{error:#}");
+    // minijinja 2 indexed past the end when slicing an empty sequence backwards, and `[:0:-1]` kept the first item.
+    let source = std::fs::read(fixture("fuzz/chat_template/reverse-slice-of-empty-sequence.jinja")).unwrap();
+    let _ = prefalign::data::chat_template::ChatTemplate::new(&String::from_utf8_lossy(&source), Vec::new())
+        .and_then(|t| t.render(&messages, true));
+    let slices = "{{ ''[::-2] }}|{{ [][::-1] }}|{{ [1, 2, 3][:0:-1] }}|{{ [1, 2, 3][5:1:-1] }}|{{ 'abc'[::-1] }}";
+    let rendered =
+        prefalign::data::chat_template::ChatTemplate::new(slices, Vec::new()).unwrap().render(&messages, true);
+    assert_eq!(rendered.unwrap(), "|[]|[3, 2]|[3]|cba", "Python's slices");
     // The parquet crate panics on the first file, through a plain file reader spins on the second, asks for more
     // memory than any machine has on the third, and spins skipping lists of booleans on the last two.
     for name in [
@@ -473,4 +481,18 @@ fn fuzzer_findings_are_errors() {
         assert!(format!("{error:#}").contains(name), "{error:#}");
         assert!(started.elapsed() < Duration::from_secs(5), "{name}: {:?}", started.elapsed());
     }
+    // The crate reads a footer field it knows by its declared type, so this footer's skipped list of booleans is
+    // not where an untyped walk sees it: its decoding gets a deadline instead. Run in a process of its own, whose
+    // end stops the spinning thread.
+    let name = "footer-known-field-spin.parquet";
+    let out = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_prefalign"))
+        .args(["data", "export", "--dataset", fixture(&format!("fuzz/parquet/{name}")).to_str().unwrap()])
+        .args(["--output", out.path().join("rows.jsonl").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains(name) && stderr.contains("to decode"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 }
