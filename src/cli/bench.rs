@@ -103,7 +103,7 @@ fn random_model(config: &ModelConfig, device: tch::Device, seed: i64) -> Result<
             }
         }
     });
-    Ok(LoadedModel { vs, model, tokenizer: None })
+    Ok(LoadedModel { vs, model, tokenizer: None, adapter: None })
 }
 
 fn median(values: &mut [f64]) -> f64 {

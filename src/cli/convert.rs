@@ -1,8 +1,9 @@
-//! `prefalign convert`: a model (GGUF or Hugging Face folder) written as a Hugging Face folder.
+//! `prefalign convert`: a model (GGUF or Hugging Face folder), with a LoRA adapter merged into it when --adapter is
+//! given, written as a Hugging Face folder.
 
 use crate::cli::ModelArgs;
 use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -18,8 +19,16 @@ pub struct ConvertArgs {
     max_shard_size: usize,
 }
 
+pub fn merge(args: ConvertArgs) -> Result<()> {
+    if args.model.adapter.is_none() {
+        bail!("prefalign merge needs --adapter DIR (the LoRA adapter to merge into --model)");
+    }
+    run(args)
+}
+
 pub fn run(args: ConvertArgs) -> Result<()> {
-    let loaded = args.model.load()?;
+    let mut loaded = args.model.load()?;
+    loaded.merge_adapter();
     save_hf(&loaded, &args.output, args.max_shard_size)?;
     eprintln!("wrote {}", args.output.display());
     Ok(())

@@ -34,8 +34,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Generate text with a model (chat template applied unless --raw)
     Generate(generate::GenerateArgs),
-    /// Convert a model (e.g. a GGUF file) into a Hugging Face folder
+    /// Convert a model (e.g. a GGUF file) into a Hugging Face folder, merging a LoRA --adapter into it
     Convert(convert::ConvertArgs),
+    /// Merge a LoRA adapter into its base model: a Hugging Face folder (convert with --adapter required)
+    Merge(convert::ConvertArgs),
     /// Train with DPO (or one of TRL's DPO loss variants)
     Dpo(train::DpoArgs),
     /// Train with ORPO (odds-ratio preference optimization, no reference model)
@@ -75,18 +77,26 @@ pub struct ModelArgs {
     /// f32 or bf16
     #[arg(long, visible_alias = "torch-dtype", default_value = "f32")]
     pub dtype: String,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply to --model; training
+    /// continues it, taking its rank, alpha and target modules, with the reference as it is now (TRL's "ref" adapter)
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<crate::model::LoadedModel> {
         let device = crate::model::device::parse_device(&self.device)?;
         let dtype = crate::model::device::parse_dtype(&self.dtype)?;
-        crate::model::load(&resolve_model(&self.model)?, device, dtype)
+        let mut loaded = crate::model::load(&resolve_model(&self.model)?, device, dtype)?;
+        if let Some(adapter) = &self.adapter {
+            loaded.load_adapter(adapter, &self.model)?;
+        }
+        Ok(loaded)
     }
 
-    /// The same placement for another model (a reference model).
+    /// The same placement for another model (a reference model), without the adapter.
     pub fn with_model(&self, model: &str) -> Self {
-        Self { model: model.to_string(), ..self.clone() }
+        Self { model: model.to_string(), adapter: None, ..self.clone() }
     }
 }
 
@@ -163,6 +173,7 @@ pub fn main() -> i32 {
         Command::Demo(args) => demo::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Merge(args) => convert::merge(args),
         Command::Eval(args) => eval::run(args),
         Command::Dpo(args) => train::run_dpo(args),
         Command::Orpo(args) => train::run_orpo(args),

@@ -7,7 +7,8 @@ use crate::data::collate::SamplingStrategy;
 use crate::data::prepare::Rules;
 use crate::data::tokenize::TokenizedPair;
 use crate::files;
-use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
+use crate::model::lora::LoraConfig;
+use crate::model::save::{save_hf, save_trained, DEFAULT_MAX_SHARD_BYTES};
 use crate::model::LoadedModel;
 use crate::objective::cpo::CpoParams;
 use crate::objective::dpo::{DpoLoss, DpoParams, LossParams};
@@ -103,11 +104,86 @@ pub struct EvalDataArgs {
     dataset_test_split: String,
 }
 
+/// LoRA, with the names of TRL's `ModelConfig` (PEFT's defaults).
+#[derive(Args, Debug)]
+pub struct LoraArgs {
+    /// Train LoRA adapters on the frozen model instead of every weight (on by itself with --adapter)
+    #[arg(long)]
+    use_peft: bool,
+    #[arg(long, value_parser = values::at_least_one, default_value_t = LoraConfig::default().r)]
+    lora_r: usize,
+    #[arg(long, value_parser = values::positive, default_value_t = LoraConfig::default().alpha)]
+    lora_alpha: f64,
+    /// Recorded in the adapter's config; like TRL (whose disable_dropout, true by default, switches it off) no
+    /// dropout is applied
+    #[arg(long, value_parser = values::fraction, default_value_t = LoraConfig::default().dropout)]
+    lora_dropout: f64,
+    /// Module names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or all-linear; default: PEFT's for
+    /// the architecture (q_proj v_proj)
+    #[arg(long, num_args = 1.., value_delimiter = ',')]
+    lora_target_modules: Vec<String>,
+    /// Scale the update by alpha/√r instead of alpha/r (rank-stabilized LoRA)
+    #[arg(long)]
+    use_rslora: bool,
+    /// Not supported yet (training whole modules beside the adapters)
+    #[arg(long, num_args = 1.., value_delimiter = ',')]
+    lora_modules_to_save: Vec<String>,
+    #[arg(long, default_value = "CAUSAL_LM")]
+    lora_task_type: String,
+    /// Not supported (DoRA)
+    #[arg(long)]
+    use_dora: bool,
+    /// Not supported (LoRA on parameters rather than modules)
+    #[arg(long, num_args = 1.., value_delimiter = ',')]
+    lora_target_parameters: Vec<String>,
+    /// After training, also write the base model with the adapter merged into it to <output-dir>/merged
+    #[arg(long)]
+    merge: bool,
+}
+
+impl LoraArgs {
+    /// Adds fresh adapters to `policy` (named `name` in their config) with --use-peft, unless it has some from
+    /// --adapter.
+    fn apply(&self, policy: &mut LoadedModel, name: &str) -> Result<()> {
+        if !self.use_peft && policy.adapter.is_none() {
+            if self.merge {
+                bail!("--merge merges LoRA adapters: it needs --use-peft or --adapter");
+            }
+            return Ok(());
+        }
+        for (flag, given) in [
+            ("--lora-modules-to-save", !self.lora_modules_to_save.is_empty()),
+            ("--use-dora", self.use_dora),
+            ("--lora-target-parameters", !self.lora_target_parameters.is_empty()),
+        ] {
+            if given {
+                bail!("{flag} is not supported: prefalign trains LoRA adapters on modules only");
+            }
+        }
+        if self.lora_task_type != "CAUSAL_LM" {
+            bail!("--lora-task-type {}: prefalign trains causal LMs (CAUSAL_LM)", self.lora_task_type);
+        }
+        if policy.adapter.is_some() {
+            return Ok(());
+        }
+        let config = LoraConfig {
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            target_modules: (!self.lora_target_modules.is_empty()).then(|| self.lora_target_modules.clone()),
+            use_rslora: self.use_rslora,
+        };
+        policy.add_lora(config, name)
+    }
+}
+
 /// What every training command takes: the model, the data (and held-out data) and the trainer's settings.
 #[derive(Args, Debug)]
 pub struct RunArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    lora: LoraArgs,
     #[command(flatten)]
     data: DatasetArgs,
     #[command(flatten)]
@@ -122,7 +198,8 @@ pub struct RunArgs {
 pub struct DpoArgs {
     #[command(flatten)]
     run: RunArgs,
-    /// The reference model; default: a frozen copy of the policy
+    /// The reference model; default: a frozen copy of the policy (with LoRA: the policy with its adapters off, or
+    /// as --adapter was)
     #[arg(long)]
     ref_model: Option<String>,
     /// Score against a zero reference (no reference model)
@@ -184,7 +261,7 @@ pub fn run_cpo(args: CpoArgs) -> Result<()> {
     }
     .with_loss_type(&args.loss_type)?;
     // CPOTrainer shares ORPOTrainer's data path.
-    run(&args.run, None, Rules::Orpo, &Objective::Cpo(params))
+    run(&args.run, ReferenceArg::None, false, Rules::Orpo, &Objective::Cpo(params))
 }
 
 pub fn run_dpo(args: DpoArgs) -> Result<()> {
@@ -199,31 +276,48 @@ pub fn run_dpo(args: DpoArgs) -> Result<()> {
         reference_free: args.reference_free,
     });
     let reference = match (&args.ref_model, args.reference_free) {
-        (_, true) => None,
-        (Some(path), false) => Some(path.clone()),
-        (None, false) => Some(args.run.model.model.clone()), // a frozen copy of the policy, as TRL makes
+        (_, true) => ReferenceArg::None,
+        (Some(path), false) => ReferenceArg::Model(path.clone()),
+        // TRL with PEFT and no reference model: the policy with its adapters off (or as an existing one was)
+        (None, false) if args.run.lora.use_peft || args.run.model.adapter.is_some() => ReferenceArg::PolicyAdapters,
+        (None, false) => ReferenceArg::Model(args.run.model.model.clone()), // a frozen copy, as TRL makes
     };
-    let reference = reference.map(|model| (model, args.precompute_ref_log_probs));
-    run(&args.run, reference, Rules::Dpo, &objective)
+    run(&args.run, reference, args.precompute_ref_log_probs, Rules::Dpo, &objective)
 }
 
 pub fn run_orpo(args: OrpoArgs) -> Result<()> {
-    run(&args.run, None, Rules::Orpo, &Objective::Orpo(OrpoParams { beta: args.beta }))
+    run(&args.run, ReferenceArg::None, false, Rules::Orpo, &Objective::Orpo(OrpoParams { beta: args.beta }))
 }
 
-/// `reference`: the reference model's path, and whether to precompute its log-probs.
-fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objective: &Objective) -> Result<()> {
-    let RunArgs { model, data, eval_data, trainer: t, compute } = args;
+/// Where a run's reference comes from.
+enum ReferenceArg {
+    None,
+    /// a model folder, GGUF file or Hub id
+    Model(String),
+    /// the policy's own LoRA adapters, off or as they started (`CausalLm::as_reference`)
+    PolicyAdapters,
+}
+
+/// `precompute`: compute the reference's log-probs before training.
+fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, objective: &Objective) -> Result<()> {
+    let RunArgs { model, lora, data, eval_data, trainer: t, compute } = args;
     // One run per output folder, from before anything is read until the model is saved.
     let _lock = files::RunLock::acquire(&t.output_dir)?;
-    let policy = model.load().with_context(|| format!("the policy model {}", model.model))?;
-    let precompute = reference.as_ref().is_some_and(|(_, precompute)| *precompute);
-    let reference_path = reference.as_ref().map(|(r, _)| r.clone());
-    let mut reference = reference_path
+    let mut policy = model.load().with_context(|| format!("the policy model {}", model.model))?;
+    tch::manual_seed(t.seed as i64); // PEFT draws the adapters' A after TRL's set_seed(seed)
+    lora.apply(&mut policy, &model.model)?;
+    if let (Some(_), Some(kind)) = (&policy.adapter, compute.step().precision.cast) {
+        policy.model.store_matmul_weights_in(kind); // the base is frozen, as a reference model is
+    }
+    let reference_path = match &reference {
+        ReferenceArg::Model(path) => Some(path.clone()),
+        _ => None,
+    };
+    let mut reference_model = reference_path
         .as_ref()
         .map(|r| model.with_model(r).load().with_context(|| format!("the reference model {r}")))
         .transpose()?;
-    if let (Some(loaded), Some(path)) = (&reference, &reference_path) {
+    if let (Some(loaded), Some(path)) = (&reference_model, &reference_path) {
         let (theirs, ours) = (loaded.config().vocab_size, policy.config().vocab_size);
         if theirs != ours {
             bail!(
@@ -233,7 +327,7 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
             );
         }
     }
-    if let Some(reference) = reference.as_mut() {
+    if let Some(reference) = reference_model.as_mut() {
         reference.vs.freeze();
         if let Some(kind) = compute.step().precision.cast {
             reference.model.store_matmul_weights_in(kind);
@@ -304,7 +398,11 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
         let batch_size = t.per_device_eval_batch_size;
         precompute_reference(r, pairs, &config.batching, config.step.precision, batch_size, &cache_dir())
     };
-    let precomputed = match (&reference, precompute) {
+    let reference_source = match reference {
+        ReferenceArg::PolicyAdapters => Some(&policy),
+        _ => reference_model.as_ref(),
+    };
+    let precomputed = match (reference_source, precompute) {
         (Some(r), true) => Some((
             precompute_for(r, &prepared.pairs)?,
             eval_pairs.as_deref().map(|pairs| precompute_for(r, pairs)).transpose()?,
@@ -312,14 +410,15 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
         _ => None,
     };
     if precomputed.is_some() {
-        reference = None;
+        reference_model = None;
     }
     let inputs = TrainInputs {
         policy: &policy,
-        reference: match (&precomputed, &reference) {
-            (Some((train, eval)), _) => Reference::Precomputed { train, eval: eval.as_ref() },
-            (None, Some(model)) => Reference::Model(model),
-            (None, None) => Reference::None,
+        reference: match (&precomputed, &reference, &reference_model) {
+            (Some((train, eval)), _, _) => Reference::Precomputed { train, eval: eval.as_ref() },
+            (None, ReferenceArg::PolicyAdapters, _) => Reference::Model(&policy),
+            (None, _, Some(model)) => Reference::Model(model),
+            (None, _, None) => Reference::None,
         },
         train: &prepared.pairs,
         eval: eval_pairs.as_deref(),
@@ -327,8 +426,18 @@ fn run(args: &RunArgs, reference: Option<(String, bool)>, rules: Rules, objectiv
     };
     let stop_at_step_end = runtime::StopAtStepEnd::new();
     train(&inputs, &config)?;
-    save_hf(&policy, &t.output_dir, DEFAULT_MAX_SHARD_BYTES)?;
-    eprintln!("saved the trained model to {}", t.output_dir.display());
+    save_trained(&policy, &t.output_dir)?;
+    let what = if policy.adapter.is_some() { "adapter" } else { "model" };
+    eprintln!("saved the trained {what} to {}", t.output_dir.display());
+    if lora.merge && policy.adapter.is_some() {
+        // From the base as loaded (under --bf16 the policy's frozen projections are stored in bf16).
+        drop(policy);
+        let mut merged = ModelArgs { adapter: Some(t.output_dir.clone()), ..model.clone() }.load()?;
+        merged.merge_adapter();
+        let dir = t.output_dir.join("merged");
+        save_hf(&merged, &dir, DEFAULT_MAX_SHARD_BYTES)?;
+        eprintln!("saved the base model with the adapter merged to {}", dir.display());
+    }
     drop(stop_at_step_end);
     if let Some(signal) = runtime::stop_requested() {
         let message = format!(

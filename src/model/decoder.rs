@@ -5,27 +5,47 @@
 
 use crate::model::config::ModelConfig;
 use crate::model::fused;
+use crate::model::lora::{self, Lora, LoraConfig};
 use crate::model::rope::{Rope, RotaryTables};
-use anyhow::Result;
+use anyhow::{bail, Result};
+use std::cell::Cell;
 use tch::{nn, Device, Kind, Tensor};
 
 struct Linear {
     weight: Tensor,       // [out, in]
     bias: Option<Tensor>, // [out]
+    lora: Option<Lora>,
 }
 
 impl Linear {
     fn new(p: nn::Path, in_dim: usize, out_dim: usize, bias: bool) -> Self {
         let weight = p.var("weight", &[out_dim as i64, in_dim as i64], nn::Init::Const(0.0));
         let bias = bias.then(|| p.var("bias", &[out_dim as i64], nn::Init::Const(0.0)));
-        Self { weight, bias }
+        Self { weight, bias, lora: None }
+    }
+
+    /// `base`, the projection of `x`, plus its adapter's update when it has one, in `base`'s dtype.
+    fn with_update(&self, x: &Tensor, base: Tensor, ctx: &LayerContext) -> Tensor {
+        match self.lora.as_ref().and_then(|l| l.update(x, ctx.cast, ctx.reference)) {
+            Some(update) => (&base + update).to_kind(base.kind()),
+            None => base,
+        }
     }
 }
 
-/// x [..., in] through each of `linears`, projections that read the same input. Under autocast to `cast` they run
-/// in that dtype from the f32 master weights, through `fused::cast_linears`: x cast once for all of them, and no
-/// cast kept for the backward pass.
-fn project<const N: usize>(x: &Tensor, linears: [&Linear; N], cast: Option<Kind>) -> [Tensor; N] {
+/// x [..., in] through each of `linears`, projections that read the same input, each with its adapter's update.
+/// Under autocast to `cast` they run in that dtype from the f32 master weights, through `fused::cast_linears`: x
+/// cast once for all of them, and no cast kept for the backward pass.
+fn project<const N: usize>(x: &Tensor, linears: [&Linear; N], ctx: &LayerContext) -> [Tensor; N] {
+    let outputs = project_base(x, linears, ctx.cast);
+    let mut i = 0;
+    outputs.map(|out| {
+        i += 1;
+        linears[i - 1].with_update(x, out, ctx)
+    })
+}
+
+fn project_base<const N: usize>(x: &Tensor, linears: [&Linear; N], cast: Option<Kind>) -> [Tensor; N] {
     let Some(kind) = cast else {
         return linears.map(|l| x.linear(&l.weight, l.bias.as_ref()));
     };
@@ -99,7 +119,7 @@ impl Attention {
             };
             t.transpose(1, 2) // [batch, n, len, head_dim]
         };
-        let [q, k, v] = project(x, [&self.q_proj, &self.k_proj, &self.v_proj], cast);
+        let [q, k, v] = project(x, [&self.q_proj, &self.k_proj, &self.v_proj], ctx);
         let q = heads(q, self.num_heads, &self.q_norm);
         let k = heads(k, self.num_kv_heads, &self.k_norm);
         let v = heads(v, self.num_kv_heads, &None);
@@ -124,7 +144,7 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = grouped_query_attention(&q, &k, &v, mask, scale, q.device() == Device::Cpu);
         let out = out.transpose(1, 2).reshape([batch, len, self.num_heads * self.head_dim]);
-        let [out] = project(&out, [&self.o_proj], cast);
+        let [out] = project(&out, [&self.o_proj], ctx);
         out
     }
 }
@@ -181,9 +201,15 @@ impl Mlp {
     }
 
     /// down_proj(silu(gate_proj(x)) * up_proj(x))
-    fn forward(&self, x: &Tensor, cast: Option<Kind>) -> Tensor {
-        let [gate, up] = project(x, [&self.gate_proj, &self.up_proj], cast); // [batch, len, intermediate]
-        fused::swiglu_down(&gate, &up, &self.down_proj.weight, self.down_proj.bias.as_ref(), cast)
+    fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Tensor {
+        let [gate, up] = project(x, [&self.gate_proj, &self.up_proj], ctx); // [batch, len, intermediate]
+        let out = fused::swiglu_down(&gate, &up, &self.down_proj.weight, self.down_proj.bias.as_ref(), ctx.cast);
+        if self.down_proj.lora.is_none() {
+            return out;
+        }
+        // The fused product keeps silu(gate) * up from autograd; the adapter needs it as its input.
+        let product = gate.silu() * up;
+        self.down_proj.with_update(&product, out, ctx)
     }
 }
 
@@ -211,7 +237,7 @@ impl DecoderLayer {
         let mask = ctx.mask_for(self.sliding_window);
         let h = self.self_attn.forward(&self.input_layernorm.forward(x), ctx, mask, cache);
         let x = x + h;
-        &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x), ctx.cast)
+        &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x), ctx)
     }
 }
 
@@ -222,6 +248,8 @@ pub struct LayerContext {
     /// per sliding-window size, [batch, 1, len, keys]: 0 where a query may attend, -inf elsewhere
     masks: Vec<(Option<i64>, Tensor)>,
     cast: Option<Kind>,
+    /// The reference pass of a model with adapters: their frozen copies, or none (see `CausalLm::as_reference`).
+    reference: bool,
 }
 
 impl LayerContext {
@@ -233,6 +261,7 @@ impl LayerContext {
         masks: impl IntoIterator<Item = (Option<i64>, Tensor)>,
         cast: Option<Kind>,
         kind: Kind,
+        reference: bool,
     ) -> Self {
         let attention_kind = cast.unwrap_or(kind);
         let masks = masks
@@ -242,7 +271,7 @@ impl LayerContext {
                 (window, additive.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY))
             })
             .collect();
-        LayerContext { rotary, masks, cast }
+        LayerContext { rotary, masks, cast, reference }
     }
 
     fn mask_for(&self, window: Option<i64>) -> &Tensor {
@@ -270,6 +299,8 @@ pub struct CausalLm {
     rope: Rope,
     /// transformers builds `nn.Embedding(..., padding_idx=pad_token_id)`: that row gets no gradient from lookups.
     padding_idx: i64,
+    /// Set while `as_reference` runs.
+    reference_pass: Cell<bool>,
 }
 
 impl CausalLm {
@@ -287,6 +318,7 @@ impl CausalLm {
                 .then(|| (root / "lm_head").var("weight", &[vocab, hidden], nn::Init::Const(0.0))),
             rope: Rope::new(config, root.device())?,
             padding_idx: config.pad_token_id.as_ref().and_then(|ids| ids.to_vec().first().copied()).unwrap_or(-1),
+            reference_pass: Cell::new(false),
             config: config.clone(),
         })
     }
@@ -310,6 +342,102 @@ impl CausalLm {
                 }
             }
         });
+    }
+
+    /// Every projection LoRA can adapt, with its module name (`model.layers.0.self_attn.q_proj`).
+    fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+            let named = [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ];
+            out.extend(named.into_iter().map(|(name, linear)| (format!("model.layers.{i}.{name}"), linear)));
+        }
+        out
+    }
+
+    /// Adds a LoRA adapter (A kaiming-uniform, B zero, in f32) to every projection `config` targets, registered
+    /// in `vs` as `<module>.lora_A.weight` and `<module>.lora_B.weight`, and freezes every other variable of `vs`.
+    /// Returns the targeted names that matched, for `adapter_config.json`.
+    pub fn add_lora(&mut self, vs: &nn::VarStore, config: &LoraConfig) -> Result<Vec<String>> {
+        let names = config.target_names(&self.config.model_type)?;
+        for (_, tensor) in vs.variables() {
+            let _ = tensor.set_requires_grad(false);
+        }
+        let mut matched: Vec<String> = Vec::new();
+        let (scaling, r) = (config.scaling(), config.r as i64);
+        for (module, linear) in self.projections_mut() {
+            let Some(name) = names.iter().find(|n| module == **n || module.ends_with(&format!(".{n}"))) else {
+                continue;
+            };
+            if !matched.contains(name) {
+                matched.push(name.clone());
+            }
+            let path = module.split('.').fold(vs.root(), |p, part| p / part);
+            let (out_dim, in_dim) = (linear.weight.size()[0], linear.weight.size()[1]);
+            let zeros = nn::Init::Const(0.0);
+            let a = (&path / "lora_A").var("weight", &[r, in_dim], zeros).set_requires_grad(true);
+            let b = (&path / "lora_B").var("weight", &[out_dim, r], zeros).set_requires_grad(true);
+            tch::no_grad(|| {
+                a.shallow_clone().set_data(&a.to_kind(Kind::Float));
+                b.shallow_clone().set_data(&b.to_kind(Kind::Float));
+            });
+            lora::init_a(&a);
+            linear.lora = Some(Lora { a, b, scaling, reference: None });
+        }
+        // PEFT refuses targets that match nothing, and passes over a name of several that matches nothing.
+        if matched.is_empty() {
+            bail!(
+                "LoRA target modules {} match no module of the model (its projections: {})",
+                names.join(", "),
+                lora::PROJECTIONS.join(", ")
+            );
+        }
+        for missing in names.iter().filter(|n| !matched.contains(n)) {
+            tracing::warn!("LoRA target module {missing:?} matches no module of the model");
+        }
+        Ok(matched)
+    }
+
+    /// Keeps a frozen copy of every adapter as it is now, registered in `vs` as `<module>.reference_lora_A.weight`
+    /// and `…_B`, for the reference pass: what TRL does when training continues from an existing adapter.
+    pub fn copy_adapters_for_reference(&mut self, vs: &nn::VarStore) {
+        for (module, linear) in self.projections_mut() {
+            let Some(lora) = linear.lora.as_mut() else { continue };
+            let path = module.split('.').fold(vs.root(), |p, part| p / part);
+            let copy = |name: &str, t: &Tensor| (&path / name).var_copy("weight", t).set_requires_grad(false);
+            lora.reference = Some((copy("reference_lora_A", &lora.a), copy("reference_lora_B", &lora.b)));
+        }
+    }
+
+    /// Folds every adapter into its projection's weight (W + scaling · B A, as PEFT's `merge_and_unload`) and
+    /// drops the adapters.
+    pub fn merge_adapters(&mut self) {
+        for (_, linear) in self.projections_mut() {
+            let Some(lora) = linear.lora.take() else { continue };
+            tch::no_grad(|| {
+                let update = lora.b.to_kind(Kind::Float).matmul(&lora.a.to_kind(Kind::Float)) * lora.scaling;
+                let merged = linear.weight.to_kind(Kind::Float) + update;
+                linear.weight.shallow_clone().copy_(&merged.to_kind(linear.weight.kind()));
+            });
+        }
+    }
+
+    /// Runs `f` with the model as the reference of its own training: with each adapter's frozen copy when there is
+    /// one, else with the adapters off (the base model, as TRL's reference with PEFT and no reference model). A
+    /// model without adapters is itself.
+    pub fn as_reference<T>(&self, f: impl FnOnce() -> T) -> T {
+        let before = self.reference_pass.replace(true);
+        let out = f();
+        self.reference_pass.set(before);
+        out
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -339,7 +467,7 @@ impl CausalLm {
         let mut x = self.embed(input_ids);
         let rotary = self.rope.tables(past, len, x.kind());
         let masks = self.windows().map(|w| (w, attention_mask_4d(&key_mask, past, len, w)));
-        let ctx = LayerContext::new(rotary, masks, None, x.kind());
+        let ctx = LayerContext::new(rotary, masks, None, x.kind(), self.reference_pass.get());
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, &ctx, Some(layer_cache));
         }
@@ -402,7 +530,7 @@ impl CausalLm {
                 (self.rope.tables_at(positions, kind), masks)
             }
         };
-        LayerContext::new(rotary, masks, cast, kind)
+        LayerContext::new(rotary, masks, cast, kind, self.reference_pass.get())
     }
 }
 

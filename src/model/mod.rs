@@ -7,6 +7,7 @@ pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod lm_head;
+pub mod lora;
 pub mod rope;
 pub mod save;
 pub mod tokenizer;
@@ -15,19 +16,93 @@ pub mod weights;
 use anyhow::{bail, Context, Result};
 use config::ModelConfig;
 use decoder::CausalLm;
+use lora::LoraConfig;
+use std::collections::BTreeMap;
 use std::path::Path;
-use tch::{nn::VarStore, Device, Kind};
+use tch::{nn::VarStore, Device, Kind, Tensor};
 use tokenizer::TextTokenizer;
 use weights::WeightSource;
 
-/// A model ready to run: parameters in `vs`, the network, and its tokenizer (absent for bare weight folders).
+/// A model ready to run: parameters in `vs`, the network, its tokenizer (absent for bare weight folders) and its
+/// LoRA adapters when it has some.
 pub struct LoadedModel {
     pub vs: VarStore,
     pub model: CausalLm,
     pub tokenizer: Option<TextTokenizer>,
+    pub adapter: Option<Adapter>,
+}
+
+/// A model's LoRA adapters: their settings, the target names they matched and the base model they adapt.
+pub struct Adapter {
+    pub config: LoraConfig,
+    pub targets: Vec<String>,
+    /// As the user named it; recorded in `adapter_config.json`.
+    pub base_model: String,
 }
 
 impl LoadedModel {
+    /// Adds fresh LoRA adapters to the projections `config` targets and freezes everything else (`base_model`
+    /// names this model in the adapter's config).
+    pub fn add_lora(&mut self, config: LoraConfig, base_model: &str) -> Result<()> {
+        let targets = self.model.add_lora(&self.vs, &config)?;
+        self.adapter = Some(Adapter { config, targets, base_model: base_model.to_string() });
+        Ok(())
+    }
+
+    /// Continues from the PEFT adapter in `dir`: its settings and weights, and a frozen copy of it as the reference
+    /// pass's adapter (TRL's "ref" adapter).
+    pub fn load_adapter(&mut self, dir: &Path, base_model: &str) -> Result<()> {
+        let config = LoraConfig::read(dir)?;
+        self.add_lora(config, base_model).with_context(|| format!("the adapter {}", dir.display()))?;
+        self.load_adapter_weights(&dir.join(lora::WEIGHTS_FILE))?;
+        self.model.copy_adapters_for_reference(&self.vs);
+        Ok(())
+    }
+
+    /// Folds the adapters into the weights (PEFT's `merge_and_unload`): a plain model again.
+    pub fn merge_adapter(&mut self) {
+        self.model.merge_adapters();
+        self.adapter = None;
+    }
+
+    /// The adapters' trained tensors by their name here (`model.layers.0.self_attn.q_proj.lora_A.weight`, …).
+    pub fn adapter_variables(&self) -> BTreeMap<String, Tensor> {
+        self.vs.variables().into_iter().filter(|(name, _)| lora::is_adapter_variable(name)).collect()
+    }
+
+    /// What the optimizer updates: the adapters when there are some, else every parameter.
+    pub fn trainable_variables(&self) -> BTreeMap<String, Tensor> {
+        match self.adapter {
+            Some(_) => self.adapter_variables(),
+            None => self.vs.variables().into_iter().collect(),
+        }
+    }
+
+    /// Loads adapter weights saved under PEFT's names (an `adapter_model.safetensors`) into this model's adapters;
+    /// each must be there, with its shape.
+    pub fn load_adapter_weights(&self, file: &Path) -> Result<()> {
+        let source = weights::SafetensorsFiles::open_dir_file(file)?;
+        let variables = self.adapter_variables();
+        for saved in source.names() {
+            let known = lora::name_from_saved(&saved).is_some_and(|name| variables.contains_key(name));
+            if !known {
+                bail!("{}: tensor {saved} belongs to no adapter of this model and its settings", file.display());
+            }
+        }
+        tch::no_grad(|| {
+            for (name, variable) in &variables {
+                let saved = lora::saved_name(name);
+                let tensor =
+                    source.tensor(&saved)?.with_context(|| format!("{}: {saved} is missing", file.display()))?;
+                if tensor.size() != variable.size() {
+                    bail!("{}: {saved} has shape {:?}, not {:?}", file.display(), tensor.size(), variable.size());
+                }
+                variable.shallow_clone().copy_(&tensor);
+            }
+            Ok(())
+        })
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.model.config
     }
@@ -96,5 +171,5 @@ fn build(
             unused.join(", ")
         );
     }
-    Ok(LoadedModel { vs, model, tokenizer })
+    Ok(LoadedModel { vs, model, tokenizer, adapter: None })
 }

@@ -1,11 +1,13 @@
 //! Saving a model as a Hugging Face folder that transformers loads: config.json, safetensors weights (sharded
-//! past a size limit), generation_config.json and the tokenizer files.
+//! past a size limit), generation_config.json and the tokenizer files; or, for a model with LoRA adapters, the
+//! adapters as PEFT saves them (`adapter_config.json`, `adapter_model.safetensors`) and the tokenizer files.
 
 use crate::files::write_file_atomically;
 use crate::model::device::dtype_name;
-use crate::model::weights::save_safetensors;
+use crate::model::lora;
+use crate::model::weights::{save_safetensors, save_safetensors_file};
 use crate::model::LoadedModel;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::path::Path;
 use tch::Tensor;
@@ -13,10 +15,30 @@ use tch::Tensor;
 /// transformers' default `max_shard_size` ("5GB").
 pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
 
+/// What a training run writes: the adapters when the model has some (as TRL's `save_model` with PEFT), else the
+/// whole model.
+pub fn save_trained(model: &LoadedModel, dir: &Path) -> Result<()> {
+    let Some(adapter) = &model.adapter else { return save_hf(model, dir, DEFAULT_MAX_SHARD_BYTES) };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tensors: Vec<(String, Tensor)> =
+        model.adapter_variables().into_iter().map(|(name, t)| (lora::saved_name(&name), t)).collect();
+    save_safetensors_file(&dir.join(lora::WEIGHTS_FILE), &tensors)?;
+    adapter.config.write(dir, &adapter.targets, &adapter.base_model)?;
+    if let Some(tokenizer) = &model.tokenizer {
+        tokenizer.save_hf(dir, model.config().max_position_embeddings)?;
+    }
+    Ok(())
+}
+
 pub fn save_hf(model: &LoadedModel, dir: &Path, max_shard_bytes: usize) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let variables = model.vs.variables();
-    let mut tensors: Vec<(String, Tensor)> = variables.into_iter().collect();
+    if model.adapter.is_some() {
+        bail!("a model with LoRA adapters is saved as its adapters (save_trained) or merged first");
+    }
+    // A merged model's VarStore still holds its former adapters' tensors.
+    let mut tensors: Vec<(String, Tensor)> =
+        variables.into_iter().filter(|(name, _)| !lora::is_adapter_state(name)).collect();
     tensors.sort_by_key(|(name, _)| natural_key(name));
     let dtype = tensors.first().map_or(tch::Kind::Float, |(_, t)| t.kind());
     save_safetensors(dir, &tensors, max_shard_bytes)?;

@@ -1,8 +1,9 @@
-//! Checkpoints: `checkpoint-<step>` folders holding a loadable model, the optimizer's moments and where training
-//! stands, written atomically; and resuming from one.
+//! Checkpoints: `checkpoint-<step>` folders holding a loadable model (or its LoRA adapters), the optimizer's
+//! moments and where training stands, written atomically; and resuming from one.
 
 use crate::files;
-use crate::model::save::{save_hf, DEFAULT_MAX_SHARD_BYTES};
+use crate::model::lora;
+use crate::model::save::save_trained;
 use crate::model::weights::{load_into, save_safetensors_file, SafetensorsFiles, WeightSource};
 use crate::model::LoadedModel;
 use crate::train::optimizer::AdamW;
@@ -35,7 +36,7 @@ pub fn save_checkpoint(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
     }
-    save_hf(policy, &tmp, DEFAULT_MAX_SHARD_BYTES)?;
+    save_trained(policy, &tmp)?;
     save_safetensors_file(&tmp.join(OPTIMIZER_FILE), &optimizer.state_tensors())?;
     let state = CheckpointState { progress: progress.clone(), optimizer_step: optimizer.step };
     files::write_file_atomically(&tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
@@ -71,8 +72,11 @@ pub fn restore(checkpoint: &Path, policy: &LoadedModel, optimizer: &mut AdamW) -
         .with_context(|| format!("{} is not a prefalign checkpoint (no {STATE_FILE})", checkpoint.display()))?;
     let state: CheckpointState =
         serde_json::from_str(&text).with_context(|| format!("{} is corrupt", state_path.display()))?;
-    let weights = SafetensorsFiles::open_dir(checkpoint)?;
-    load_into(&policy.vs, &weights)?;
+    if policy.adapter.is_some() {
+        policy.load_adapter_weights(&checkpoint.join(lora::WEIGHTS_FILE))?;
+    } else {
+        load_into(&policy.vs, &SafetensorsFiles::open_dir(checkpoint)?)?;
+    }
     let moments_file = SafetensorsFiles::open_dir_file(&checkpoint.join(OPTIMIZER_FILE))?;
     let moments = moments_file
         .names()

@@ -27,9 +27,10 @@ impl ReferenceLogps {
     }
 }
 
-/// The reference's summed completion log-probs of one batch (no gradient).
+/// The reference's summed completion log-probs of one batch (no gradient). A model with LoRA adapters serves as
+/// its own reference (`CausalLm::as_reference`).
 pub fn reference_logps(reference: &CausalLm, batch: &PackedBatch, precision: Precision) -> PairLogps {
-    PairLogps::from_sequences(&summed_completion_logps(reference, batch, precision))
+    reference.as_reference(|| PairLogps::from_sequences(&summed_completion_logps(reference, batch, precision)))
 }
 
 /// Where cached reference log-probs live: `$PREFALIGN_CACHE`, else `$HF_HOME/prefalign`, else
@@ -48,7 +49,13 @@ pub fn cache_dir() -> PathBuf {
 /// A fingerprint of everything the reference log-probs depend on.
 fn fingerprint(reference: &LoadedModel, pairs: &[TokenizedPair], batching: &Batching, precision: Precision) -> String {
     let mut hasher = blake3::Hasher::new();
-    let mut variables: Vec<(String, Tensor)> = reference.vs.variables().into_iter().collect();
+    // The trained adapters of a model that is its own reference take no part in the reference pass.
+    let mut variables: Vec<(String, Tensor)> = reference
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(name, _)| !crate::model::lora::is_adapter_variable(name))
+        .collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, tensor) in variables {
         let tensor = tensor.to_device(tch::Device::Cpu).contiguous();

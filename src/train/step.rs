@@ -73,6 +73,9 @@ pub fn forward_backward(
     for i in (0..model.num_layers()).rev() {
         grad = through(&layer_inputs.pop().expect("layer input"), &|x| model.layer(i, x, &ctx), &grad);
     }
-    backward_from(&model.embed(&input.input_ids), &grad);
+    let embedded = model.embed(&input.input_ids);
+    if embedded.requires_grad() {
+        backward_from(&embedded, &grad); // not under LoRA, where the embeddings are frozen
+    }
     value
 }

@@ -169,7 +169,7 @@ impl<'a> Trainer<'a> {
         config: &TrainerConfig,
     ) -> Self {
         Trainer {
-            optimizer: AdamW::new(policy.vs.variables().into_iter().collect(), config.optimizer),
+            optimizer: AdamW::new(policy.trainable_variables(), config.optimizer),
             policy,
             reference,
             objective,

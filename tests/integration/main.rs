@@ -13,6 +13,7 @@ mod errors;
 mod eval;
 mod gguf_import;
 mod hub;
+mod lora;
 mod losses;
 mod model_parity;
 mod reliability;

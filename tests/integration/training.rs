@@ -2,6 +2,9 @@
 //! at lr 1e-3, constant schedule, batch 4, sequential order, max_length 128, f32 on CPU; every logged metric
 //! within 1e-4 relative, and the final weights; in TRL's layout and in prefalign's default one (prefix sharing
 //! and packing), where ORPO's and CPO's `logits/*` leave out padding, which a packed batch does not compute.
+//! With LoRA as TRL + PEFT 0.21.2 train it (tools/fixtures/make_lora_fixtures.py, lr 1e-2), from the fixture's
+//! initial adapter, the reference being the policy with that adapter (B = 0: the base model, as TRL's adapters
+//! off); the final adapter tensors too.
 
 use crate::common::{fixture, repo_path};
 use prefalign::data::collate::{SamplingStrategy, TruncationMode};
@@ -39,7 +42,11 @@ fn check_layout(name: &str, layout: PackOptions) {
     options.keep_empty_completions = true; // CPO keeps them (finite with summed log-probs)
     let pairs = prepare(read_rows(&repo_path(&s("dataset"))).unwrap(), &tok, &options).unwrap().pairs;
 
-    let policy = model::load(&repo_path(&s("policy")), Device::Cpu, Kind::Float).unwrap();
+    let mut policy = model::load(&repo_path(&s("policy")), Device::Cpu, Kind::Float).unwrap();
+    let lora = settings.get("lora").is_some();
+    if lora {
+        policy.load_adapter(&fixture(&format!("{name}.initial")), "tiny").unwrap();
+    }
     let objective = if is_dpo {
         let losses = settings["loss_type"]
             .as_array()
@@ -62,7 +69,7 @@ fn check_layout(name: &str, layout: PackOptions) {
         Objective::Orpo(OrpoParams { beta: f("beta") })
     };
     // No ref_model: TRL's reference is a frozen copy of the policy.
-    let reference = is_dpo.then(|| {
+    let reference = (is_dpo && !lora).then(|| {
         let path = settings["ref_model"]
             .as_str()
             .map(repo_path)
@@ -101,7 +108,11 @@ fn check_layout(name: &str, layout: PackOptions) {
         },
         ..TrainerConfig::default()
     };
-    let reference = reference.as_ref().map_or(Reference::None, Reference::Model);
+    let reference = match &reference {
+        _ if is_dpo && lora => Reference::Model(&policy),
+        Some(model) => Reference::Model(model),
+        None => Reference::None,
+    };
     let inputs = TrainInputs { policy: &policy, reference, train: &pairs, eval: None, objective: &objective };
     let rows = train(&inputs, &config).unwrap();
 
@@ -118,6 +129,18 @@ fn check_layout(name: &str, layout: PackOptions) {
                 ours.get(key).and_then(Value::as_f64).unwrap_or_else(|| panic!("{name} step {step}: {key} not logged"));
             let tolerance = 1e-4 * want.abs().max(if key.starts_with("logits/") { 1e-2 } else { 1.0 });
             assert!((got - want).abs() <= tolerance, "{name} ({layout:?}) step {step}: {key} = {got}, TRL {want}");
+        }
+    }
+    if lora {
+        use prefalign::model::weights::{SafetensorsFiles, WeightSource};
+        let last = SafetensorsFiles::open_dir_file(&fixture(&format!("{name}.final/adapter_model.safetensors")));
+        let last = last.unwrap();
+        for (param, ours) in policy.adapter_variables() {
+            let saved = prefalign::model::lora::saved_name(&param);
+            let theirs = last.tensor(&saved).unwrap().unwrap_or_else(|| panic!("{saved} in the final adapter"));
+            let scale = theirs.abs().max().double_value(&[]).max(1.0);
+            let diff = (&ours - &theirs).abs().max().double_value(&[]);
+            assert!(diff <= 1e-4 * scale, "{name} ({layout:?}): {param} differs by {diff}");
         }
     }
     let name = name.rsplit('/').next().unwrap();
@@ -179,6 +202,21 @@ fn orpo_standard() {
 #[test]
 fn orpo_conversational() {
     check("training/orpo_conversational");
+}
+
+#[test]
+fn dpo_lora_on_all_linear_layers() {
+    check("lora/dpo_lora_all_linear");
+}
+
+#[test]
+fn orpo_lora_conversational() {
+    check("lora/orpo_lora_conversational");
+}
+
+#[test]
+fn dpo_qwen2_rslora_on_q_and_v() {
+    check("lora/dpo_qwen2_rslora_qv");
 }
 
 #[test]
