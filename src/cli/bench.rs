@@ -2,6 +2,7 @@
 //! pairs of fixed lengths; median step time, pairs/s and peak memory. `tools/bench/trl_bench.py` runs TRL 1.16
 //! on the same shape, token ids and settings (docs/PERFORMANCE.md).
 
+use crate::cli::train::LoraArgs;
 use crate::cli::ComputeArgs;
 use crate::data::collate::TruncationMode;
 use crate::data::pack::Batching;
@@ -65,6 +66,9 @@ pub struct BenchArgs {
     device: String,
     #[command(flatten)]
     compute: ComputeArgs,
+    /// With --use-peft: LoRA adapters on the policy, which is its own reference with the adapters off (no copy)
+    #[command(flatten)]
+    lora: LoraArgs,
     /// Print the result as one JSON object
     #[arg(long)]
     json: bool,
@@ -129,7 +133,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         config.num_hidden_layers = layers;
     }
     let device = crate::model::device::parse_device(&args.device)?;
-    let policy = random_model(&config, device, 0)?;
+    let mut policy = random_model(&config, device, 0)?;
+    args.lora.apply(&mut policy, &args.shape)?;
     let pairs: Vec<TokenizedPair> = (0..args.pairs)
         .map(|i| synthetic_pair(i, args.prompt_tokens, args.completion_tokens, config.vocab_size))
         .collect();
@@ -146,8 +151,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ..TrainerConfig::default()
     };
     let precision = trainer_config.step.precision;
-    // TRL's default reference: a second, frozen copy of the policy run every step.
-    let reference_model = if objective.needs_reference() {
+    let lora = policy.adapter.is_some();
+    if let (true, Some(kind)) = (lora, precision.cast) {
+        policy.model.store_matmul_weights_in(kind); // the frozen base, as `prefalign dpo --use-peft --bf16` does
+    }
+    // TRL's default reference: a second, frozen copy of the policy run every step (with LoRA, the policy itself).
+    let reference_model = if objective.needs_reference() && !lora {
         let mut reference = random_model(&config, device, 0)?;
         reference.vs.freeze();
         if let Some(kind) = precision.cast {
@@ -157,7 +166,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         None
     };
-    let precomputed = match (&reference_model, args.precompute_ref_log_probs) {
+    let own_reference = lora && objective.needs_reference();
+    let reference_source = if own_reference { Some(&policy) } else { reference_model.as_ref() };
+    let precomputed = match (reference_source, args.precompute_ref_log_probs) {
         (Some(model), true) => {
             Some(reference::compute(&model.model, &pairs, &trainer_config.batching, precision, pairs.len()))
         }
@@ -167,6 +178,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let reference_model = reference_model.filter(|_| precomputed.is_none());
     let reference = match (&precomputed, &reference_model) {
         (Some(logps), _) => Reference::Precomputed { train: logps, eval: None },
+        (None, _) if own_reference => Reference::Model(&policy),
         (None, Some(model)) => Reference::Model(model),
         (None, None) => Reference::None,
     };
@@ -221,6 +233,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "packing": trainer_config.batching.layout.packing,
         "gradient_checkpointing": trainer_config.step.gradient_checkpointing,
         "precompute_ref_log_probs": args.precompute_ref_log_probs,
+        "lora": policy.adapter.as_ref().map(|a| serde_json::json!({
+            "r": a.config.r, "alpha": a.config.alpha, "targets": a.targets,
+            "trainable_parameters": policy.adapter_variables().values().map(|t| t.numel()).sum::<usize>(),
+        })),
         "pairs": args.pairs,
         "prompt_tokens": args.prompt_tokens,
         "completion_tokens": args.completion_tokens,

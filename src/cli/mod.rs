@@ -8,7 +8,7 @@ mod data;
 mod demo;
 mod eval;
 mod generate;
-mod train;
+pub mod train;
 pub mod values;
 
 use anyhow::Context;

@@ -109,7 +109,7 @@ pub struct EvalDataArgs {
 pub struct LoraArgs {
     /// Train LoRA adapters on the frozen model instead of every weight (on by itself with --adapter)
     #[arg(long)]
-    use_peft: bool,
+    pub use_peft: bool,
     #[arg(long, value_parser = values::at_least_one, default_value_t = LoraConfig::default().r)]
     lora_r: usize,
     #[arg(long, value_parser = values::positive, default_value_t = LoraConfig::default().alpha)]
@@ -136,19 +136,13 @@ pub struct LoraArgs {
     /// Not supported (LoRA on parameters rather than modules)
     #[arg(long, num_args = 1.., value_delimiter = ',')]
     lora_target_parameters: Vec<String>,
-    /// After training, also write the base model with the adapter merged into it to <output-dir>/merged
-    #[arg(long)]
-    merge: bool,
 }
 
 impl LoraArgs {
     /// Adds fresh adapters to `policy` (named `name` in their config) with --use-peft, unless it has some from
     /// --adapter.
-    fn apply(&self, policy: &mut LoadedModel, name: &str) -> Result<()> {
+    pub fn apply(&self, policy: &mut LoadedModel, name: &str) -> Result<()> {
         if !self.use_peft && policy.adapter.is_none() {
-            if self.merge {
-                bail!("--merge merges LoRA adapters: it needs --use-peft or --adapter");
-            }
             return Ok(());
         }
         for (flag, given) in [
@@ -184,6 +178,9 @@ pub struct RunArgs {
     model: ModelArgs,
     #[command(flatten)]
     lora: LoraArgs,
+    /// With LoRA: after training, also write the base model with the adapter merged into it to <output-dir>/merged
+    #[arg(long)]
+    merge: bool,
     #[command(flatten)]
     data: DatasetArgs,
     #[command(flatten)]
@@ -300,12 +297,15 @@ enum ReferenceArg {
 
 /// `precompute`: compute the reference's log-probs before training.
 fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, objective: &Objective) -> Result<()> {
-    let RunArgs { model, lora, data, eval_data, trainer: t, compute } = args;
+    let RunArgs { model, lora, merge, data, eval_data, trainer: t, compute } = args;
     // One run per output folder, from before anything is read until the model is saved.
     let _lock = files::RunLock::acquire(&t.output_dir)?;
     let mut policy = model.load().with_context(|| format!("the policy model {}", model.model))?;
     tch::manual_seed(t.seed as i64); // PEFT draws the adapters' A after TRL's set_seed(seed)
     lora.apply(&mut policy, &model.model)?;
+    if *merge && policy.adapter.is_none() {
+        bail!("--merge merges LoRA adapters: it needs --use-peft or --adapter");
+    }
     if let (Some(_), Some(kind)) = (&policy.adapter, compute.step().precision.cast) {
         policy.model.store_matmul_weights_in(kind); // the base is frozen, as a reference model is
     }
@@ -429,7 +429,7 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, 
     save_trained(&policy, &t.output_dir)?;
     let what = if policy.adapter.is_some() { "adapter" } else { "model" };
     eprintln!("saved the trained {what} to {}", t.output_dir.display());
-    if lora.merge && policy.adapter.is_some() {
+    if *merge {
         // From the base as loaded (under --bf16 the policy's frozen projections are stored in bf16).
         drop(policy);
         let mut merged = ModelArgs { adapter: Some(t.output_dir.clone()), ..model.clone() }.load()?;

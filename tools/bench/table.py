@@ -9,7 +9,7 @@ import sys
 
 
 def key(run):
-    return run["shape"], run["objective"], run["device"], run["bf16"], run["gradient_checkpointing"]
+    return run["shape"], run["objective"], run["device"], run["bf16"], run["gradient_checkpointing"], bool(run.get("lora"))
 
 
 def memory(run):
@@ -33,7 +33,7 @@ def ratio(ours, theirs):
 
 
 def variant(run):
-    parts = []
+    parts = [f"LoRA r {run['lora']['r']}"] if run.get("lora") else []
     if not run["prefix_sharing"]:
         parts.append("no prefix sharing")
     if not run["packing"]:
@@ -57,7 +57,7 @@ def table(runs, reference_key):
         base = trl.get(reference_key(run))
         if base is None:
             continue
-        shape, objective, _, bf16, checkpointing = key(run)
+        shape, objective, _, bf16, checkpointing, _ = key(run)
         trl_checkpointing = "on" if base["gradient_checkpointing"] else "off"
         ours = "on" if checkpointing else "off"
         print(f"| {shape} | {objective} | {'bf16' if bf16 else 'f32'} "
@@ -72,7 +72,7 @@ def main():
     print("Same settings in both:\n")
     table(runs, key)
     print("\nAgainst TRL without gradient checkpointing:\n")
-    table([r for r in runs if r["tool"] != "prefalign" or r["gradient_checkpointing"]], lambda r: key(r)[:4] + (False,))
+    table([r for r in runs if r["tool"] != "prefalign" or r["gradient_checkpointing"]], lambda r: key(r)[:4] + (False, key(r)[5]))
 
 
 if __name__ == "__main__":

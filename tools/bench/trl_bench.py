@@ -87,6 +87,10 @@ def main():
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--use-peft", action="store_true", help="LoRA (PEFT); the reference is the policy, adapters off")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--lora-target-modules", default=None, help="comma-separated, or all-linear")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -104,16 +108,25 @@ def main():
         use_cpu=args.device == "cpu", train_sampling_strategy="sequential", seed=42, beta=0.1,
     )
     text = Dataset.from_dict({"prompt": ["a"] * args.pairs, "chosen": [" b"] * args.pairs, "rejected": [" c"] * args.pairs})
+    peft = {}
+    if args.use_peft:  # as TRL's get_peft_config builds it from ModelConfig
+        from peft import LoraConfig
+        targets = args.lora_target_modules
+        targets = targets if targets in (None, "all-linear") else targets.split(",")
+        peft["peft_config"] = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
+                                         lora_dropout=0.05, bias="none", target_modules=targets)
     if args.objective == "dpo":
         from trl import DPOConfig, DPOTrainer
-        reference = LlamaForCausalLM.from_pretrained(work / "model", dtype=torch.float32)  # what TRL does without one
+        # what TRL does without one (with PEFT: none, the adapters are switched off)
+        reference = None if args.use_peft else LlamaForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
         trainer_args = DPOConfig(max_length=args.prompt_tokens + args.completion_tokens, **common)
-        trainer = DPOTrainer(model=policy, ref_model=reference, args=trainer_args, train_dataset=text, processing_class=tokenizer)
+        trainer = DPOTrainer(model=policy, ref_model=reference, args=trainer_args, train_dataset=text,
+                             processing_class=tokenizer, **peft)
         rows = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in pairs]
     else:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
         trainer_args = ORPOConfig(max_length=args.prompt_tokens + args.completion_tokens, **common)
-        trainer = ORPOTrainer(model=policy, args=trainer_args, train_dataset=text, processing_class=tokenizer)
+        trainer = ORPOTrainer(model=policy, args=trainer_args, train_dataset=text, processing_class=tokenizer, **peft)
         # ORPOTrainer.tokenize_row's output: labels are the sequence with the prompt masked by -100
         rows = []
         for p, c, r in pairs:
@@ -142,6 +155,9 @@ def main():
         "tool": f"trl {trl.__version__}" + (" + MKL vendor override" if mkl_override else ""), "shape": args.shape,
         "layers": config.num_hidden_layers, "objective": args.objective, "device": args.device,
         "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "pairs": args.pairs,
+        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": args.lora_target_modules,
+                 "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+                 "peft": __import__("peft").__version__} if args.use_peft else None,
         "prompt_tokens": args.prompt_tokens, "completion_tokens": args.completion_tokens, "steps": args.steps,
         "median_step_s": step, "pairs_per_s": args.pairs / step, "step_times_s": times,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
