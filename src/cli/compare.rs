@@ -628,7 +628,13 @@ fn one_run(
     row.peak_rss_bytes = summary["peak_rss_bytes"].as_u64();
 
     if let Some(heldout) = heldout {
-        let mut flags = recipe.eval_flags(&dir.display().to_string(), heldout, recipe.reference().as_deref(), true);
+        // A LoRA run leaves an adapter: the trained model is the recipe's model with it.
+        let lora = matches!(recipe.flags.get("use-peft"), Some(Value::Bool(true))) || recipe.get("adapter").is_some();
+        let trained = if lora { recipe.get("model").unwrap_or_default() } else { dir.display().to_string() };
+        let mut flags = recipe.eval_flags(&trained, heldout, recipe.reference().as_deref(), true);
+        if lora {
+            flags.extend(["--adapter".into(), dir.display().to_string()]);
+        }
         flags.extend(["--output".into(), dir.join("heldout_after.jsonl").display().to_string()]);
         let (json, log) = (dir.join("heldout_after.json"), dir.join("heldout_after.log"));
         match score_reusing(&flags, &json, &log, &dir.join(AFTER_FLAGS), args.rerun) {

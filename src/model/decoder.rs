@@ -37,14 +37,11 @@ impl Linear {
 /// Under autocast to `cast` they run in that dtype from the f32 master weights, through `fused::cast_linears`: x
 /// cast once for all of them, and no cast kept for the backward pass.
 fn project<const N: usize>(x: &Tensor, linears: [&Linear; N], ctx: &LayerContext) -> [Tensor; N] {
-    let outputs = project_base(x, linears, ctx.cast);
-    let mut i = 0;
-    outputs.map(|out| {
-        i += 1;
-        linears[i - 1].with_update(x, out, ctx)
-    })
+    let mut outputs = project_base(x, linears, ctx.cast).into_iter();
+    std::array::from_fn(|i| linears[i].with_update(x, outputs.next().expect("one output per projection"), ctx))
 }
 
+/// The projections of `project` without adapters.
 fn project_base<const N: usize>(x: &Tensor, linears: [&Linear; N], cast: Option<Kind>) -> [Tensor; N] {
     let Some(kind) = cast else {
         return linears.map(|l| x.linear(&l.weight, l.bias.as_ref()));
@@ -207,7 +204,7 @@ impl Mlp {
         if self.down_proj.lora.is_none() {
             return out;
         }
-        // The fused product keeps silu(gate) * up from autograd; the adapter needs it as its input.
+        // swiglu_down keeps silu(gate) * up to itself; the adapter takes it as its input, so it is formed here.
         let product = gate.silu() * up;
         self.down_proj.with_update(&product, out, ctx)
     }

@@ -1,6 +1,7 @@
 //! LoRA through the command line: the adapter a run saves (PEFT's files and names, nothing else), checkpoints that
 //! resume bit for bit, continuing from a saved adapter, merging it, and what LoRA leaves unchanged: gradient
-//! checkpointing and precomputed reference log-probs give the same run. (Parity with TRL + PEFT: `training`.)
+//! checkpointing and precomputed reference log-probs give the same run; bf16 autocast and a bf16 base train.
+//! (Parity with TRL + PEFT: `training`.)
 
 use crate::common::{fixture, read_tensors, tiny_model_dir};
 use std::path::Path;
@@ -138,6 +139,11 @@ fn gradient_checkpointing_and_precomputed_reference_give_the_same_lora_run() {
     }
     let bf16 = run("bf16", &["--bf16"]);
     assert!(bf16.iter().all(|l| l.is_finite()) && (bf16[3] - plain[3]).abs() < 0.05, "{bf16:?} vs {plain:?}");
+    // A base stored in bf16 with f32 adapters.
+    let bf16_base = run("bf16-base", &["--dtype", "bf16"]);
+    assert!(bf16_base.iter().all(|l| l.is_finite()) && (bf16_base[0] - plain[0]).abs() < 1e-3, "{bf16_base:?}");
+    let adapter = read_tensors(&dir.path().join("bf16-base/adapter_model.safetensors"));
+    assert!(adapter.values().all(|t| t.kind() == tch::Kind::Float), "f32 adapters");
 }
 
 #[test]
