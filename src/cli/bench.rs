@@ -134,7 +134,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let device = crate::model::device::parse_device(&args.device)?;
     let mut policy = random_model(&config, device, 0)?;
-    args.lora.apply(&mut policy, &args.shape)?;
+    args.lora.apply(&mut policy, &args.shape, args.compute.step().precision.cast)?;
     let pairs: Vec<TokenizedPair> = (0..args.pairs)
         .map(|i| synthetic_pair(i, args.prompt_tokens, args.completion_tokens, config.vocab_size))
         .collect();
@@ -152,9 +152,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let precision = trainer_config.step.precision;
     let lora = policy.adapter.is_some();
-    if let (true, Some(kind)) = (lora, precision.cast) {
-        policy.model.store_matmul_weights_in(kind); // the frozen base, as `prefalign dpo --use-peft --bf16` does
-    }
     // TRL's default reference: a second, frozen copy of the policy run every step (with LoRA, the policy itself).
     let reference_model = if objective.needs_reference() && !lora {
         let mut reference = random_model(&config, device, 0)?;

@@ -140,8 +140,9 @@ pub struct LoraArgs {
 
 impl LoraArgs {
     /// Adds fresh adapters to `policy` (named `name` in their config) with --use-peft, unless it has some from
-    /// --adapter.
-    pub fn apply(&self, policy: &mut LoadedModel, name: &str) -> Result<()> {
+    /// --adapter; under autocast to `cast` its frozen projections are then stored in that dtype, as a reference
+    /// model's are.
+    pub fn apply(&self, policy: &mut LoadedModel, name: &str, cast: Option<tch::Kind>) -> Result<()> {
         if !self.use_peft && policy.adapter.is_none() {
             return Ok(());
         }
@@ -157,17 +158,20 @@ impl LoraArgs {
         if self.lora_task_type != "CAUSAL_LM" {
             bail!("--lora-task-type {}: prefalign trains causal LMs (CAUSAL_LM)", self.lora_task_type);
         }
-        if policy.adapter.is_some() {
-            return Ok(());
+        if policy.adapter.is_none() {
+            let config = LoraConfig {
+                r: self.lora_r,
+                alpha: self.lora_alpha,
+                dropout: self.lora_dropout,
+                target_modules: (!self.lora_target_modules.is_empty()).then(|| self.lora_target_modules.clone()),
+                use_rslora: self.use_rslora,
+            };
+            policy.add_lora(config, name)?;
         }
-        let config = LoraConfig {
-            r: self.lora_r,
-            alpha: self.lora_alpha,
-            dropout: self.lora_dropout,
-            target_modules: (!self.lora_target_modules.is_empty()).then(|| self.lora_target_modules.clone()),
-            use_rslora: self.use_rslora,
-        };
-        policy.add_lora(config, name)
+        if let Some(kind) = cast {
+            policy.model.store_matmul_weights_in(kind);
+        }
+        Ok(())
     }
 }
 
@@ -302,12 +306,9 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, 
     let _lock = files::RunLock::acquire(&t.output_dir)?;
     let mut policy = model.load().with_context(|| format!("the policy model {}", model.model))?;
     tch::manual_seed(t.seed as i64); // PEFT draws the adapters' A after TRL's set_seed(seed)
-    lora.apply(&mut policy, &model.model)?;
+    lora.apply(&mut policy, &model.model, compute.step().precision.cast)?;
     if *merge && policy.adapter.is_none() {
         bail!("--merge merges LoRA adapters: it needs --use-peft or --adapter");
-    }
-    if let (Some(_), Some(kind)) = (&policy.adapter, compute.step().precision.cast) {
-        policy.model.store_matmul_weights_in(kind); // the base is frozen, as a reference model is
     }
     let reference_path = match &reference {
         ReferenceArg::Model(path) => Some(path.clone()),

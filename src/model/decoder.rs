@@ -323,14 +323,9 @@ impl CausalLm {
     /// Stores the weights of every linear layer in `kind`, for a frozen model run under autocast to `kind`: the
     /// same numbers as casting them at every use, without the time and the f32 copies. Embeddings (and a tied
     /// lm_head) and norms keep their dtype, as autocast would.
-    pub fn store_matmul_weights_in(&self, kind: Kind) {
-        let mut linears: Vec<&Linear> = Vec::new();
-        for layer in &self.layers {
-            let (a, m) = (&layer.self_attn, &layer.mlp);
-            linears.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]);
-        }
+    pub fn store_matmul_weights_in(&mut self, kind: Kind) {
         tch::no_grad(|| {
-            for linear in linears {
+            for (_, linear) in self.projections_mut() {
                 let mut weight = linear.weight.shallow_clone();
                 weight.set_data(&linear.weight.to_kind(kind));
                 if let Some(bias) = &linear.bias {
@@ -341,7 +336,7 @@ impl CausalLm {
         });
     }
 
-    /// Every projection LoRA can adapt, with its module name (`model.layers.0.self_attn.q_proj`).
+    /// Every projection of every layer (what LoRA can adapt), with its module name (`model.layers.0.self_attn.q_proj`).
     fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
@@ -377,15 +372,12 @@ impl CausalLm {
             if !matched.contains(name) {
                 matched.push(name.clone());
             }
-            let path = module.split('.').fold(vs.root(), |p, part| p / part);
+            let path = module_path(vs, &module);
             let (out_dim, in_dim) = (linear.weight.size()[0], linear.weight.size()[1]);
-            let zeros = nn::Init::Const(0.0);
-            let a = (&path / "lora_A").var("weight", &[r, in_dim], zeros).set_requires_grad(true);
-            let b = (&path / "lora_B").var("weight", &[out_dim, r], zeros).set_requires_grad(true);
-            tch::no_grad(|| {
-                a.shallow_clone().set_data(&a.to_kind(Kind::Float));
-                b.shallow_clone().set_data(&b.to_kind(Kind::Float));
-            });
+            // f32 whatever the base's dtype, as PEFT keeps them; `add` takes the tensor as it is.
+            let zeros = |dims: [i64; 2]| Tensor::zeros(dims, (Kind::Float, vs.device()));
+            let a = (&path / "lora_A").add("weight", zeros([r, in_dim]), true);
+            let b = (&path / "lora_B").add("weight", zeros([out_dim, r]), true);
             lora::init_a(&a);
             linear.lora = Some(Lora { a, b, scaling, reference: None });
         }
@@ -408,8 +400,9 @@ impl CausalLm {
     pub fn copy_adapters_for_reference(&mut self, vs: &nn::VarStore) {
         for (module, linear) in self.projections_mut() {
             let Some(lora) = linear.lora.as_mut() else { continue };
-            let path = module.split('.').fold(vs.root(), |p, part| p / part);
-            let copy = |name: &str, t: &Tensor| (&path / name).var_copy("weight", t).set_requires_grad(false);
+            let path = module_path(vs, &module);
+            // In the adapter's own dtype (`var_copy` would take the VarStore's, bf16 under --dtype bf16).
+            let copy = |name: &str, t: &Tensor| (&path / name).add("weight", t.detach().copy(), false);
             lora.reference = Some((copy("reference_lora_A", &lora.a), copy("reference_lora_B", &lora.b)));
         }
     }
@@ -529,6 +522,11 @@ impl CausalLm {
         };
         LayerContext::new(rotary, masks, cast, kind, self.reference_pass.get())
     }
+}
+
+/// The VarStore path of a module's variables (`model.layers.0.self_attn.q_proj`: tch takes one part at a time).
+fn module_path<'a>(vs: &'a nn::VarStore, module: &str) -> nn::Path<'a> {
+    module.split('.').fold(vs.root(), |p, part| p / part)
 }
 
 /// Which of `input_ids`' tokens [batch, len] are real (bool): the padding mask, or all of them.

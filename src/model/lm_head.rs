@@ -324,17 +324,19 @@ impl LmHeadTape {
     /// states, [R * L, hidden]. Each chunk's logits are recomputed: d logp / d logits = onehot(target) - softmax.
     pub fn backward(&self, model: &CausalLm, logps_grad: &Tensor) -> Tensor {
         let weight = model.lm_head_weight();
-        let trained = weight.requires_grad(); // not under LoRA
         let grad_logps = logps_grad.flatten(0, -1).index_select(0, &self.logical_index); // [N]
         let n = self.targets.size()[0];
-        // Accumulate straight into the weight's gradient when it exists (after an earlier micro-batch of the step).
-        let existing = if trained { weight.grad() } else { Tensor::new() };
+        // Accumulate straight into the weight's gradient when it exists (after an earlier micro-batch of the step);
+        // none for a frozen weight (LoRA).
+        let existing = weight.grad();
         let fresh = !existing.defined();
-        let mut grad_weight = match (trained, fresh) {
-            (false, _) => Tensor::new(),
-            (true, true) => Tensor::zeros(weight.size(), (Kind::Float, weight.device())),
-            (true, false) => existing,
-        };
+        let mut grad_weight = weight.requires_grad().then(|| {
+            if fresh {
+                Tensor::zeros(weight.size(), (Kind::Float, weight.device()))
+            } else {
+                existing
+            }
+        });
         let mut grad_hidden = Vec::new();
         tch::no_grad(|| {
             let matmul_weight = matmul_weight(model, self.cast);
@@ -348,10 +350,12 @@ impl LmHeadTape {
                 let _ = grad_logits.g_mul_(&-&g).scatter_add_(1, &self.targets.narrow(0, start, size).unsqueeze(1), &g);
                 let grad_logits = grad_logits.to_kind(kind);
                 grad_hidden.push(grad_logits.matmul(&matmul_weight).to_kind(Kind::Float)); // [c, hidden]
-                if trained && kind == Kind::Float {
-                    let _ = grad_weight.addmm_(&grad_logits.tr(), &h); // [V, hidden]
-                } else if trained {
-                    grad_weight += grad_logits.tr().matmul(&h.to_kind(kind)).to_kind(Kind::Float);
+                match grad_weight.as_mut() {
+                    Some(g) if kind == Kind::Float => {
+                        let _ = g.addmm_(&grad_logits.tr(), &h); // [V, hidden]
+                    }
+                    Some(g) => *g += grad_logits.tr().matmul(&h.to_kind(kind)).to_kind(Kind::Float),
+                    None => {}
                 }
             }
         });
@@ -367,8 +371,8 @@ impl LmHeadTape {
             &self.hidden_index,
             &per_row,
         );
-        if trained && fresh {
-            backward_from(weight, &grad_weight);
+        if let (Some(g), true) = (&grad_weight, fresh) {
+            backward_from(weight, g);
         }
         grad
     }

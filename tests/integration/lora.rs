@@ -144,6 +144,10 @@ fn gradient_checkpointing_and_precomputed_reference_give_the_same_lora_run() {
     assert!(bf16_base.iter().all(|l| l.is_finite()) && (bf16_base[0] - plain[0]).abs() < 1e-3, "{bf16_base:?}");
     let adapter = read_tensors(&dir.path().join("bf16-base/adapter_model.safetensors"));
     assert!(adapter.values().all(|t| t.kind() == tch::Kind::Float), "f32 adapters");
+    // Continued on the bf16 base: the reference copy stays f32 like the adapter, so step 1 compares equals.
+    let adapter_dir = dir.path().join("bf16-base");
+    let continued = run("bf16-base-continued", &["--dtype", "bf16", "--adapter", adapter_dir.to_str().unwrap()]);
+    assert!((continued[0] - std::f64::consts::LN_2).abs() < 1e-6, "{continued:?}");
 }
 
 #[test]
