@@ -57,7 +57,7 @@ fn link_tcmalloc() {
 }
 
 fn compile_torch_functions(torch_lib: &Path) {
-    let sources = ["src/train/optimizer.cpp", "src/model/fused.cpp"];
+    let sources = ["src/train/optimizer.cpp", "src/model/fused.cpp", "src/model/quantized.cpp"];
     for source in sources {
         println!("cargo:rerun-if-changed={source}");
     }

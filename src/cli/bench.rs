@@ -9,6 +9,7 @@ use crate::data::pack::Batching;
 use crate::data::tokenize::{Sequence, TokenizedPair};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::CausalLm;
+use crate::model::quantized::QuantizedWeight;
 use crate::model::LoadedModel;
 use crate::objective::metrics::MetricLog;
 use crate::objective::{DpoParams, Objective, OrpoParams};
@@ -69,6 +70,12 @@ pub struct BenchArgs {
     /// With --use-peft: LoRA adapters on the policy, which is its own reference with the adapters off (no copy)
     #[command(flatten)]
     lora: LoraArgs,
+    /// With --use-peft: the projections frozen in NF4 (QLoRA), each drawn and quantized in turn
+    #[arg(long)]
+    load_in_4bit: bool,
+    /// With --load-in-4bit: bitsandbytes' double quantization of the blocks' scales
+    #[arg(long, visible_alias = "bnb-4bit-use-double-quant")]
+    use_bnb_nested_quant: bool,
     /// Print the result as one JSON object
     #[arg(long)]
     json: bool,
@@ -93,11 +100,12 @@ pub fn synthetic_pair(pair: usize, prompt_tokens: usize, completion_tokens: usiz
 
 /// A model of `config` with weights drawn like transformers' `_init_weights` (normal, std 0.02; norms 1). Drawn by
 /// the CPU's generator on every device, so that a CUDA run starts from the CPU run's weights (CUDA's generator
-/// draws another sequence from the same seed).
-fn random_model(config: &ModelConfig, device: tch::Device, seed: i64) -> Result<LoadedModel> {
+/// draws another sequence from the same seed). With `nf4` (Some(double_quant)) the projections are drawn after
+/// the parameters, one at a time, and kept in NF4.
+fn random_model(config: &ModelConfig, device: tch::Device, seed: i64, nf4: Option<bool>) -> Result<LoadedModel> {
     tch::manual_seed(seed);
     let vs = VarStore::new(device);
-    let model = CausalLm::new(&vs.root(), config)?;
+    let mut model = CausalLm::new_with(&vs.root(), config, nf4.is_some())?;
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0)); // the same draw for the same name, every time
     tch::no_grad(|| {
@@ -107,6 +115,12 @@ fn random_model(config: &ModelConfig, device: tch::Device, seed: i64) -> Result<
             }
         }
     });
+    if let Some(double_quant) = nf4 {
+        model.load_quantized(|_, rows, cols| {
+            let weight = Tensor::randn([rows, cols], (Kind::Float, tch::Device::Cpu)) * 0.02;
+            Ok(QuantizedWeight::nf4(&weight, double_quant, Kind::Float).to_device(device))
+        })?;
+    }
     Ok(LoadedModel { vs, model, tokenizer: None, adapter: None })
 }
 
@@ -133,7 +147,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         config.num_hidden_layers = layers;
     }
     let device = crate::model::device::parse_device(&args.device)?;
-    let mut policy = random_model(&config, device, 0)?;
+    if args.load_in_4bit && !args.lora.use_peft {
+        anyhow::bail!("--load-in-4bit trains LoRA adapters: add --use-peft");
+    }
+    let mut policy = random_model(&config, device, 0, args.load_in_4bit.then_some(args.use_bnb_nested_quant))?;
     args.lora.apply(&mut policy, &args.shape, args.compute.step().precision.cast)?;
     let pairs: Vec<TokenizedPair> = (0..args.pairs)
         .map(|i| synthetic_pair(i, args.prompt_tokens, args.completion_tokens, config.vocab_size))
@@ -154,7 +171,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let lora = policy.adapter.is_some();
     // TRL's default reference: a second, frozen copy of the policy run every step (with LoRA, the policy itself).
     let reference_model = if objective.needs_reference() && !lora {
-        let mut reference = random_model(&config, device, 0)?;
+        let mut reference = random_model(&config, device, 0, None)?;
         reference.vs.freeze();
         if let Some(kind) = precision.cast {
             reference.model.store_matmul_weights_in(kind);

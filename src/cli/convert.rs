@@ -27,8 +27,11 @@ pub fn merge(args: ConvertArgs) -> Result<()> {
 }
 
 pub fn run(args: ConvertArgs) -> Result<()> {
+    if args.model.load_in_4bit {
+        bail!("--load-in-4bit: a model is written in full precision; leave it out");
+    }
     let mut loaded = args.model.load()?;
-    loaded.merge_adapter();
+    loaded.merge_adapter()?;
     save_hf(&loaded, &args.output, args.max_shard_size)?;
     eprintln!("wrote {}", args.output.display());
     Ok(())

@@ -43,8 +43,7 @@ pub struct DemoArgs {
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
-    let model_args =
-        ModelArgs { model: args.model.clone(), device: args.device.clone(), dtype: "f32".into(), adapter: None };
+    let model_args = ModelArgs::plain(&args.model, &args.device);
     if !std::path::Path::new(&args.model).exists() {
         anyhow::bail!(
             "{} does not exist: run `bash scripts/setup.sh` first (it fetches SmolLM2-135M-Instruct), or pass --model",

@@ -81,20 +81,86 @@ pub struct ModelArgs {
     /// continues it, taking its rank, alpha and target modules, with the reference as it is now (TRL's "ref" adapter)
     #[arg(long)]
     pub adapter: Option<std::path::PathBuf>,
+    /// Keep the projections frozen in 4 bits (bitsandbytes' NF4, blocks of 64), for LoRA training (QLoRA). A GGUF
+    /// model trained with LoRA keeps its own quantized blocks without this
+    #[arg(long)]
+    pub load_in_4bit: bool,
+    /// Not supported (bitsandbytes' LLM.int8): use --load-in-4bit, or a Q8_0 GGUF with --use-peft
+    #[arg(long)]
+    pub load_in_8bit: bool,
+    /// The 4-bit type: nf4 (bitsandbytes' fp4 is not supported)
+    #[arg(long, default_value = "nf4")]
+    pub bnb_4bit_quant_type: String,
+    /// With --load-in-4bit: quantize the blocks' scales again, to 8 bits in blocks of 256 (double quantization)
+    #[arg(long, visible_alias = "bnb-4bit-use-double-quant")]
+    pub use_bnb_nested_quant: bool,
 }
 
 impl ModelArgs {
+    /// `model` on `device` in f32, as stored.
+    pub fn plain(model: &str, device: &str) -> Self {
+        ModelArgs {
+            model: model.to_string(),
+            device: device.to_string(),
+            dtype: "f32".into(),
+            adapter: None,
+            load_in_4bit: false,
+            load_in_8bit: false,
+            bnb_4bit_quant_type: "nf4".into(),
+            use_bnb_nested_quant: false,
+        }
+    }
+
+    /// The model as given, for scoring, generating or converting: with --load-in-4bit its projections in NF4,
+    /// else as stored (a GGUF file's dequantized).
     pub fn load(&self) -> anyhow::Result<crate::model::LoadedModel> {
+        self.load_with(self.quantization()?)
+    }
+
+    /// The model to train: with LoRA (`lora`) a GGUF file's projections stay in their quantized blocks.
+    pub fn load_for_training(&self, lora: bool) -> anyhow::Result<crate::model::LoadedModel> {
+        let quantization = match self.quantization()? {
+            crate::model::BaseQuantization::None if lora => crate::model::BaseQuantization::KeepGguf,
+            other => other,
+        };
+        let loaded = self.load_with(quantization)?;
+        if let Some(summary) = loaded.quantized_summary() {
+            eprintln!("{}: {summary}", self.model);
+        }
+        Ok(loaded)
+    }
+
+    fn load_with(&self, quantization: crate::model::BaseQuantization) -> anyhow::Result<crate::model::LoadedModel> {
         let device = crate::model::device::parse_device(&self.device)?;
         let dtype = crate::model::device::parse_dtype(&self.dtype)?;
-        let mut loaded = crate::model::load(&resolve_model(&self.model)?, device, dtype)?;
+        let mut loaded = crate::model::load_with(&resolve_model(&self.model)?, device, dtype, quantization)?;
         if let Some(adapter) = &self.adapter {
             loaded.load_adapter(adapter, &self.model)?;
         }
         Ok(loaded)
     }
 
-    /// The same placement for another model (a reference model), without the adapter.
+    /// The --load-in-* flags, checked.
+    fn quantization(&self) -> anyhow::Result<crate::model::BaseQuantization> {
+        if self.load_in_8bit {
+            anyhow::bail!(
+                "--load-in-8bit (bitsandbytes' LLM.int8, with its outlier decomposition) is not supported: use \
+                 --load-in-4bit, or a Q8_0 GGUF model with --use-peft"
+            );
+        }
+        if !self.load_in_4bit {
+            if self.use_bnb_nested_quant {
+                tracing::warn!("--use-bnb-nested-quant has no effect without --load-in-4bit");
+            }
+            return Ok(crate::model::BaseQuantization::None);
+        }
+        if self.bnb_4bit_quant_type != "nf4" {
+            anyhow::bail!("--bnb-4bit-quant-type {}: prefalign quantizes to nf4 only", self.bnb_4bit_quant_type);
+        }
+        Ok(crate::model::BaseQuantization::Nf4 { double_quant: self.use_bnb_nested_quant })
+    }
+
+    /// The same placement and quantization for another model (a reference model), without the adapter.
     pub fn with_model(&self, model: &str) -> Self {
         Self { model: model.to_string(), adapter: None, ..self.clone() }
     }

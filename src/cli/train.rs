@@ -144,6 +144,9 @@ impl LoraArgs {
     /// model's are.
     pub fn apply(&self, policy: &mut LoadedModel, name: &str, cast: Option<tch::Kind>) -> Result<()> {
         if !self.use_peft && policy.adapter.is_none() {
+            if policy.quantized_summary().is_some() {
+                bail!("quantized weights cannot be trained: --load-in-4bit trains LoRA adapters, add --use-peft");
+            }
             return Ok(());
         }
         for (flag, given) in [
@@ -304,7 +307,8 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, 
     let RunArgs { model, lora, merge, data, eval_data, trainer: t, compute } = args;
     // One run per output folder, from before anything is read until the model is saved.
     let _lock = files::RunLock::acquire(&t.output_dir)?;
-    let mut policy = model.load().with_context(|| format!("the policy model {}", model.model))?;
+    let use_lora = lora.use_peft || model.adapter.is_some();
+    let mut policy = model.load_for_training(use_lora).with_context(|| format!("the policy model {}", model.model))?;
     tch::manual_seed(t.seed as i64); // PEFT draws the adapters' A after TRL's set_seed(seed)
     lora.apply(&mut policy, &model.model, compute.step().precision.cast)?;
     if *merge && policy.adapter.is_none() {
@@ -431,10 +435,12 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, 
     let what = if policy.adapter.is_some() { "adapter" } else { "model" };
     eprintln!("saved the trained {what} to {}", t.output_dir.display());
     if *merge {
-        // From the base as loaded (under --bf16 the policy's frozen projections are stored in bf16).
+        // From the base as loaded (under --bf16 the policy's frozen projections are stored in bf16), in full
+        // precision when it was trained quantized.
         drop(policy);
-        let mut merged = ModelArgs { adapter: Some(t.output_dir.clone()), ..model.clone() }.load()?;
-        merged.merge_adapter();
+        let base = ModelArgs { adapter: Some(t.output_dir.clone()), load_in_4bit: false, ..model.clone() };
+        let mut merged = base.load()?;
+        merged.merge_adapter()?;
         let dir = t.output_dir.join("merged");
         save_hf(&merged, &dir, DEFAULT_MAX_SHARD_BYTES)?;
         eprintln!("saved the base model with the adapter merged to {}", dir.display());

@@ -6,22 +6,65 @@
 use crate::model::config::ModelConfig;
 use crate::model::fused;
 use crate::model::lora::{self, Lora, LoraConfig};
+use crate::model::quantized::QuantizedWeight;
 use crate::model::rope::{Rope, RotaryTables};
 use anyhow::{bail, Result};
 use std::cell::Cell;
 use tch::{nn, Device, Kind, Tensor};
 
+/// A projection's weight: a parameter in the `VarStore`, or frozen and kept quantized (`model::quantized`), which
+/// `CausalLm::load_quantized` fills in after construction.
+enum Weight {
+    Dense(Tensor),
+    Quantized(QuantizedWeight),
+    Unloaded,
+}
+
 struct Linear {
-    weight: Tensor,       // [out, in]
+    weight: Weight,       // [out, in]
+    dims: (i64, i64),     // (out, in)
     bias: Option<Tensor>, // [out]
     lora: Option<Lora>,
 }
 
 impl Linear {
-    fn new(p: nn::Path, in_dim: usize, out_dim: usize, bias: bool) -> Self {
-        let weight = p.var("weight", &[out_dim as i64, in_dim as i64], nn::Init::Const(0.0));
+    fn new(p: nn::Path, in_dim: usize, out_dim: usize, bias: bool, quantized: bool) -> Self {
+        let dims = (out_dim as i64, in_dim as i64);
+        let weight = match quantized {
+            true => Weight::Unloaded,
+            false => Weight::Dense(p.var("weight", &[dims.0, dims.1], nn::Init::Const(0.0))),
+        };
         let bias = bias.then(|| p.var("bias", &[out_dim as i64], nn::Init::Const(0.0)));
-        Self { weight, bias, lora: None }
+        Self { weight, dims, bias, lora: None }
+    }
+
+    fn dense(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// x [..., in] through the weight and bias alone, in `cast` when given.
+    fn base(&self, x: &Tensor, cast: Option<Kind>) -> Tensor {
+        match &self.weight {
+            Weight::Dense(w) => match cast {
+                None => x.linear(w, self.bias.as_ref()),
+                Some(kind) => {
+                    let bias: Vec<&Tensor> = self.bias.iter().collect();
+                    let biases = (!bias.is_empty()).then_some(bias.as_slice());
+                    fused::cast_linears(x, &[w], biases, kind).remove(0)
+                }
+            },
+            Weight::Quantized(q) => {
+                let y = q.linear(x, cast);
+                match &self.bias {
+                    Some(bias) => &y + bias.to_kind(y.kind()),
+                    None => y,
+                }
+            }
+            Weight::Unloaded => panic!("a quantized projection used before its weights were loaded"),
+        }
     }
 
     /// `base`, the projection of `x`, plus its adapter's update when it has one, in `base`'s dtype.
@@ -43,17 +86,18 @@ fn project<const N: usize>(x: &Tensor, linears: [&Linear; N], ctx: &LayerContext
 
 /// The projections of `project` without adapters.
 fn project_base<const N: usize>(x: &Tensor, linears: [&Linear; N], cast: Option<Kind>) -> [Tensor; N] {
-    let Some(kind) = cast else {
-        return linears.map(|l| x.linear(&l.weight, l.bias.as_ref()));
+    let dense: Vec<&Tensor> = linears.iter().filter_map(|l| l.dense()).collect();
+    let kind = match cast {
+        Some(kind) if dense.len() == N => kind,
+        _ => return linears.map(|l| l.base(x, cast)),
     };
-    let weights = linears.map(|l| &l.weight);
     let biases: Vec<&Tensor> = linears.iter().filter_map(|l| l.bias.as_ref()).collect();
     let biases = match biases.len() {
         0 => None,
         n if n == N => Some(biases.as_slice()),
         _ => panic!("projections of one input with and without bias"),
     };
-    let outputs = fused::cast_linears(x, &weights, biases, kind);
+    let outputs = fused::cast_linears(x, &dense, biases, kind);
     outputs.try_into().unwrap_or_else(|_| unreachable!("one output per projection"))
 }
 
@@ -86,16 +130,16 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(p: nn::Path, config: &ModelConfig) -> Self {
+    fn new(p: nn::Path, config: &ModelConfig, quantized: bool) -> Self {
         let (hidden, head_dim) = (config.hidden_size, config.head_dim());
         let (heads, kv_heads) = (config.num_attention_heads, config.num_kv_heads());
         let qkv_bias = config.qkv_bias();
         let qk_norm = config.qk_norm();
         Self {
-            q_proj: Linear::new(&p / "q_proj", hidden, heads * head_dim, qkv_bias),
-            k_proj: Linear::new(&p / "k_proj", hidden, kv_heads * head_dim, qkv_bias),
-            v_proj: Linear::new(&p / "v_proj", hidden, kv_heads * head_dim, qkv_bias),
-            o_proj: Linear::new(&p / "o_proj", heads * head_dim, hidden, config.o_bias()),
+            q_proj: Linear::new(&p / "q_proj", hidden, heads * head_dim, qkv_bias, quantized),
+            k_proj: Linear::new(&p / "k_proj", hidden, kv_heads * head_dim, qkv_bias, quantized),
+            v_proj: Linear::new(&p / "v_proj", hidden, kv_heads * head_dim, qkv_bias, quantized),
+            o_proj: Linear::new(&p / "o_proj", heads * head_dim, hidden, config.o_bias(), quantized),
             q_norm: qk_norm.then(|| RmsNorm::new(&p / "q_norm", head_dim, config.rms_norm_eps)),
             k_norm: qk_norm.then(|| RmsNorm::new(&p / "k_norm", head_dim, config.rms_norm_eps)),
             num_heads: heads as i64,
@@ -188,19 +232,23 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(p: nn::Path, config: &ModelConfig) -> Self {
+    fn new(p: nn::Path, config: &ModelConfig, quantized: bool) -> Self {
         let (hidden, inter, bias) = (config.hidden_size, config.intermediate_size, config.mlp_bias);
         Self {
-            gate_proj: Linear::new(&p / "gate_proj", hidden, inter, bias),
-            up_proj: Linear::new(&p / "up_proj", hidden, inter, bias),
-            down_proj: Linear::new(&p / "down_proj", inter, hidden, bias),
+            gate_proj: Linear::new(&p / "gate_proj", hidden, inter, bias, quantized),
+            up_proj: Linear::new(&p / "up_proj", hidden, inter, bias, quantized),
+            down_proj: Linear::new(&p / "down_proj", inter, hidden, bias, quantized),
         }
     }
 
     /// down_proj(silu(gate_proj(x)) * up_proj(x))
     fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Tensor {
         let [gate, up] = project(x, [&self.gate_proj, &self.up_proj], ctx); // [batch, len, intermediate]
-        let out = fused::swiglu_down(&gate, &up, &self.down_proj.weight, self.down_proj.bias.as_ref(), ctx.cast);
+        let Some(weight) = self.down_proj.dense() else {
+            let product = gate.silu() * up;
+            return self.down_proj.with_update(&product, self.down_proj.base(&product, ctx.cast), ctx);
+        };
+        let out = fused::swiglu_down(&gate, &up, weight, self.down_proj.bias.as_ref(), ctx.cast);
         if self.down_proj.lora.is_none() {
             return out;
         }
@@ -219,13 +267,13 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(p: nn::Path, config: &ModelConfig, index: usize) -> Self {
+    fn new(p: nn::Path, config: &ModelConfig, index: usize, quantized: bool) -> Self {
         let eps = config.rms_norm_eps;
         Self {
             input_layernorm: RmsNorm::new(&p / "input_layernorm", config.hidden_size, eps),
-            self_attn: Attention::new(&p / "self_attn", config),
+            self_attn: Attention::new(&p / "self_attn", config, quantized),
             post_attention_layernorm: RmsNorm::new(&p / "post_attention_layernorm", config.hidden_size, eps),
-            mlp: Mlp::new(&p / "mlp", config),
+            mlp: Mlp::new(&p / "mlp", config, quantized),
             sliding_window: config.sliding_window_of(index).map(|w| w as i64),
         }
     }
@@ -303,13 +351,21 @@ pub struct CausalLm {
 impl CausalLm {
     /// Registers every parameter under `root` (zero-initialised; load weights afterwards).
     pub fn new(root: &nn::Path, config: &ModelConfig) -> Result<Self> {
+        Self::new_with(root, config, false)
+    }
+
+    /// Like `new`; with `quantized` the projections are not parameters but frozen weights kept quantized, given
+    /// by `load_quantized`.
+    pub fn new_with(root: &nn::Path, config: &ModelConfig, quantized: bool) -> Result<Self> {
         config.validate()?;
         let model = root / "model";
         let (vocab, hidden) = (config.vocab_size as i64, config.hidden_size as i64);
         let layers_path = &model / "layers";
         Ok(Self {
             embed_tokens: (&model / "embed_tokens").var("weight", &[vocab, hidden], nn::Init::Const(0.0)),
-            layers: (0..config.num_hidden_layers).map(|i| DecoderLayer::new(&layers_path / i, config, i)).collect(),
+            layers: (0..config.num_hidden_layers)
+                .map(|i| DecoderLayer::new(&layers_path / i, config, i, quantized))
+                .collect(),
             norm: RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps),
             lm_head: (!config.tie_word_embeddings)
                 .then(|| (root / "lm_head").var("weight", &[vocab, hidden], nn::Init::Const(0.0))),
@@ -326,8 +382,10 @@ impl CausalLm {
     pub fn store_matmul_weights_in(&mut self, kind: Kind) {
         tch::no_grad(|| {
             for (_, linear) in self.projections_mut() {
-                let mut weight = linear.weight.shallow_clone();
-                weight.set_data(&linear.weight.to_kind(kind));
+                // a quantized weight is dequantized in the pass's dtype anyway
+                let Weight::Dense(dense) = &linear.weight else { continue };
+                let mut weight = dense.shallow_clone();
+                weight.set_data(&dense.to_kind(kind));
                 if let Some(bias) = &linear.bias {
                     let mut b = bias.shallow_clone();
                     b.set_data(&bias.to_kind(kind));
@@ -373,7 +431,7 @@ impl CausalLm {
                 matched.push(name.clone());
             }
             let path = module_path(vs, &module);
-            let (out_dim, in_dim) = (linear.weight.size()[0], linear.weight.size()[1]);
+            let (out_dim, in_dim) = linear.dims;
             // f32 whatever the base's dtype, as PEFT keeps them; `add` takes the tensor as it is.
             let zeros = |dims: [i64; 2]| Tensor::zeros(dims, (Kind::Float, vs.device()));
             let a = (&path / "lora_A").add("weight", zeros([r, in_dim]), true);
@@ -408,16 +466,58 @@ impl CausalLm {
     }
 
     /// Folds every adapter into its projection's weight (W + scaling · B A, as PEFT's `merge_and_unload`) and
-    /// drops the adapters.
-    pub fn merge_adapters(&mut self) {
+    /// drops the adapters. A quantized base cannot take them.
+    pub fn merge_adapters(&mut self) -> Result<()> {
+        if !self.quantized_weights().is_empty() {
+            bail!(
+                "the base model's weights are quantized and cannot take the adapter: merge it into the model in full \
+                 precision with `prefalign merge --model BASE --adapter DIR --output OUT`"
+            );
+        }
         for (_, linear) in self.projections_mut() {
             let Some(lora) = linear.lora.take() else { continue };
+            let Weight::Dense(weight) = &linear.weight else { unreachable!("checked: no quantized weights") };
             tch::no_grad(|| {
                 let update = lora.b.to_kind(Kind::Float).matmul(&lora.a.to_kind(Kind::Float)) * lora.scaling;
-                let merged = linear.weight.to_kind(Kind::Float) + update;
-                linear.weight.shallow_clone().copy_(&merged.to_kind(linear.weight.kind()));
+                let merged = weight.to_kind(Kind::Float) + update;
+                weight.shallow_clone().copy_(&merged.to_kind(weight.kind()));
             });
         }
+        Ok(())
+    }
+
+    /// Gives every projection built by `new_with(…, quantized: true)` its weight: `load(name, rows, cols)` for the
+    /// weight named `model.layers.0.self_attn.q_proj.weight`, [rows, cols].
+    pub fn load_quantized(&mut self, mut load: impl FnMut(&str, i64, i64) -> Result<QuantizedWeight>) -> Result<()> {
+        for (module, linear) in self.projections_mut() {
+            if let Weight::Unloaded = linear.weight {
+                let (rows, cols) = linear.dims;
+                linear.weight = Weight::Quantized(load(&format!("{module}.weight"), rows, cols)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The projections' quantized weights, by weight name.
+    pub fn quantized_weights(&self) -> Vec<(String, &QuantizedWeight)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            for (name, linear) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                if let Weight::Quantized(q) = &linear.weight {
+                    out.push((format!("model.layers.{i}.{name}.weight"), q));
+                }
+            }
+        }
+        out
     }
 
     /// Runs `f` with the model as the reference of its own training: with each adapter's frozen copy when there is

@@ -2,6 +2,7 @@
 //! and copying named tensors into a `VarStore` with precise errors.
 
 use crate::files::{write_atomically, write_file_atomically};
+use crate::model::gguf::dequant::GgmlType;
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
@@ -18,6 +19,11 @@ pub trait WeightSource {
     fn names(&self) -> Vec<String>;
     /// The named tensor on CPU, in its stored (or dequantized) dtype.
     fn tensor(&self, name: &str) -> Result<Option<Tensor>>;
+    /// The named matrix as a GGUF file stores it: its ggml type and bytes, u8 [rows, bytes per row]. None where
+    /// the source is not GGUF.
+    fn raw(&self, _name: &str) -> Result<Option<(GgmlType, Tensor)>> {
+        Ok(None)
+    }
 }
 
 /// The safetensors files of a checkpoint, memory-mapped.

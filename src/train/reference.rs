@@ -57,6 +57,12 @@ fn fingerprint(reference: &LoadedModel, pairs: &[TokenizedPair], batching: &Batc
         .filter(|(name, _)| !crate::model::lora::is_adapter_variable(name))
         .collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
+    // a quantized base's projections by their quantized parts (and the dtype they are computed in)
+    for (name, weight) in reference.model.quantized_weights() {
+        let parts = weight.parts.iter().enumerate().map(|(i, part)| (format!("{name}#{i}"), part.shallow_clone()));
+        variables.extend(parts);
+        hasher.update(format!("{name} {:?} {:?}", weight.format, weight.kind).as_bytes());
+    }
     for (name, tensor) in variables {
         let tensor = tensor.to_device(tch::Device::Cpu).contiguous();
         let mut bytes = vec![0u8; tensor.numel() * tensor.kind().elt_size_in_bytes()];

@@ -7,13 +7,13 @@ use crate::common::{fixture, read_tensors, tiny_model_dir};
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn prefalign(args: &[&str]) -> Output {
+pub fn prefalign(args: &[&str]) -> Output {
     let cache = tempfile::tempdir().unwrap(); // precomputed reference log-probs go here, not to ~/.cache
     let mut command = Command::new(env!("CARGO_BIN_EXE_prefalign"));
     command.args(args).env("OMP_NUM_THREADS", "1").env("PREFALIGN_CACHE", cache.path()).output().unwrap()
 }
 
-fn ok(args: &[&str]) -> String {
+pub fn ok(args: &[&str]) -> String {
     let output = prefalign(args);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "prefalign {}: {stderr}", args.join(" "));
@@ -21,7 +21,7 @@ fn ok(args: &[&str]) -> String {
 }
 
 /// `prefalign dpo` with LoRA on the tiny model and the fixture data, 4 steps at a large rate, into `out`.
-fn dpo(model: &Path, out: &Path, extra: &[&str]) -> String {
+pub fn dpo(model: &Path, out: &Path, extra: &[&str]) -> String {
     let data = fixture("trl_data/standard.jsonl");
     let mut args = vec!["dpo", "--model", model.to_str().unwrap(), "--dataset", data.to_str().unwrap()];
     args.extend(["--output-dir", out.to_str().unwrap(), "--max-steps", "4", "--per-device-train-batch-size", "4"]);
@@ -30,7 +30,7 @@ fn dpo(model: &Path, out: &Path, extra: &[&str]) -> String {
     ok(&args)
 }
 
-fn losses(out: &Path) -> Vec<f64> {
+pub fn losses(out: &Path) -> Vec<f64> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()

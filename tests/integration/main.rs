@@ -16,6 +16,7 @@ mod hub;
 mod lora;
 mod losses;
 mod model_parity;
+mod quantized;
 mod reliability;
 mod tensorboard;
 mod training;

@@ -38,6 +38,26 @@ impl GgmlType {
         })
     }
 
+    /// The ggml type id (GGUF's tensor type).
+    pub fn id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q8_0 => 8,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
+            Self::BF16 => 30,
+        }
+    }
+
+    /// llama.cpp's name of the type (`Q4_K`).
+    pub fn name(self) -> String {
+        type_name(self.id())
+    }
+
     /// (elements per block, bytes per block)
     pub fn block(self) -> (usize, usize) {
         match self {

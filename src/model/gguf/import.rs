@@ -1,6 +1,7 @@
 //! A GGUF file as a Hugging Face model: config from `<arch>.*` metadata, tensors renamed from llama.cpp's
 //! names (with llama.cpp's Q/K row permutation undone for llama), and a tokenizer from `tokenizer.ggml.*`.
 
+use super::dequant::GgmlType;
 use super::reader::{GgufFile, Value};
 use crate::model::config::{Architecture, ModelConfig, RopeParameters, TokenIds};
 use crate::model::tokenizer::TextTokenizer;
@@ -170,7 +171,21 @@ impl WeightSource for GgufWeights {
     fn tensor(&self, name: &str) -> Result<Option<Tensor>> {
         let Some(&index) = self.names.get(name) else { return Ok(None) };
         let tensor = self.file.dequantize(&self.file.tensors[index])?;
-        Ok(Some(match self.unpermute {
+        Ok(Some(self.unpermuted(name, tensor)))
+    }
+
+    fn raw(&self, name: &str) -> Result<Option<(GgmlType, Tensor)>> {
+        let Some(&index) = self.names.get(name) else { return Ok(None) };
+        let (ty, bytes) = self.file.raw(&self.file.tensors[index])?;
+        // whole rows move, and a row's blocks stay within it
+        Ok(Some((ty, self.unpermuted(name, bytes))))
+    }
+}
+
+impl GgufWeights {
+    /// `tensor` (rows first) with llama.cpp's Q/K row permutation undone where the file has it.
+    fn unpermuted(&self, name: &str, tensor: Tensor) -> Tensor {
+        match self.unpermute {
             Some((heads, _))
                 if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") =>
             {
@@ -182,6 +197,6 @@ impl WeightSource for GgufWeights {
                 unpermute_rows(&tensor, kv_heads)
             }
             _ => tensor,
-        }))
+        }
     }
 }

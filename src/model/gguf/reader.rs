@@ -252,6 +252,20 @@ impl GgufFile {
         Ok(Tensor::from_slice(&values).reshape(info.shape().as_slice()))
     }
 
+    /// The tensor's bytes as stored, u8 [rows, bytes per row] for a tensor of PyTorch shape [rows, …], with its type.
+    pub fn raw(&self, info: &TensorInfo) -> Result<(GgmlType, Tensor)> {
+        let ty = GgmlType::from_id(info.ggml_type).with_context(|| format!("tensor {}", info.name))?;
+        let byte_len = ty.byte_len(info.element_count() as usize).with_context(|| format!("tensor {}", info.name))?;
+        let bytes = self.tensor_bytes(info, byte_len)?;
+        let shape = info.shape();
+        let cols = shape.last().copied().unwrap_or(1);
+        if cols % ty.block().0 as i64 != 0 {
+            bail!("tensor {}: rows of {cols} values do not fill whole {} blocks", info.name, ty.name());
+        }
+        let rows = shape.first().copied().unwrap_or(1).max(1);
+        Ok((ty, Tensor::from_slice(bytes).view([rows, -1])))
+    }
+
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }
