@@ -10,7 +10,7 @@
 //! kernels for the CPU's instruction set on AMD CPUs too.
 //!
 //! It also compiles prefalign's C++ (torch's fused AdamW, src/train/optimizer.cpp; the decoder's autograd
-//! functions, src/model/fused.cpp) against the same libtorch's headers and C++ ABI as torch-sys's own C++ wrapper.
+//! functions, src/model/fused.cpp; quantized frozen weights, src/model/quantized.cpp) against the same libtorch's headers and C++ ABI as torch-sys's own C++ wrapper.
 use std::path::Path;
 
 fn main() {

@@ -34,7 +34,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Generate text with a model (chat template applied unless --raw)
     Generate(generate::GenerateArgs),
-    /// Convert a model (e.g. a GGUF file) into a Hugging Face folder, merging a LoRA --adapter into it
+    /// Convert a model (e.g. a GGUF file) into a Hugging Face folder or a GGUF file (--output x.gguf), merging a
+    /// LoRA --adapter into it
     Convert(convert::ConvertArgs),
     /// Merge a LoRA adapter into its base model: a Hugging Face folder (convert with --adapter required)
     Merge(convert::ConvertArgs),

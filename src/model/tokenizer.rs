@@ -164,6 +164,84 @@ impl TextTokenizer {
         })
     }
 
+    /// The `tokenizer.ggml.*` metadata llama.cpp reads (what `from_gguf` builds a tokenizer from) and the chat
+    /// template, with the vocabulary padded to `vocab_size` entries by `[PAD<id>]` tokens, as llama.cpp's
+    /// converter pads it. Byte-level BPE tokenizers only (llama.cpp's "gpt2" model).
+    pub fn gguf_metadata(&self, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+        let text = self.inner.to_string(false).map_err(|e| anyhow::anyhow!("cannot serialize the tokenizer: {e}"))?;
+        let spec: Json = serde_json::from_str(&text)?;
+        let (model, decoder) = (&spec["model"], &spec["decoder"]["type"]);
+        if model["type"] != "BPE" || decoder != "ByteLevel" {
+            bail!(
+                "only byte-level BPE tokenizers can be written to GGUF; this one is {} with a {} decoder",
+                model["type"],
+                decoder
+            );
+        }
+        let mut tokens: Vec<Option<(String, i32)>> = vec![None; vocab_size.max(self.vocab_size())];
+        let vocab = model["vocab"].as_object().context("the tokenizer's BPE model has no vocab")?;
+        for (token, id) in vocab {
+            let id = id.as_u64().context("a vocab id is not a number")? as usize;
+            tokens[id] = Some((token.clone(), 1)); // normal
+        }
+        for (id, added) in self.inner.get_added_tokens_decoder() {
+            // llama.cpp's token types: 3 = control (special), 4 = user-defined
+            tokens[id as usize] = Some((added.content.clone(), if added.special { 3 } else { 4 }));
+        }
+        // 5 = unused, the converter's padding
+        let tokens: Vec<(String, i32)> =
+            tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| (format!("[PAD{i}]"), 5))).collect();
+        let merges: Vec<Value> = model["merges"]
+            .as_array()
+            .context("the tokenizer's BPE model has no merges")?
+            .iter()
+            .map(|merge| match merge {
+                Json::String(pair) => Ok(Value::String(pair.clone())),
+                Json::Array(pair) if pair.len() == 2 => {
+                    Ok(Value::String(format!("{} {}", pair[0].as_str().unwrap_or(""), pair[1].as_str().unwrap_or(""))))
+                }
+                other => bail!("unexpected BPE merge {other}"),
+            })
+            .collect::<Result<_>>()?;
+        let key = |k: &str| format!("tokenizer.ggml.{k}");
+        let mut metadata = vec![
+            (key("model"), Value::String("gpt2".into())),
+            (key("pre"), Value::String(self.gguf_pre_tokenizer().into())),
+            (key("tokens"), Value::Array(tokens.iter().map(|(t, _)| Value::String(t.clone())).collect())),
+            (key("token_type"), Value::Array(tokens.iter().map(|(_, ty)| Value::I32(*ty)).collect())),
+            (key("merges"), Value::Array(merges)),
+        ];
+        for (name, token) in [
+            ("bos_token_id", &self.bos_token),
+            ("eos_token_id", &self.eos_token),
+            ("padding_token_id", &self.pad_token),
+            ("unknown_token_id", &self.unk_token),
+        ] {
+            if let Some(id) = token.as_deref().and_then(|t| self.token_id(t)) {
+                metadata.push((key(name), Value::U32(id as u32)));
+            }
+        }
+        metadata.push((key("add_bos_token"), Value::Bool(self.add_bos_token)));
+        if let Some(template) = &self.chat_template {
+            metadata.push(("tokenizer.chat_template".into(), Value::String(template.clone())));
+        }
+        Ok(metadata)
+    }
+
+    /// The `tokenizer.ggml.pre` name of this tokenizer's pre-tokenizer: the known one that builds the same
+    /// pre-tokenizer, or "default" (GPT-2's split) with a warning.
+    fn gguf_pre_tokenizer(&self) -> &'static str {
+        let ours = self.inner.get_pre_tokenizer().and_then(|p| serde_json::to_value(p).ok());
+        for name in KNOWN_PRE_TOKENIZERS {
+            let built = serde_json::from_value::<tokenizers::PreTokenizerWrapper>(pre_tokenizer(name)).ok();
+            if built.and_then(|p| serde_json::to_value(p).ok()) == ours {
+                return name;
+            }
+        }
+        tracing::warn!("the tokenizer's pre-tokenizer is none llama.cpp names: written as \"default\" (GPT-2's split)");
+        "default"
+    }
+
     /// The special tokens as transformers passes them to chat templates.
     pub fn special_tokens(&self) -> Vec<(String, String)> {
         [

@@ -11,6 +11,7 @@ mod compute;
 mod data_input;
 mod errors;
 mod eval;
+mod gguf_export;
 mod gguf_import;
 mod hub;
 mod lora;

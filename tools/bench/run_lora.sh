@@ -19,3 +19,8 @@ for precision in "" "--bf16"; do
   both --shape smollm2-135m --objective dpo "${tokens[@]}" --steps 5 $precision "${lora[@]}"
   "$PREFALIGN" bench --json --shape smollm2-135m --objective dpo "${tokens[@]}" --steps 5 $precision
 done
+# the base in 4 bits (prefalign alone): NF4 with double quantization, without and with gradient checkpointing
+for checkpointing in "" "--gradient-checkpointing"; do
+  "$PREFALIGN" bench --json --shape smollm2-1.7b --objective dpo "${tokens[@]}" --steps 3 --bf16 "${lora[@]}" \
+    --load-in-4bit --use-bnb-nested-quant $checkpointing
+done

@@ -55,7 +55,12 @@ export PREFALIGN_CACHE="$train_dir/cache"
 run 60 "$prefalign" dpo "${train[@]}" --output-dir "$train_dir/dpo"
 run 60 "$prefalign" dpo "${train[@]}" --precompute-ref-log-probs --bf16 --output-dir "$train_dir/dpo-precomputed"
 run 60 "$prefalign" orpo "${train[@]}" --gradient-checkpointing --output-dir "$train_dir/orpo"
-for run_dir in dpo dpo-precomputed orpo; do
+# QLoRA (src/model/quantized.cpp on CUDA): NF4 with double quantization, and a Q4_K GGUF's blocks
+lora=(--use-peft --lora-target-modules all-linear)
+run 60 "$prefalign" dpo "${train[@]}" "${lora[@]}" --load-in-4bit --use-bnb-nested-quant --output-dir "$train_dir/qlora"
+run 60 "$prefalign" dpo "${train[@]/$train_dir\/tiny_policy/tests/fixtures/quantized/tiny_q4_k.gguf}" "${lora[@]}" \
+  --output-dir "$train_dir/lora-q4_k"
+for run_dir in dpo dpo-precomputed orpo qlora lora-q4_k; do
   echo "== $run_dir:"
   python3 -c 'import json, sys
 for line in open(sys.argv[1]):
@@ -94,6 +99,8 @@ run 150 "$prefalign" bench --json --shape smollm2-1.7b "${dpo[@]}" --gradient-ch
 # the caching allocator with segments that grow instead of one per size class: less reserved beyond what is in use
 run 150 env PYTORCH_ALLOC_CONF=expandable_segments:True "$prefalign" bench --json --shape smollm2-1.7b "${dpo[@]}" \
   | tee -a "$rows"
+run 150 "$prefalign" bench --json --shape smollm2-1.7b "${dpo[@]}" --use-peft --lora-target-modules all-linear \
+  --load-in-4bit --use-bnb-nested-quant | tee -a "$rows"
 orpo=(--objective orpo "${targets[@]}")
 run 90 "$prefalign" bench --json --shape smollm2-135m "${orpo[@]}" | tee -a "$rows"
 run 150 python3 tools/bench/trl_bench.py --shape smollm2-135m "${orpo[@]}" | tail -n 1 | tee -a "$rows"

@@ -114,16 +114,32 @@ fn config_from_metadata(
     Ok(config)
 }
 
+/// llama.cpp's names of the tensors outside the layers, with their Hugging Face names.
+const MODEL_TENSORS: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// llama.cpp's names of a layer's modules (`blk.N.<name>`), with their Hugging Face names (`model.layers.N.<name>`).
+const LAYER_MODULES: [(&str, &str); 11] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
 /// llama.cpp tensor name -> Hugging Face name.
 fn hf_tensor_name(gguf_name: &str) -> Result<String> {
-    let fixed = match gguf_name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Ok(name.to_string());
+    if let Some((_, hf)) = MODEL_TENSORS.iter().find(|(gguf, _)| *gguf == gguf_name) {
+        return Ok(hf.to_string());
     }
     if gguf_name == "rope_freqs.weight" {
         bail!("GGUF tensor rope_freqs.weight (llama3-style RoPE frequency factors) is not supported yet; convert the original Hugging Face model instead");
@@ -132,21 +148,30 @@ fn hf_tensor_name(gguf_name: &str) -> Result<String> {
     let rest = gguf_name.strip_prefix("blk.").ok_or_else(unknown)?;
     let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
     let (part, suffix) = rest.rsplit_once('.').ok_or_else(unknown)?;
-    let hf_part = match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return Err(unknown()),
-    };
+    let (_, hf_part) = LAYER_MODULES.iter().find(|(gguf, _)| *gguf == part).ok_or_else(unknown)?;
     Ok(format!("model.layers.{layer}.{hf_part}.{suffix}"))
+}
+
+/// Hugging Face tensor name -> llama.cpp name (the inverse of `hf_tensor_name`).
+pub fn gguf_tensor_name(hf_name: &str) -> Result<String> {
+    if let Some((gguf, _)) = MODEL_TENSORS.iter().find(|(_, hf)| *hf == hf_name) {
+        return Ok(gguf.to_string());
+    }
+    let unknown = || anyhow::anyhow!("tensor {hf_name} has no llama.cpp name");
+    let rest = hf_name.strip_prefix("model.layers.").ok_or_else(unknown)?;
+    let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
+    let (part, suffix) = rest.rsplit_once('.').ok_or_else(unknown)?;
+    let (gguf_part, _) = LAYER_MODULES.iter().find(|(_, hf)| *hf == part).ok_or_else(unknown)?;
+    Ok(format!("blk.{layer}.{gguf_part}.{suffix}"))
+}
+
+/// llama.cpp's `permute(w, n_head)` of a llama model's q/k rows: [head, 2, half] -> [head, half, 2].
+pub fn permute_rows(w: &Tensor, heads: i64) -> Tensor {
+    let shape = w.size();
+    let half = shape[0] / heads / 2;
+    let mut grouped = vec![heads, 2, half];
+    grouped.extend(&shape[1..]);
+    w.reshape(grouped.as_slice()).transpose(1, 2).reshape(shape.as_slice())
 }
 
 /// Undoes llama.cpp's `permute(w, n_head)`: rows grouped as [head, half, 2] go back to [head, 2, half].

@@ -1,0 +1,149 @@
+//! A model as a llama.cpp GGUF file, the inverse of `import`: the architecture's metadata as llama.cpp's
+//! `convert_hf_to_gguf.py` writes it, the tokenizer and chat template, and the weights under llama.cpp's names
+//! (q/k rows permuted for llama), matrices in the chosen type and vectors in F32.
+
+use super::dequant::GgmlType;
+use super::import::{gguf_tensor_name, permute_rows};
+use super::reader::Value;
+use super::writer::GgufWriter;
+use crate::model::config::Architecture;
+use crate::model::lora;
+use crate::model::LoadedModel;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use tch::Tensor;
+
+/// What the matrices are stored as (`--outtype`, llama.cpp's names).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OutType {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+}
+
+impl OutType {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name.to_ascii_lowercase().as_str() {
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::BF16,
+            "q8_0" => Self::Q8_0,
+            other => bail!("--outtype {other}: one of f32, f16, bf16, q8_0"),
+        })
+    }
+
+    /// The type of a model stored in `dtype` ("float32", "bfloat16", "float16", as config.json names it).
+    pub fn of_dtype(dtype: Option<&str>) -> Self {
+        match dtype {
+            Some("bfloat16") => Self::BF16,
+            Some("float16") => Self::F16,
+            _ => Self::F32,
+        }
+    }
+
+    fn matrix_type(self) -> GgmlType {
+        match self {
+            Self::F32 => GgmlType::F32,
+            Self::F16 => GgmlType::F16,
+            Self::BF16 => GgmlType::BF16,
+            Self::Q8_0 => GgmlType::Q8_0,
+        }
+    }
+
+    /// `general.file_type` (llama.cpp's `llama_ftype`).
+    fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q8_0 => 7,
+            Self::BF16 => 32,
+        }
+    }
+}
+
+/// Writes `model` (no adapters, weights not quantized) to `path` as GGUF, named `name` in its metadata.
+pub fn write_gguf(model: &LoadedModel, path: &Path, outtype: OutType, name: &str) -> Result<()> {
+    if model.adapter.is_some() || !model.model.quantized_weights().is_empty() {
+        bail!("a GGUF file is written from a plain model: merge its adapter first, and load it unquantized");
+    }
+    let config = model.config();
+    let tokenizer = model.tokenizer().context("a GGUF file carries the tokenizer")?;
+    let arch = config.architecture()?;
+    let sliding = (0..config.num_hidden_layers).any(|layer| config.sliding_window_of(layer).is_some());
+    if sliding {
+        bail!("sliding-window attention is not written to GGUF (llama.cpp's llama and qwen architectures lack it)");
+    }
+    // llama.cpp runs Mistral models without a sliding window as llama
+    let arch_name = match arch {
+        Architecture::Llama | Architecture::Mistral => "llama",
+        Architecture::Qwen2 => "qwen2",
+        Architecture::Qwen3 => "qwen3",
+    };
+    let mut gguf = GgufWriter::default();
+    let text = |s: &str| Value::String(s.to_string());
+    let int = |n: usize| Value::U32(n as u32);
+    gguf.add("general.architecture", text(arch_name));
+    gguf.add("general.type", text("model"));
+    gguf.add("general.name", text(name));
+    gguf.add("general.file_type", Value::U32(outtype.file_type()));
+    gguf.add("general.quantization_version", Value::U32(2));
+    let key = |k: &str| format!("{arch_name}.{k}");
+    gguf.add(&key("vocab_size"), int(config.vocab_size));
+    gguf.add(&key("context_length"), int(config.max_position_embeddings));
+    gguf.add(&key("embedding_length"), int(config.hidden_size));
+    gguf.add(&key("block_count"), int(config.num_hidden_layers));
+    gguf.add(&key("feed_forward_length"), int(config.intermediate_size));
+    gguf.add(&key("attention.head_count"), int(config.num_attention_heads));
+    gguf.add(&key("attention.head_count_kv"), int(config.num_kv_heads()));
+    gguf.add(&key("attention.key_length"), int(config.head_dim()));
+    gguf.add(&key("attention.value_length"), int(config.head_dim()));
+    gguf.add(&key("rope.dimension_count"), int(config.head_dim()));
+    let rope = config.rope();
+    gguf.add(&key("rope.freq_base"), Value::F32(rope.rope_theta.unwrap_or(10_000.0) as f32));
+    match rope.rope_type.as_deref() {
+        None | Some("default") => {}
+        Some("linear") => {
+            gguf.add(&key("rope.scaling.type"), text("linear"));
+            gguf.add(&key("rope.scaling.factor"), Value::F32(rope.factor.unwrap_or(1.0) as f32));
+        }
+        Some(other) => bail!("RoPE type {other} is not written to GGUF yet"),
+    }
+    gguf.add(&key("attention.layer_norm_rms_epsilon"), Value::F32(config.rms_norm_eps as f32));
+    for (k, value) in tokenizer.gguf_metadata(config.vocab_size)? {
+        gguf.add(&k, value);
+    }
+
+    let heads = (config.num_attention_heads as i64, config.num_kv_heads() as i64);
+    let permuted = matches!(arch, Architecture::Llama | Architecture::Mistral);
+    let mut tensors: Vec<(String, Tensor)> =
+        model.vs.variables().into_iter().filter(|(name, _)| !lora::is_adapter_state(name)).collect();
+    tensors.sort_by_key(|(name, _)| layer_order(name));
+    for (hf_name, tensor) in tensors {
+        let tensor = tensor.detach();
+        let tensor = match (permuted, hf_name.contains("self_attn.q_proj."), hf_name.contains("self_attn.k_proj.")) {
+            (true, true, _) => permute_rows(&tensor, heads.0),
+            (true, _, true) => permute_rows(&tensor, heads.1),
+            _ => tensor,
+        };
+        // vectors (norms, biases) stay F32, as llama.cpp's converter keeps them; a matrix whose rows do not fill
+        // Q8_0 blocks falls back to F16, as there
+        let ty = match (tensor.dim(), outtype) {
+            (1, _) => GgmlType::F32,
+            (_, OutType::Q8_0) if tensor.size()[1] % 32 != 0 => GgmlType::F16,
+            _ => outtype.matrix_type(),
+        };
+        gguf.add_tensor(&gguf_tensor_name(&hf_name)?, tensor, ty)?;
+    }
+    gguf.write(path)
+}
+
+/// The embeddings, the layers in order, then the final norm and the output layer (llama.cpp's order).
+fn layer_order(name: &str) -> (u64, String) {
+    let layer = name.strip_prefix("model.layers.").and_then(|rest| rest.split('.').next()?.parse::<u64>().ok());
+    match (name, layer) {
+        ("model.embed_tokens.weight", _) => (0, String::new()),
+        (_, Some(layer)) => (1 + layer, name.to_string()),
+        _ => (u64::MAX, name.to_string()),
+    }
+}
