@@ -125,7 +125,7 @@ pub struct LoraArgs {
     /// Scale the update by alpha/√r instead of alpha/r (rank-stabilized LoRA)
     #[arg(long)]
     use_rslora: bool,
-    /// Not supported yet (training whole modules beside the adapters)
+    /// Modules trained whole beside the adapters: embed_tokens and/or lm_head (the reference uses the originals)
     #[arg(long, num_args = 1.., value_delimiter = ',')]
     lora_modules_to_save: Vec<String>,
     #[arg(long, default_value = "CAUSAL_LM")]
@@ -149,11 +149,9 @@ impl LoraArgs {
             }
             return Ok(());
         }
-        for (flag, given) in [
-            ("--lora-modules-to-save", !self.lora_modules_to_save.is_empty()),
-            ("--use-dora", self.use_dora),
-            ("--lora-target-parameters", !self.lora_target_parameters.is_empty()),
-        ] {
+        for (flag, given) in
+            [("--use-dora", self.use_dora), ("--lora-target-parameters", !self.lora_target_parameters.is_empty())]
+        {
             if given {
                 bail!("{flag} is not supported: prefalign trains LoRA adapters on modules only");
             }
@@ -168,6 +166,7 @@ impl LoraArgs {
                 dropout: self.lora_dropout,
                 target_modules: (!self.lora_target_modules.is_empty()).then(|| self.lora_target_modules.clone()),
                 use_rslora: self.use_rslora,
+                modules_to_save: self.lora_modules_to_save.clone(),
             };
             policy.add_lora(config, name)?;
         }

@@ -334,6 +334,13 @@ pub enum TokenLayout<'a> {
     Segments { positions: &'a Tensor, group: &'a Tensor, branch: &'a Tensor },
 }
 
+/// A module trained whole beside the adapters (PEFT's `modules_to_save`): the trained copy of its weight, and,
+/// when training continues from an adapter, a frozen copy as it started, for the reference pass.
+struct SavedModule {
+    trained: Tensor,
+    reference: Option<Tensor>,
+}
+
 /// A causal language model with its parameters in a `VarStore`, named as in the Hugging Face checkpoint.
 pub struct CausalLm {
     pub config: ModelConfig,
@@ -341,6 +348,9 @@ pub struct CausalLm {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Option<Tensor>, // [vocab, hidden]; None when tied to embed_tokens
+    /// Trained copies of the embeddings and the output layer, with LoRA's `modules_to_save`.
+    embed_saved: Option<SavedModule>,
+    lm_head_saved: Option<SavedModule>,
     rope: Rope,
     /// transformers builds `nn.Embedding(..., padding_idx=pad_token_id)`: that row gets no gradient from lookups.
     padding_idx: i64,
@@ -369,6 +379,8 @@ impl CausalLm {
             norm: RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps),
             lm_head: (!config.tie_word_embeddings)
                 .then(|| (root / "lm_head").var("weight", &[vocab, hidden], nn::Init::Const(0.0))),
+            embed_saved: None,
+            lm_head_saved: None,
             rope: Rope::new(config, root.device())?,
             padding_idx: config.pad_token_id.as_ref().and_then(|ids| ids.to_vec().first().copied()).unwrap_or(-1),
             reference_pass: Cell::new(false),
@@ -450,6 +462,19 @@ impl CausalLm {
         for missing in names.iter().filter(|n| !matched.contains(n)) {
             tracing::warn!("LoRA target module {missing:?} matches no module of the model");
         }
+        for module in config.saved_modules()? {
+            // a trainable copy in the original's dtype, as PEFT's deepcopy (of a tied lm_head: an untied copy)
+            let original = match module {
+                "model.embed_tokens" => &self.embed_tokens,
+                _ => self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
+            };
+            let trained = (&module_path(vs, module) / "modules_to_save").add("weight", original.detach().copy(), true);
+            let saved = Some(SavedModule { trained, reference: None });
+            match module {
+                "model.embed_tokens" => self.embed_saved = saved,
+                _ => self.lm_head_saved = saved,
+            }
+        }
         Ok(matched)
     }
 
@@ -463,11 +488,18 @@ impl CausalLm {
             let copy = |name: &str, t: &Tensor| (&path / name).add("weight", t.detach().copy(), false);
             lora.reference = Some((copy("reference_lora_A", &lora.a), copy("reference_lora_B", &lora.b)));
         }
+        for (module, saved) in [("model.embed_tokens", &mut self.embed_saved), ("lm_head", &mut self.lm_head_saved)] {
+            if let Some(saved) = saved {
+                let path = module_path(vs, module) / "reference_modules_to_save";
+                saved.reference = Some(path.add("weight", saved.trained.detach().copy(), false));
+            }
+        }
     }
 
-    /// Folds every adapter into its projection's weight (W + scaling · B A, as PEFT's `merge_and_unload`) and
-    /// drops the adapters. A quantized base cannot take them.
-    pub fn merge_adapters(&mut self) -> Result<()> {
+    /// Folds every adapter into its projection's weight (W + scaling · B A, as PEFT's `merge_and_unload`), puts
+    /// trained module copies in place of their originals (a trained copy of a tied output layer becomes an untied
+    /// `lm_head`, registered in `vs`), and drops the adapters. A quantized base cannot take them.
+    pub fn merge_adapters(&mut self, vs: &nn::VarStore) -> Result<()> {
         if !self.quantized_weights().is_empty() {
             bail!(
                 "the base model's weights are quantized and cannot take the adapter: merge it into the model in full \
@@ -483,6 +515,23 @@ impl CausalLm {
                 weight.shallow_clone().copy_(&merged.to_kind(weight.kind()));
             });
         }
+        tch::no_grad(|| {
+            if let Some(saved) = self.embed_saved.take() {
+                self.embed_tokens.shallow_clone().copy_(&saved.trained);
+            }
+            if let Some(saved) = self.lm_head_saved.take() {
+                match &self.lm_head {
+                    Some(lm_head) => {
+                        lm_head.shallow_clone().copy_(&saved.trained);
+                    }
+                    None => {
+                        let untied = (vs.root() / "lm_head").add("weight", saved.trained.detach().copy(), false);
+                        self.lm_head = Some(untied);
+                        self.config.tie_word_embeddings = false;
+                    }
+                }
+            }
+        });
         Ok(())
     }
 
@@ -536,7 +585,17 @@ impl CausalLm {
 
     /// The output projection [vocab, hidden] (the embedding matrix when tied).
     pub fn lm_head_weight(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+        self.in_this_pass(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), &self.lm_head_saved)
+    }
+
+    /// A module's weight as this pass sees it: its trained copy when it has one, or in the reference pass its
+    /// frozen copy or the original.
+    fn in_this_pass<'a>(&'a self, original: &'a Tensor, saved: &'a Option<SavedModule>) -> &'a Tensor {
+        match saved {
+            None => original,
+            Some(saved) if self.reference_pass.get() => saved.reference.as_ref().unwrap_or(original),
+            Some(saved) => &saved.trained,
+        }
     }
 
     /// Logits [batch, len, vocab] for input_ids [batch, len] with an optional padding mask [batch, len].
@@ -579,7 +638,8 @@ impl CausalLm {
 
     /// Token embeddings [batch, len, hidden].
     pub fn embed(&self, input_ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.embed_tokens, input_ids, self.padding_idx, false, false)
+        let weight = self.in_this_pass(&self.embed_tokens, &self.embed_saved);
+        Tensor::embedding(weight, input_ids, self.padding_idx, false, false)
     }
 
     pub fn num_layers(&self) -> usize {

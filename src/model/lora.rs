@@ -3,6 +3,10 @@
 //! from the base model; `adapter_config.json` and `adapter_model.safetensors` with PEFT's names, which
 //! `PeftModel.from_pretrained` loads.
 //!
+//! PEFT's `modules_to_save` (the embeddings or the output layer trained whole beside the adapters) is a trained copy
+//! of the module, used by the policy pass; the reference pass uses the original, as PEFT does with its adapters
+//! disabled.
+//!
 //! Dropout on the adapters' input is not applied: TRL's preference trainers switch every dropout of the model off
 //! (`disable_dropout`, true by default), PEFT's LoRA dropout included, after wrapping the model.
 
@@ -20,6 +24,10 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// What PEFT puts before a module's name in a causal LM's adapter file.
 const SAVED_PREFIX: &str = "base_model.model.";
+/// The modules that can be trained whole beside the adapters (`modules_to_save`), by their names in the model.
+pub const MODULES_TO_SAVE: [(&str, &str); 2] = [("embed_tokens", "model.embed_tokens"), ("lm_head", "lm_head")];
+/// What the trained copy of a module in `modules_to_save` adds to its name here (`lm_head.modules_to_save.weight`).
+const SAVED_MODULE: &str = ".modules_to_save.";
 
 /// TRL's `ModelConfig` LoRA fields (`get_peft_config` turns them into PEFT's `LoraConfig`), with their defaults.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,11 +41,13 @@ pub struct LoraConfig {
     pub target_modules: Option<Vec<String>>,
     /// scaling alpha/√r instead of alpha/r
     pub use_rslora: bool,
+    /// Modules trained whole (embed_tokens, lm_head), as given.
+    pub modules_to_save: Vec<String>,
 }
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        Self { r: 16, alpha: 32.0, dropout: 0.05, target_modules: None, use_rslora: false }
+        Self { r: 16, alpha: 32.0, dropout: 0.05, target_modules: None, use_rslora: false, modules_to_save: Vec::new() }
     }
 }
 
@@ -73,6 +83,26 @@ impl LoraConfig {
         }
     }
 
+    /// The module paths `modules_to_save` names (`model.embed_tokens`, `lm_head`): PEFT matches a module whose full
+    /// name is a given one or ends with "." and it.
+    pub fn saved_modules(&self) -> Result<Vec<&'static str>> {
+        let mut paths = Vec::new();
+        for name in &self.modules_to_save {
+            let Some((_, path)) =
+                MODULES_TO_SAVE.iter().find(|(_, path)| path == name || path.ends_with(&format!(".{name}")))
+            else {
+                bail!(
+                    "modules_to_save {name}: prefalign trains the embeddings (embed_tokens) or the output layer \
+                     (lm_head) whole, no other module"
+                );
+            };
+            if !paths.contains(path) {
+                paths.push(*path);
+            }
+        }
+        Ok(paths)
+    }
+
     /// Reads a PEFT adapter's `adapter_config.json`, refusing what prefalign does not run.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(CONFIG_FILE);
@@ -94,7 +124,7 @@ impl LoraConfig {
                 return Err(refuse(format!("{key} is not supported (one rank and alpha for every module)")));
             }
         }
-        for key in ["modules_to_save", "layers_to_transform", "target_parameters", "exclude_modules"] {
+        for key in ["layers_to_transform", "target_parameters", "exclude_modules"] {
             if field(key).is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
                 return Err(refuse(format!("{key} is not supported")));
             }
@@ -114,6 +144,13 @@ impl LoraConfig {
             dropout: field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
             target_modules: Some(target_modules.ok_or_else(|| refuse("target_modules is not a list".into()))?),
             use_rslora: field("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+            modules_to_save: match field("modules_to_save") {
+                None => Vec::new(),
+                Some(value) => value
+                    .as_array()
+                    .and_then(|names| names.iter().map(|n| n.as_str().map(str::to_string)).collect())
+                    .ok_or_else(|| refuse("modules_to_save is not a list of module names".into()))?,
+            },
         })
     }
 
@@ -136,7 +173,7 @@ impl LoraConfig {
             "lora_alpha": alpha,
             "lora_bias": false,
             "lora_dropout": self.dropout,
-            "modules_to_save": null,
+            "modules_to_save": (!self.modules_to_save.is_empty()).then_some(&self.modules_to_save),
             "peft_type": "LORA",
             "peft_version": "0.21.2",
             "r": self.r,
@@ -155,22 +192,38 @@ impl LoraConfig {
 /// PEFT's name in `adapter_model.safetensors` of a variable named `name` here (`model.layers.0.self_attn.q_proj.
 /// lora_A.weight` → `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
 pub fn saved_name(name: &str) -> String {
-    format!("{SAVED_PREFIX}{name}")
+    // a trained module copy is saved under the module's own name (PEFT drops "modules_to_save.<adapter>")
+    format!("{SAVED_PREFIX}{}", name.replace(SAVED_MODULE, "."))
 }
 
-/// The name here of a tensor PEFT saved as `saved`.
-pub fn name_from_saved(saved: &str) -> Option<&str> {
-    saved.strip_prefix(SAVED_PREFIX)
+/// The name here of a tensor PEFT saved as `saved`: an adapter's A or B, or a module trained whole.
+pub fn name_from_saved(saved: &str) -> Option<String> {
+    let name = saved.strip_prefix(SAVED_PREFIX)?;
+    if is_adapter_variable(name) {
+        return Some(name.to_string());
+    }
+    let (module, parameter) = name.rsplit_once('.')?;
+    Some(format!("{module}{SAVED_MODULE}{parameter}"))
 }
 
-/// Whether a variable is a trained adapter's (A or B).
+/// The name of the trained copy of `module`'s parameter `parameter` (`lm_head.modules_to_save.weight`).
+pub fn saved_module_variable(module: &str, parameter: &str) -> String {
+    format!("{module}{SAVED_MODULE}{parameter}")
+}
+
+/// Whether a variable is the trained copy of a whole module (`modules_to_save`).
+pub fn is_saved_module(name: &str) -> bool {
+    name.contains(SAVED_MODULE)
+}
+
+/// Whether a variable is trained with the adapters: an adapter's A or B, or a module trained whole.
 pub fn is_adapter_variable(name: &str) -> bool {
-    name.contains(".lora_A.") || name.contains(".lora_B.")
+    name.contains(".lora_A.") || name.contains(".lora_B.") || name.contains(SAVED_MODULE)
 }
 
 /// Whether a variable belongs to the adapters (trained, or their frozen reference copy) rather than the model.
 pub fn is_adapter_state(name: &str) -> bool {
-    is_adapter_variable(name) || name.contains(".reference_lora_")
+    is_adapter_variable(name) || name.contains(".reference_lora_") || name.contains(".reference_modules_to_save.")
 }
 
 /// The adapter of one projection: A [r, in] and B [out, r], trained; and, when training continues from an
@@ -227,7 +280,13 @@ mod tests {
     #[test]
     fn adapter_configs_round_trip_and_unsupported_fields_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let config = LoraConfig { r: 4, alpha: 8.0, use_rslora: true, ..LoraConfig::default() };
+        let config = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            use_rslora: true,
+            modules_to_save: vec!["lm_head".into()],
+            ..LoraConfig::default()
+        };
         config.write(dir.path(), &["v_proj".into(), "q_proj".into()], "base").unwrap();
         let read = LoraConfig::read(dir.path()).unwrap();
         assert_eq!(read, LoraConfig { target_modules: Some(vec!["q_proj".into(), "v_proj".into()]), ..config });
@@ -236,5 +295,17 @@ mod tests {
         value["use_dora"] = json!(true);
         std::fs::write(&path, value.to_string()).unwrap();
         assert!(LoraConfig::read(dir.path()).unwrap_err().to_string().contains("use_dora"));
+    }
+
+    #[test]
+    fn whole_modules_are_saved_under_their_own_names() {
+        let copy = saved_module_variable("lm_head", "weight");
+        assert_eq!(saved_name(&copy), "base_model.model.lm_head.weight");
+        assert_eq!(name_from_saved("base_model.model.lm_head.weight").as_deref(), Some(copy.as_str()));
+        let a = "model.layers.0.self_attn.q_proj.lora_A.weight";
+        assert_eq!(name_from_saved(&saved_name(a)).as_deref(), Some(a));
+        let config =
+            LoraConfig { modules_to_save: vec!["embed_tokens".into(), "model.norm".into()], ..Default::default() };
+        assert!(config.saved_modules().unwrap_err().to_string().contains("modules_to_save model.norm"));
     }
 }

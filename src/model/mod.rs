@@ -63,7 +63,7 @@ impl LoadedModel {
 
     /// Folds the adapters into the weights (PEFT's `merge_and_unload`): a plain model again.
     pub fn merge_adapter(&mut self) -> Result<()> {
-        self.model.merge_adapters()?;
+        self.model.merge_adapters(&self.vs)?;
         self.adapter = None;
         Ok(())
     }
@@ -100,7 +100,7 @@ impl LoadedModel {
         let source = weights::SafetensorsFiles::open_dir_file(file)?;
         let variables = self.adapter_variables();
         for saved in source.names() {
-            let known = lora::name_from_saved(&saved).is_some_and(|name| variables.contains_key(name));
+            let known = lora::name_from_saved(&saved).is_some_and(|name| variables.contains_key(&name));
             if !known {
                 bail!("{}: tensor {saved} belongs to no adapter of this model and its settings", file.display());
             }
@@ -108,8 +108,14 @@ impl LoadedModel {
         tch::no_grad(|| {
             for (name, variable) in &variables {
                 let saved = lora::saved_name(name);
-                let tensor =
-                    source.tensor(&saved)?.with_context(|| format!("{}: {saved} is missing", file.display()))?;
+                let Some(tensor) = source.tensor(&saved)? else {
+                    // A module trained whole starts as the base model's (PEFT loads such a file with a warning).
+                    if lora::is_saved_module(name) {
+                        tracing::warn!("{}: no {saved}; it starts as the base model's", file.display());
+                        continue;
+                    }
+                    bail!("{}: {saved} is missing", file.display());
+                };
                 if tensor.size() != variable.size() {
                     bail!("{}: {saved} has shape {:?}, not {:?}", file.display(), tensor.size(), variable.size());
                 }

@@ -151,13 +151,42 @@ fn gradient_checkpointing_and_precomputed_reference_give_the_same_lora_run() {
 }
 
 #[test]
+fn modules_to_save_are_trained_whole_saved_under_their_names_and_merged_untied() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(dir.path(), "tiny_policy"); // tied embeddings
+    let out = dir.path().join("out");
+    dpo(&model, &out, &["--use-peft", "--lora-modules-to-save", "lm_head", "--save-steps", "2", "--merge"]);
+    assert!((losses(&out)[0] - std::f64::consts::LN_2).abs() < 1e-6, "the copy starts as the original");
+    let adapter = read_tensors(&out.join("adapter_model.safetensors"));
+    let lm_head = &adapter["base_model.model.lm_head.weight"];
+    let base = read_tensors(&model.join("model.safetensors"));
+    assert!(!lm_head.equal(&base["model.embed_tokens.weight"]), "the output layer trained");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["modules_to_save"], serde_json::json!(["lm_head"]));
+    // merged: the trained output layer untied from the embeddings, which stay the base model's
+    let merged = read_tensors(&out.join("merged/model.safetensors"));
+    assert!(merged["lm_head.weight"].equal(lm_head));
+    assert!(merged["model.embed_tokens.weight"].equal(&base["model.embed_tokens.weight"]));
+    let merged_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("merged/config.json")).unwrap()).unwrap();
+    assert_eq!(merged_config["tie_word_embeddings"], false);
+    // resumed from the checkpoint of step 2: the same copy, bit for bit
+    std::fs::remove_file(out.join("adapter_model.safetensors")).unwrap();
+    let resumed = ["--use-peft", "--lora-modules-to-save", "lm_head", "--save-steps", "2"];
+    dpo(&model, &out, &[&resumed[..], &["--resume-from-checkpoint", "last"]].concat());
+    let again = read_tensors(&out.join("adapter_model.safetensors"));
+    assert!(again["base_model.model.lm_head.weight"].equal(lm_head));
+}
+
+#[test]
 fn lora_settings_prefalign_cannot_honour_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model_dir(dir.path(), "tiny_policy");
     let data = fixture("trl_data/standard.jsonl");
     for (extra, expected) in [
         (&["--use-dora"][..], "--use-dora is not supported"),
-        (&["--lora-modules-to-save", "lm_head"][..], "--lora-modules-to-save is not supported"),
+        (&["--lora-modules-to-save", "norm"][..], "modules_to_save norm: prefalign trains the embeddings"),
         (&["--lora-target-modules", "lm_head"][..], "not supported"),
         (&["--lora-target-modules", "qkv_proj"][..], "match no module"),
         (&["--lora-r", "0"][..], "--lora-r"),
