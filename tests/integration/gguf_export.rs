@@ -105,6 +105,46 @@ fn smollm2_exported_as_q8_0_still_answers_paris() {
 }
 
 #[test]
+fn an_adapter_alone_as_a_llama_cpp_lora_gguf_adds_up_to_the_merged_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixture("quantized/tiny_q4_k.gguf");
+    let adapter = dir.path().join("adapter");
+    let lora = ["--use-peft", "--lora-target-modules", "all-linear", "--lora-r", "4", "--max-length", "64"];
+    crate::lora::dpo(&source, &adapter, &lora);
+    let path = |name: &str| dir.path().join(name);
+    let (src, adapter_dir) = (source.to_str().unwrap(), adapter.to_str().unwrap());
+    ok(&["convert", "--model", src, "--output", path("base.gguf").to_str().unwrap()]);
+    ok(&["convert", "--model", src, "--adapter", adapter_dir, "--output", path("merged.gguf").to_str().unwrap()]);
+    let lora_path = path("lora.gguf");
+    ok(&[
+        "convert",
+        "--model",
+        src,
+        "--adapter",
+        adapter_dir,
+        "--adapter-only",
+        "--output",
+        lora_path.to_str().unwrap(),
+    ]);
+    let [base, merged, lora] = [path("base.gguf"), path("merged.gguf"), lora_path].map(|p| GgufFile::open(&p).unwrap());
+    assert_eq!(lora.get("general.type"), Some(&Value::String("adapter".into())));
+    assert_eq!(lora.get("adapter.type"), Some(&Value::String("lora".into())));
+    // llama.cpp scales by alpha / r: 32 / 4 here (TRL's default alpha)
+    let alpha = lora.get("adapter.lora.alpha").and_then(Value::as_f64).unwrap();
+    assert_eq!(alpha, 32.0);
+    assert_eq!(lora.tensors.len(), 2 * 7 * 2, "A and B of 7 projections in 2 layers");
+    let tensor = |file: &GgufFile, name: &str| file.dequantize(file.tensor_info(name).unwrap()).unwrap();
+    for name in ["blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.1.ffn_down.weight"] {
+        let (a, b) = (tensor(&lora, &format!("{name}.lora_a")), tensor(&lora, &format!("{name}.lora_b")));
+        assert_eq!((a.size()[0], b.size()[1]), (4, 4), "{name}: A [r, in], B [out, r]");
+        // in the file's own row order, as llama.cpp adds them up
+        let sum = tensor(&base, name) + b.matmul(&a) * (alpha / 4.0);
+        let want = tensor(&merged, name);
+        assert!(max_abs_diff(&sum, &want) <= 1e-6 * want.abs().max().double_value(&[]), "{name}");
+    }
+}
+
+#[test]
 fn gguf_export_refuses_what_it_cannot_write() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model_dir(dir.path(), "tiny_policy");

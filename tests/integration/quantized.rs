@@ -104,6 +104,28 @@ fn lora_on_a_quantized_gguf_equals_lora_on_its_weights_dequantized_to_a_folder()
 }
 
 #[test]
+fn lora_on_a_kept_quantized_gguf_resumes_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = fixture("quantized/tiny_q4_k.gguf");
+    let lora = ["--use-peft", "--lora-target-modules", "all-linear", "--max-length", "64", "--save-steps", "2"];
+    let whole = dir.path().join("whole");
+    dpo(&gguf, &whole, &lora);
+    let parts = dir.path().join("parts");
+    dpo(&gguf, &parts, &lora);
+    std::fs::remove_file(parts.join("adapter_model.safetensors")).unwrap();
+    let checkpoint = parts.join("checkpoint-2");
+    dpo(&gguf, &parts, &[&lora[..], &["--resume-from-checkpoint", checkpoint.to_str().unwrap()]].concat());
+    let (a, b) = (
+        read_tensors(&whole.join("adapter_model.safetensors")),
+        read_tensors(&parts.join("adapter_model.safetensors")),
+    );
+    for (name, tensor) in &a {
+        assert!(tensor.equal(&b[name]), "{name} after a resume");
+    }
+    assert_eq!(losses(&whole), losses(&parts));
+}
+
+#[test]
 fn qlora_trains_on_nf4_and_merges_into_the_base_in_full_precision() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model_dir(dir.path(), "tiny_policy");

@@ -147,3 +147,53 @@ fn layer_order(name: &str) -> (u64, String) {
         _ => (u64::MAX, name.to_string()),
     }
 }
+
+/// Writes `model`'s LoRA adapters alone as a llama.cpp LoRA adapter (`llama-cli --lora`), laid out as llama.cpp's
+/// `convert_lora_to_gguf.py` writes one: `general.type` "adapter", `adapter.type` "lora", `adapter.lora.alpha`
+/// (α such that llama.cpp's α / r is the adapter's scaling, rsLoRA's included), and per adapted matrix
+/// `<name>.lora_a` [r, in] and `<name>.lora_b` [out, r], B's rows permuted as the base's q/k rows are for llama.
+pub fn write_lora_gguf(model: &LoadedModel, path: &Path, outtype: OutType, name: &str) -> Result<()> {
+    let adapter = model.adapter.as_ref().context("no adapter to write (--adapter DIR)")?;
+    if !adapter.config.modules_to_save.is_empty() {
+        bail!("a llama.cpp LoRA adapter holds low-rank updates only, not modules_to_save: merge the adapter instead");
+    }
+    let config = model.config();
+    let arch = config.architecture()?;
+    let arch_name = match arch {
+        Architecture::Llama | Architecture::Mistral => "llama",
+        Architecture::Qwen2 => "qwen2",
+        Architecture::Qwen3 => "qwen3",
+    };
+    let mut gguf = GgufWriter::default();
+    gguf.add("general.architecture", Value::String(arch_name.into()));
+    gguf.add("general.type", Value::String("adapter".into()));
+    gguf.add("general.name", Value::String(name.into()));
+    gguf.add("general.file_type", Value::U32(outtype.file_type()));
+    gguf.add("general.quantization_version", Value::U32(2));
+    gguf.add("adapter.type", Value::String("lora".into()));
+    let alpha = adapter.config.scaling() * adapter.config.r as f64;
+    gguf.add("adapter.lora.alpha", Value::F32(alpha as f32));
+    let heads = (config.num_attention_heads as i64, config.num_kv_heads() as i64);
+    let permuted = matches!(arch, Architecture::Llama | Architecture::Mistral);
+    let mut variables: Vec<(String, Tensor)> =
+        model.adapter_variables().into_iter().filter(|(n, _)| !lora::is_saved_module(n)).collect();
+    variables.sort_by_key(|(n, _)| layer_order(n));
+    for (variable, tensor) in variables {
+        let (module, suffix) = match variable.strip_suffix(".lora_A.weight") {
+            Some(module) => (module, "lora_a"),
+            None => (variable.strip_suffix(".lora_B.weight").context("an adapter tensor is A or B")?, "lora_b"),
+        };
+        let tensor = tensor.detach();
+        let tensor = match (permuted && suffix == "lora_b", module.ends_with("q_proj"), module.ends_with("k_proj")) {
+            (true, true, _) => permute_rows(&tensor, heads.0),
+            (true, _, true) => permute_rows(&tensor, heads.1),
+            _ => tensor,
+        };
+        let ty = match outtype {
+            OutType::Q8_0 if tensor.size()[1] % 32 != 0 => GgmlType::F16,
+            _ => outtype.matrix_type(),
+        };
+        gguf.add_tensor(&format!("{}.{suffix}", gguf_tensor_name(&format!("{module}.weight"))?), tensor, ty)?;
+    }
+    gguf.write(path)
+}
