@@ -20,7 +20,8 @@ use std::path::PathBuf;
     name = "prefalign",
     version,
     about = "Align causal language models with human preferences (DPO, ORPO, SimPO)",
-    after_help = "Training commands also take --config recipe.yaml with TRL / alignment-handbook keys; flags override it.",
+    after_help = "Training commands also take --config recipe.yaml with TRL / alignment-handbook keys; flags override it, \
+                  and may be spelled as TRL's (--learning_rate 1e-5, --bf16 false, --no-bf16).",
     args_override_self = true
 )]
 struct Cli {

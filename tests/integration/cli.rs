@@ -274,3 +274,33 @@ fn bench_reports_step_time_and_memory() {
         assert_eq!(result["bf16"], flags.contains(&"--bf16"));
     }
 }
+
+/// A training command line as TRL's scripts take it (transformers' HfArgumentParser): snake_case flags and
+/// switches with their value.
+#[test]
+fn trl_command_lines_run_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model_dir(dir.path(), "tiny_policy");
+    let data = common::fixture("trl_data/standard.jsonl");
+    let out = dir.path().join("out");
+    let (_, stderr) = prefalign(&[
+        "dpo",
+        "--model_name_or_path",
+        model.to_str().unwrap(),
+        "--dataset_name",
+        data.to_str().unwrap(),
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate=1e-3",
+        "--use_peft",
+        "True",
+        "--bf16",
+        "false",
+        "--skip_invalid_rows",
+    ]);
+    assert!(stderr.contains("saved the trained adapter"), "{stderr}");
+}
