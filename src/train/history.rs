@@ -1,5 +1,6 @@
 //! What a run leaves behind besides the model: `metrics.jsonl` (one row per logging or evaluation step),
-//! TensorBoard event files under `runs/`, `train_summary.json`, and the progress bar on the terminal.
+//! TensorBoard event files under `runs/`, `train_summary.json`, and the progress bar on the terminal; where stderr
+//! is no terminal (nohup, SLURM, CI) each row as the line TRL prints for it instead, and the summary at the end.
 
 use crate::files;
 use crate::train::tensorboard::{keep_events_up_to, TensorBoardWriter};
@@ -16,6 +17,8 @@ pub struct History {
     path: PathBuf,
     file: std::fs::File,
     tensorboard: TensorBoardWriter,
+    /// Print each row on stderr (no progress bar shows there).
+    echo: bool,
 }
 
 impl History {
@@ -44,7 +47,8 @@ impl History {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(Self { path, file, tensorboard: TensorBoardWriter::create(&runs)? })
+        let echo = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        Ok(Self { path, file, tensorboard: TensorBoardWriter::create(&runs)?, echo })
     }
 
     /// Writes `row` with its `epoch` and `step` to both; returns the row as written.
@@ -55,7 +59,9 @@ impl History {
         let line = format!("{}\n", Value::Object(row.clone()));
         self.file.write_all(line.as_bytes()).with_context(|| format!("cannot write {}", self.path.display()))?;
         self.tensorboard.add_metrics(&row, step as i64)?;
-        tracing::info!("{}", serde_json::Value::Object(row.clone()));
+        if self.echo {
+            eprintln!("{}", console_line(&row));
+        }
         Ok(row)
     }
 
@@ -76,7 +82,56 @@ pub fn write_summary(out: &Path, rows: &[Map<String, Value>], seconds: f64, toke
         "final_loss": last_train.and_then(|r| r.get("loss")),
         "global_step": rows.last().and_then(|r| r.get("step")),
     });
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!("{}", console_line(summary.as_object().expect("an object")));
+    }
     files::write_file_atomically(&out.join("train_summary.json"), serde_json::to_string_pretty(&summary)?)
+}
+
+/// A row as transformers' `ProgressCallback.on_log` prints it: a Python dict, numbers as strings of 4 significant
+/// digits (`{'loss': '0.6931', 'learning_rate': '5e-07', 'epoch': '0.25'}`), without the step it adds only to
+/// its history.
+pub fn console_line(row: &Map<String, Value>) -> String {
+    let items: Vec<String> = row
+        .iter()
+        .filter(|(key, _)| key.as_str() != "step")
+        .map(|(key, value)| {
+            let value = match value {
+                Value::Number(n) => format!("'{}'", python_g4(n.as_f64().unwrap_or(f64::NAN))),
+                Value::String(s) => format!("'{s}'"),
+                Value::Null => "None".to_string(),
+                other => other.to_string(),
+            };
+            format!("'{key}': {value}")
+        })
+        .collect();
+    format!("{{{}}}", items.join(", "))
+}
+
+/// Python's `f"{v:.4g}"`.
+fn python_g4(v: f64) -> String {
+    if !v.is_finite() {
+        return if v.is_nan() {
+            "nan".into()
+        } else if v > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        };
+    }
+    if v == 0.0 {
+        return if v.is_sign_negative() { "-0".into() } else { "0".into() };
+    }
+    let scientific = format!("{v:.3e}"); // rounded to 4 significant digits: "1.235e4"
+    let (mantissa, exponent) = scientific.split_once('e').expect("an exponent");
+    let exponent: i32 = exponent.parse().expect("an integer exponent");
+    let trim = |s: String| if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s };
+    if !(-4..4).contains(&exponent) {
+        let sign = if exponent < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", trim(mantissa.to_string()), exponent.abs())
+    } else {
+        trim(format!("{v:.*}", (3 - exponent) as usize))
+    }
 }
 
 /// Step, loss, reward accuracy, tokens/s and ETA on stderr (hidden when stderr is not a terminal).
@@ -87,4 +142,26 @@ pub fn progress_bar(total: usize, done: usize) -> indicatif::ProgressBar {
     );
     bar.set_position(done as u64);
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_print_as_transformers_prints_its_logs() {
+        // what transformers 5.24 printed for TRL's DPO fixture run (tools/fixtures/make_lora_fixtures.py)
+        let row = serde_json::json!({"loss": std::f64::consts::LN_2, "grad_norm": 0.7356992, "learning_rate": 0.01,
+            "num_tokens": 115.0, "logits/chosen": -0.000375676, "epoch": 0.25, "step": 1});
+        assert_eq!(
+            console_line(row.as_object().unwrap()),
+            "{'loss': '0.6931', 'grad_norm': '0.7357', 'learning_rate': '0.01', 'num_tokens': '115', \
+             'logits/chosen': '-0.0003757', 'epoch': '0.25'}"
+        );
+        for (value, python) in
+            [(5e-7, "5e-07"), (12345.0, "1.234e+04"), (0.99996, "1"), (1234.5, "1234"), (-0.5, "-0.5")]
+        {
+            assert_eq!(python_g4(value), python, "{value}");
+        }
+    }
 }

@@ -276,7 +276,7 @@ fn bench_reports_step_time_and_memory() {
 }
 
 /// A training command line as TRL's scripts take it (transformers' HfArgumentParser): snake_case flags and
-/// switches with their value.
+/// switches with their value; its log lines where stderr is no terminal, as TRL's.
 #[test]
 fn trl_command_lines_run_unchanged() {
     let dir = tempfile::tempdir().unwrap();
@@ -301,6 +301,11 @@ fn trl_command_lines_run_unchanged() {
         "--bf16",
         "false",
         "--skip_invalid_rows",
+        "--logging_steps",
+        "1",
     ]);
     assert!(stderr.contains("saved the trained adapter"), "{stderr}");
+    // stderr is no terminal here: each logged row as TRL prints it, and the summary
+    assert!(stderr.contains("{'loss': '0.6931', 'grad_norm': '"), "{stderr}");
+    assert!(stderr.contains("{'train_runtime': '"), "{stderr}");
 }
