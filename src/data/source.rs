@@ -85,12 +85,17 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 fn read_file(path: &Path) -> Result<ReadRows> {
     let shown = path.display();
-    let format = DataFormat::of(path)?;
+    let mut format = DataFormat::of(path)?;
     if format != DataFormat::Parquet {
         let mut start = Vec::new();
-        open_maybe_gzip(path)?.take(3).read_to_end(&mut start).with_context(|| format!("cannot read {shown}"))?;
-        if start == BOM {
+        open_maybe_gzip(path)?.take(4096).read_to_end(&mut start).with_context(|| format!("cannot read {shown}"))?;
+        if start.starts_with(BOM) {
             bail!("{shown} starts with a UTF-8 byte order mark (BOM), which JSON does not allow; save it as UTF-8 without a BOM");
+        }
+        // A .json file that opens with an object holds JSON Lines, as `datasets`' `to_json` writes them (and its
+        // json loader reads them first).
+        if format == DataFormat::JsonArray && start.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            format = DataFormat::JsonLines;
         }
     }
     match format {
@@ -128,7 +133,7 @@ fn read_file(path: &Path) -> Result<ReadRows> {
                 .map_err(|e| anyhow::anyhow!("{shown}: invalid UTF-8 at byte {}", e.valid_up_to()))?;
             let value: Value = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{shown}: invalid JSON: {e}"))?;
             let Value::Array(items) = value else {
-                bail!("{shown}: expected a JSON array of objects (use .jsonl for one object per line)");
+                bail!("{shown}: expected a JSON array of objects, or one object per line");
             };
             let mut out = ReadRows::default();
             for (i, item) in items.into_iter().enumerate() {

@@ -278,3 +278,25 @@ fn export_with_a_model_leaves_out_what_the_rules_drop() {
 fn pair_ids(prepared: &prefalign::data::prepare::Prepared) -> Vec<(Vec<i64>, Vec<i64>)> {
     prepared.pairs.iter().map(|pair| (pair.chosen.ids.clone(), pair.rejected.ids.clone())).collect()
 }
+
+/// `datasets`' `to_json` writes JSON Lines into a `.json` file; a `.json` array reads as before.
+#[test]
+fn a_json_file_holds_json_lines_or_an_array() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = read_rows(&fixture("trl_data/standard.jsonl")).unwrap();
+    let lines = write(dir.path(), "to_json.json", &std::fs::read(fixture("trl_data/standard.jsonl")).unwrap());
+    let read = read_rows(&lines).unwrap();
+    assert_eq!(fields(&read.rows), fields(&jsonl.rows));
+    assert!(read.rows[1].location.ends_with("to_json.json:2"), "{}", read.rows[1].location);
+    let array = format!(
+        "\n  [{}]",
+        jsonl
+            .rows
+            .iter()
+            .map(|r| serde_json::Value::Object(r.fields.clone()).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let read = read_rows(&write(dir.path(), "array.json", array.as_bytes())).unwrap();
+    assert_eq!(fields(&read.rows), fields(&jsonl.rows));
+}
