@@ -58,7 +58,7 @@ fn link_tcmalloc() {
 
 fn compile_torch_functions(torch_lib: &Path) {
     let sources = ["src/train/optimizer.cpp", "src/model/fused.cpp", "src/model/quantized.cpp"];
-    for source in sources {
+    for source in sources.iter().chain(&["src/model/ffi.h"]) {
         println!("cargo:rerun-if-changed={source}");
     }
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");

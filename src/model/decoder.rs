@@ -266,7 +266,28 @@ struct DecoderLayer {
     sliding_window: Option<i64>,
 }
 
+/// A decoder layer's projections by their module names within the layer, in `DecoderLayer::projections` order.
+const LAYER_PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 impl DecoderLayer {
+    fn projections(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+    }
+
+    fn projections_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+    }
+
     fn new(p: nn::Path, config: &ModelConfig, index: usize, quantized: bool) -> Self {
         let eps = config.rms_norm_eps;
         Self {
@@ -410,17 +431,18 @@ impl CausalLm {
     fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
-            let named = [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ];
-            out.extend(named.into_iter().map(|(name, linear)| (format!("model.layers.{i}.{name}"), linear)));
+            let named = LAYER_PROJECTIONS.iter().zip(layer.projections_mut());
+            out.extend(named.map(|(name, linear)| (format!("model.layers.{i}.{name}"), linear)));
+        }
+        out
+    }
+
+    /// `projections_mut`, read-only.
+    fn projections(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let named = LAYER_PROJECTIONS.iter().zip(layer.projections());
+            out.extend(named.map(|(name, linear)| (format!("model.layers.{i}.{name}"), linear)));
         }
         out
     }
@@ -550,20 +572,9 @@ impl CausalLm {
     /// The projections' quantized weights, by weight name.
     pub fn quantized_weights(&self) -> Vec<(String, &QuantizedWeight)> {
         let mut out = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let (a, m) = (&layer.self_attn, &layer.mlp);
-            for (name, linear) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ] {
-                if let Weight::Quantized(q) = &linear.weight {
-                    out.push((format!("model.layers.{i}.{name}.weight"), q));
-                }
+        for (module, linear) in self.projections() {
+            if let Weight::Quantized(q) = &linear.weight {
+                out.push((format!("{module}.weight"), q));
             }
         }
         out

@@ -5,8 +5,9 @@
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
-#include <cstring>
 #include <optional>
+
+#include "ffi.h"
 
 using torch::autograd::AutogradContext;
 using torch::autograd::Function;
@@ -123,18 +124,6 @@ struct CastLinears : public Function<CastLinears> {
     }
 };
 
-// Tensors cross as tch's `C_tensor` handles (`at::Tensor *`). Each function stores a new handle in `*out`, which the
-// caller owns, and returns null, or an error message that the caller frees with free().
-template <typename F>
-static char *guarded(F body) {
-    try {
-        body();
-        return nullptr;
-    } catch (const std::exception &error) {
-        return strdup(error.what());
-    }
-}
-
 extern "C" char *prefalign_rms_norm(at::Tensor *x, at::Tensor *weight, double eps, at::Tensor **out) {
     return guarded([&] { *out = new at::Tensor(RmsNorm::apply(*x, *weight, eps)); });
 }
@@ -150,11 +139,8 @@ extern "C" char *prefalign_swiglu_down(at::Tensor *gate, at::Tensor *up, at::Ten
 extern "C" char *prefalign_cast_linears(at::Tensor *x, at::Tensor **weights, at::Tensor **biases, size_t count,
                                         int64_t cast, at::Tensor **outs) {
     return guarded([&] {
-        std::vector<at::Tensor> weight_list, bias_list;
-        for (size_t i = 0; i < count; i++) {
-            weight_list.push_back(*weights[i]);
-            if (biases) bias_list.push_back(*biases[i]);
-        }
+        auto weight_list = tensor_list(weights, count);
+        auto bias_list = tensor_list(biases, biases ? count : 0);
         // as TensorLists, which autograd counts as inputs (a std::vector would count as one non-tensor argument)
         auto outputs = CastLinears::apply(*x, at::TensorList(weight_list), at::TensorList(bias_list), cast);
         for (size_t i = 0; i < count; i++) outs[i] = new at::Tensor(outputs[i]);

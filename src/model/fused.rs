@@ -26,13 +26,13 @@ extern "C" {
     ) -> *mut c_char;
 }
 
-/// The c10::ScalarType code of an autocast dtype.
-fn cast_code(kind: Kind) -> i64 {
+/// The c10::ScalarType code of a floating dtype the C++ functions compute in (autocast's, or a weight's).
+pub(crate) fn cast_code(kind: Kind) -> i64 {
     match kind {
         Kind::Half => 5,
         Kind::Float => 6,
         Kind::BFloat16 => 15,
-        kind => panic!("no autocast to {kind:?}"),
+        kind => panic!("no computation in {kind:?}"),
     }
 }
 
@@ -52,8 +52,8 @@ pub(crate) fn panic_on_error(what: &str, error: *mut c_char) {
     }
 }
 
-/// Wraps the handle a fused.cpp function stored, or panics with its error.
-fn finish(what: &str, error: *mut c_char, out: *mut C_tensor) -> Tensor {
+/// Wraps the handle a C++ function stored, or panics with its error.
+pub(crate) fn finish(what: &str, error: *mut c_char, out: *mut C_tensor) -> Tensor {
     panic_on_error(what, error);
     // Safety: on success the function stored a fresh `at::Tensor *` that nothing else owns.
     unsafe { Tensor::from_ptr(out) }

@@ -5,7 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
-#include <cstring>
+#include "ffi.h"
 
 using torch::autograd::AutogradContext;
 using torch::autograd::Function;
@@ -147,24 +147,6 @@ struct QuantizedLinear : public Function<QuantizedLinear> {
         return result;
     }
 };
-
-// Tensors cross as tch's `C_tensor` handles (`at::Tensor *`), as in fused.cpp: a new handle in `*out`, owned by
-// the caller, and null or a strdup'd error message returned.
-template <typename F>
-static char *guarded(F body) {
-    try {
-        body();
-        return nullptr;
-    } catch (const std::exception &error) {
-        return strdup(error.what());
-    }
-}
-
-static std::vector<at::Tensor> tensor_list(at::Tensor **parts, size_t count) {
-    std::vector<at::Tensor> list;
-    for (size_t i = 0; i < count; i++) list.push_back(*parts[i]);
-    return list;
-}
 
 // `kind` is a c10::ScalarType code.
 extern "C" char *prefalign_dequantize(int64_t format, at::Tensor **parts, size_t count, int64_t rows, int64_t cols,

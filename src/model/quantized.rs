@@ -4,7 +4,7 @@
 //! dequantized where it is used, in the forward and again in the backward pass (src/model/quantized.cpp), so
 //! at most one layer's weights exist in full precision at a time.
 
-use crate::model::fused::{handle, panic_on_error};
+use crate::model::fused::{cast_code, finish, handle};
 use crate::model::gguf::dequant::GgmlType;
 use std::ffi::c_char;
 use tch::{Device, Kind, Tensor};
@@ -148,12 +148,11 @@ impl QuantizedWeight {
                 parts.len(),
                 self.rows,
                 self.cols,
-                kind_code(kind),
+                cast_code(kind),
                 &mut out,
             )
         };
-        panic_on_error("dequantize", error);
-        unsafe { Tensor::from_ptr(out) }
+        finish("dequantize", error, out)
     }
 
     /// x [..., cols] times the weight, in `cast` or the weight's own compute dtype: [..., rows] in that dtype.
@@ -169,12 +168,11 @@ impl QuantizedWeight {
                 parts.len(),
                 self.rows,
                 self.cols,
-                kind_code(cast.unwrap_or(self.kind)),
+                cast_code(cast.unwrap_or(self.kind)),
                 &mut out,
             )
         };
-        panic_on_error("quantized linear", error);
-        unsafe { Tensor::from_ptr(out) }
+        finish("quantized linear", error, out)
     }
 
     pub fn to_device(&self, device: Device) -> Self {
@@ -190,15 +188,6 @@ impl QuantizedWeight {
 impl Clone for QuantizedWeight {
     fn clone(&self) -> Self {
         QuantizedWeight { parts: self.parts.iter().map(|p| p.shallow_clone()).collect(), ..*self }
-    }
-}
-
-fn kind_code(kind: Kind) -> i64 {
-    match kind {
-        Kind::Half => 5,
-        Kind::Float => 6,
-        Kind::BFloat16 => 15,
-        kind => panic!("no quantized compute in {kind:?}"),
     }
 }
 

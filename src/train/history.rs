@@ -47,8 +47,7 @@ impl History {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        let echo = !std::io::IsTerminal::is_terminal(&std::io::stderr());
-        Ok(Self { path, file, tensorboard: TensorBoardWriter::create(&runs)?, echo })
+        Ok(Self { path, file, tensorboard: TensorBoardWriter::create(&runs)?, echo: no_progress_bar() })
     }
 
     /// Writes `row` with its `epoch` and `step` to both; returns the row as written.
@@ -82,10 +81,15 @@ pub fn write_summary(out: &Path, rows: &[Map<String, Value>], seconds: f64, toke
         "final_loss": last_train.and_then(|r| r.get("loss")),
         "global_step": rows.last().and_then(|r| r.get("step")),
     });
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+    if no_progress_bar() {
         eprintln!("{}", console_line(summary.as_object().expect("an object")));
     }
     files::write_file_atomically(&out.join("train_summary.json"), serde_json::to_string_pretty(&summary)?)
+}
+
+/// Whether stderr is no terminal, where the progress bar hides: the rows and the summary are printed instead.
+fn no_progress_bar() -> bool {
+    !std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
 /// A row as transformers' `ProgressCallback.on_log` prints it: a Python dict, numbers as strings of 4 significant

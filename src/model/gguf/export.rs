@@ -42,11 +42,14 @@ impl OutType {
         }
     }
 
-    fn matrix_type(self) -> GgmlType {
+    /// The type a matrix is stored as: a matrix whose rows do not fill Q8_0 blocks falls back to F16, as in
+    /// llama.cpp's converter.
+    fn type_of(self, matrix: &Tensor) -> GgmlType {
         match self {
             Self::F32 => GgmlType::F32,
             Self::F16 => GgmlType::F16,
             Self::BF16 => GgmlType::BF16,
+            Self::Q8_0 if matrix.size()[1] % 32 != 0 => GgmlType::F16,
             Self::Q8_0 => GgmlType::Q8_0,
         }
     }
@@ -74,12 +77,7 @@ pub fn write_gguf(model: &LoadedModel, path: &Path, outtype: OutType, name: &str
     if sliding {
         bail!("sliding-window attention is not written to GGUF (llama.cpp's llama and qwen architectures lack it)");
     }
-    // llama.cpp runs Mistral models without a sliding window as llama
-    let arch_name = match arch {
-        Architecture::Llama | Architecture::Mistral => "llama",
-        Architecture::Qwen2 => "qwen2",
-        Architecture::Qwen3 => "qwen3",
-    };
+    let arch_name = gguf_architecture(arch);
     let mut gguf = GgufWriter::default();
     let text = |s: &str| Value::String(s.to_string());
     let int = |n: usize| Value::U32(n as u32);
@@ -114,28 +112,41 @@ pub fn write_gguf(model: &LoadedModel, path: &Path, outtype: OutType, name: &str
         gguf.add(&k, value);
     }
 
-    let heads = (config.num_attention_heads as i64, config.num_kv_heads() as i64);
-    let permuted = matches!(arch, Architecture::Llama | Architecture::Mistral);
     let mut tensors: Vec<(String, Tensor)> =
         model.vs.variables().into_iter().filter(|(name, _)| !lora::is_adapter_state(name)).collect();
     tensors.sort_by_key(|(name, _)| layer_order(name));
     for (hf_name, tensor) in tensors {
-        let tensor = tensor.detach();
-        let tensor = match (permuted, hf_name.contains("self_attn.q_proj."), hf_name.contains("self_attn.k_proj.")) {
-            (true, true, _) => permute_rows(&tensor, heads.0),
-            (true, _, true) => permute_rows(&tensor, heads.1),
-            _ => tensor,
-        };
-        // vectors (norms, biases) stay F32, as llama.cpp's converter keeps them; a matrix whose rows do not fill
-        // Q8_0 blocks falls back to F16, as there
-        let ty = match (tensor.dim(), outtype) {
-            (1, _) => GgmlType::F32,
-            (_, OutType::Q8_0) if tensor.size()[1] % 32 != 0 => GgmlType::F16,
-            _ => outtype.matrix_type(),
-        };
+        let tensor = in_llama_cpp_row_order(model, &hf_name, tensor.detach());
+        // vectors (norms, biases) stay F32, as llama.cpp's converter keeps them
+        let ty = if tensor.dim() == 1 { GgmlType::F32 } else { outtype.type_of(&tensor) };
         gguf.add_tensor(&gguf_tensor_name(&hf_name)?, tensor, ty)?;
     }
     gguf.write(path)
+}
+
+/// llama.cpp's architecture name (it runs Mistral models without a sliding window as llama).
+fn gguf_architecture(arch: Architecture) -> &'static str {
+    match arch {
+        Architecture::Llama | Architecture::Mistral => "llama",
+        Architecture::Qwen2 => "qwen2",
+        Architecture::Qwen3 => "qwen3",
+    }
+}
+
+/// `rows` (a tensor whose rows are those of the weight `hf_name`, [out, …]) in the order llama.cpp keeps that
+/// weight's rows: a llama model's q/k rows permuted, every other as it is.
+fn in_llama_cpp_row_order(model: &LoadedModel, hf_name: &str, rows: Tensor) -> Tensor {
+    let config = model.config();
+    if !matches!(config.architecture(), Ok(Architecture::Llama | Architecture::Mistral)) {
+        return rows;
+    }
+    if hf_name.contains("self_attn.q_proj.") {
+        permute_rows(&rows, config.num_attention_heads as i64)
+    } else if hf_name.contains("self_attn.k_proj.") {
+        permute_rows(&rows, config.num_kv_heads() as i64)
+    } else {
+        rows
+    }
 }
 
 /// The embeddings, the layers in order, then the final norm and the output layer (llama.cpp's order).
@@ -157,13 +168,7 @@ pub fn write_lora_gguf(model: &LoadedModel, path: &Path, outtype: OutType, name:
     if !adapter.config.modules_to_save.is_empty() {
         bail!("a llama.cpp LoRA adapter holds low-rank updates only, not modules_to_save: merge the adapter instead");
     }
-    let config = model.config();
-    let arch = config.architecture()?;
-    let arch_name = match arch {
-        Architecture::Llama | Architecture::Mistral => "llama",
-        Architecture::Qwen2 => "qwen2",
-        Architecture::Qwen3 => "qwen3",
-    };
+    let arch_name = gguf_architecture(model.config().architecture()?);
     let mut gguf = GgufWriter::default();
     gguf.add("general.architecture", Value::String(arch_name.into()));
     gguf.add("general.type", Value::String("adapter".into()));
@@ -173,8 +178,6 @@ pub fn write_lora_gguf(model: &LoadedModel, path: &Path, outtype: OutType, name:
     gguf.add("adapter.type", Value::String("lora".into()));
     let alpha = adapter.config.scaling() * adapter.config.r as f64;
     gguf.add("adapter.lora.alpha", Value::F32(alpha as f32));
-    let heads = (config.num_attention_heads as i64, config.num_kv_heads() as i64);
-    let permuted = matches!(arch, Architecture::Llama | Architecture::Mistral);
     let mut variables: Vec<(String, Tensor)> =
         model.adapter_variables().into_iter().filter(|(n, _)| !lora::is_saved_module(n)).collect();
     variables.sort_by_key(|(n, _)| layer_order(n));
@@ -183,17 +186,12 @@ pub fn write_lora_gguf(model: &LoadedModel, path: &Path, outtype: OutType, name:
             Some(module) => (module, "lora_a"),
             None => (variable.strip_suffix(".lora_B.weight").context("an adapter tensor is A or B")?, "lora_b"),
         };
+        let weight = format!("{module}.weight");
+        // B's rows are the weight's rows
         let tensor = tensor.detach();
-        let tensor = match (permuted && suffix == "lora_b", module.ends_with("q_proj"), module.ends_with("k_proj")) {
-            (true, true, _) => permute_rows(&tensor, heads.0),
-            (true, _, true) => permute_rows(&tensor, heads.1),
-            _ => tensor,
-        };
-        let ty = match outtype {
-            OutType::Q8_0 if tensor.size()[1] % 32 != 0 => GgmlType::F16,
-            _ => outtype.matrix_type(),
-        };
-        gguf.add_tensor(&format!("{}.{suffix}", gguf_tensor_name(&format!("{module}.weight"))?), tensor, ty)?;
+        let tensor = if suffix == "lora_b" { in_llama_cpp_row_order(model, &weight, tensor) } else { tensor };
+        let ty = outtype.type_of(&tensor);
+        gguf.add_tensor(&format!("{}.{suffix}", gguf_tensor_name(&weight)?), tensor, ty)?;
     }
     gguf.write(path)
 }

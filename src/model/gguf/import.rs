@@ -167,20 +167,18 @@ pub fn gguf_tensor_name(hf_name: &str) -> Result<String> {
 
 /// llama.cpp's `permute(w, n_head)` of a llama model's q/k rows: [head, 2, half] -> [head, half, 2].
 pub fn permute_rows(w: &Tensor, heads: i64) -> Tensor {
-    let shape = w.size();
-    let half = shape[0] / heads / 2;
-    let mut grouped = vec![heads, 2, half];
-    grouped.extend(&shape[1..]);
-    w.reshape(grouped.as_slice()).transpose(1, 2).reshape(shape.as_slice())
+    swap_row_groups(w, [heads, 2, w.size()[0] / heads / 2])
 }
 
 /// Undoes llama.cpp's `permute(w, n_head)`: rows grouped as [head, half, 2] go back to [head, 2, half].
 fn unpermute_rows(w: &Tensor, heads: i64) -> Tensor {
+    swap_row_groups(w, [heads, w.size()[0] / heads / 2, 2])
+}
+
+/// The rows of `w` grouped as `groups` ([head, a, b]), with the inner two groupings swapped ([head, b, a]).
+fn swap_row_groups(w: &Tensor, groups: [i64; 3]) -> Tensor {
     let shape = w.size();
-    let rest: Vec<i64> = shape[1..].to_vec();
-    let half = shape[0] / heads / 2;
-    let mut grouped = vec![heads, half, 2];
-    grouped.extend(&rest);
+    let grouped: Vec<i64> = groups.iter().chain(&shape[1..]).copied().collect();
     w.reshape(grouped.as_slice()).transpose(1, 2).reshape(shape.as_slice())
 }
 
