@@ -2,32 +2,12 @@
 //! subcommand's flags. They are placed before the command line's own flags, which therefore override them. The
 //! command line itself may be spelled as TRL's (`--learning_rate 1e-5 --bf16 false`).
 
+use crate::cli::recipe_keys::{self, KeyAnswer};
 use anyhow::{bail, Context, Result};
 use clap::error::ErrorKind;
 use clap::{ArgAction, Command};
 use serde_norway::Value;
 use std::ffi::OsString;
-
-/// Keys of TRL / alignment-handbook recipes that have no effect here (Hub uploads, integrations, worker
-/// counts); accepted with a warning so that recipes run unchanged.
-const IGNORED_KEYS: [&str; 15] = [
-    "report_to",
-    "push_to_hub",
-    "hub_model_id",
-    "hub_strategy",
-    "hub_private_repo",
-    "log_level",
-    "logging_first_step",
-    "overwrite_output_dir",
-    "remove_unused_columns",
-    "dataloader_num_workers",
-    "preprocessing_num_workers",
-    "dataset_num_proc",
-    "run_name",
-    "do_eval",
-    // PyTorch's reentrant vs non-reentrant checkpointing; prefalign recomputes layers its own way
-    "gradient_checkpointing_kwargs",
-];
 
 /// Returns `argv` with `--config FILE` replaced by the flags the file sets, and the flags spelled as TRL's command
 /// line spells them (`normalize`).
@@ -128,10 +108,22 @@ fn flags_from_file(path: &str, command: &Command) -> Result<Vec<String>> {
         bail!("{path}: expected a mapping of keys to values at the top level");
     };
     let mut flags = Vec::new();
+    let mut without_effect = Vec::new();
     for (key, value) in map {
         let key = key.as_str().with_context(|| format!("{path}: a key is not a string"))?.to_string();
-        if IGNORED_KEYS.contains(&key.as_str()) {
-            eprintln!("warning: {path}: \"{key}\" has no effect in prefalign; ignored");
+        let in_file = || format!("{path}: key \"{key}\"");
+        // lr_scheduler_kwargs: {min_lr_rate: 0.1} is the flag --min-lr-rate
+        if let (Value::Mapping(kwargs), "lr_scheduler_kwargs") = (&value, key.as_str()) {
+            for (name, value) in kwargs {
+                match name.as_str() {
+                    Some("min_lr_rate") => flags.extend(["--min-lr-rate".to_string(), scalar(value)?]),
+                    _ => bail!(
+                        "{}: lr_scheduler_kwargs {} is not supported: only min_lr_rate is taken (cosine_with_min_lr)",
+                        in_file(),
+                        serde_json::to_string(name).unwrap_or_default()
+                    ),
+                }
+            }
             continue;
         }
         let long = key.replace('_', "-");
@@ -139,10 +131,15 @@ fn flags_from_file(path: &str, command: &Command) -> Result<Vec<String>> {
             a.get_long() == Some(long.as_str())
                 || a.get_all_aliases().is_some_and(|aliases| aliases.contains(&long.as_str()))
         }) else {
-            bail!("{path}: unknown key \"{key}\"{}", suggestion(&key, command));
+            let json = serde_json::to_value(&value).with_context(in_file)?;
+            match recipe_keys::answer(command.get_name(), &key, &json) {
+                KeyAnswer::Accepted => without_effect.push(key),
+                KeyAnswer::Refused(why) => bail!("{path}: {why}"),
+                KeyAnswer::Unknown => bail!("{path}: unknown key \"{key}\"{}", suggestion(&key, command)),
+            }
+            continue;
         };
         let flag = format!("--{}", arg.get_long().expect("found by its long name"));
-        let in_file = || format!("{path}: key \"{key}\"");
         if matches!(arg.get_action(), ArgAction::SetTrue) {
             if switch_value(&value).with_context(in_file)? {
                 flags.push(flag);
@@ -151,6 +148,8 @@ fn flags_from_file(path: &str, command: &Command) -> Result<Vec<String>> {
         }
         let text = match value {
             Value::Null => continue,
+            // a mapping (dataset_mixture, dataset_mixer) travels as JSON, in the recipe's order
+            Value::Mapping(_) => serde_json::to_string(&value).with_context(in_file)?,
             Value::Sequence(items) => {
                 items.iter().map(scalar).collect::<Result<Vec<_>>>().with_context(in_file)?.join(",")
             }
@@ -158,6 +157,12 @@ fn flags_from_file(path: &str, command: &Command) -> Result<Vec<String>> {
         };
         check_value(command, &flag, &text).with_context(in_file)?;
         flags.extend([flag, text]);
+    }
+    if !without_effect.is_empty() {
+        eprintln!(
+            "note: {path}: accepted without effect in prefalign (docs/TRAINING.md, \"Recipe keys\"): {}",
+            without_effect.join(", ")
+        );
     }
     Ok(flags)
 }

@@ -1,10 +1,10 @@
 //! Dataset flags shared by every subcommand that reads preference data, and `prefalign data inspect`.
 
 use crate::data::collate::TruncationMode;
-use crate::data::hub;
+use crate::data::mixture::{legacy_mixer, Mixture};
 use crate::data::pack::{Batching, PackOptions};
 use crate::data::prepare::{prepare, tokenize_pairs, PrepareOptions, Prepared, RowFormat, Rules};
-use crate::data::source::{read_rows, ReadRows};
+use crate::data::source::{read_dataset, ReadRows};
 use crate::data::tokenize::{PairTokenizer, TokenizedPair};
 use crate::model::tokenizer::TextTokenizer;
 use anyhow::{bail, Context, Result};
@@ -22,22 +22,42 @@ pub enum FormatArg {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum TruncationArg {
+    #[value(alias = "keep_start")]
     KeepStart,
+    #[value(alias = "keep_end")]
     KeepEnd,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct DatasetArgs {
-    /// A .jsonl/.json/.parquet file (optionally .gz), a folder of them, or a Hub dataset "org/name"
-    #[arg(long, visible_alias = "dataset-name")]
-    pub dataset: String,
-    /// Hub dataset configuration (subset)
+    /// A .jsonl/.json/.parquet file (optionally .gz), a folder of them (laid out as a Hub repo or not), or a Hub
+    /// dataset "org/name"
+    #[arg(long, visible_alias = "dataset-name", required_unless_present_any = ["dataset_mixture", "dataset_mixer"])]
+    pub dataset: Option<String>,
+    /// Dataset configuration (subset): a config of the card's `configs:`, else a folder of the repo
     #[arg(long)]
     pub dataset_config: Option<String>,
-    /// Hub dataset split, optionally sliced as in `datasets`: "train[:300]", "train[300:]", "test[10%:20%]"
-    /// (the slice applies to local files too)
-    #[arg(long, default_value = "train")]
+    /// A folder of the dataset repo (`datasets`' data_dir, e.g. harmless-base of Anthropic/hh-rlhf): its files,
+    /// by split name, instead of the card's configs
+    #[arg(long)]
+    pub data_dir: Option<String>,
+    /// The training split, optionally sliced as in `datasets`: "train[:300]", "train[300:]", "test[10%:20%]"
+    /// (a single file is one split; its slices apply)
+    #[arg(long, visible_alias = "dataset-train-split", default_value = "train")]
     pub dataset_split: String,
+    /// The alignment-handbook's mixture, as JSON (a recipe's `dataset_mixture:` mapping): {"datasets": [{"id",
+    /// "config", "split", "columns", "weight"}], "seed", "test_split_size"}; replaces --dataset
+    #[arg(long, conflicts_with_all = ["dataset", "dataset_mixer"])]
+    pub dataset_mixture: Option<String>,
+    /// The older handbook's mixer, as JSON: {"org/name": fraction, ...} over --dataset-splits; replaces --dataset
+    #[arg(long, conflicts_with = "dataset")]
+    pub dataset_mixer: Option<String>,
+    /// With --dataset-mixer: the splits to read from each dataset (names holding "train" or "test")
+    #[arg(long, value_delimiter = ',')]
+    pub dataset_splits: Vec<String>,
+    /// With --dataset-mixer: one config per dataset
+    #[arg(long, value_delimiter = ',')]
+    pub dataset_configs: Vec<String>,
     #[arg(long, default_value = "prompt")]
     pub prompt_column: String,
     #[arg(long, default_value = "chosen")]
@@ -61,6 +81,15 @@ pub struct DatasetArgs {
     pub max_length: usize,
     #[arg(long, value_enum, default_value = "keep-start")]
     pub truncation_mode: TruncationArg,
+    /// As the last TRL versions that had it (≤ 0.2x): DPO keeps the prompt's last N tokens; ORPO and CPO cut the
+    /// prompt to N tokens (by --truncation-mode) when prompt + longer completion exceed --max-length, then the
+    /// completions to --max-length − N
+    #[arg(long, value_parser = crate::cli::values::at_least_one)]
+    pub max_prompt_length: Option<usize>,
+    /// DPO: keep the first N tokens of each completion (its EOS included), as TRL ≤ 0.2x did; ORPO and CPO: no
+    /// effect on decoder-only models, as in TRL 1.16
+    #[arg(long, value_parser = crate::cli::values::at_least_one)]
+    pub max_completion_length: Option<usize>,
     /// Use only the first N rows
     #[arg(long)]
     pub limit: Option<usize>,
@@ -74,24 +103,61 @@ impl DatasetArgs {
         }
     }
 
-    /// The rows of the dataset, from a local path or the Hub.
+    /// What the data is, for messages: the dataset, or the mixture.
+    pub fn describe(&self) -> String {
+        match (&self.dataset, &self.dataset_mixture) {
+            (Some(dataset), _) => dataset.clone(),
+            (None, Some(_)) => "the dataset_mixture".into(),
+            (None, None) => "the dataset_mixer".into(),
+        }
+    }
+
+    /// For evaluation on the training dataset's test split (`implicit`: no --eval-dataset was given): refuses a
+    /// single file, which is one split (`train`) to `datasets`, unless the split is sliced out of it.
+    pub fn check_has_split(&self, implicit: bool) -> Result<()> {
+        let (split, slice) = parse_split(&self.dataset_split)?;
+        match &self.dataset {
+            Some(dataset) if implicit && slice.is_none() && split != "train" && Path::new(dataset).is_file() => bail!(
+                "evaluation needs held-out data: {dataset} is a single file (one split, train), so it has no split \
+                 \"{split}\"; give --eval-dataset, or --dataset-test-split with a slice of the file (\"train[:100]\", \
+                 and --dataset-split \"train[100:]\")"
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The rows of the split, from a local path, the Hub or a mixture of datasets.
     pub fn read(&self) -> Result<ReadRows> {
         let (split, slice) = parse_split(&self.dataset_split)?;
-        let mut read = if Path::new(&self.dataset).exists() || !hub::looks_like_repo_id(&self.dataset) {
-            read_rows(Path::new(&self.dataset))?
-        } else {
-            let mut all = ReadRows::default();
-            let files =
-                hub::dataset_files(&hub::HubSettings::from_env(), &self.dataset, self.dataset_config.as_deref(), split)
-                    .with_context(|| {
-                        format!("{} is no local path, so it was read as a Hub dataset id", self.dataset)
-                    })?;
-            for file in files {
-                let part = read_rows(&file)?;
-                all.rows.extend(part.rows);
-                all.invalid.extend(part.invalid);
+        let load = |dataset: &str, config: Option<&str>, split: &str| read_dataset(dataset, config, None, split);
+        let mut read = match (&self.dataset, &self.dataset_mixture, &self.dataset_mixer) {
+            (Some(dataset), _, _) => {
+                read_dataset(dataset, self.dataset_config.as_deref(), self.data_dir.as_deref(), split)?
             }
-            all
+            (None, mixture, mixer) => {
+                let mut splits = match (mixture, mixer) {
+                    (Some(json), _) => Mixture::parse(json)?.build(load)?,
+                    (None, Some(json)) => {
+                        let parsed: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json)
+                            .context("dataset_mixer: expected a mapping of dataset ids to fractions")?;
+                        let mixer = parsed
+                            .into_iter()
+                            .map(|(name, fraction)| {
+                                let fraction = fraction.as_f64().with_context(|| {
+                                    format!("dataset_mixer: {name}: expected a fraction, found {fraction}")
+                                })?;
+                                Ok((name, fraction))
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        legacy_mixer(&mixer, &self.dataset_splits, &self.dataset_configs, load)?
+                    }
+                    (None, None) => bail!("no data: give --dataset (dataset_name), dataset_mixture or dataset_mixer"),
+                };
+                let names: Vec<String> = splits.keys().cloned().collect();
+                splits.remove(split).with_context(|| {
+                    format!("{} has no split \"{split}\" (it has: {})", self.describe(), names.join(", "))
+                })?
+            }
         };
         if let Some((start, end)) = slice {
             let len = read.rows.len();
@@ -102,7 +168,7 @@ impl DatasetArgs {
             read.rows.truncate(limit);
         }
         if read.rows.is_empty() && read.invalid.is_empty() {
-            bail!("dataset {} has no rows", self.dataset);
+            bail!("dataset {} has no rows", self.describe());
         }
         Ok(read)
     }
@@ -118,6 +184,8 @@ impl DatasetArgs {
         options.columns.rejected = self.rejected_column.clone();
         options.max_length = Some(self.max_length);
         options.truncation_mode = self.truncation_mode();
+        options.max_prompt_length = self.max_prompt_length;
+        options.max_completion_length = self.max_completion_length;
         options.skip_invalid_rows = self.skip_invalid_rows;
         options.validation.allow_empty_completions = self.allow_empty_completions;
         options.keep_empty_completions = self.keep_empty_completions;
@@ -222,7 +290,7 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     let rules = args.trainer.rules();
     let prepared = args.data.prepare(&tokenizer, rules)?;
     let report = &prepared.report;
-    println!("dataset      {}", args.data.dataset);
+    println!("dataset      {}", args.data.describe());
     println!("rows read    {}", report.rows_read);
     println!("format       {}", report.format.map_or("unknown", |f| f.name()));
     println!("pairs kept   {}", prepared.pairs.len());

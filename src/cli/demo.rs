@@ -16,7 +16,7 @@ use crate::objective::{DpoParams, Objective};
 use crate::train::evaluate::{evaluate, EvalOptions};
 use crate::train::reference::{cache_dir, precompute};
 use crate::train::schedule::Schedule;
-use crate::train::{train, Reference, TrainInputs, TrainerConfig};
+use crate::train::{train, Interval, Reference, TrainInputs, TrainerConfig};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -77,7 +77,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
         learning_rate: args.learning_rate,
         schedule: Schedule::Constant,
         num_train_epochs: args.num_train_epochs,
-        logging_steps: 5,
+        logging: Interval::Steps(5.0),
+        save: Interval::No, // the demo keeps the trained model only
         batching,
         ..TrainerConfig::default()
     };

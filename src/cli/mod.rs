@@ -8,6 +8,7 @@ mod data;
 mod demo;
 mod eval;
 mod generate;
+mod recipe_keys;
 pub mod train;
 pub mod values;
 
@@ -76,9 +77,24 @@ pub struct ModelArgs {
     /// cpu, cuda, cuda:N or auto
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// f32 or bf16
+    /// The weights' dtype: float32 (f32), bfloat16 (bf16), or auto (the checkpoint's own: its config.json's
+    /// dtype / torch_dtype; a GGUF file's blocks load as float32); float16 is refused
     #[arg(long, visible_alias = "torch-dtype", default_value = "f32")]
     pub dtype: String,
+    /// A branch, tag or commit of a Hub --model (TRL's model_revision)
+    #[arg(long, default_value = "main")]
+    pub model_revision: String,
+    /// Accepted for recipes (eager, sdpa, flash_attention_2, ...): prefalign runs its own attention, which equals
+    /// eager's within rounding and confines packed sequences as flash-attention's varlen kernels do
+    #[arg(long)]
+    pub attn_implementation: Option<String>,
+    /// A chat template (Jinja text) replacing the tokenizer's, as the alignment-handbook's chat_template; saved
+    /// with the trained model
+    #[arg(long, conflicts_with = "chat_template_path")]
+    pub chat_template: Option<String>,
+    /// The chat template from a .jinja file or a tokenizer folder (TRL's chat_template_path)
+    #[arg(long)]
+    pub chat_template_path: Option<PathBuf>,
     /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply to --model; training
     /// continues it, taking its rank, alpha and target modules, with the reference as it is now (TRL's "ref" adapter)
     #[arg(long)]
@@ -105,6 +121,10 @@ impl ModelArgs {
             model: model.to_string(),
             device: device.to_string(),
             dtype: "f32".into(),
+            model_revision: "main".into(),
+            attn_implementation: None,
+            chat_template: None,
+            chat_template_path: None,
             adapter: None,
             load_in_4bit: false,
             load_in_8bit: false,
@@ -134,8 +154,33 @@ impl ModelArgs {
 
     fn load_with(&self, quantization: crate::model::BaseQuantization) -> anyhow::Result<crate::model::LoadedModel> {
         let device = crate::model::device::parse_device(&self.device)?;
-        let dtype = crate::model::device::parse_dtype(&self.dtype)?;
-        let mut loaded = crate::model::load_with(&resolve_model(&self.model)?, device, dtype, quantization)?;
+        let path = resolve_model_at(&self.model, Some(&self.model_revision))?;
+        let dtype = match self.dtype.as_str() {
+            "auto" => crate::model::device::checkpoint_dtype(&path)?,
+            other => crate::model::device::parse_dtype(other)?,
+        };
+        if let Some(attention) = &self.attn_implementation {
+            tracing::info!("attn_implementation {attention}: prefalign runs its own attention");
+        }
+        let template = match (&self.chat_template, &self.chat_template_path) {
+            (Some(text), _) => Some(text.clone()),
+            (None, Some(path)) if path.is_dir() => {
+                Some(crate::model::load_tokenizer(path)?.chat_template.with_context(|| {
+                    format!("--chat-template-path {}: its tokenizer has no chat template", path.display())
+                })?)
+            }
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the chat template {}", path.display()))?,
+            ),
+            (None, None) => None,
+        };
+        let mut loaded = crate::model::load_with(&path, device, dtype, quantization)?;
+        if let Some(template) = template {
+            let tokenizer = loaded.tokenizer.as_mut().context("--chat-template: the model has no tokenizer")?;
+            tokenizer.chat_template = Some(template);
+            tokenizer.chat_template()?; // compiles, so that a broken template fails here
+        }
         if let Some(adapter) = &self.adapter {
             loaded.load_adapter(adapter, &self.model)?;
         }
@@ -164,7 +209,8 @@ impl ModelArgs {
 
     /// The same placement and quantization for another model (a reference model), without the adapter.
     pub fn with_model(&self, model: &str) -> Self {
-        Self { model: model.to_string(), adapter: None, ..self.clone() }
+        let revision = if model == self.model { self.model_revision.clone() } else { "main".into() };
+        Self { model: model.to_string(), model_revision: revision, adapter: None, ..self.clone() }
     }
 }
 
@@ -207,8 +253,13 @@ impl ComputeArgs {
 
 /// A local model path, or a Hub model id downloaded (or taken from the cache) to a local folder.
 pub fn resolve_model(model: &str) -> anyhow::Result<PathBuf> {
+    resolve_model_at(model, None)
+}
+
+/// `resolve_model` at a Hub revision (default `main`).
+pub fn resolve_model_at(model: &str, revision: Option<&str>) -> anyhow::Result<PathBuf> {
     if !std::path::Path::new(model).exists() && crate::data::hub::looks_like_repo_id(model) {
-        return crate::data::hub::model_dir(&crate::data::hub::HubSettings::from_env(), model, None)
+        return crate::data::hub::model_dir(&crate::data::hub::HubSettings::from_env(), model, revision)
             .with_context(|| format!("{model} is no local path, so it was read as a Hub model id"));
     }
     Ok(PathBuf::from(model))

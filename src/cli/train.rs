@@ -20,7 +20,7 @@ use crate::train::optimizer::AdamWConfig;
 use crate::train::reference::{cache_dir, precompute as precompute_reference};
 use crate::train::run::Stopped;
 use crate::train::schedule::Schedule;
-use crate::train::{train, Reference, TrainInputs, TrainerConfig};
+use crate::train::{train, Interval, Reference, TrainInputs, TrainerConfig};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -44,10 +44,15 @@ pub struct TrainerArgs {
     /// cosine_with_min_lr: the final rate as a fraction of --learning-rate
     #[arg(long, value_parser = values::fraction, default_value_t = 0.0)]
     min_lr_rate: f64,
-    #[arg(long, default_value_t = TrainerConfig::default().warmup_steps)]
-    warmup_steps: usize,
+    /// Steps of linear warmup; below 1, a fraction of the total steps (transformers 5)
+    #[arg(long, value_parser = values::steps, default_value_t = 0.0)]
+    warmup_steps: f64,
     #[arg(long, value_parser = values::fraction, default_value_t = TrainerConfig::default().warmup_ratio)]
     warmup_ratio: f64,
+    /// The optimizer: AdamW (adamw_torch, adamw_torch_fused, paged_adamw_32bit and the other 32-bit AdamW names
+    /// run the same arithmetic); 8-bit and other optimizers are refused
+    #[arg(long, default_value = "adamw_torch_fused")]
+    optim: String,
     #[arg(long, value_parser = values::non_negative, default_value_t = AdamWConfig::default().weight_decay)]
     weight_decay: f64,
     #[arg(long, value_parser = values::adam_beta, default_value_t = AdamWConfig::default().beta1)]
@@ -68,20 +73,40 @@ pub struct TrainerArgs {
     /// Total optimizer steps; overrides --num-train-epochs when > 0
     #[arg(long, default_value_t = TrainerConfig::default().max_steps, allow_negative_numbers = true)]
     max_steps: i64,
-    #[arg(long, value_parser = values::at_least_one, default_value_t = TrainerConfig::default().logging_steps)]
-    logging_steps: usize,
-    /// Write a checkpoint every N optimizer steps (0: none)
-    #[arg(long, default_value_t = TrainerConfig::default().save_steps)]
-    save_steps: usize,
+    /// When to log a metrics row: no, steps (every --logging-steps) or epoch
+    #[arg(long, default_value = "steps")]
+    logging_strategy: String,
+    /// Log every N optimizer steps (below 1: that fraction of the total steps)
+    #[arg(long, value_parser = values::steps, default_value_t = 10.0)]
+    logging_steps: f64,
+    /// Also log after the first step
+    #[arg(long)]
+    logging_first_step: bool,
+    /// When to write a checkpoint: no, steps (every --save-steps, and after the last step) or epoch
+    #[arg(long, default_value = "steps")]
+    save_strategy: String,
+    /// Write a checkpoint every N optimizer steps (below 1: that fraction of the total; 0: none)
+    #[arg(long, value_parser = values::steps, default_value_t = 500.0)]
+    save_steps: f64,
+    /// Checkpoints hold the model only, not the optimizer state (they cannot be resumed from)
+    #[arg(long)]
+    save_only_model: bool,
     /// Keep only the newest N checkpoints
     #[arg(long, value_parser = values::at_least_one)]
     save_total_limit: Option<usize>,
     /// Continue from a checkpoint folder, or "last" for the newest in --output-dir
     #[arg(long)]
     resume_from_checkpoint: Option<String>,
-    /// Evaluate on --eval-dataset every N optimizer steps (0: never)
-    #[arg(long, default_value_t = TrainerConfig::default().eval_steps)]
-    eval_steps: usize,
+    /// When to evaluate: no, steps (every --eval-steps, and after the last step) or epoch. Default: no, as in
+    /// transformers, except that --eval-dataset with --eval-steps evaluates every --eval-steps
+    #[arg(long, alias = "evaluation-strategy")]
+    eval_strategy: Option<String>,
+    /// Evaluate every N optimizer steps (below 1: that fraction of the total); default --logging-steps
+    #[arg(long, value_parser = values::steps)]
+    eval_steps: Option<f64>,
+    /// Evaluate once more after training (the alignment-handbook's do_eval) unless the last step was evaluated
+    #[arg(long)]
+    do_eval: bool,
     #[arg(long, value_parser = values::at_least_one, default_value_t = TrainerConfig::default().per_device_eval_batch_size)]
     per_device_eval_batch_size: usize,
     /// Skip (and count) batches whose loss or gradient is not finite, instead of stopping
@@ -89,8 +114,112 @@ pub struct TrainerArgs {
     skip_nonfinite: bool,
     #[arg(long, default_value_t = TrainerConfig::default().seed)]
     seed: u64,
+    /// The seed of the data order (default --seed)
+    #[arg(long)]
+    data_seed: Option<u64>,
+    /// Where metrics go besides metrics.jsonl and TensorBoard (always written): tensorboard, all, none; other
+    /// integrations (wandb, trackio, ...) are not built in and only warned about
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    report_to: Vec<String>,
     #[arg(long, value_enum, default_value = "random")]
     train_sampling_strategy: SamplingArg,
+}
+
+/// transformers' optimizer names that run AdamW's arithmetic in 32 bits (paged: the same update, paging is a
+/// CUDA memory manager's concern).
+const ADAMW_NAMES: [&str; 6] =
+    ["adamw_torch", "adamw_torch_fused", "adamw_hf", "paged_adamw_32bit", "paged_adamw", "adamw_apex_fused"];
+
+impl TrainerArgs {
+    /// The trainer's settings from the flags, every one checked before anything is loaded; `batching` is set
+    /// once the tokenizer is known.
+    fn config(&self, eval_dataset_given: bool, compute: &ComputeArgs) -> Result<TrainerConfig> {
+        if !ADAMW_NAMES.contains(&self.optim.as_str()) {
+            let why = if self.optim.contains("8bit") {
+                "8-bit optimizer states are not implemented"
+            } else {
+                "prefalign implements AdamW"
+            };
+            bail!("--optim {}: {why}; use adamw_torch (or one of {})", self.optim, ADAMW_NAMES[1..].join(", "));
+        }
+        for target in &self.report_to {
+            match target.as_str() {
+                "none" | "all" | "tensorboard" => {}
+                other => eprintln!(
+                    "warning: --report-to {other}: not built into prefalign; metrics go to metrics.jsonl and \
+                     TensorBoard event files (runs/) in --output-dir"
+                ),
+            }
+        }
+        let strategy = |flag: &str, name: &str, steps: f64| {
+            Interval::parse(name, steps).with_context(|| format!("--{flag} {name}"))
+        };
+        let logging = strategy("logging-strategy", &self.logging_strategy, self.logging_steps)?;
+        let eval = match (&self.eval_strategy, self.eval_steps) {
+            (Some(name), steps) => strategy("eval-strategy", name, steps.unwrap_or(self.logging_steps))?,
+            (None, Some(steps)) if eval_dataset_given && steps > 0.0 => Interval::Steps(steps),
+            (None, _) => Interval::No,
+        };
+        if self.save_strategy == "best" {
+            bail!("--save-strategy best: needs metric_for_best_model / load_best_model_at_end, which prefalign does not implement");
+        }
+        let save = strategy("save-strategy", &self.save_strategy, self.save_steps)?;
+        let (warmup_steps, warmup_ratio) = match self.warmup_steps {
+            // transformers 5 reads a warmup_steps below 1 as a ratio
+            w if w > 0.0 && w < 1.0 && self.warmup_ratio > 0.0 => {
+                bail!("--warmup-steps {w} (a ratio) and --warmup-ratio {} both set the warmup", self.warmup_ratio)
+            }
+            w if w > 0.0 && w < 1.0 => (0, w),
+            w => (w as usize, self.warmup_ratio),
+        };
+        let resume_from_checkpoint = match self.resume_from_checkpoint.as_deref() {
+            None => None,
+            Some("last" | "true") => {
+                Some(list_checkpoints(&self.output_dir)?.pop().map(|(_, path)| path).with_context(|| {
+                    format!("no checkpoint-* folder in {} to resume from", self.output_dir.display())
+                })?)
+            }
+            Some(path) => Some(PathBuf::from(path)),
+        };
+        let config = TrainerConfig {
+            output_dir: self.output_dir.clone(),
+            learning_rate: self.learning_rate,
+            schedule: Schedule::parse(&self.lr_scheduler_type, self.min_lr_rate)?,
+            warmup_steps,
+            warmup_ratio,
+            optimizer: AdamWConfig {
+                beta1: self.adam_beta1,
+                beta2: self.adam_beta2,
+                eps: self.adam_epsilon,
+                weight_decay: self.weight_decay,
+            },
+            max_grad_norm: self.max_grad_norm,
+            per_device_train_batch_size: self.per_device_train_batch_size,
+            gradient_accumulation_steps: self.gradient_accumulation_steps,
+            num_train_epochs: self.num_train_epochs,
+            max_steps: self.max_steps,
+            logging,
+            logging_first_step: self.logging_first_step,
+            save,
+            save_only_model: self.save_only_model,
+            save_total_limit: self.save_total_limit,
+            eval,
+            eval_at_end: self.do_eval,
+            per_device_eval_batch_size: self.per_device_eval_batch_size,
+            skip_nonfinite: self.skip_nonfinite,
+            resume_from_checkpoint,
+            seed: self.seed,
+            data_seed: self.data_seed,
+            sampling: match self.train_sampling_strategy {
+                SamplingArg::Sequential => SamplingStrategy::Sequential,
+                SamplingArg::Random => SamplingStrategy::Random,
+            },
+            batching: Default::default(),
+            step: compute.step(),
+        };
+        config.check_counts()?;
+        Ok(config)
+    }
 }
 
 /// Held-out preference data for evaluation during training.
@@ -304,6 +433,7 @@ enum ReferenceArg {
 /// `precompute`: compute the reference's log-probs before training.
 fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, objective: &Objective) -> Result<()> {
     let RunArgs { model, lora, merge, data, eval_data, trainer: t, compute } = args;
+    let mut config = t.config(eval_data.eval_dataset.is_some(), compute)?;
     // One run per output folder, from before anything is read until the model is saved.
     let _lock = files::RunLock::acquire(&t.output_dir)?;
     let use_lora = lora.use_peft || model.adapter.is_some();
@@ -340,62 +470,32 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, 
     let tokenizer = policy.tokenizer()?;
     let prepared = data.prepare(tokenizer, rules)?;
     eprintln!("{} pairs ({})", prepared.pairs.len(), prepared.report.counts(rules));
-    let eval_pairs = match &eval_data.eval_dataset {
-        Some(dataset) => {
-            let eval_args = DatasetArgs {
-                dataset: dataset.clone(),
-                dataset_split: eval_data.dataset_test_split.clone(),
-                limit: None,
-                ..data.clone()
-            };
-            let eval = eval_args.prepare(tokenizer, rules)?;
-            eprintln!("{} evaluation pairs from {dataset}", eval.pairs.len());
-            Some(eval.pairs)
+    let eval_pairs = if config.eval != Interval::No || config.eval_at_end {
+        let (eval_args, source) = match &eval_data.eval_dataset {
+            Some(dataset) => (
+                DatasetArgs {
+                    dataset: Some(dataset.clone()),
+                    dataset_mixture: None,
+                    dataset_mixer: None,
+                    ..data.clone()
+                },
+                dataset.clone(),
+            ),
+            // TRL's scripts: the test split of the training dataset
+            None => (data.clone(), data.describe()),
+        };
+        let eval_args = DatasetArgs { dataset_split: eval_data.dataset_test_split.clone(), limit: None, ..eval_args };
+        eval_args.check_has_split(eval_data.eval_dataset.is_none())?;
+        let eval = eval_args.prepare(tokenizer, rules)?;
+        eprintln!("{} evaluation pairs from {source} (split {})", eval.pairs.len(), eval_args.dataset_split);
+        Some(eval.pairs)
+    } else {
+        if eval_data.eval_dataset.is_some() {
+            eprintln!("warning: --eval-dataset is not used: --eval-strategy is no (give --eval-strategy steps)");
         }
-        None => None,
+        None
     };
-    let resume_from_checkpoint = match t.resume_from_checkpoint.as_deref() {
-        None => None,
-        Some("last" | "true") => Some(
-            list_checkpoints(&t.output_dir)?
-                .pop()
-                .map(|(_, path)| path)
-                .with_context(|| format!("no checkpoint-* folder in {} to resume from", t.output_dir.display()))?,
-        ),
-        Some(path) => Some(PathBuf::from(path)),
-    };
-    let config = TrainerConfig {
-        output_dir: t.output_dir.clone(),
-        learning_rate: t.learning_rate,
-        schedule: Schedule::parse(&t.lr_scheduler_type, t.min_lr_rate)?,
-        warmup_steps: t.warmup_steps,
-        warmup_ratio: t.warmup_ratio,
-        optimizer: AdamWConfig {
-            beta1: t.adam_beta1,
-            beta2: t.adam_beta2,
-            eps: t.adam_epsilon,
-            weight_decay: t.weight_decay,
-        },
-        max_grad_norm: t.max_grad_norm,
-        per_device_train_batch_size: t.per_device_train_batch_size,
-        gradient_accumulation_steps: t.gradient_accumulation_steps,
-        num_train_epochs: t.num_train_epochs,
-        max_steps: t.max_steps,
-        logging_steps: t.logging_steps,
-        save_steps: t.save_steps,
-        save_total_limit: t.save_total_limit,
-        eval_steps: t.eval_steps,
-        per_device_eval_batch_size: t.per_device_eval_batch_size,
-        skip_nonfinite: t.skip_nonfinite,
-        resume_from_checkpoint,
-        seed: t.seed,
-        sampling: match t.train_sampling_strategy {
-            SamplingArg::Sequential => SamplingStrategy::Sequential,
-            SamplingArg::Random => SamplingStrategy::Random,
-        },
-        batching: data.batching(rules, tokenizer.pad_id()?, compute.layout()),
-        step: compute.step(),
-    };
+    config.batching = data.batching(rules, tokenizer.pad_id()?, compute.layout());
     // Precomputed (and cached) for the training pairs and the evaluation pairs, as TRL does; the reference model
     // is then released.
     let precompute_for = |r: &LoadedModel, pairs: &[TokenizedPair]| {

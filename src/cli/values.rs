@@ -36,6 +36,18 @@ pub fn positive(text: &str) -> Result<f64, String> {
     }
 }
 
+/// `logging_steps`, `eval_steps`, `save_steps`, `warmup_steps`: a whole number of steps, or below 1 a fraction of
+/// the total steps, as transformers reads them.
+pub fn steps(text: &str) -> Result<f64, String> {
+    let value = non_negative(text)?;
+    if value > 1.0 && value.fract() != 0.0 {
+        return Err(format!(
+            "{value} steps: a number of steps above 1 must be whole (below 1 it is a fraction of the total)"
+        ));
+    }
+    Ok(value)
+}
+
 /// A fraction in [0, 1] (warmup ratio, the final rate of `cosine_with_min_lr`).
 pub fn fraction(text: &str) -> Result<f64, String> {
     let value = number(text)?;

@@ -81,13 +81,32 @@ impl HubSettings {
 ///
 /// Files are chosen like the `datasets` library's defaults (see [`split_files`]) on the `main` branch; when none
 /// match, the Hub's Parquet conversion (`refs/convert/parquet`, `{config or default}/{split}/*.parquet`) is used.
-pub fn dataset_files(hub: &HubSettings, repo: &str, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>> {
+pub fn dataset_files(
+    hub: &HubSettings,
+    repo: &str,
+    config: Option<&str>,
+    data_dir: Option<&str>,
+    split: &str,
+) -> Result<Vec<PathBuf>> {
     let main = HubRepo::new(hub, repo, RepoType::Dataset, "main")?;
     let parquet = HubRepo::new(hub, repo, RepoType::Dataset, PARQUET_REVISION)?;
     if main.api.is_none() {
         return cached_dataset_files(&main, &parquet, config, split);
     }
     let listing = main.list()?.ok_or_else(|| main.not_found())?;
+    if let Some(dir) = data_dir {
+        let chosen = data_dir_files(&listing.files, dir, split).map_err(|e| anyhow!("{}: {e}", main.name()))?;
+        return chosen.iter().map(|f| main.fetch(f, &listing.sha)).collect();
+    }
+    if listing.files.iter().any(|f| f == "README.md") {
+        let readme = main.fetch("README.md", &listing.sha)?;
+        let text = std::fs::read_to_string(&readme).with_context(|| format!("cannot read {}", readme.display()))?;
+        let configs = card_configs(&text, &format!("README.md of {}", main.name()))?;
+        if !configs.is_empty() {
+            let chosen = card_split_files(&configs, &listing.files, config, split, &main.name())?;
+            return chosen.iter().map(|f| main.fetch(f, &listing.sha)).collect();
+        }
+    }
     let chosen = split_files(&listing.files, config, split);
     if !chosen.is_empty() {
         return chosen.iter().map(|f| main.fetch(f, &listing.sha)).collect();
@@ -169,6 +188,142 @@ pub fn looks_like_repo_id(arg: &str) -> bool {
         && !Path::new(arg).exists()
 }
 
+/// `datasets`' `data_dir`: the data files under that folder of the repo (the card's configs do not apply), chosen
+/// for `split` by their names; when none is named by a split, all of them are the train split.
+fn data_dir_files<'a>(files: &'a [String], data_dir: &str, split: &str) -> Result<Vec<&'a str>> {
+    let prefix = format!("{}/", data_dir.trim_matches('/'));
+    let under: Vec<String> = files.iter().filter(|f| f.starts_with(&prefix)).cloned().collect();
+    let chosen: Vec<&str> = split_files(&under, None, split)
+        .into_iter()
+        .map(|f| files.iter().find(|g| g.as_str() == f).expect("a listed file").as_str())
+        .collect();
+    if !chosen.is_empty() {
+        return Ok(chosen);
+    }
+    let all: Vec<&str> = data_files(files).filter(|f| f.starts_with(&prefix)).collect();
+    if all.is_empty() {
+        bail!("data_dir {data_dir}: no data files under it");
+    }
+    let named = all.iter().any(|f| split_files(&under, None, &split_name_of(f)).contains(f));
+    if split == "train" && !named {
+        return Ok(all);
+    }
+    let mut splits: Vec<String> = all.iter().map(|f| split_name_of(f)).collect();
+    splits.dedup();
+    bail!("data_dir {data_dir}: no data files for split {split:?}; splits that seem available: {}", splits.join(", "))
+}
+
+/// One entry of a dataset card's `configs:` (the YAML front matter of the repo's README.md), as `datasets` reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CardConfig {
+    pub name: String,
+    pub default: bool,
+    /// (split, glob patterns relative to the repo, `data_dir` applied)
+    pub data_files: Vec<(String, Vec<String>)>,
+}
+
+/// The `configs:` of a dataset card's front matter; empty when it has none.
+pub fn card_configs(readme: &str, path: &str) -> Result<Vec<CardConfig>> {
+    let Some(front) = readme.strip_prefix("---").and_then(|rest| rest.split_once("\n---").map(|(yaml, _)| yaml)) else {
+        return Ok(Vec::new());
+    };
+    let yaml: serde_norway::Value =
+        serde_norway::from_str(front).with_context(|| format!("{path}: the YAML front matter does not parse"))?;
+    let Some(configs) = yaml.get("configs") else { return Ok(Vec::new()) };
+    let configs = configs.as_sequence().with_context(|| format!("{path}: configs: expected a list"))?;
+    let strings = |value: &serde_norway::Value| -> Result<Vec<String>> {
+        match value {
+            serde_norway::Value::String(s) => Ok(vec![s.clone()]),
+            serde_norway::Value::Sequence(items) => items
+                .iter()
+                .map(|i| {
+                    i.as_str().map(str::to_string).with_context(|| format!("{path}: a data_files path is not a string"))
+                })
+                .collect(),
+            _ => bail!("{path}: data_files: expected a path or a list of paths"),
+        }
+    };
+    configs
+        .iter()
+        .map(|config| {
+            let name = config.get("config_name").and_then(|n| n.as_str()).unwrap_or("default").to_string();
+            let data_dir = config.get("data_dir").and_then(|d| d.as_str()).map(|d| d.trim_matches('/').to_string());
+            let prefixed = |pattern: String| match &data_dir {
+                Some(dir) => format!("{dir}/{pattern}"),
+                None => pattern,
+            };
+            let data_files = match config.get("data_files") {
+                None => vec![("train".to_string(), vec!["**".to_string()])],
+                Some(serde_norway::Value::Sequence(items)) if items.iter().all(|i| i.is_mapping()) => items
+                    .iter()
+                    .map(|item| {
+                        let split = item.get("split").and_then(|s| s.as_str()).unwrap_or("train").to_string();
+                        let paths = item
+                            .get("path")
+                            .with_context(|| format!("{path}: config {name}: a data_files entry has no path"))?;
+                        Ok((split, strings(paths)?))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                Some(serde_norway::Value::Mapping(map)) => map
+                    .iter()
+                    .map(|(split, paths)| Ok((split.as_str().unwrap_or("train").to_string(), strings(paths)?)))
+                    .collect::<Result<Vec<_>>>()?,
+                Some(other) => vec![("train".to_string(), strings(other)?)],
+            };
+            let data_files = data_files
+                .into_iter()
+                .map(|(split, patterns)| (split, patterns.into_iter().map(prefixed).collect()))
+                .collect();
+            let default = config.get("default").and_then(|d| d.as_bool()).unwrap_or(false);
+            Ok(CardConfig { name, default, data_files })
+        })
+        .collect()
+}
+
+/// The files (repo paths, sorted) a card's `configs:` give for `config` (default: the one marked `default`, else
+/// the one named "default", else the only one) and `split`.
+pub fn card_split_files<'a>(
+    configs: &[CardConfig],
+    files: &'a [String],
+    config: Option<&str>,
+    split: &str,
+    repo: &str,
+) -> Result<Vec<&'a str>> {
+    let names: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
+    let chosen = match config {
+        Some(name) => configs.iter().find(|c| c.name == name).with_context(|| {
+            format!("{repo} has no config \"{name}\" in its card's configs: (it has: {})", names.join(", "))
+        })?,
+        None => configs
+            .iter()
+            .find(|c| c.default)
+            .or_else(|| configs.iter().find(|c| c.name == "default"))
+            .or_else(|| (configs.len() == 1).then(|| &configs[0]))
+            .with_context(|| {
+                format!("{repo} has several configs ({}); choose one with dataset_config", names.join(", "))
+            })?,
+    };
+    let Some((_, patterns)) = chosen.data_files.iter().find(|(s, _)| s == split) else {
+        let splits: Vec<&str> = chosen.data_files.iter().map(|(s, _)| s.as_str()).collect();
+        bail!("{repo} (config {}) has no split \"{split}\" (its card lists: {})", chosen.name, splits.join(", "));
+    };
+    let mut builder = globset::GlobSetBuilder::new();
+    for pattern in patterns {
+        let glob = globset::GlobBuilder::new(pattern.trim_start_matches("./"))
+            .literal_separator(true)
+            .build()
+            .with_context(|| format!("{repo}: data_files pattern {pattern:?}"))?;
+        builder.add(glob);
+    }
+    let set = builder.build()?;
+    let mut out: Vec<&str> = data_files(files).filter(|f| set.is_match(f)).collect();
+    out.sort();
+    if out.is_empty() {
+        bail!("{repo} (config {}): no data file matches split {split}'s patterns {patterns:?}", chosen.name);
+    }
+    Ok(out)
+}
+
 /// The data files of `files` (repo paths) for `split`, sorted, as the `datasets` library would pick them without a
 /// `configs:` section in the README: with a config, only files under a folder named after it; then files in a
 /// folder named `split` or whose name is `split` followed by `-`, `.`, or `_` and a digit. (`_` only before a digit,
@@ -182,6 +337,50 @@ pub fn split_files<'a>(files: &'a [String], config: Option<&str>, split: &str) -
         .collect();
     chosen.sort();
     chosen
+}
+
+/// The data files of a local folder for `split`, chosen as in a Hub repo (see [`split_files`]). Empty when no
+/// file's name or folder names a split (then the folder is one split, whatever its name); an error when some do,
+/// but none this one.
+pub fn local_split_files(
+    dir: &Path,
+    config: Option<&str>,
+    data_dir: Option<&str>,
+    split: &str,
+) -> Result<Vec<PathBuf>> {
+    let files = list_tree(dir);
+    if let Some(sub) = data_dir {
+        let chosen = data_dir_files(&files, sub, split).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
+        return Ok(chosen.iter().map(|f| dir.join(f)).collect());
+    }
+    let readme = dir.join("README.md");
+    if let Ok(text) = std::fs::read_to_string(&readme) {
+        let configs = card_configs(&text, &readme.display().to_string())?;
+        if !configs.is_empty() {
+            let chosen = card_split_files(&configs, &files, config, split, &dir.display().to_string())?;
+            return Ok(chosen.iter().map(|f| dir.join(f)).collect());
+        }
+    }
+    let chosen = split_files(&files, config, split);
+    if !chosen.is_empty() {
+        return Ok(chosen.iter().map(|f| dir.join(f)).collect());
+    }
+    // `datasets`' split keywords (and the handbook's train_prefs, test_sft, ...)
+    let keywords = ["train", "test", "validation", "valid", "val", "dev", "eval"];
+    let named: Vec<&str> =
+        data_files(&files).filter(|f| keywords.iter().any(|k| split_name_of(f).starts_with(k))).collect();
+    if named.is_empty() && config.is_none() {
+        return Ok(Vec::new());
+    }
+    let mut splits: Vec<String> = named.iter().map(|f| split_name_of(f)).collect();
+    splits.sort();
+    splits.dedup();
+    let config = config.map(|c| format!(" (config {c})")).unwrap_or_default();
+    bail!(
+        "no data files for split {split:?}{config} in {}; splits that seem available: {}",
+        dir.display(),
+        splits.join(", ")
+    )
 }
 
 /// Files of the Parquet conversion for a split: `{config}/{split}/*.parquet`, or `{config}/partial-{split}/...`

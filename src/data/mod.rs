@@ -9,6 +9,7 @@ pub mod example;
 pub mod hh_rlhf;
 pub mod hub;
 pub mod invalid;
+pub mod mixture;
 pub mod pack;
 mod parquet_check;
 pub mod prepare;

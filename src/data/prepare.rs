@@ -7,7 +7,9 @@ use crate::data::example::{detect_format, parse_row, Columns, DatasetFormat, Pre
 use crate::data::hh_rlhf;
 use crate::data::invalid::InvalidRow;
 use crate::data::source::ReadRows;
-use crate::data::tokenize::{tokenize_dpo, tokenize_orpo, with_prompt, PairTokenizer, TokenizedPair};
+use crate::data::tokenize::{
+    cut_dpo_legacy, cut_orpo_legacy, tokenize_dpo, tokenize_orpo, with_prompt, PairTokenizer, TokenizedPair,
+};
 use anyhow::{bail, Result};
 
 /// Whose tokenization rules apply.
@@ -54,6 +56,9 @@ pub struct PrepareOptions {
     /// `None`: no truncation and no drop (DPO); ORPO uses 512 then, as TRL does.
     pub max_length: Option<usize>,
     pub truncation_mode: TruncationMode,
+    /// TRL ≤ 0.2x's `max_prompt_length` / `max_completion_length` (`cut_dpo_legacy`, `cut_orpo_legacy`)
+    pub max_prompt_length: Option<usize>,
+    pub max_completion_length: Option<usize>,
     pub skip_invalid_rows: bool,
     pub validation: Validation,
     /// ORPO: keep pairs whose completion truncation empties (TRL keeps them; their loss is NaN).
@@ -68,6 +73,8 @@ impl PrepareOptions {
             columns: Columns::default(),
             max_length: Some(1024),
             truncation_mode: TruncationMode::KeepStart,
+            max_prompt_length: None,
+            max_completion_length: None,
             skip_invalid_rows: false,
             validation: Validation::default(),
             keep_empty_completions: false,
@@ -171,9 +178,17 @@ pub fn tokenize_pairs(
             if let Some(reason) = prompt_too_long_to_tokenize(&pair, tok, options) {
                 return Ok(Err(Dropped { location: pair.location.clone(), reason }));
             }
-            match options.rules {
-                Rules::Dpo => tokenize_dpo(&pair, tok),
-                Rules::Orpo => tokenize_orpo(&pair, tok, options.max_length.unwrap_or(512)),
+            let max_length = options.max_length.unwrap_or(512);
+            match (options.rules, options.max_prompt_length) {
+                (Rules::Dpo, _) => tokenize_dpo(&pair, tok).map(|mut pair| {
+                    cut_dpo_legacy(&mut pair, options.max_prompt_length, options.max_completion_length);
+                    pair
+                }),
+                (Rules::Orpo, Some(max_prompt)) => tokenize_orpo(&pair, tok, usize::MAX).map(|mut pair| {
+                    cut_orpo_legacy(&mut pair, max_length, max_prompt, options.truncation_mode);
+                    pair
+                }),
+                (Rules::Orpo, None) => tokenize_orpo(&pair, tok, max_length),
             }
             .map(Ok)
         });
@@ -225,6 +240,7 @@ pub fn tokenize_pairs(
 fn prompt_too_long_to_tokenize(pair: &PreferencePair, tok: &PairTokenizer, options: &PrepareOptions) -> Option<String> {
     let max = options.max_length?;
     let drops_long_prompts = match options.rules {
+        _ if options.max_prompt_length.is_some() => false, // the prompt is cut instead
         Rules::Dpo => options.truncation_mode == TruncationMode::KeepStart,
         Rules::Orpo => !options.keep_empty_completions,
     };

@@ -49,6 +49,43 @@ pub fn read_rows(path: &Path) -> Result<ReadRows> {
     read_file(path)
 }
 
+/// One split of one dataset: a local file or folder, or a Hub dataset id; `config` and `data_dir` as `datasets`'
+/// `load_dataset` takes them.
+pub fn read_dataset(dataset: &str, config: Option<&str>, data_dir: Option<&str>, split: &str) -> Result<ReadRows> {
+    if Path::new(dataset).exists() || !crate::data::hub::looks_like_repo_id(dataset) {
+        return read_local(Path::new(dataset), config, data_dir, split);
+    }
+    let files =
+        crate::data::hub::dataset_files(&crate::data::hub::HubSettings::from_env(), dataset, config, data_dir, split)
+            .with_context(|| format!("{dataset} is no local path, so it was read as a Hub dataset id"))?;
+    let mut all = ReadRows::default();
+    for file in files {
+        let part = read_rows(&file)?;
+        all.rows.extend(part.rows);
+        all.invalid.extend(part.invalid);
+    }
+    Ok(all)
+}
+
+/// A local file (one split: every split name reads it whole, so that it can be sliced), or a folder: laid out as a
+/// Hub repo (files named or foldered by split, as `datasets` finds them) the split's files, else every data file.
+fn read_local(path: &Path, config: Option<&str>, data_dir: Option<&str>, split: &str) -> Result<ReadRows> {
+    if !path.is_dir() {
+        return read_rows(path);
+    }
+    let files = crate::data::hub::local_split_files(path, config, data_dir, split)?;
+    if files.is_empty() {
+        return read_rows(path);
+    }
+    let mut all = ReadRows::default();
+    for file in files {
+        let part = read_rows(&file)?;
+        all.rows.extend(part.rows);
+        all.invalid.extend(part.invalid);
+    }
+    Ok(all)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DataFormat {
     JsonLines,

@@ -3,6 +3,7 @@
 //! answer-only truncation rules.
 
 use crate::data::chat_template::{ChatTemplate, Message};
+use crate::data::collate::TruncationMode;
 use crate::data::example::{extract_prompt, PreferencePair, Turns};
 use crate::data::invalid::RowError;
 use crate::model::tokenizer::TextTokenizer;
@@ -204,6 +205,49 @@ pub fn tokenize_orpo(pair: &PreferencePair, tok: &PairTokenizer, max_length: usi
     })
 }
 
+/// `max_prompt_length` / `max_completion_length` in DPO as TRL ≤ 0.2x applied them after tokenizing: the prompt's
+/// last `max_prompt` tokens, each completion's first `max_completion` (its EOS included).
+pub fn cut_dpo_legacy(pair: &mut TokenizedPair, max_prompt: Option<usize>, max_completion: Option<usize>) {
+    let keep_prompt = |prompt: &[i64]| prompt[prompt.len().saturating_sub(max_prompt.unwrap_or(usize::MAX))..].to_vec();
+    let keep_completion =
+        |completion: &[i64]| completion[..completion.len().min(max_completion.unwrap_or(usize::MAX))].to_vec();
+    pair.prompt_ids = keep_prompt(&pair.prompt_ids);
+    for seq in [&mut pair.chosen, &mut pair.rejected] {
+        *seq = recut(seq, keep_prompt, keep_completion);
+    }
+}
+
+/// `max_prompt_length` in ORPO and CPO as TRL ≤ 0.2x applied it to untruncated sequences: where the prompt and the
+/// longer completion exceed `max_length`, the prompt is cut to `max_prompt` tokens (its start or its end, by
+/// `mode`); where they still do, each completion is cut to `max_length - max_prompt` tokens.
+pub fn cut_orpo_legacy(pair: &mut TokenizedPair, max_length: usize, max_prompt: usize, mode: TruncationMode) {
+    let longer = pair.chosen.completion().len().max(pair.rejected.completion().len());
+    let cut_prompt = |prompt: &[i64]| -> Vec<i64> {
+        if prompt.len() + longer <= max_length {
+            return prompt.to_vec();
+        }
+        match mode {
+            TruncationMode::KeepStart => prompt[..prompt.len().min(max_prompt)].to_vec(),
+            TruncationMode::KeepEnd => prompt[prompt.len().saturating_sub(max_prompt)..].to_vec(),
+        }
+    };
+    pair.prompt_ids = cut_prompt(&pair.prompt_ids);
+    for seq in [&mut pair.chosen, &mut pair.rejected] {
+        let prompt = cut_prompt(&seq.ids[..seq.prompt_len]);
+        let completion_keep =
+            if prompt.len() + longer > max_length { max_length.saturating_sub(max_prompt) } else { usize::MAX };
+        *seq = recut(seq, |_| prompt.clone(), |c| c[..c.len().min(completion_keep)].to_vec());
+    }
+}
+
+/// `seq` with its prompt and its completion each replaced by what `prompt` and `completion` make of them.
+fn recut(seq: &Sequence, prompt: impl Fn(&[i64]) -> Vec<i64>, completion: impl Fn(&[i64]) -> Vec<i64>) -> Sequence {
+    let mut ids = prompt(&seq.ids[..seq.prompt_len]);
+    let prompt_len = ids.len();
+    ids.extend(completion(seq.completion()));
+    Sequence { ids, prompt_len }
+}
+
 /// ORPO's `build_tokenized_answer`: tokenize prompt+answer and split at the prompt's length, one token earlier
 /// when the prompt's last token merged into the answer.
 fn split_answer(
@@ -221,4 +265,51 @@ fn split_answer(
         start -= 1;
     }
     Ok((full[..start].to_vec(), full[start..].to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(prompt: &[i64], chosen: &[i64], rejected: &[i64]) -> TokenizedPair {
+        let seq = |completion: &[i64]| Sequence { ids: [prompt, completion].concat(), prompt_len: prompt.len() };
+        TokenizedPair {
+            location: "x".into(),
+            prompt_ids: prompt.to_vec(),
+            chosen: seq(chosen),
+            rejected: seq(rejected),
+        }
+    }
+
+    #[test]
+    fn legacy_dpo_cut_keeps_the_prompts_end_and_the_completions_start() {
+        let mut p = pair(&[1, 2, 3, 4], &[10, 11, 12, 2], &[20, 2]);
+        cut_dpo_legacy(&mut p, Some(2), Some(3));
+        assert_eq!(p.prompt_ids, [3, 4]);
+        assert_eq!(p.chosen, Sequence { ids: vec![3, 4, 10, 11, 12], prompt_len: 2 });
+        assert_eq!(p.rejected, Sequence { ids: vec![3, 4, 20, 2], prompt_len: 2 });
+        let mut untouched = pair(&[1, 2], &[3], &[4]);
+        cut_dpo_legacy(&mut untouched, None, None);
+        assert_eq!(untouched, pair(&[1, 2], &[3], &[4]));
+    }
+
+    #[test]
+    fn legacy_orpo_cut_trims_the_prompt_then_the_completions() {
+        // prompt 6 + longer completion 4 = 10 > max_length 8: the prompt goes to 3 tokens (start or end); 3 + 4
+        // fits, so the completions stay
+        let mut p = pair(&[1, 2, 3, 4, 5, 6], &[10, 11, 12, 13], &[20, 21]);
+        cut_orpo_legacy(&mut p, 8, 3, TruncationMode::KeepStart);
+        assert_eq!(p.prompt_ids, [1, 2, 3]);
+        assert_eq!(p.chosen.ids, [1, 2, 3, 10, 11, 12, 13]);
+        assert_eq!(p.rejected.ids, [1, 2, 3, 20, 21]);
+        let mut p = pair(&[1, 2, 3, 4, 5, 6], &[10, 11, 12, 13, 14, 15, 16], &[20, 21]);
+        cut_orpo_legacy(&mut p, 8, 3, TruncationMode::KeepEnd);
+        // 3 + 7 > 8 still: both completions cut to 8 - 3 = 5 (the check uses the longer one's length)
+        assert_eq!(p.chosen, Sequence { ids: vec![4, 5, 6, 10, 11, 12, 13, 14], prompt_len: 3 });
+        assert_eq!(p.rejected, Sequence { ids: vec![4, 5, 6, 20, 21], prompt_len: 3 });
+        // short enough: nothing changes
+        let mut p = pair(&[1, 2], &[3], &[4]);
+        cut_orpo_legacy(&mut p, 8, 1, TruncationMode::KeepStart);
+        assert_eq!(p, pair(&[1, 2], &[3], &[4]));
+    }
 }

@@ -32,7 +32,31 @@ pub fn parse_dtype(spec: &str) -> Result<Kind> {
     Ok(match spec {
         "f32" | "float32" | "fp32" => Kind::Float,
         "bf16" | "bfloat16" => Kind::BFloat16,
-        other => bail!("invalid dtype \"{other}\" (expected f32 or bf16)"),
+        "f16" | "float16" | "fp16" | "half" => {
+            bail!("dtype {spec}: float16 weights are not supported; use bfloat16 (the same memory) or float32")
+        }
+        other => bail!("invalid dtype \"{other}\" (expected float32, bfloat16 or auto)"),
+    })
+}
+
+/// `dtype: auto`, as transformers resolves it: the `dtype` (or older `torch_dtype`) in a model folder's
+/// config.json; float32 for a GGUF file (its blocks are dequantized) or a config without one. A float16 checkpoint
+/// loads as float32, since float16 weights are not supported.
+pub fn checkpoint_dtype(model: &std::path::Path) -> Result<Kind> {
+    let config = model.join("config.json");
+    if !config.is_file() {
+        return Ok(Kind::Float);
+    }
+    let text = std::fs::read_to_string(&config)?;
+    let json: serde_json::Value = serde_json::from_str(&text)?;
+    let stored = json.get("dtype").or_else(|| json.get("torch_dtype")).and_then(|v| v.as_str()).unwrap_or("float32");
+    Ok(match stored {
+        "bfloat16" => Kind::BFloat16,
+        "float16" => {
+            tracing::warn!("{}: float16 weights load as float32 (dtype auto)", config.display());
+            Kind::Float
+        }
+        _ => Kind::Float,
     })
 }
 

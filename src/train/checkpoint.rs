@@ -24,10 +24,11 @@ struct CheckpointState {
 /// Writes `checkpoint-<step>` (a loadable model folder plus optimizer and trainer state) atomically: into a
 /// temporary folder that replaces the checkpoint in one step, so a crash never leaves a half-written checkpoint
 /// (a killed run's temporary folder is removed at the next start). Keeps the newest `keep` checkpoints when given.
+/// Without `optimizer` (transformers' `save_only_model`) the checkpoint holds no moments and cannot be resumed.
 pub fn save_checkpoint(
     out: &Path,
     policy: &LoadedModel,
-    optimizer: &AdamW,
+    optimizer: Option<&AdamW>,
     progress: &Progress,
     keep: Option<usize>,
 ) -> Result<PathBuf> {
@@ -37,8 +38,10 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
     }
     save_trained(policy, &tmp)?;
-    save_safetensors_file(&tmp.join(OPTIMIZER_FILE), &optimizer.state_tensors())?;
-    let state = CheckpointState { progress: progress.clone(), optimizer_step: optimizer.step };
+    if let Some(optimizer) = optimizer {
+        save_safetensors_file(&tmp.join(OPTIMIZER_FILE), &optimizer.state_tensors())?;
+    }
+    let state = CheckpointState { progress: progress.clone(), optimizer_step: optimizer.map_or(0, |o| o.step) };
     files::write_file_atomically(&tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
     files::replace_dir(&tmp, &final_dir)?;
     if let Some(keep) = keep {
@@ -76,6 +79,13 @@ pub fn restore(checkpoint: &Path, policy: &LoadedModel, optimizer: &mut AdamW) -
         policy.load_adapter_weights(&checkpoint.join(lora::WEIGHTS_FILE))?;
     } else {
         load_into(&policy.vs, &SafetensorsFiles::open_dir(checkpoint)?)?;
+    }
+    if !checkpoint.join(OPTIMIZER_FILE).exists() {
+        anyhow::bail!(
+            "{} has no {OPTIMIZER_FILE}: it was saved with save_only_model and cannot be resumed from (load it as a \
+             model with --model instead)",
+            checkpoint.display()
+        );
     }
     let moments_file = SafetensorsFiles::open_dir_file(&checkpoint.join(OPTIMIZER_FILE))?;
     let moments = moments_file

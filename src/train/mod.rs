@@ -16,4 +16,4 @@ pub mod tensorboard;
 pub mod trainer;
 
 pub use run::{train, TrainInputs};
-pub use trainer::{Reference, Trainer, TrainerConfig};
+pub use trainer::{Interval, Reference, Trainer, TrainerConfig};

@@ -1,6 +1,6 @@
 //! The training loop, step for step like transformers' Trainer driving TRL's losses: batches in a seeded order,
 //! `Trainer::optimizer_step` on each step's micro-batches, the schedule, a `metrics.jsonl` line per logging step
-//! with TRL's keys, evaluation every `eval_steps`, and checkpoints that resume bit for bit.
+//! with TRL's keys, evaluation and checkpoints by transformers' strategies, that resume bit for bit.
 
 use crate::data::collate::{epoch_order, SamplingStrategy};
 use crate::data::tokenize::TokenizedPair;
@@ -13,7 +13,7 @@ use crate::train::checkpoint::{restore, save_checkpoint};
 use crate::train::evaluate::{evaluate, EvalOptions, EvalReference};
 use crate::train::history::{progress_bar, write_summary, History};
 use crate::train::schedule::warmup_steps;
-use crate::train::trainer::{NonFinite, Reference, StepOutcome, Trainer, TrainerConfig};
+use crate::train::trainer::{Interval, NonFinite, Reference, StepOutcome, Trainer, TrainerConfig};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -102,7 +102,7 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
         pairs: inputs.train.len(),
         batch_size: config.per_device_train_batch_size,
         sampling: config.sampling,
-        seed: config.seed,
+        seed: config.data_seed.unwrap_or(config.seed),
         order: Vec::new(),
     };
     let accumulation = config.gradient_accumulation_steps;
@@ -154,7 +154,12 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
         progress.global_step += 1;
         let global_step = progress.global_step;
         let epoch = cursor.epoch_progress(&progress);
-        if global_step % config.logging_steps.max(1) == 0 || global_step == total_steps {
+        let epoch_ended = progress.position >= cursor.pairs;
+        let last = global_step == total_steps;
+        let log_due = config.logging.due(global_step, total_steps, epoch_ended)
+            || (config.logging_first_step && global_step == 1)
+            || (last && config.logging != Interval::No);
+        if log_due {
             let row = training_row(&mut progress, &outcome, lr_at(step));
             let tokens_per_second = (progress.num_tokens - tokens_at_start) as f64 / started.elapsed().as_secs_f64();
             bar.set_message(format!(
@@ -164,23 +169,24 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
             ));
             rows.push(history.write(row, epoch, global_step)?);
         }
-        if let Some(eval_pairs) = inputs.eval.filter(|_| config.eval_steps > 0 && global_step % config.eval_steps == 0)
-        {
+        // transformers evaluates and saves after the last step too under the `steps` strategies
+        let at_end = |interval: Interval| last && matches!(interval, Interval::Steps(_));
+        let eval_due = config.eval.due(global_step, total_steps, epoch_ended)
+            || at_end(config.eval)
+            || (last && config.eval_at_end);
+        if let Some(eval_pairs) = inputs.eval.filter(|_| eval_due) {
             let row = evaluation_row(&trainer, eval_reference, eval_pairs, config);
             rows.push(history.write(row, epoch, global_step)?);
         }
         bar.set_position(global_step as u64);
-        let stop = runtime::stop_requested().filter(|_| global_step < total_steps);
-        let save_due = config.save_steps > 0 && global_step % config.save_steps == 0 && global_step < total_steps;
+        let stop = runtime::stop_requested().filter(|_| !last);
+        let save_due = config.save.due(global_step, total_steps, epoch_ended) || at_end(config.save);
         if save_due || stop.is_some() {
             history.sync()?;
-            let checkpoint = save_checkpoint(
-                &config.output_dir,
-                inputs.policy,
-                &trainer.optimizer,
-                &progress,
-                config.save_total_limit,
-            )?;
+            // a checkpoint written because of a stop signal keeps the optimizer, so that the run can continue
+            let optimizer = (!config.save_only_model || stop.is_some()).then_some(&trainer.optimizer);
+            let checkpoint =
+                save_checkpoint(&config.output_dir, inputs.policy, optimizer, &progress, config.save_total_limit)?;
             last_checkpoint = Some(checkpoint);
         }
         if let (Some(signal), Some(checkpoint)) = (stop, &last_checkpoint) {

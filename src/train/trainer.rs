@@ -16,10 +16,44 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tch::Kind;
 
+/// When something happens during training: transformers' `*_strategy` (`no`, `steps`, `epoch`) with its `*_steps`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Interval {
+    No,
+    /// Every N optimizer steps; below 1, that fraction of the total steps (rounded up), as transformers reads it.
+    Steps(f64),
+    /// At the end of each epoch (and where training stops mid-epoch, as transformers' epoch-end event fires there).
+    Epoch,
+}
+
+impl Interval {
+    /// The strategy's name and its steps as transformers' `TrainingArguments` take them.
+    pub fn parse(strategy: &str, steps: f64) -> anyhow::Result<Self> {
+        Ok(match strategy {
+            "no" => Interval::No,
+            "steps" if steps > 0.0 => Interval::Steps(steps),
+            "steps" => Interval::No,
+            "epoch" => Interval::Epoch,
+            other => anyhow::bail!("\"{other}\" is no strategy: expected no, steps or epoch"),
+        })
+    }
+
+    /// Whether it is due after optimizer step `step` of `total`, `epoch_ended` when that step finished an epoch.
+    pub fn due(self, step: usize, total: usize, epoch_ended: bool) -> bool {
+        match self {
+            Interval::No => false,
+            Interval::Steps(every) => {
+                let every = if every < 1.0 { (every * total as f64).ceil() } else { every } as usize;
+                step % every.max(1) == 0
+            }
+            Interval::Epoch => epoch_ended || step == total,
+        }
+    }
+}
+
 /// The trainer's settings, named as in transformers' `TrainingArguments` / TRL's configs. The defaults are TRL's
 /// (those of its preference trainers where they differ from transformers'), except prefalign's own choices:
-/// `output_dir`, no checkpoints unless `save_steps` is set, and `batching.layout` sharing prompts and packing
-/// (`PackOptions::TRL` gives TRL's layout).
+/// `output_dir` and `batching.layout` sharing prompts and packing (`PackOptions::TRL` gives TRL's layout).
 #[derive(Debug, Clone)]
 pub struct TrainerConfig {
     pub output_dir: PathBuf,
@@ -35,15 +69,24 @@ pub struct TrainerConfig {
     pub num_train_epochs: f64,
     /// > 0 overrides `num_train_epochs`
     pub max_steps: i64,
-    pub logging_steps: usize,
-    /// 0: no checkpoints
-    pub save_steps: usize,
+    /// `logging_strategy` / `logging_steps`: a metrics row (the last step always gets one)
+    pub logging: Interval,
+    /// a metrics row after the first step too
+    pub logging_first_step: bool,
+    /// `save_strategy` / `save_steps`: a checkpoint (with `Steps`, also after the last step, as transformers saves)
+    pub save: Interval,
+    /// checkpoints without the optimizer state (they cannot be resumed from)
+    pub save_only_model: bool,
     /// keep only the newest N checkpoints
     pub save_total_limit: Option<usize>,
-    /// 0: no evaluation during training
-    pub eval_steps: usize,
+    /// `eval_strategy` / `eval_steps`: an evaluation row (with `Steps`, also after the last step)
+    pub eval: Interval,
+    /// evaluate after training when the last step had no evaluation (the handbook's `do_eval`)
+    pub eval_at_end: bool,
     pub per_device_eval_batch_size: usize,
     pub seed: u64,
+    /// the data order's seed (`data_seed`); `None`: `seed`
+    pub data_seed: Option<u64>,
     pub sampling: SamplingStrategy,
     /// How pairs become batches: pad id (the tokenizer's), DPO's truncation, prefix sharing and packing.
     pub batching: Batching,
@@ -60,7 +103,6 @@ impl TrainerConfig {
         for (flag, value) in [
             ("--per-device-train-batch-size", self.per_device_train_batch_size),
             ("--gradient-accumulation-steps", self.gradient_accumulation_steps),
-            ("--logging-steps", self.logging_steps),
             ("--per-device-eval-batch-size", self.per_device_eval_batch_size),
         ] {
             if value == 0 {
@@ -88,12 +130,16 @@ impl Default for TrainerConfig {
             gradient_accumulation_steps: 1,
             num_train_epochs: 3.0,
             max_steps: -1,
-            logging_steps: 10,
-            save_steps: 0,
+            logging: Interval::Steps(10.0),
+            logging_first_step: false,
+            save: Interval::Steps(500.0),
+            save_only_model: false,
             save_total_limit: None,
-            eval_steps: 0,
+            eval: Interval::No,
+            eval_at_end: false,
             per_device_eval_batch_size: 8,
             seed: 42,
+            data_seed: None,
             sampling: SamplingStrategy::Random,
             batching: Batching::default(),
             step: StepOptions::default(),
@@ -253,5 +299,25 @@ impl<'a> Trainer<'a> {
         crate::runtime::release_free_memory();
         log.append(step_log);
         Ok(StepOutcome { loss, grad_norm, tokens, seconds })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Interval;
+
+    #[test]
+    fn intervals_fire_as_transformers_strategies() {
+        let fired = |interval: Interval, total: usize, epoch_every: usize| -> Vec<usize> {
+            (1..=total).filter(|&s| interval.due(s, total, s % epoch_every == 0)).collect()
+        };
+        assert_eq!(fired(Interval::Steps(3.0), 10, 100), [3, 6, 9]);
+        // below 1: a fraction of the total steps, rounded up (0.25 * 10 -> every 3)
+        assert_eq!(fired(Interval::Steps(0.25), 10, 100), [3, 6, 9]);
+        // epoch: each epoch's end, and where training stops mid-epoch
+        assert_eq!(fired(Interval::Epoch, 10, 4), [4, 8, 10]);
+        assert!(fired(Interval::No, 10, 4).is_empty());
+        assert_eq!(Interval::parse("steps", 0.0).unwrap(), Interval::No);
+        assert!(Interval::parse("best", 1.0).is_err());
     }
 }

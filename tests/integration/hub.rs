@@ -220,27 +220,27 @@ fn dataset_split_downloads_into_the_python_cache_layout_and_works_offline() {
     let server = prefs_hub().serve();
     let mut hub = settings(&server.url(), home.path());
 
-    let files = dataset_files(&hub, "org/prefs", None, "train").unwrap();
+    let files = dataset_files(&hub, "org/prefs", None, None, "train").unwrap();
     let repo_dir = home.path().join("hub/datasets--org--prefs");
     assert_eq!(files, vec![repo_dir.join("snapshots/c0ffee01/data/train-00000-of-00001.jsonl")]);
     assert_eq!(read(&files[0]), TRAIN);
     assert_eq!(std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(), "c0ffee01");
     assert!(std::fs::symlink_metadata(&files[0]).unwrap().file_type().is_symlink(), "snapshots link to blobs/");
-    let test = dataset_files(&hub, "org/prefs", None, "test").unwrap();
+    let test = dataset_files(&hub, "org/prefs", None, None, "test").unwrap();
     assert_eq!(read(&test[0]), TEST);
 
     // A second call lists the repo again but downloads nothing.
     server.take_log();
-    assert_eq!(dataset_files(&hub, "org/prefs", None, "train").unwrap(), files);
+    assert_eq!(dataset_files(&hub, "org/prefs", None, None, "train").unwrap(), files);
     assert_eq!(server.take_log(), vec!["/api/datasets/org/prefs/revision/main"]);
 
     // Offline, with no server at all: served from the cache.
     drop(server);
     hub.offline = true;
-    assert_eq!(dataset_files(&hub, "org/prefs", None, "train").unwrap(), files);
-    let text = err_text(dataset_files(&hub, "org/prefs", None, "validation"));
+    assert_eq!(dataset_files(&hub, "org/prefs", None, None, "train").unwrap(), files);
+    let text = err_text(dataset_files(&hub, "org/prefs", None, None, "validation"));
     assert!(text.contains("validation") && text.contains("train") && text.contains("HF_HUB_OFFLINE"), "{text}");
-    let text = err_text(dataset_files(&hub, "org/other", None, "train"));
+    let text = err_text(dataset_files(&hub, "org/other", None, None, "train"));
     assert!(text.contains("dataset org/other is not in the cache"), "{text}");
     let text = err_text(model_dir(&hub, "org/tiny", None));
     assert!(text.contains("model org/tiny is not in the cache"), "{text}");
@@ -257,10 +257,11 @@ fn dataset_config_selects_a_folder_of_gzipped_jsonl() {
     let server = FakeHub::default().repo("dataset", "org/hh", "main", "abc123", files).serve();
     let hub = settings(&server.url(), home.path());
 
-    let harmless = dataset_files(&hub, "org/hh", Some("harmless-base"), "train").unwrap();
+    let harmless = dataset_files(&hub, "org/hh", Some("harmless-base"), None, "train").unwrap();
     assert_eq!(harmless.len(), 1);
     assert_eq!(read(&harmless[0]), b"harmless train");
-    let all: Vec<Vec<u8>> = dataset_files(&hub, "org/hh", None, "train").unwrap().iter().map(|p| read(p)).collect();
+    let all: Vec<Vec<u8>> =
+        dataset_files(&hub, "org/hh", None, None, "train").unwrap().iter().map(|p| read(p)).collect();
     assert_eq!(all, vec![b"harmless train".to_vec(), b"helpful train".to_vec()]);
 }
 
@@ -276,18 +277,18 @@ fn dataset_without_matching_files_falls_back_to_the_parquet_conversion() {
         .serve();
     let mut hub = settings(&server.url(), home.path());
 
-    let files = dataset_files(&hub, "org/scripted", None, "train").unwrap();
+    let files = dataset_files(&hub, "org/scripted", None, None, "train").unwrap();
     let repo_dir = home.path().join("hub/datasets--org--scripted");
     assert_eq!(files, vec![repo_dir.join("snapshots/conv0001/default/train/0000.parquet")]);
     assert_eq!(read(&files[0]), b"PAR1 train PAR1");
     assert_eq!(std::fs::read_to_string(repo_dir.join("refs/refs/convert/parquet")).unwrap(), "conv0001");
 
-    let text = err_text(dataset_files(&hub, "org/scripted", None, "validation"));
+    let text = err_text(dataset_files(&hub, "org/scripted", None, None, "validation"));
     assert!(text.contains("validation") && text.contains("splits that seem available: test, train"), "{text}");
 
     drop(server);
     hub.offline = true;
-    assert_eq!(dataset_files(&hub, "org/scripted", None, "train").unwrap(), files);
+    assert_eq!(dataset_files(&hub, "org/scripted", None, None, "train").unwrap(), files);
 }
 
 #[test]
@@ -296,7 +297,7 @@ fn missing_repo_names_the_repo_and_the_endpoint() {
     let server = FakeHub::default().serve();
     let hub = settings(&server.url(), home.path());
 
-    let text = err_text(dataset_files(&hub, "org/nope", None, "train"));
+    let text = err_text(dataset_files(&hub, "org/nope", None, None, "train"));
     assert!(text.contains("dataset org/nope") && text.contains(&server.url()), "{text}");
     let text = err_text(model_dir(&hub, "org/nope", Some("v2")));
     assert!(text.contains("model org/nope (revision v2)") && text.contains(&server.url()), "{text}");
@@ -316,13 +317,13 @@ fn missing_split_lists_the_available_splits() {
         .serve();
     let hub = settings(&server.url(), home.path());
 
-    let text = err_text(dataset_files(&hub, "org/prefs", None, "validation"));
+    let text = err_text(dataset_files(&hub, "org/prefs", None, None, "validation"));
     assert!(text.contains("\"validation\"") && text.contains("splits that seem available: test, train"), "{text}");
     assert!(text.contains("data/test-00000-of-00001.jsonl"), "{text}");
     // "train" must not silently mix train_prefs and train_sft.
-    let text = err_text(dataset_files(&hub, "org/uf", None, "train"));
+    let text = err_text(dataset_files(&hub, "org/uf", None, None, "train"));
     assert!(text.contains("test_prefs, train_prefs, train_sft"), "{text}");
-    assert_eq!(dataset_files(&hub, "org/uf", None, "train_prefs").unwrap().len(), 1);
+    assert_eq!(dataset_files(&hub, "org/uf", None, None, "train_prefs").unwrap().len(), 1);
 }
 
 #[test]
@@ -334,7 +335,7 @@ fn truncated_download_fails_naming_the_file_and_is_completed_next_time() {
     let server = fake().truncating().serve();
     let mut hub = settings(&server.url(), home.path());
 
-    let text = err_text(dataset_files(&hub, "org/big", None, "train"));
+    let text = err_text(dataset_files(&hub, "org/big", None, None, "train"));
     assert!(text.contains("data/train-00000-of-00001.parquet") && text.contains("org/big"), "{text}");
     let repo_dir = home.path().join("hub/datasets--org--big");
     assert!(!repo_dir.join("snapshots/beef/data/train-00000-of-00001.parquet").exists(), "not linked as complete");
@@ -347,7 +348,7 @@ fn truncated_download_fails_naming_the_file_and_is_completed_next_time() {
 
     let server = fake().serve();
     hub.endpoint = server.url();
-    let files = dataset_files(&hub, "org/big", None, "train").unwrap();
+    let files = dataset_files(&hub, "org/big", None, None, "train").unwrap();
     assert_eq!(read(&files[0]), big);
 }
 
@@ -360,10 +361,10 @@ fn private_repo_uses_hf_token() {
     let server = fake.serve();
     let mut hub = settings(&server.url(), home.path());
 
-    let text = err_text(dataset_files(&hub, "org/private", None, "train"));
+    let text = err_text(dataset_files(&hub, "org/private", None, None, "train"));
     assert!(text.contains("org/private") && text.contains("HF_TOKEN"), "{text}");
     hub.token = Some("hf_secret".into());
-    assert_eq!(read(&dataset_files(&hub, "org/private", None, "train").unwrap()[0]), TRAIN);
+    assert_eq!(read(&dataset_files(&hub, "org/private", None, None, "train").unwrap()[0]), TRAIN);
 }
 
 #[test]
@@ -478,4 +479,50 @@ fn settings_read_the_variables_as_huggingface_hub_does() {
     assert_eq!(set.token.as_deref(), Some("hf_x"));
     assert!(!vars(&[("HF_HUB_OFFLINE", "0"), ("HF_TOKEN", "  ")]).offline);
     assert!(vars(&[("HF_TOKEN", "  ")]).token.is_none());
+}
+
+/// `data_dir` (Anthropic/hh-rlhf's harmless-base/) and a dataset card's `configs:` (as HuggingFaceH4/
+/// ultrafeedback_binarized's README.md maps train_prefs / test_prefs to files), resolved as `datasets` does.
+#[test]
+fn data_dir_and_card_configs_choose_the_files_on_the_hub() {
+    let home = tempfile::tempdir().unwrap();
+    let card = b"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train_prefs\n    path: data/train_prefs-*\n\
+                 \x20 - split: test_prefs\n    path: data/test_prefs-*\n- config_name: sft\n  data_dir: sft\n  data_files: \
+                 train-*.jsonl\n---\n# card\n";
+    let hh: &[(&str, &[u8])] = &[
+        ("README.md", b"# hh"),
+        ("harmless-base/train.jsonl.gz", b"harmless train"),
+        ("harmless-base/test.jsonl.gz", b"harmless test"),
+        ("helpful-base/train.jsonl.gz", b"helpful train"),
+    ];
+    let uf: &[(&str, &[u8])] = &[
+        ("README.md", card),
+        ("data/train_prefs-00000-of-00002.parquet", b"prefs 0"),
+        ("data/train_prefs-00001-of-00002.parquet", b"prefs 1"),
+        ("data/test_prefs-00000-of-00001.parquet", b"test prefs"),
+        ("data/train_sft-00000-of-00001.parquet", b"sft"),
+        ("sft/train-0.jsonl", b"sft jsonl"),
+    ];
+    let server = FakeHub::default()
+        .repo("dataset", "org/hh", "main", "abc123", hh)
+        .repo("dataset", "org/uf", "main", "def456", uf)
+        .serve();
+    let hub = settings(&server.url(), home.path());
+    let contents = |files: Vec<std::path::PathBuf>| -> Vec<Vec<u8>> { files.iter().map(|p| read(p)).collect() };
+
+    let harmless = dataset_files(&hub, "org/hh", None, Some("harmless-base"), "test").unwrap();
+    assert_eq!(contents(harmless), [b"harmless test".to_vec()]);
+    let text = err_text(dataset_files(&hub, "org/hh", None, Some("helpful-base"), "test"));
+    assert!(text.contains("no data files for split \"test\"") && text.contains("train"), "{text}");
+
+    let train = dataset_files(&hub, "org/uf", None, None, "train_prefs").unwrap();
+    assert_eq!(contents(train), [b"prefs 0".to_vec(), b"prefs 1".to_vec()]);
+    let test = dataset_files(&hub, "org/uf", Some("default"), None, "test_prefs").unwrap();
+    assert_eq!(contents(test), [b"test prefs".to_vec()]);
+    let sft = dataset_files(&hub, "org/uf", Some("sft"), None, "train").unwrap();
+    assert_eq!(contents(sft), [b"sft jsonl".to_vec()]);
+    let text = err_text(dataset_files(&hub, "org/uf", None, None, "train"));
+    assert!(text.contains("no split \"train\"") && text.contains("train_prefs, test_prefs"), "{text}");
+    let text = err_text(dataset_files(&hub, "org/uf", Some("nope"), None, "train"));
+    assert!(text.contains("no config \"nope\"") && text.contains("default, sft"), "{text}");
 }

@@ -18,6 +18,7 @@ mod lora;
 mod losses;
 mod model_parity;
 mod quantized;
+mod recipes;
 mod reliability;
 mod tensorboard;
 mod training;

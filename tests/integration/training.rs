@@ -17,7 +17,7 @@ use prefalign::objective::dpo::{DpoLoss, LossParams};
 use prefalign::objective::{CpoParams, DpoParams, Objective, OrpoParams};
 use prefalign::train::optimizer::AdamWConfig;
 use prefalign::train::schedule::Schedule;
-use prefalign::train::{train, Reference, TrainInputs, TrainerConfig};
+use prefalign::train::{train, Interval, Reference, TrainInputs, TrainerConfig};
 use serde_json::Value;
 use tch::{Device, Kind};
 
@@ -94,7 +94,7 @@ fn check_layout(name: &str, layout: PackOptions) {
         per_device_train_batch_size: f("per_device_train_batch_size") as usize,
         num_train_epochs: 1.0,
         max_steps: f("max_steps") as i64,
-        logging_steps: 1,
+        logging: Interval::Steps(1.0),
         seed: f("seed") as u64,
         sampling: if s("train_sampling_strategy") == "random" {
             SamplingStrategy::Random
@@ -274,9 +274,10 @@ fn small_config(out: &std::path::Path) -> TrainerConfig {
         gradient_accumulation_steps: 2,
         num_train_epochs: 1.0,
         max_steps: 6,
-        logging_steps: 2,
-        save_steps: 3,
-        save_total_limit: Some(1),
+        logging: Interval::Steps(2.0),
+        save: Interval::Steps(3.0),
+        // the newest two: checkpoint-3 and the final checkpoint-6
+        save_total_limit: Some(2),
         per_device_eval_batch_size: 4,
         seed: 7,
         batching: Batching {
@@ -307,7 +308,7 @@ fn resume_is_bit_for_bit() {
         eval: Some(&a.pairs[..4]),
         objective: &objective,
     };
-    let rows_a = train(&inputs, &TrainerConfig { eval_steps: 3, ..config.clone() }).unwrap();
+    let rows_a = train(&inputs, &TrainerConfig { eval: Interval::Steps(3.0), ..config.clone() }).unwrap();
     let checkpoint = uninterrupted_dir.path().join("checkpoint-3");
     assert!(checkpoint.join("model.safetensors").exists() && checkpoint.join("trainer_state.json").exists());
     // The checkpoint is a model folder transformers-style loaders read.
@@ -325,7 +326,7 @@ fn resume_is_bit_for_bit() {
     let resumed = TrainerConfig {
         output_dir: resumed_dir.path().to_path_buf(),
         resume_from_checkpoint: Some(checkpoint),
-        eval_steps: 3,
+        eval: Interval::Steps(3.0),
         ..config
     };
     let rows_b = train(&inputs, &resumed).unwrap();
@@ -358,7 +359,7 @@ fn nonfinite_loss_stops_naming_step_and_rows_or_is_skipped() {
         gradient_accumulation_steps: 1,
         sampling: SamplingStrategy::Sequential,
         batching: Batching { truncation: None, ..small.batching },
-        save_steps: 1,
+        save: Interval::Steps(1.0),
         ..small
     };
     let inputs = TrainInputs {
@@ -371,7 +372,7 @@ fn nonfinite_loss_stops_naming_step_and_rows_or_is_skipped() {
     let err = format!("{:#}", train(&inputs, &config).unwrap_err());
     assert!(err.contains("non-finite loss NaN at step 2") && err.contains("standard.jsonl:8"), "{err}");
     assert!(err.contains("last good checkpoint: ") && err.contains("checkpoint-1"), "{err}");
-    let rows = train(&inputs, &TrainerConfig { skip_nonfinite: true, save_steps: 0, ..config }).unwrap();
+    let rows = train(&inputs, &TrainerConfig { skip_nonfinite: true, save: Interval::No, ..config }).unwrap();
     assert_eq!(rows.last().unwrap()["step"], 6);
     assert!(rows.last().unwrap()["skipped_nonfinite"].as_u64().unwrap() >= 1);
 }
@@ -389,8 +390,8 @@ fn precomputed_reference_matches_the_reference_model() {
             per_device_train_batch_size: 4,
             gradient_accumulation_steps: 1,
             sampling: SamplingStrategy::Sequential,
-            save_steps: 0,
-            eval_steps: 3,
+            save: Interval::No,
+            eval: Interval::Steps(3.0),
             ..small_config(out.path())
         };
         let eval_pairs = &s.pairs[..5];
