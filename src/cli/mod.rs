@@ -8,6 +8,7 @@ mod data;
 mod demo;
 mod eval;
 mod generate;
+mod push;
 mod recipe_keys;
 pub mod train;
 pub mod values;

@@ -2,6 +2,7 @@
 //! it as a Hugging Face folder in --output-dir.
 
 use crate::cli::data::DatasetArgs;
+use crate::cli::push::HubPushArgs;
 use crate::cli::{values, ComputeArgs, ModelArgs};
 use crate::data::collate::SamplingStrategy;
 use crate::data::prepare::Rules;
@@ -18,12 +19,12 @@ use crate::runtime;
 use crate::train::checkpoint::list_checkpoints;
 use crate::train::optimizer::AdamWConfig;
 use crate::train::reference::{cache_dir, precompute as precompute_reference};
-use crate::train::run::Stopped;
+use crate::train::run::{train_with_hook, Stopped};
 use crate::train::schedule::Schedule;
-use crate::train::{train, Interval, Reference, TrainInputs, TrainerConfig};
+use crate::train::{Interval, Reference, TrainInputs, TrainerConfig};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SamplingArg {
@@ -324,6 +325,8 @@ pub struct RunArgs {
     trainer: TrainerArgs,
     #[command(flatten)]
     compute: ComputeArgs,
+    #[command(flatten)]
+    hub: HubPushArgs,
 }
 
 #[derive(Args, Debug)]
@@ -432,10 +435,11 @@ enum ReferenceArg {
 
 /// `precompute`: compute the reference's log-probs before training.
 fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, objective: &Objective) -> Result<()> {
-    let RunArgs { model, lora, merge, data, eval_data, trainer: t, compute } = args;
+    let RunArgs { model, lora, merge, data, eval_data, trainer: t, compute, hub } = args;
     let mut config = t.config(eval_data.eval_dataset.is_some(), compute)?;
     // One run per output folder, from before anything is read until the model is saved.
     let _lock = files::RunLock::acquire(&t.output_dir)?;
+    let hub = hub.connect(&t.output_dir)?; // before anything is loaded: a missing token or right fails at once
     let use_lora = lora.use_peft || model.adapter.is_some();
     let mut policy = model.load_for_training(use_lora).with_context(|| format!("the policy model {}", model.model))?;
     tch::manual_seed(t.seed as i64); // PEFT draws the adapters' A after TRL's set_seed(seed)
@@ -529,7 +533,10 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, 
         objective,
     };
     let stop_at_step_end = runtime::StopAtStepEnd::new();
-    train(&inputs, &config)?;
+    let lora_config = policy.adapter.as_ref().map(|a| &a.config);
+    let hub = hub.map(|h| h.describing(&model.model, &data.describe(), objective, &config, lora_config));
+    let mut on_checkpoint = |dir: &Path, step| hub.as_ref().map_or(Ok(()), |h| h.checkpoint_saved(dir, step));
+    train_with_hook(&inputs, &config, &mut on_checkpoint)?;
     save_trained(&policy, &t.output_dir)?;
     let what = if policy.adapter.is_some() { "adapter" } else { "model" };
     eprintln!("saved the trained {what} to {}", t.output_dir.display());
@@ -552,6 +559,9 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, 
             t.output_dir.display()
         );
         return Err(Stopped { signal, message }.into());
+    }
+    if let Some(hub) = &hub {
+        hub.finish()?;
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Models: config, the decoder architecture, weights (safetensors and GGUF), tokenizer, saving and generation.
+//! Models: config, the decoder architecture, weights (safetensors and GGUF), tokenizer, saving (and pushing to the
+//! Hub) and generation.
 
 pub mod config;
 pub mod decoder;
@@ -8,6 +9,7 @@ pub mod generate;
 pub mod gguf;
 pub mod lm_head;
 pub mod lora;
+pub mod push;
 pub mod quantized;
 pub mod rope;
 pub mod save;

@@ -113,7 +113,7 @@ pub fn console_line(row: &Map<String, Value>) -> String {
 }
 
 /// Python's `f"{v:.4g}"`.
-fn python_g4(v: f64) -> String {
+pub fn python_g4(v: f64) -> String {
     if !v.is_finite() {
         return if v.is_nan() {
             "nan".into()

@@ -17,7 +17,7 @@ use crate::train::trainer::{Interval, NonFinite, Reference, StepOutcome, Trainer
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub struct TrainInputs<'a> {
     pub policy: &'a LoadedModel,
@@ -79,6 +79,16 @@ impl BatchCursor {
 
 /// Trains the policy; returns every row written to `metrics.jsonl` by this run.
 pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<String, Value>>> {
+    train_with_hook(inputs, config, &mut |_, _| Ok(()))
+}
+
+/// [`train`], calling `on_checkpoint(folder, global_step)` after each checkpoint it saves at `save_steps` (the
+/// Hub pushes of `--hub-strategy every_save`).
+pub fn train_with_hook(
+    inputs: &TrainInputs,
+    config: &TrainerConfig,
+    on_checkpoint: &mut dyn FnMut(&Path, usize) -> Result<()>,
+) -> Result<Vec<Map<String, Value>>> {
     if inputs.train.is_empty() {
         bail!("no training pairs");
     }
@@ -187,6 +197,9 @@ pub fn train(inputs: &TrainInputs, config: &TrainerConfig) -> Result<Vec<Map<Str
             let optimizer = (!config.save_only_model || stop.is_some()).then_some(&trainer.optimizer);
             let checkpoint =
                 save_checkpoint(&config.output_dir, inputs.policy, optimizer, &progress, config.save_total_limit)?;
+            if stop.is_none() {
+                on_checkpoint(&checkpoint, global_step)?;
+            }
             last_checkpoint = Some(checkpoint);
         }
         if let (Some(signal), Some(checkpoint)) = (stop, &last_checkpoint) {
