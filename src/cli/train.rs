@@ -78,7 +78,7 @@ pub struct TrainerArgs {
     #[arg(long, default_value = "steps")]
     logging_strategy: String,
     /// Log every N optimizer steps (below 1: that fraction of the total steps)
-    #[arg(long, value_parser = values::steps, default_value_t = 10.0)]
+    #[arg(long, value_parser = values::positive_steps, default_value_t = 10.0)]
     logging_steps: f64,
     /// Also log after the first step
     #[arg(long)]
@@ -103,7 +103,7 @@ pub struct TrainerArgs {
     #[arg(long, alias = "evaluation-strategy")]
     eval_strategy: Option<String>,
     /// Evaluate every N optimizer steps (below 1: that fraction of the total); default --logging-steps
-    #[arg(long, value_parser = values::steps)]
+    #[arg(long, value_parser = values::positive_steps)]
     eval_steps: Option<f64>,
     /// Evaluate once more after training (the alignment-handbook's do_eval) unless the last step was evaluated
     #[arg(long)]

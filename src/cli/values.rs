@@ -48,6 +48,16 @@ pub fn steps(text: &str) -> Result<f64, String> {
     Ok(value)
 }
 
+/// `logging_steps`, `eval_steps`: as [`steps`], and more than 0 (transformers refuses 0 there).
+pub fn positive_steps(text: &str) -> Result<f64, String> {
+    let value = steps(text)?;
+    if value > 0.0 {
+        Ok(value)
+    } else {
+        Err(format!("{value} must be greater than 0"))
+    }
+}
+
 /// A fraction in [0, 1] (warmup ratio, the final rate of `cosine_with_min_lr`).
 pub fn fraction(text: &str) -> Result<f64, String> {
     let value = number(text)?;

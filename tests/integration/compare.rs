@@ -254,10 +254,12 @@ fn comparing_again_reuses_finished_runs_and_resumes_interrupted_ones() {
     assert!(reused.contains("`dpo` is the finished run of the same recipe in `runs/dpo`, reused"), "{reused}");
     assert_eq!(std::fs::read_to_string(dpo_run.join("train.log")).unwrap(), train_log, "not trained again");
 
-    // A DPO run killed after its first checkpoint (the last step saves none) resumes from it and ends where the uninterrupted run did.
+    // A DPO run killed after its first checkpoint (before the final one) resumes from it and ends where the
+    // uninterrupted run did.
     for file in ["compare_finished.json", "train_summary.json", "heldout_after.json"] {
         std::fs::remove_file(dpo_run.join(file)).unwrap();
     }
+    std::fs::remove_dir_all(dpo_run.join("checkpoint-2")).unwrap();
     let resumed = compare(&args);
     let stderr = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{stderr}");

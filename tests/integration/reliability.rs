@@ -158,17 +158,17 @@ fn a_write_failure_while_resuming_leaves_the_last_checkpoint_and_the_history_who
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model_dir(dir.path(), "tiny_policy");
     let out = dir.path().join("out");
-    run(training(&model, &out, 4));
-    let checkpoint = out.join("checkpoint-3");
+    run(training(&model, &out, 4)); // keeps checkpoint-3 and the final checkpoint-4
+    let checkpoint = out.join("checkpoint-4");
     let before: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&checkpoint)
         .unwrap()
         .map(|e| e.unwrap().path())
         .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
         .collect();
 
-    // Files may grow to 1 MiB only (the model's weights are larger): the disk fills while checkpoint-3 is rewritten.
+    // Files may grow to 1 MiB only (the model's weights are larger): the disk fills while checkpoint-4 is rewritten.
     let mut resumed = training(&model, &out, 4);
-    resumed.args(["--resume-from-checkpoint", out.join("checkpoint-2").to_str().unwrap()]);
+    resumed.args(["--resume-from-checkpoint", out.join("checkpoint-3").to_str().unwrap()]);
     // SAFETY: setrlimit and signal are async-signal-safe, as a pre_exec closure needs.
     unsafe {
         resumed.pre_exec(|| {
@@ -181,7 +181,7 @@ fn a_write_failure_while_resuming_leaves_the_last_checkpoint_and_the_history_who
     let output = resumed.output().unwrap();
     assert!(!output.status.success());
     let message = stderr(&output);
-    assert!(message.contains("cannot write") && message.contains("checkpoint-3"), "{message}");
+    assert!(message.contains("cannot write") && message.contains("checkpoint-4"), "{message}");
     for (path, bytes) in before {
         assert!(std::fs::read(&path).unwrap() == bytes, "{} changed", path.display());
     }
@@ -191,7 +191,7 @@ fn a_write_failure_while_resuming_leaves_the_last_checkpoint_and_the_history_who
         .lines()
         .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["step"].as_u64().unwrap())
         .collect();
-    assert_eq!(steps, [1, 2, 3], "the rows up to the checkpoint, then the resumed run's own");
+    assert_eq!(steps, [1, 2, 3, 4], "the rows up to the checkpoint, then the resumed run's own");
     // The next start clears what the failed save left behind, and finishes.
     let mut again = training(&model, &out, 4);
     again.args(["--resume-from-checkpoint", "last"]);
