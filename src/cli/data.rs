@@ -1,6 +1,7 @@
 //! Dataset flags shared by every subcommand that reads preference data, and `prefalign data inspect`.
 
 use crate::data::collate::TruncationMode;
+use crate::data::hub::Selection;
 use crate::data::mixture::{legacy_mixer, Mixture};
 use crate::data::pack::{Batching, PackOptions};
 use crate::data::prepare::{prepare, tokenize_pairs, PrepareOptions, Prepared, RowFormat, Rules};
@@ -41,6 +42,10 @@ pub struct DatasetArgs {
     /// by split name, instead of the card's configs
     #[arg(long)]
     pub data_dir: Option<String>,
+    /// Data files of the dataset (`datasets`' data_files): glob patterns for the train split, comma-separated, or
+    /// JSON {"train": "data/train-*.parquet", "test": [...]}; relative to --data-dir when given
+    #[arg(long)]
+    pub data_files: Option<String>,
     /// The training split, optionally sliced as in `datasets`: "train[:300]", "train[300:]", "test[10%:20%]"
     /// (a single file is one split; its slices apply)
     #[arg(long, visible_alias = "dataset-train-split", default_value = "train")]
@@ -129,10 +134,17 @@ impl DatasetArgs {
     /// The rows of the split, from a local path, the Hub or a mixture of datasets.
     pub fn read(&self) -> Result<ReadRows> {
         let (split, slice) = parse_split(&self.dataset_split)?;
-        let load = |dataset: &str, config: Option<&str>, split: &str| read_dataset(dataset, config, None, split);
+        let load = |dataset: &str, config: Option<&str>, split: &str| {
+            read_dataset(dataset, &Selection { config, ..Selection::default() }, split)
+        };
         let mut read = match (&self.dataset, &self.dataset_mixture, &self.dataset_mixer) {
             (Some(dataset), _, _) => {
-                read_dataset(dataset, self.dataset_config.as_deref(), self.data_dir.as_deref(), split)?
+                let select = Selection {
+                    config: self.dataset_config.as_deref(),
+                    data_dir: self.data_dir.as_deref(),
+                    data_files: self.data_files.as_deref(),
+                };
+                read_dataset(dataset, &select, split)?
             }
             (None, mixture, mixer) => {
                 let mut splits = match (mixture, mixer) {

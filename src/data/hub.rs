@@ -20,7 +20,8 @@ const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// The branch where the Hub keeps its automatic Parquet conversion of a dataset.
 const PARQUET_REVISION: &str = "refs/convert/parquet";
 /// File endings `data::source` reads.
-const DATA_EXTENSIONS: [&str; 7] = [".parquet", ".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz"];
+const DATA_EXTENSIONS: [&str; 9] =
+    [".parquet", ".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz", ".csv", ".csv.gz"];
 /// JSON files that are metadata, not rows (the `datasets` library skips them too; `save_to_disk` writes the last two).
 const NOT_DATA: [&str; 5] =
     ["config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"];
@@ -81,22 +82,16 @@ impl HubSettings {
 ///
 /// Files are chosen like the `datasets` library's defaults (see [`split_files`]) on the `main` branch; when none
 /// match, the Hub's Parquet conversion (`refs/convert/parquet`, `{config or default}/{split}/*.parquet`) is used.
-pub fn dataset_files(
-    hub: &HubSettings,
-    repo: &str,
-    config: Option<&str>,
-    data_dir: Option<&str>,
-    split: &str,
-) -> Result<Vec<PathBuf>> {
+pub fn dataset_files(hub: &HubSettings, repo: &str, select: &Selection, split: &str) -> Result<Vec<PathBuf>> {
+    let config = select.config;
     let main = HubRepo::new(hub, repo, RepoType::Dataset, "main")?;
     let parquet = HubRepo::new(hub, repo, RepoType::Dataset, PARQUET_REVISION)?;
     if main.api.is_none() {
         return cached_dataset_files(&main, &parquet, config, split);
     }
     let listing = main.list()?.ok_or_else(|| main.not_found())?;
-    if let Some(dir) = data_dir {
-        let chosen = data_dir_files(&listing.files, dir, split).map_err(|e| anyhow!("{}: {e}", main.name()))?;
-        return chosen.iter().map(|f| main.fetch(f, &listing.sha)).collect();
+    if let Some(chosen) = select.explicit_files(&listing.files, split, &main.name()) {
+        return chosen?.iter().map(|f| main.fetch(f, &listing.sha)).collect();
     }
     if listing.files.iter().any(|f| f == "README.md") {
         let readme = main.fetch("README.md", &listing.sha)?;
@@ -186,6 +181,53 @@ pub fn looks_like_repo_id(arg: &str) -> bool {
     matches!(arg.split_once('/'), Some((org, name)) if part_ok(org) && part_ok(name))
         && !file_like
         && !Path::new(arg).exists()
+}
+
+/// Which of a dataset repo's (or folder's) files to read, as `datasets.load_dataset` takes it besides the split.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Selection<'a> {
+    /// `name`: a config of the card's `configs:`, else a folder
+    pub config: Option<&'a str>,
+    /// `data_dir`: a folder of the repo, whose files are chosen by name
+    pub data_dir: Option<&'a str>,
+    /// `data_files`: glob patterns for the train split (comma-separated), or JSON {split: pattern(s)}; relative to
+    /// `data_dir` when both are given
+    pub data_files: Option<&'a str>,
+}
+
+impl Selection<'_> {
+    /// The files `data_files` or `data_dir` choose (which override the card's configs), if either is given.
+    fn explicit_files<'f>(&self, files: &'f [String], split: &str, repo: &str) -> Option<Result<Vec<&'f str>>> {
+        if let Some(spec) = self.data_files {
+            return Some(self.data_files_config(spec).and_then(|c| card_split_files(&[c], files, None, split, repo)));
+        }
+        let dir = self.data_dir?;
+        Some(data_dir_files(files, dir, split).map_err(|e| anyhow!("{repo}: {e}")))
+    }
+
+    fn data_files_config(&self, spec: &str) -> Result<CardConfig> {
+        let strings = |value: &serde_json::Value| -> Result<Vec<String>> {
+            match value {
+                serde_json::Value::String(s) => Ok(vec![s.clone()]),
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(|i| i.as_str().map(str::to_string).context("data_files: a pattern is not a string"))
+                    .collect(),
+                other => bail!("data_files: expected a pattern or a list of them, found {other}"),
+            }
+        };
+        let by_split: Vec<(String, Vec<String>)> = if spec.trim_start().starts_with('{') {
+            let map: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(spec).context("data_files: expected {split: pattern(s)}")?;
+            map.iter().map(|(split, patterns)| Ok((split.clone(), strings(patterns)?))).collect::<Result<_>>()?
+        } else {
+            vec![("train".to_string(), spec.split(',').map(|p| p.trim().to_string()).collect())]
+        };
+        let prefix = self.data_dir.map(|d| format!("{}/", d.trim_matches('/'))).unwrap_or_default();
+        let data_files =
+            by_split.into_iter().map(|(s, p)| (s, p.into_iter().map(|p| format!("{prefix}{p}")).collect())).collect();
+        Ok(CardConfig { name: "data_files".into(), default: true, data_files })
+    }
 }
 
 /// `datasets`' `data_dir`: the data files under that folder of the repo (the card's configs do not apply), chosen
@@ -342,16 +384,11 @@ pub fn split_files<'a>(files: &'a [String], config: Option<&str>, split: &str) -
 /// The data files of a local folder for `split`, chosen as in a Hub repo (see [`split_files`]). Empty when no
 /// file's name or folder names a split (then the folder is one split, whatever its name); an error when some do,
 /// but none this one.
-pub fn local_split_files(
-    dir: &Path,
-    config: Option<&str>,
-    data_dir: Option<&str>,
-    split: &str,
-) -> Result<Vec<PathBuf>> {
+pub fn local_split_files(dir: &Path, select: &Selection, split: &str) -> Result<Vec<PathBuf>> {
+    let config = select.config;
     let files = list_tree(dir);
-    if let Some(sub) = data_dir {
-        let chosen = data_dir_files(&files, sub, split).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
-        return Ok(chosen.iter().map(|f| dir.join(f)).collect());
+    if let Some(chosen) = select.explicit_files(&files, split, &dir.display().to_string()) {
+        return Ok(chosen?.iter().map(|f| dir.join(f)).collect());
     }
     let readme = dir.join("README.md");
     if let Ok(text) = std::fs::read_to_string(&readme) {

@@ -29,6 +29,8 @@ pub enum RowError {
     InvalidJson(String),
     #[error("expected a JSON object, found {0}")]
     NotAnObject(&'static str),
+    #[error("invalid CSV: {0}")]
+    InvalidCsv(String),
     #[error("missing column \"{column}\" (the row has: {})", present.join(", "))]
     MissingColumn { column: String, present: Vec<String> },
     #[error("column \"{column}\": {problem}")]

@@ -13,5 +13,6 @@ pub mod mixture;
 pub mod pack;
 mod parquet_check;
 pub mod prepare;
+pub mod saved;
 pub mod source;
 pub mod tokenize;

@@ -2,6 +2,7 @@
 //! optionally gzipped where the format allows. Every row keeps its location (`file:line`, `file[index]`,
 //! `file row N`) so that later errors can name it.
 
+use crate::data::hub::Selection;
 use crate::data::invalid::{InvalidRow, RowError};
 use crate::data::parquet_check;
 use anyhow::{bail, Context, Result};
@@ -49,15 +50,14 @@ pub fn read_rows(path: &Path) -> Result<ReadRows> {
     read_file(path)
 }
 
-/// One split of one dataset: a local file or folder, or a Hub dataset id; `config` and `data_dir` as `datasets`'
-/// `load_dataset` takes them.
-pub fn read_dataset(dataset: &str, config: Option<&str>, data_dir: Option<&str>, split: &str) -> Result<ReadRows> {
+/// One split of one dataset: a local file or folder, or a Hub dataset id; `select` as `datasets`' `load_dataset`
+/// takes `name`, `data_dir` and `data_files`.
+pub fn read_dataset(dataset: &str, select: &Selection, split: &str) -> Result<ReadRows> {
     if Path::new(dataset).exists() || !crate::data::hub::looks_like_repo_id(dataset) {
-        return read_local(Path::new(dataset), config, data_dir, split);
+        return read_local(Path::new(dataset), select, split);
     }
-    let files =
-        crate::data::hub::dataset_files(&crate::data::hub::HubSettings::from_env(), dataset, config, data_dir, split)
-            .with_context(|| format!("{dataset} is no local path, so it was read as a Hub dataset id"))?;
+    let files = crate::data::hub::dataset_files(&crate::data::hub::HubSettings::from_env(), dataset, select, split)
+        .with_context(|| format!("{dataset} is no local path, so it was read as a Hub dataset id"))?;
     let mut all = ReadRows::default();
     for file in files {
         let part = read_rows(&file)?;
@@ -67,13 +67,21 @@ pub fn read_dataset(dataset: &str, config: Option<&str>, data_dir: Option<&str>,
     Ok(all)
 }
 
-/// A local file (one split: every split name reads it whole, so that it can be sliced), or a folder: laid out as a
-/// Hub repo (files named or foldered by split, as `datasets` finds them) the split's files, else every data file.
-fn read_local(path: &Path, config: Option<&str>, data_dir: Option<&str>, split: &str) -> Result<ReadRows> {
+/// A local file (one split: every split name reads it whole, so that it can be sliced), or a folder: one that
+/// `save_to_disk` wrote; laid out as a Hub repo (files named or foldered by split, as `datasets` finds them), the
+/// split's files; else every data file.
+fn read_local(path: &Path, select: &Selection, split: &str) -> Result<ReadRows> {
     if !path.is_dir() {
         return read_rows(path);
     }
-    let files = crate::data::hub::local_split_files(path, config, data_dir, split)?;
+    if crate::data::saved::is_saved_dataset(path) {
+        return crate::data::saved::read_saved(path, split);
+    }
+    // the older handbook's fallback: load_from_disk(os.path.join(dataset, split))
+    if crate::data::saved::is_saved_dataset(&path.join(split)) {
+        return crate::data::saved::read_saved(&path.join(split), split);
+    }
+    let files = crate::data::hub::local_split_files(path, select, split)?;
     if files.is_empty() {
         return read_rows(path);
     }
@@ -91,6 +99,7 @@ enum DataFormat {
     JsonLines,
     JsonArray,
     Parquet,
+    Csv,
 }
 
 impl DataFormat {
@@ -101,8 +110,12 @@ impl DataFormat {
             Some("jsonl" | "ndjson") => Self::JsonLines,
             Some("json") => Self::JsonArray,
             Some("parquet") => Self::Parquet,
+            Some("csv") => Self::Csv,
             _ => {
-                bail!("{}: unknown dataset format (expected .jsonl, .json or .parquet, optionally .gz)", path.display())
+                bail!(
+                    "{}: unknown dataset format (expected .jsonl, .json, .parquet or .csv, optionally .gz)",
+                    path.display()
+                )
             }
         })
     }
@@ -183,7 +196,51 @@ fn read_file(path: &Path) -> Result<ReadRows> {
             Ok(out)
         }
         DataFormat::Parquet => read_parquet(path),
+        DataFormat::Csv => read_csv(path),
     }
+}
+
+/// A CSV file with a header row, as `datasets`' csv loader (pandas) reads text columns: each cell a string, an
+/// empty cell null. A record that does not parse (a wrong number of fields, invalid UTF-8) is an invalid row
+/// named by its line.
+fn read_csv(path: &Path) -> Result<ReadRows> {
+    let shown = path.display();
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(open_maybe_gzip(path)?);
+    let headers = reader.headers().with_context(|| format!("{shown}: cannot read the CSV header"))?.clone();
+    let mut out = ReadRows::default();
+    let mut record = csv::StringRecord::new();
+    loop {
+        let line = reader.position().line();
+        match reader.read_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {
+                let location = format!("{shown}:{}", record.position().map_or(line, |p| p.line()));
+                let fields = headers
+                    .iter()
+                    .zip(record.iter())
+                    .map(|(name, cell)| {
+                        let value = if cell.is_empty() { Value::Null } else { Value::String(cell.to_string()) };
+                        (name.to_string(), value)
+                    })
+                    .collect();
+                out.rows.push(RawRow { location, fields });
+            }
+            Err(error) => {
+                let line = error.position().map_or(line, |p| p.line());
+                let location = format!("{shown}:{line}");
+                let reason = match error.kind() {
+                    csv::ErrorKind::Utf8 { err, .. } => RowError::InvalidUtf8(err.valid_up_to()),
+                    csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+                        RowError::InvalidCsv(format!("{len} fields where the header has {expected_len}"))
+                    }
+                    csv::ErrorKind::Io(e) => bail!("{location}: read error: {e}"),
+                    _ => RowError::InvalidCsv(error.to_string()),
+                };
+                out.invalid.push(InvalidRow { location, reason });
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn into_object(value: Value) -> Result<Map<String, Value>, RowError> {

@@ -106,7 +106,7 @@ fn json_array_and_gzip() {
     std::io::Write::write_all(&mut gz, &std::fs::read(fixture("trl_data/standard.jsonl")).unwrap()).unwrap();
     let gzipped = write(dir.path(), "data.jsonl.gz", &gz.finish().unwrap());
     assert_eq!(fields(&read_rows(&gzipped).unwrap().rows), fields(&rows.rows));
-    let err = error_text(read_rows(&write(dir.path(), "data.csv", b"a,b")));
+    let err = error_text(read_rows(&write(dir.path(), "data.tsv", b"a\tb")));
     assert!(err.contains("unknown dataset format"), "{err}");
 }
 
@@ -299,4 +299,36 @@ fn a_json_file_holds_json_lines_or_an_array() {
     );
     let read = read_rows(&write(dir.path(), "array.json", array.as_bytes())).unwrap();
     assert_eq!(fields(&read.rows), fields(&jsonl.rows));
+}
+
+/// CSV as `datasets`' csv loader reads preference data: a header, quoted cells with commas, quotes and line
+/// breaks, empty cells as null; a record with the wrong number of fields is an invalid row named by its line.
+#[test]
+fn csv_files_are_read_with_quoted_cells_and_bad_records_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "prompt,chosen,rejected\n\
+                \"Say \"\"hi\"\", please\",\"Hi,\nthere\",Go away\n\
+                What is 2+2?,4,\n\
+                only,two\n\
+                Last?,Yes,No\n";
+    let path = write(dir.path(), "prefs.csv", text.as_bytes());
+    let read = read_rows(&path).unwrap();
+    assert_eq!(
+        fields(&read.rows),
+        [
+            serde_json::json!({"prompt": "Say \"hi\", please", "chosen": "Hi,\nthere", "rejected": "Go away"}),
+            serde_json::json!({"prompt": "What is 2+2?", "chosen": "4", "rejected": null}),
+            serde_json::json!({"prompt": "Last?", "chosen": "Yes", "rejected": "No"}),
+        ]
+    );
+    assert_eq!(read.rows[1].location, format!("{}:4", path.display()), "the record's line (after a two-line cell)");
+    assert_eq!(read.invalid.len(), 1);
+    let invalid = read.invalid[0].to_string();
+    assert!(invalid.contains("prefs.csv:5") && invalid.contains("2 fields where the header has 3"), "{invalid}");
+    // gzipped, and in a folder with other formats
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, text.as_bytes()).unwrap();
+    let gz_path = write(dir.path(), "more.csv.gz", &gz.finish().unwrap());
+    assert_eq!(read_rows(&gz_path).unwrap().rows.len(), 3);
+    assert_eq!(read_rows(dir.path()).unwrap().rows.len(), 6);
 }

@@ -4,6 +4,7 @@
 
 use crate::common::{self, fixture, tiny_model_dir};
 use crate::lora::{ok, prefalign};
+use prefalign::data::hub::Selection;
 use prefalign::data::mixture::{legacy_mixer, Mixture};
 use prefalign::data::source::{read_dataset, ReadRows};
 use serde_json::Value;
@@ -26,7 +27,10 @@ fn mixtures_equal_the_handbooks_on_datasets() {
     for case in fixture["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let splits = if let Some(mixture) = case.get("dataset_mixture") {
-            Mixture::parse(&mixture.to_string()).unwrap().build(|d, c, s| read_dataset(d, c, None, s)).unwrap()
+            Mixture::parse(&mixture.to_string())
+                .unwrap()
+                .build(|d, c, s| read_dataset(d, &Selection { config: c, ..Selection::default() }, s))
+                .unwrap()
         } else {
             let mixer: Vec<(String, f64)> = case["dataset_mixer"]
                 .as_object()
@@ -36,7 +40,10 @@ fn mixtures_equal_the_handbooks_on_datasets() {
                 .collect();
             let splits: Vec<String> =
                 case["dataset_splits"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().into()).collect();
-            legacy_mixer(&mixer, &splits, &[], |d, c, s| read_dataset(d, c, None, s)).unwrap()
+            legacy_mixer(&mixer, &splits, &[], |d, c, s| {
+                read_dataset(d, &Selection { config: c, ..Selection::default() }, s)
+            })
+            .unwrap()
         };
         let expected = case["answers"].as_object().unwrap();
         let mut expected_splits: Vec<&String> = expected.keys().collect();
@@ -58,16 +65,49 @@ fn mixtures_equal_the_handbooks_on_datasets() {
 fn a_dataset_cards_configs_choose_the_files() {
     let prefs = fixture("recipes/prefs");
     let prefs = prefs.to_str().unwrap();
-    assert_eq!(read_dataset(prefs, None, None, "test_prefs").unwrap().rows.len(), 8);
-    assert_eq!(read_dataset(prefs, Some("default"), None, "train_prefs").unwrap().rows.len(), 24);
-    let err = format!("{:#}", read_dataset(prefs, None, None, "train").unwrap_err());
+    assert_eq!(
+        read_dataset(prefs, &Selection { config: None, ..Selection::default() }, "test_prefs").unwrap().rows.len(),
+        8
+    );
+    assert_eq!(
+        read_dataset(prefs, &Selection { config: Some("default"), ..Selection::default() }, "train_prefs")
+            .unwrap()
+            .rows
+            .len(),
+        24
+    );
+    let err =
+        format!("{:#}", read_dataset(prefs, &Selection { config: None, ..Selection::default() }, "train").unwrap_err());
     assert!(err.contains("no split \"train\"") && err.contains("train_prefs, test_prefs"), "{err}");
-    let err = format!("{:#}", read_dataset(prefs, Some("other"), None, "train_prefs").unwrap_err());
+    let err = format!(
+        "{:#}",
+        read_dataset(prefs, &Selection { config: Some("other"), ..Selection::default() }, "train_prefs").unwrap_err()
+    );
     assert!(err.contains("no config \"other\""), "{err}");
+    // data_files, as load_dataset takes them: patterns for train, or per split; the card does not apply then
+    let files = |spec: &str, split: &str| {
+        let select = Selection { data_files: Some(spec), ..Selection::default() };
+        read_dataset(prefs, &select, split).map(|r| r.rows.len())
+    };
+    assert_eq!(files("data/test_prefs-*", "train").unwrap(), 8);
+    assert_eq!(files("data/test_prefs-*.parquet,data/train_prefs-*", "train").unwrap(), 32);
+    assert_eq!(files(r#"{"train": "data/train_prefs-*", "dev": ["data/test_prefs-*"]}"#, "dev").unwrap(), 8);
+    let err = format!("{:#}", files("data/test_prefs-*", "test").unwrap_err());
+    assert!(err.contains("no split \"test\""), "{err}");
     // without a card: files named by split, as `datasets` finds them
     let b = fixture("recipes/prefs_b");
-    assert_eq!(read_dataset(b.to_str().unwrap(), None, None, "test").unwrap().rows.len(), 4);
-    let err = format!("{:#}", read_dataset(b.to_str().unwrap(), None, None, "validation").unwrap_err());
+    assert_eq!(
+        read_dataset(b.to_str().unwrap(), &Selection { config: None, ..Selection::default() }, "test")
+            .unwrap()
+            .rows
+            .len(),
+        4
+    );
+    let err = format!(
+        "{:#}",
+        read_dataset(b.to_str().unwrap(), &Selection { config: None, ..Selection::default() }, "validation")
+            .unwrap_err()
+    );
     assert!(err.contains("splits that seem available: test, train"), "{err}");
 }
 
@@ -328,4 +368,36 @@ fn every_trl_field_at_its_default_is_accepted() {
             panic!("{command}: {e:#}");
         }
     }
+}
+
+/// Folders written by `datasets`' save_to_disk read as load_from_disk reads them: a DatasetDict by split, a
+/// Dataset whole, message lists as messages.
+#[test]
+fn save_to_disk_folders_read_as_load_from_disk() {
+    let saved = fixture("recipes/saved");
+    let test =
+        read_dataset(saved.to_str().unwrap(), &Selection { config: None, ..Selection::default() }, "test").unwrap();
+    assert_eq!(
+        chosen_answers(&test),
+        ["140 plus 1 is 141. (t0)", "141 times 4 is 564. (t1)", "142 minus 7 is 135. (t2)"]
+    );
+    let row = &test.rows[0];
+    assert_eq!(row.fields["prompt_id"], "t0");
+    assert_eq!(row.fields["score_chosen"], 8.0);
+    assert_eq!(row.fields["rejected"][0], serde_json::json!({"content": "What is 140 plus 1?", "role": "user"}));
+    assert!(row.location.ends_with("test/data-00000-of-00001.arrow row 0"), "{}", row.location);
+    let train = saved.join("train");
+    assert_eq!(
+        read_dataset(train.to_str().unwrap(), &Selection { config: None, ..Selection::default() }, "train")
+            .unwrap()
+            .rows
+            .len(),
+        6
+    );
+    let err = format!(
+        "{:#}",
+        read_dataset(saved.to_str().unwrap(), &Selection { config: None, ..Selection::default() }, "validation")
+            .unwrap_err()
+    );
+    assert!(err.contains("no split \"validation\" (it has: train, test)"), "{err}");
 }

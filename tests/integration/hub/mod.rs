@@ -3,11 +3,15 @@
 //! The tests pass `HubSettings` (what HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE / HF_TOKEN give) instead of setting
 //! those variables for the whole test process.
 
-use prefalign::data::hub::{dataset_files, looks_like_repo_id, model_dir, split_files, HubSettings};
+use prefalign::data::hub::{dataset_files, looks_like_repo_id, model_dir, split_files, HubSettings, Selection};
 use std::collections::HashMap;
 use std::path::Path;
 
 mod fake;
+
+fn sel<'a>(config: Option<&'a str>, data_dir: Option<&'a str>) -> Selection<'a> {
+    Selection { config, data_dir, data_files: None }
+}
 mod push;
 
 use fake::{err_text, read, settings, FakeHub};
@@ -32,27 +36,27 @@ fn dataset_split_downloads_into_the_python_cache_layout_and_works_offline() {
     let server = prefs_hub().serve();
     let mut hub = settings(&server.url(), home.path());
 
-    let files = dataset_files(&hub, "org/prefs", None, None, "train").unwrap();
+    let files = dataset_files(&hub, "org/prefs", &sel(None, None), "train").unwrap();
     let repo_dir = home.path().join("hub/datasets--org--prefs");
     assert_eq!(files, vec![repo_dir.join("snapshots/c0ffee01/data/train-00000-of-00001.jsonl")]);
     assert_eq!(read(&files[0]), TRAIN);
     assert_eq!(std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(), "c0ffee01");
     assert!(std::fs::symlink_metadata(&files[0]).unwrap().file_type().is_symlink(), "snapshots link to blobs/");
-    let test = dataset_files(&hub, "org/prefs", None, None, "test").unwrap();
+    let test = dataset_files(&hub, "org/prefs", &sel(None, None), "test").unwrap();
     assert_eq!(read(&test[0]), TEST);
 
     // A second call lists the repo again but downloads nothing.
     server.take_log();
-    assert_eq!(dataset_files(&hub, "org/prefs", None, None, "train").unwrap(), files);
+    assert_eq!(dataset_files(&hub, "org/prefs", &sel(None, None), "train").unwrap(), files);
     assert_eq!(server.take_log(), vec!["/api/datasets/org/prefs/revision/main"]);
 
     // Offline, with no server at all: served from the cache.
     drop(server);
     hub.offline = true;
-    assert_eq!(dataset_files(&hub, "org/prefs", None, None, "train").unwrap(), files);
-    let text = err_text(dataset_files(&hub, "org/prefs", None, None, "validation"));
+    assert_eq!(dataset_files(&hub, "org/prefs", &sel(None, None), "train").unwrap(), files);
+    let text = err_text(dataset_files(&hub, "org/prefs", &sel(None, None), "validation"));
     assert!(text.contains("validation") && text.contains("train") && text.contains("HF_HUB_OFFLINE"), "{text}");
-    let text = err_text(dataset_files(&hub, "org/other", None, None, "train"));
+    let text = err_text(dataset_files(&hub, "org/other", &sel(None, None), "train"));
     assert!(text.contains("dataset org/other is not in the cache"), "{text}");
     let text = err_text(model_dir(&hub, "org/tiny", None));
     assert!(text.contains("model org/tiny is not in the cache"), "{text}");
@@ -69,11 +73,11 @@ fn dataset_config_selects_a_folder_of_gzipped_jsonl() {
     let server = FakeHub::default().repo("dataset", "org/hh", "main", "abc123", files).serve();
     let hub = settings(&server.url(), home.path());
 
-    let harmless = dataset_files(&hub, "org/hh", Some("harmless-base"), None, "train").unwrap();
+    let harmless = dataset_files(&hub, "org/hh", &sel(Some("harmless-base"), None), "train").unwrap();
     assert_eq!(harmless.len(), 1);
     assert_eq!(read(&harmless[0]), b"harmless train");
     let all: Vec<Vec<u8>> =
-        dataset_files(&hub, "org/hh", None, None, "train").unwrap().iter().map(|p| read(p)).collect();
+        dataset_files(&hub, "org/hh", &sel(None, None), "train").unwrap().iter().map(|p| read(p)).collect();
     assert_eq!(all, vec![b"harmless train".to_vec(), b"helpful train".to_vec()]);
 }
 
@@ -89,18 +93,18 @@ fn dataset_without_matching_files_falls_back_to_the_parquet_conversion() {
         .serve();
     let mut hub = settings(&server.url(), home.path());
 
-    let files = dataset_files(&hub, "org/scripted", None, None, "train").unwrap();
+    let files = dataset_files(&hub, "org/scripted", &sel(None, None), "train").unwrap();
     let repo_dir = home.path().join("hub/datasets--org--scripted");
     assert_eq!(files, vec![repo_dir.join("snapshots/conv0001/default/train/0000.parquet")]);
     assert_eq!(read(&files[0]), b"PAR1 train PAR1");
     assert_eq!(std::fs::read_to_string(repo_dir.join("refs/refs/convert/parquet")).unwrap(), "conv0001");
 
-    let text = err_text(dataset_files(&hub, "org/scripted", None, None, "validation"));
+    let text = err_text(dataset_files(&hub, "org/scripted", &sel(None, None), "validation"));
     assert!(text.contains("validation") && text.contains("splits that seem available: test, train"), "{text}");
 
     drop(server);
     hub.offline = true;
-    assert_eq!(dataset_files(&hub, "org/scripted", None, None, "train").unwrap(), files);
+    assert_eq!(dataset_files(&hub, "org/scripted", &sel(None, None), "train").unwrap(), files);
 }
 
 #[test]
@@ -109,7 +113,7 @@ fn missing_repo_names_the_repo_and_the_endpoint() {
     let server = FakeHub::default().serve();
     let hub = settings(&server.url(), home.path());
 
-    let text = err_text(dataset_files(&hub, "org/nope", None, None, "train"));
+    let text = err_text(dataset_files(&hub, "org/nope", &sel(None, None), "train"));
     assert!(text.contains("dataset org/nope") && text.contains(&server.url()), "{text}");
     let text = err_text(model_dir(&hub, "org/nope", Some("v2")));
     assert!(text.contains("model org/nope (revision v2)") && text.contains(&server.url()), "{text}");
@@ -129,13 +133,13 @@ fn missing_split_lists_the_available_splits() {
         .serve();
     let hub = settings(&server.url(), home.path());
 
-    let text = err_text(dataset_files(&hub, "org/prefs", None, None, "validation"));
+    let text = err_text(dataset_files(&hub, "org/prefs", &sel(None, None), "validation"));
     assert!(text.contains("\"validation\"") && text.contains("splits that seem available: test, train"), "{text}");
     assert!(text.contains("data/test-00000-of-00001.jsonl"), "{text}");
     // "train" must not silently mix train_prefs and train_sft.
-    let text = err_text(dataset_files(&hub, "org/uf", None, None, "train"));
+    let text = err_text(dataset_files(&hub, "org/uf", &sel(None, None), "train"));
     assert!(text.contains("test_prefs, train_prefs, train_sft"), "{text}");
-    assert_eq!(dataset_files(&hub, "org/uf", None, None, "train_prefs").unwrap().len(), 1);
+    assert_eq!(dataset_files(&hub, "org/uf", &sel(None, None), "train_prefs").unwrap().len(), 1);
 }
 
 #[test]
@@ -147,7 +151,7 @@ fn truncated_download_fails_naming_the_file_and_is_completed_next_time() {
     let server = fake().truncating().serve();
     let mut hub = settings(&server.url(), home.path());
 
-    let text = err_text(dataset_files(&hub, "org/big", None, None, "train"));
+    let text = err_text(dataset_files(&hub, "org/big", &sel(None, None), "train"));
     assert!(text.contains("data/train-00000-of-00001.parquet") && text.contains("org/big"), "{text}");
     let repo_dir = home.path().join("hub/datasets--org--big");
     assert!(!repo_dir.join("snapshots/beef/data/train-00000-of-00001.parquet").exists(), "not linked as complete");
@@ -160,7 +164,7 @@ fn truncated_download_fails_naming_the_file_and_is_completed_next_time() {
 
     let server = fake().serve();
     hub.endpoint = server.url();
-    let files = dataset_files(&hub, "org/big", None, None, "train").unwrap();
+    let files = dataset_files(&hub, "org/big", &sel(None, None), "train").unwrap();
     assert_eq!(read(&files[0]), big);
 }
 
@@ -173,10 +177,10 @@ fn private_repo_uses_hf_token() {
     let server = fake.serve();
     let mut hub = settings(&server.url(), home.path());
 
-    let text = err_text(dataset_files(&hub, "org/private", None, None, "train"));
+    let text = err_text(dataset_files(&hub, "org/private", &sel(None, None), "train"));
     assert!(text.contains("org/private") && text.contains("HF_TOKEN"), "{text}");
     hub.token = Some("hf_secret".into());
-    assert_eq!(read(&dataset_files(&hub, "org/private", None, None, "train").unwrap()[0]), TRAIN);
+    assert_eq!(read(&dataset_files(&hub, "org/private", &sel(None, None), "train").unwrap()[0]), TRAIN);
 }
 
 #[test]
@@ -241,6 +245,7 @@ fn split_file_selection() {
             "data/train-00000-of-00002.parquet",
             "data/train-00001-of-00002.parquet",
             "default/train/0000.parquet",
+            "train.csv",
             "train.jsonl",
             "train_0.json",
         ]
@@ -322,19 +327,54 @@ fn data_dir_and_card_configs_choose_the_files_on_the_hub() {
     let hub = settings(&server.url(), home.path());
     let contents = |files: Vec<std::path::PathBuf>| -> Vec<Vec<u8>> { files.iter().map(|p| read(p)).collect() };
 
-    let harmless = dataset_files(&hub, "org/hh", None, Some("harmless-base"), "test").unwrap();
+    let harmless = dataset_files(&hub, "org/hh", &sel(None, Some("harmless-base")), "test").unwrap();
     assert_eq!(contents(harmless), [b"harmless test".to_vec()]);
-    let text = err_text(dataset_files(&hub, "org/hh", None, Some("helpful-base"), "test"));
+    let text = err_text(dataset_files(&hub, "org/hh", &sel(None, Some("helpful-base")), "test"));
     assert!(text.contains("no data files for split \"test\"") && text.contains("train"), "{text}");
 
-    let train = dataset_files(&hub, "org/uf", None, None, "train_prefs").unwrap();
+    let train = dataset_files(&hub, "org/uf", &sel(None, None), "train_prefs").unwrap();
     assert_eq!(contents(train), [b"prefs 0".to_vec(), b"prefs 1".to_vec()]);
-    let test = dataset_files(&hub, "org/uf", Some("default"), None, "test_prefs").unwrap();
+    let test = dataset_files(&hub, "org/uf", &sel(Some("default"), None), "test_prefs").unwrap();
     assert_eq!(contents(test), [b"test prefs".to_vec()]);
-    let sft = dataset_files(&hub, "org/uf", Some("sft"), None, "train").unwrap();
+    let sft = dataset_files(&hub, "org/uf", &sel(Some("sft"), None), "train").unwrap();
     assert_eq!(contents(sft), [b"sft jsonl".to_vec()]);
-    let text = err_text(dataset_files(&hub, "org/uf", None, None, "train"));
+    let text = err_text(dataset_files(&hub, "org/uf", &sel(None, None), "train"));
     assert!(text.contains("no split \"train\"") && text.contains("train_prefs, test_prefs"), "{text}");
-    let text = err_text(dataset_files(&hub, "org/uf", Some("nope"), None, "train"));
+    let text = err_text(dataset_files(&hub, "org/uf", &sel(Some("nope"), None), "train"));
     assert!(text.contains("no config \"nope\"") && text.contains("default, sft"), "{text}");
+}
+
+/// The HH recipes' data in its Hub form (`dataset_name: Anthropic/hh-rlhf`, `data_dir: harmless-base`, as the
+/// recipes' comments write it) reads the same pairs as the in-repo copy: here the repo holds the copy as
+/// harmless-base/test.jsonl.gz, as the Hub's does.
+#[test]
+fn hh_recipe_data_from_the_hub_form_equals_the_in_repo_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = crate::common::repo_path("data/hh-rlhf/harmless-base-test.jsonl.gz");
+    let bytes = std::fs::read(&copy).unwrap();
+    let files: &[(&str, &[u8])] = &[
+        ("README.md", b"---\nlicense: mit\n---\n# hh-rlhf"),
+        ("harmless-base/test.jsonl.gz", &bytes),
+        ("helpful-base/test.jsonl.gz", b"not this one"),
+    ];
+    let server = FakeHub::default().repo("dataset", "Anthropic/hh-rlhf", "main", "0123abcd", files).serve();
+    let export = |source: &[&str], out: &str| {
+        let out = dir.path().join(out);
+        let mut args = vec!["data", "export", "--dataset-format", "hh-rlhf", "--skip-invalid-rows"];
+        args.extend(["--dataset-split", "test[310:]", "--output", out.to_str().unwrap()]);
+        args.extend(source);
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_prefalign"))
+            .args(&args)
+            .env("HF_ENDPOINT", server.url())
+            .env("HF_HOME", dir.path().join("hf"))
+            .env_remove("HF_HUB_OFFLINE")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        std::fs::read_to_string(out).unwrap()
+    };
+    let from_hub = export(&["--dataset", "Anthropic/hh-rlhf", "--data-dir", "harmless-base"], "hub.jsonl");
+    let from_copy = export(&["--dataset", copy.to_str().unwrap()], "copy.jsonl");
+    assert_eq!(from_hub.lines().count(), 1994, "the 2,002 rows the recipe trains on, less 8 invalid ones");
+    assert_eq!(from_hub, from_copy);
 }
