@@ -1,4 +1,4 @@
-//! Preference rows as JSON Lines and as a JSON array: reading, format detection, HH-RLHF transcripts, and TRL's
+//! Preference rows as JSON Lines, as a JSON array and as CSV: reading, format detection, HH-RLHF transcripts, and TRL's
 //! DPO and ORPO tokenization through the fixture tokenizer and its chat template.
 #![no_main]
 
@@ -9,7 +9,7 @@ use prefalign::data::tokenize::PairTokenizer;
 
 fuzz_target!(|data: &[u8]| {
     let tok = PairTokenizer::new(prefalign_fuzz::tokenizer()).expect("fixture tokenizer");
-    for name in ["rows.jsonl", "rows.json"] {
+    for name in ["rows.jsonl", "rows.json", "rows.csv"] {
         let path = prefalign_fuzz::scratch_file(name, data);
         for (rules, row_format) in
             [(Rules::Dpo, RowFormat::Auto), (Rules::Orpo, RowFormat::Auto), (Rules::Dpo, RowFormat::HhRlhf)]

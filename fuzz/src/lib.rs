@@ -41,7 +41,7 @@ pub fn silence_parquet_panics() {
     ONCE.call_once(|| {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !info.location().is_some_and(|l| l.file().contains("/parquet-")) {
+            if !info.location().is_some_and(|l| l.file().contains("/parquet-") || l.file().contains("/arrow-")) {
                 default(info);
             }
         }));

@@ -102,8 +102,8 @@ pub struct TrainerArgs {
     /// transformers, except that --eval-dataset with --eval-steps evaluates every --eval-steps
     #[arg(long, alias = "evaluation-strategy")]
     eval_strategy: Option<String>,
-    /// Evaluate every N optimizer steps (below 1: that fraction of the total); default --logging-steps
-    #[arg(long, value_parser = values::positive_steps)]
+    /// Evaluate every N optimizer steps (below 1: that fraction of the total; 0: never); default --logging-steps
+    #[arg(long, value_parser = values::steps)]
     eval_steps: Option<f64>,
     /// Evaluate once more after training (the alignment-handbook's do_eval) unless the last step was evaluated
     #[arg(long)]

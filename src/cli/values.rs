@@ -48,7 +48,7 @@ pub fn steps(text: &str) -> Result<f64, String> {
     Ok(value)
 }
 
-/// `logging_steps`, `eval_steps`: as [`steps`], and more than 0 (transformers refuses 0 there).
+/// `logging_steps`: as [`steps`], and more than 0 (transformers refuses 0 there).
 pub fn positive_steps(text: &str) -> Result<f64, String> {
     let value = steps(text)?;
     if value > 0.0 {

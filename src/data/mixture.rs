@@ -94,8 +94,7 @@ impl Mixture {
                 read.rows.truncate(keep);
             }
             eprintln!("dataset_mixture: {} rows of {name}", read.rows.len());
-            all.rows.extend(read.rows);
-            all.invalid.extend(read.invalid);
+            all.append(read);
         }
         all.rows = shuffled(all.rows, self.seed);
         let mut splits = Splits::new();
@@ -178,8 +177,7 @@ pub fn legacy_mixer(
     if !test.is_empty() {
         let mut all = ReadRows::default();
         for read in test {
-            all.rows.extend(read.rows);
-            all.invalid.extend(read.invalid);
+            all.append(read);
         }
         all.rows = shuffled(all.rows, 42);
         out.insert("test".into(), all);

@@ -42,7 +42,13 @@ pub fn read_saved(dir: &Path, split: &str) -> Result<ReadRows> {
     for file in files {
         let name =
             file["filename"].as_str().with_context(|| format!("{}: a data file has no name", state_path.display()))?;
-        out.rows.extend(read_arrow_stream(&dir.join(name))?);
+        let path = dir.join(name);
+        // as parquet's, arrow's readers may panic on a malformed file instead of failing
+        let rows = std::panic::catch_unwind(|| read_arrow_stream(&path)).unwrap_or_else(|panic| {
+            let what = crate::data::parquet_check::panic_message(&panic);
+            bail!("{}: the Arrow reader cannot read this file ({what}); is it corrupt?", path.display())
+        })?;
+        out.rows.extend(rows);
     }
     Ok(out)
 }
@@ -51,12 +57,22 @@ pub fn read_saved(dir: &Path, split: &str) -> Result<ReadRows> {
 fn read_arrow_stream(path: &Path) -> Result<Vec<RawRow>> {
     let shown = path.display();
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
+    // Every stored row takes at least a bit of the file (a validity bit or a value): a batch that claims more rows
+    // is corrupt, and would otherwise be expanded into that many rows (a fuzzer's file claimed 7e16).
+    let most_rows = file.metadata().map_or(0, |m| m.len()).saturating_mul(8);
     let reader = arrow_ipc::reader::StreamReader::try_new(std::io::BufReader::new(file), None)
         .with_context(|| format!("{shown}: not an Arrow IPC stream (as save_to_disk writes)"))?;
     let mut rows = Vec::new();
     for batch in reader {
         let batch: RecordBatch = batch.with_context(|| format!("{shown}: a record batch does not read"))?;
         let schema = batch.schema();
+        if schema.fields().is_empty() || batch.num_rows() as u64 > most_rows {
+            bail!(
+                "{shown}: a record batch claims {} rows in {} columns; is the file corrupt?",
+                batch.num_rows(),
+                schema.fields().len()
+            );
+        }
         for i in 0..batch.num_rows() {
             let mut fields = Map::new();
             for (field, column) in schema.fields().iter().zip(batch.columns()) {

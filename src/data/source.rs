@@ -24,6 +24,14 @@ pub struct ReadRows {
     pub invalid: Vec<InvalidRow>,
 }
 
+impl ReadRows {
+    /// Adds `other`'s rows and invalid rows after these.
+    pub fn append(&mut self, other: ReadRows) {
+        self.rows.extend(other.rows);
+        self.invalid.extend(other.invalid);
+    }
+}
+
 /// Reads every row of a file, or of every data file in a folder (sorted by name).
 pub fn read_rows(path: &Path) -> Result<ReadRows> {
     if !path.exists() {
@@ -37,15 +45,9 @@ pub fn read_rows(path: &Path) -> Result<ReadRows> {
             .collect();
         files.sort();
         if files.is_empty() {
-            bail!("no .parquet, .jsonl or .json files in {}", path.display());
+            bail!("no .parquet, .jsonl, .json or .csv files in {}", path.display());
         }
-        let mut all = ReadRows::default();
-        for file in files {
-            let part = read_file(&file)?;
-            all.rows.extend(part.rows);
-            all.invalid.extend(part.invalid);
-        }
-        return Ok(all);
+        return read_files(&files);
     }
     read_file(path)
 }
@@ -58,13 +60,7 @@ pub fn read_dataset(dataset: &str, select: &Selection, split: &str) -> Result<Re
     }
     let files = crate::data::hub::dataset_files(&crate::data::hub::HubSettings::from_env(), dataset, select, split)
         .with_context(|| format!("{dataset} is no local path, so it was read as a Hub dataset id"))?;
-    let mut all = ReadRows::default();
-    for file in files {
-        let part = read_rows(&file)?;
-        all.rows.extend(part.rows);
-        all.invalid.extend(part.invalid);
-    }
-    Ok(all)
+    read_files(&files)
 }
 
 /// A local file (one split: every split name reads it whole, so that it can be sliced), or a folder: one that
@@ -85,11 +81,14 @@ fn read_local(path: &Path, select: &Selection, split: &str) -> Result<ReadRows> 
     if files.is_empty() {
         return read_rows(path);
     }
+    read_files(&files)
+}
+
+/// The rows of several files, one after the other.
+fn read_files(files: &[PathBuf]) -> Result<ReadRows> {
     let mut all = ReadRows::default();
     for file in files {
-        let part = read_rows(&file)?;
-        all.rows.extend(part.rows);
-        all.invalid.extend(part.invalid);
+        all.append(read_file(file)?);
     }
     Ok(all)
 }

@@ -495,6 +495,12 @@ fn fuzzer_findings_are_errors() {
         assert!(format!("{error:#}").contains(name), "{error:#}");
         assert!(started.elapsed() < Duration::from_secs(5), "{name}: {:?}", started.elapsed());
     }
+    // An Arrow stream (a save_to_disk folder) whose record batch claims 7e16 rows of no columns.
+    let dir = fixture("fuzz/saved/huge-row-count");
+    let started = Instant::now();
+    let error = prefalign::data::saved::read_saved(&dir, "train").expect_err("a corrupt batch");
+    assert!(format!("{error:#}").contains("claims 72057593937264646 rows"), "{error:#}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     // The crate reads a footer field it knows by its declared type, so this footer's skipped list of booleans is
     // not where an untyped walk sees it: its decoding gets a deadline instead. Run in a process of its own, whose
     // end stops the spinning thread.
