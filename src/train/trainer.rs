@@ -44,7 +44,7 @@ impl Interval {
             Interval::No => false,
             Interval::Steps(every) => {
                 let every = if every < 1.0 { (every * total as f64).ceil() } else { every } as usize;
-                step % every.max(1) == 0
+                step.is_multiple_of(every.max(1))
             }
             Interval::Epoch => epoch_ended || step == total,
         }
