@@ -87,22 +87,17 @@ pub fn dataset_files(hub: &HubSettings, repo: &str, select: &Selection, split: &
     let main = HubRepo::new(hub, repo, RepoType::Dataset, "main")?;
     let parquet = HubRepo::new(hub, repo, RepoType::Dataset, PARQUET_REVISION)?;
     if main.api.is_none() {
-        return cached_dataset_files(&main, &parquet, config, split);
+        return cached_dataset_files(&main, &parquet, select, split);
     }
     let listing = main.list()?.ok_or_else(|| main.not_found())?;
-    if let Some(chosen) = select.explicit_files(&listing.files, split, &main.name()) {
-        return chosen?.iter().map(|f| main.fetch(f, &listing.sha)).collect();
-    }
-    if listing.files.iter().any(|f| f == "README.md") {
-        let readme = main.fetch("README.md", &listing.sha)?;
-        let text = std::fs::read_to_string(&readme).with_context(|| format!("cannot read {}", readme.display()))?;
-        let configs = card_configs(&text, &format!("README.md of {}", main.name()))?;
-        if !configs.is_empty() {
-            let chosen = card_split_files(&configs, &listing.files, config, split, &main.name())?;
-            return chosen.iter().map(|f| main.fetch(f, &listing.sha)).collect();
+    let readme = || -> Result<Option<String>> {
+        if !listing.files.iter().any(|f| f == "README.md") {
+            return Ok(None);
         }
-    }
-    let chosen = split_files(&listing.files, config, split);
+        let path = main.fetch("README.md", &listing.sha)?;
+        Ok(Some(std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?))
+    };
+    let chosen = choose_files(&listing.files, readme, select, split, &main.name())?;
     if !chosen.is_empty() {
         return chosen.iter().map(|f| main.fetch(f, &listing.sha)).collect();
     }
@@ -387,18 +382,7 @@ pub fn split_files<'a>(files: &'a [String], config: Option<&str>, split: &str) -
 pub fn local_split_files(dir: &Path, select: &Selection, split: &str) -> Result<Vec<PathBuf>> {
     let config = select.config;
     let files = list_tree(dir);
-    if let Some(chosen) = select.explicit_files(&files, split, &dir.display().to_string()) {
-        return Ok(chosen?.iter().map(|f| dir.join(f)).collect());
-    }
-    let readme = dir.join("README.md");
-    if let Ok(text) = std::fs::read_to_string(&readme) {
-        let configs = card_configs(&text, &readme.display().to_string())?;
-        if !configs.is_empty() {
-            let chosen = card_split_files(&configs, &files, config, split, &dir.display().to_string())?;
-            return Ok(chosen.iter().map(|f| dir.join(f)).collect());
-        }
-    }
-    let chosen = split_files(&files, config, split);
+    let chosen = choose_files(&files, || Ok(read_card(dir)), select, split, &dir.display().to_string())?;
     if !chosen.is_empty() {
         return Ok(chosen.iter().map(|f| dir.join(f)).collect());
     }
@@ -418,6 +402,33 @@ pub fn local_split_files(dir: &Path, select: &Selection, split: &str) -> Result<
         dir.display(),
         splits.join(", ")
     )
+}
+
+/// The files of a repo (or folder) for `split`, as `datasets` chooses them: `data_files` or `data_dir` when given,
+/// else the card's `configs:` (`readme` gives the README.md text, if there is one), else the files named or
+/// foldered by split (empty when none is).
+fn choose_files<'a>(
+    files: &'a [String],
+    readme: impl FnOnce() -> Result<Option<String>>,
+    select: &Selection,
+    split: &str,
+    repo: &str,
+) -> Result<Vec<&'a str>> {
+    if let Some(chosen) = select.explicit_files(files, split, repo) {
+        return chosen;
+    }
+    if let Some(text) = readme()? {
+        let configs = card_configs(&text, &format!("README.md of {repo}"))?;
+        if !configs.is_empty() {
+            return card_split_files(&configs, files, select.config, split, repo);
+        }
+    }
+    Ok(split_files(files, select.config, split))
+}
+
+/// A folder's README.md, if it has one.
+fn read_card(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join("README.md")).ok()
 }
 
 /// Files of the Parquet conversion for a split: `{config}/{split}/*.parquet`, or `{config}/partial-{split}/...`
@@ -507,13 +518,17 @@ fn split_not_found(hub: &HubRepo, config: Option<&str>, split: &str, available: 
 }
 
 /// Offline: the split's files among those already in the cache (main branch first, then the Parquet conversion).
-fn cached_dataset_files(main: &HubRepo, parquet: &HubRepo, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>> {
-    type Select = for<'a> fn(&'a [String], Option<&str>, &str) -> Vec<&'a str>;
+fn cached_dataset_files(main: &HubRepo, parquet: &HubRepo, select: &Selection, split: &str) -> Result<Vec<PathBuf>> {
+    let config = select.config;
     let mut cached = Vec::new();
-    for (hub, select) in [(main, split_files as Select), (parquet, parquet_files as Select)] {
+    for (hub, converted) in [(main, false), (parquet, true)] {
         let Some(dir) = hub.cached_snapshot() else { continue };
         let files = list_tree(&dir);
-        let chosen = select(&files, config, split);
+        let chosen = if converted {
+            parquet_files(&files, config, split)
+        } else {
+            choose_files(&files, || Ok(read_card(&dir)), select, split, &hub.name())?
+        };
         if !chosen.is_empty() {
             return Ok(chosen.iter().map(|f| dir.join(f)).collect());
         }

@@ -342,6 +342,14 @@ fn data_dir_and_card_configs_choose_the_files_on_the_hub() {
     assert!(text.contains("no split \"train\"") && text.contains("train_prefs, test_prefs"), "{text}");
     let text = err_text(dataset_files(&hub, "org/uf", &sel(Some("nope"), None), "train"));
     assert!(text.contains("no config \"nope\"") && text.contains("default, sft"), "{text}");
+
+    // Offline, the cached snapshots answer the same way: the card's configs and data_dir apply there too.
+    drop(server);
+    let hub = HubSettings { offline: true, ..hub };
+    let train = dataset_files(&hub, "org/uf", &sel(None, None), "train_prefs").unwrap();
+    assert_eq!(contents(train), [b"prefs 0".to_vec(), b"prefs 1".to_vec()]);
+    let harmless = dataset_files(&hub, "org/hh", &sel(None, Some("harmless-base")), "test").unwrap();
+    assert_eq!(contents(harmless), [b"harmless test".to_vec()]);
 }
 
 /// The HH recipes' data in its Hub form (`dataset_name: Anthropic/hh-rlhf`, `data_dir: harmless-base`, as the
