@@ -148,7 +148,15 @@ pub fn train_with_hook(
 
     while progress.global_step < total_steps {
         let step = progress.global_step;
-        let micro_batches: Vec<Vec<usize>> = (0..accumulation).map(|_| cursor.next(&mut progress)).collect();
+        // As transformers 5: an epoch's last update takes the batches left in the epoch, fewer when the epoch's
+        // batches are no multiple of the accumulation steps (its loss is then scaled by 1/that many).
+        let mut micro_batches: Vec<Vec<usize>> = Vec::with_capacity(accumulation);
+        while micro_batches.len() < accumulation {
+            micro_batches.push(cursor.next(&mut progress));
+            if progress.position >= cursor.pairs {
+                break;
+            }
+        }
         let outcome = match trainer.optimizer_step(&micro_batches, lr_at(step), &mut progress.pending) {
             Ok(outcome) => outcome,
             Err(nonfinite) => {

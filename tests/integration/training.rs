@@ -92,6 +92,7 @@ fn check_layout(name: &str, layout: PackOptions) {
         },
         max_grad_norm: f("max_grad_norm"),
         per_device_train_batch_size: f("per_device_train_batch_size") as usize,
+        gradient_accumulation_steps: f("gradient_accumulation_steps") as usize,
         num_train_epochs: 1.0,
         max_steps: f("max_steps") as i64,
         logging: Interval::Steps(1.0),
@@ -184,6 +185,13 @@ fn dpo_hinge() {
 #[test]
 fn dpo_robust_label_smoothing() {
     check("training/dpo_robust");
+}
+
+/// Gradient accumulation 4 over 7 batches per epoch: each epoch's second update takes the 3 batches left, as in
+/// transformers 5, and the trajectory runs into a third epoch.
+#[test]
+fn dpo_accumulation_across_epochs() {
+    check("training/dpo_accumulation_across_epochs");
 }
 
 /// TRL's default random sampling: the same seeded batches (torch.randperm per epoch), so the same trajectory.
