@@ -146,7 +146,7 @@ pub fn missing_column(row: &RawRow, name: &str) -> RowError {
     RowError::MissingColumn { column: name.to_string(), present }
 }
 
-fn parse_turns(value: &Value, conversational: bool) -> Result<Turns, ColumnError> {
+pub(crate) fn parse_turns(value: &Value, conversational: bool) -> Result<Turns, ColumnError> {
     match (value, conversational) {
         (Value::String(text), false) => Ok(Turns::Text(text.clone())),
         (Value::Array(items), true) => items

@@ -14,5 +14,6 @@ pub mod pack;
 mod parquet_check;
 pub mod prepare;
 pub mod saved;
+pub mod sft;
 pub mod source;
 pub mod tokenize;

@@ -57,12 +57,21 @@ impl<'a> PairTokenizer<'a> {
         Ok(Self { tokenizer, template, eos_token, eos_id, bos_id, longest_token_bytes })
     }
 
+    /// `text` with the EOS token's text appended unless it already ends with it (TRL's `add_eos`).
+    pub(crate) fn with_eos(&self, text: &str) -> String {
+        if text.ends_with(&self.eos_token) {
+            text.to_string()
+        } else {
+            format!("{text}{}", self.eos_token)
+        }
+    }
+
     /// The longest token of the vocabulary, in bytes of its string (at least the bytes of text it stands for).
     pub fn longest_token_bytes(&self) -> usize {
         self.longest_token_bytes
     }
 
-    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>, RowError> {
+    pub(crate) fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>, RowError> {
         self.tokenizer.encode(text, add_special_tokens).map_err(|e| RowError::Encoding(format!("{e:#}")))
     }
 
@@ -70,7 +79,7 @@ impl<'a> PairTokenizer<'a> {
         self.template.as_ref().ok_or(RowError::NoChatTemplate)
     }
 
-    fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, RowError> {
+    pub(crate) fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, RowError> {
         self.template()?.render(messages, add_generation_prompt).map_err(|e| RowError::Template(format!("{e:#}")))
     }
 
@@ -126,20 +135,11 @@ pub fn tokenize_dpo(pair: &PreferencePair, tok: &PairTokenizer) -> Result<Tokeni
     let pair = with_prompt(pair)?;
     let (prompt_ids, prompt_chosen, prompt_rejected) =
         match (pair.prompt.as_ref().expect("with_prompt"), &pair.chosen, &pair.rejected) {
-            (Turns::Text(prompt), Turns::Text(chosen), Turns::Text(rejected)) => {
-                let with_eos = |text: &str| {
-                    if text.ends_with(&tok.eos_token) {
-                        text.to_string()
-                    } else {
-                        format!("{text}{}", tok.eos_token)
-                    }
-                };
-                (
-                    tok.encode(prompt, true)?,
-                    tok.encode(&format!("{prompt}{}", with_eos(chosen)), true)?,
-                    tok.encode(&format!("{prompt}{}", with_eos(rejected)), true)?,
-                )
-            }
+            (Turns::Text(prompt), Turns::Text(chosen), Turns::Text(rejected)) => (
+                tok.encode(prompt, true)?,
+                tok.encode(&format!("{prompt}{}", tok.with_eos(chosen)), true)?,
+                tok.encode(&format!("{prompt}{}", tok.with_eos(rejected)), true)?,
+            ),
             (Turns::Messages(prompt), Turns::Messages(chosen), Turns::Messages(rejected)) => (
                 tok.encode(&tok.render(prompt, true)?, false)?,
                 tok.encode(&tok.render(&concat(prompt, chosen), false)?, false)?,

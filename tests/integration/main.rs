@@ -20,6 +20,7 @@ mod model_parity;
 mod quantized;
 mod recipes;
 mod reliability;
+mod sft;
 mod tensorboard;
 mod training;
 mod trl_data;

@@ -1,0 +1,57 @@
+//! SFT rows become exactly the token ids and labels TRL 1.16's SFTTrainer prepares (tests/fixtures/sft, by
+//! tools/fixtures/make_sft_fixtures.py): text, prompt-completion (text and messages, completion-only loss) and
+//! messages, with max_length truncation and TRL's drop of rows left without a label.
+
+use crate::common::fixture;
+use prefalign::data::collate::TruncationMode;
+use prefalign::data::sft::{prepare_sft, SftOptions};
+use prefalign::data::source::read_rows;
+use prefalign::data::tokenize::PairTokenizer;
+use prefalign::model::tokenizer::TextTokenizer;
+use serde_json::Value;
+
+fn ids(value: &Value) -> Vec<i64> {
+    value.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect()
+}
+
+#[test]
+fn sft_rows_equal_trls_prepared_dataset() {
+    let tokenizer = TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap();
+    let tok = PairTokenizer::new(&tokenizer).unwrap();
+    for (name, data) in [
+        ("sft_text", "text"),
+        ("sft_prompt_completion", "prompt_completion"),
+        ("sft_prompt_completion_conversational", "prompt_completion_conversational"),
+        ("sft_messages", "messages"),
+    ] {
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(&format!("sft/{name}.json"))).unwrap()).unwrap();
+        let settings = &expected["settings"];
+        let options = SftOptions {
+            max_length: settings["max_length"].as_u64().map(|m| m as usize),
+            truncation_mode: match settings["truncation_mode"].as_str().unwrap() {
+                "keep_end" => TruncationMode::KeepEnd,
+                _ => TruncationMode::KeepStart,
+            },
+            ..SftOptions::default()
+        };
+        let read = read_rows(&fixture(&format!("sft/{data}.jsonl"))).unwrap();
+        let prepared = prepare_sft(read, &tok, &options);
+        assert!(prepared.invalid.is_empty(), "{name}: {:?}", prepared.invalid);
+        let rows = expected["rows"].as_array().unwrap();
+        assert_eq!(prepared.sequences.len(), rows.len(), "{name}");
+        for (ours, theirs) in prepared.sequences.iter().zip(rows) {
+            let line = theirs["row_index"].as_u64().unwrap() + 1;
+            assert!(ours.location.ends_with(&format!("{data}.jsonl:{line}")), "{name}: {}", ours.location);
+            assert_eq!(ours.input_ids, ids(&theirs["input_ids"]), "{name} {}", ours.location);
+            assert_eq!(ours.labels, ids(&theirs["labels"]), "{name} {}", ours.location);
+        }
+        let dropped: Vec<u64> = expected["dropped"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
+        let ours: Vec<u64> = prepared
+            .dropped
+            .iter()
+            .map(|d| d.location.rsplit(':').next().unwrap().parse::<u64>().unwrap() - 1)
+            .collect();
+        assert_eq!(ours, dropped, "{name}");
+    }
+}
