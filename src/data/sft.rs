@@ -130,3 +130,90 @@ fn truncate(sequence: &mut SftSequence, max: usize, mode: TruncationMode) {
     sequence.input_ids = sequence.input_ids[range.clone()].to_vec();
     sequence.labels = sequence.labels[range].to_vec();
 }
+
+/// Sequences packed into one row (TRL's packing): `seq_lengths` are the lengths of the sequences in it, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedSft {
+    pub input_ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    pub seq_lengths: Vec<usize>,
+    /// the location of each packed sequence
+    pub sources: Vec<String>,
+}
+
+/// `datasets`' batch size for `map(batched=True)`: TRL packs each thousand rows on their own.
+const MAP_BATCH: usize = 1000;
+
+/// TRL's `pack_dataset(strategy="bfd")`: in each thousand sequences, empty ones dropped and each cut to
+/// `seq_length`, Best Fit Decreasing: longest first (ties in order), each into the open row with the least room
+/// that fits it (of equal rooms, the one that got that room first), else a new row.
+pub fn pack_bfd(sequences: Vec<SftSequence>, seq_length: usize) -> Vec<PackedSft> {
+    use std::collections::{BTreeSet, HashMap, VecDeque};
+    let mut out = Vec::new();
+    let mut rest = sequences.into_iter().filter(|s| !s.input_ids.is_empty()).peekable();
+    while rest.peek().is_some() {
+        let mut chunk: Vec<SftSequence> = rest.by_ref().take(MAP_BATCH).collect();
+        for sequence in &mut chunk {
+            sequence.input_ids.truncate(seq_length);
+            sequence.labels.truncate(seq_length);
+        }
+        let mut order: Vec<usize> = (0..chunk.len()).collect();
+        order.sort_by(|&a, &b| chunk[b].input_ids.len().cmp(&chunk[a].input_ids.len())); // stable
+                                                                                         // rooms left in open rows, and which rows have each (first come, first served)
+        let mut rooms = BTreeSet::from([seq_length]);
+        let mut rows_with_room: HashMap<usize, VecDeque<usize>> = HashMap::new();
+        let mut bins: Vec<Vec<usize>> = Vec::new();
+        for index in order {
+            let length = chunk[index].input_ids.len();
+            let room = *rooms.range(length..).next().expect("an empty row always fits");
+            let bin = if room < seq_length {
+                let waiting = rows_with_room.get_mut(&room).expect("a row has this room");
+                let bin = waiting.pop_front().expect("a row has this room");
+                if waiting.is_empty() {
+                    rooms.remove(&room);
+                }
+                bin
+            } else {
+                bins.push(Vec::new());
+                bins.len() - 1
+            };
+            bins[bin].push(index);
+            let left = room - length;
+            rows_with_room.entry(left).or_default().push_back(bin);
+            if left > 0 {
+                rooms.insert(left);
+            }
+        }
+        for bin in bins {
+            let mut row =
+                PackedSft { input_ids: Vec::new(), labels: Vec::new(), seq_lengths: Vec::new(), sources: Vec::new() };
+            for index in bin {
+                let sequence = &chunk[index];
+                row.input_ids.extend(&sequence.input_ids);
+                row.labels.extend(&sequence.labels);
+                row.seq_lengths.push(sequence.input_ids.len());
+                row.sources.push(sequence.location.clone());
+            }
+            out.push(row);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bfd_packs_trls_docstring_example() {
+        // trl.data_utils.pack_dataset's example: [[1..5], [6, 7], [8, 9, 10], [11]] at seq_length 4
+        let sequences: Vec<SftSequence> = [vec![1, 2, 3, 4, 5], vec![6, 7], vec![8, 9, 10], vec![11], vec![]]
+            .into_iter()
+            .enumerate()
+            .map(|(i, ids)| SftSequence { location: format!("row {i}"), labels: ids.clone(), input_ids: ids })
+            .collect();
+        let packed = pack_bfd(sequences, 4);
+        let rows: Vec<(Vec<i64>, Vec<usize>)> = packed.into_iter().map(|p| (p.input_ids, p.seq_lengths)).collect();
+        assert_eq!(rows, [(vec![1, 2, 3, 4], vec![4]), (vec![8, 9, 10, 11], vec![3, 1]), (vec![6, 7], vec![2])]);
+    }
+}

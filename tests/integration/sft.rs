@@ -55,3 +55,33 @@ fn sft_rows_equal_trls_prepared_dataset() {
         assert_eq!(ours, dropped, "{name}");
     }
 }
+
+/// Packing (TRL's default `bfd`): the same rows, in the same order, with the same sequences in each, as TRL packs
+/// the messages fixture at max_length 96.
+#[test]
+fn bfd_packing_equals_trls() {
+    let tokenizer = TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap();
+    let tok = PairTokenizer::new(&tokenizer).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("sft/sft_packing_bfd.json")).unwrap()).unwrap();
+    let seq_length = expected["settings"]["max_length"].as_u64().unwrap() as usize;
+    // packing cuts sequences itself: no truncation before it
+    let options = SftOptions { max_length: None, ..SftOptions::default() };
+    let prepared = prepare_sft(read_rows(&fixture("sft/messages.jsonl")).unwrap(), &tok, &options);
+    let packed = prefalign::data::sft::pack_bfd(prepared.sequences, seq_length);
+    let rows = expected["rows"].as_array().unwrap();
+    assert_eq!(packed.len(), rows.len());
+    for (ours, theirs) in packed.iter().zip(rows) {
+        assert_eq!(ours.input_ids, ids(&theirs["input_ids"]));
+        assert_eq!(ours.labels, ids(&theirs["labels"]));
+        let lengths: Vec<usize> = ids(&theirs["seq_lengths"]).into_iter().map(|l| l as usize).collect();
+        assert_eq!(ours.seq_lengths, lengths);
+        let sources: Vec<String> =
+            ids(&theirs["source_rows"]).into_iter().map(|r| format!("messages.jsonl:{}", r + 1)).collect();
+        assert!(
+            ours.sources.iter().zip(&sources).all(|(a, b)| a.ends_with(b.as_str())),
+            "{:?} {sources:?}",
+            ours.sources
+        );
+    }
+}
