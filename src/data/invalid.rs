@@ -75,6 +75,8 @@ pub enum ColumnError {
     ExpectedText(&'static str),
     #[error("expected a list of {{role, content}} messages like the first row, found {0}")]
     ExpectedMessages(&'static str),
+    #[error("expected true or false, found {0}")]
+    ExpectedBool(&'static str),
     #[error("message {index}: {problem}")]
     Message { index: usize, problem: MessageError },
     #[error("no messages")]

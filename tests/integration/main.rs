@@ -20,7 +20,7 @@ mod model_parity;
 mod quantized;
 mod recipes;
 mod reliability;
-mod sft;
+mod sft_kto_data;
 mod tensorboard;
 mod training;
 mod trl_data;

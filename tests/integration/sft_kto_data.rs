@@ -1,4 +1,4 @@
-//! SFT rows become exactly the token ids and labels TRL 1.16's SFTTrainer prepares (tests/fixtures/sft, by
+//! SFT and KTO rows become exactly the token ids and labels TRL 1.16's SFTTrainer prepares (tests/fixtures/sft, by
 //! tools/fixtures/make_sft_fixtures.py): text, prompt-completion (text and messages, completion-only loss) and
 //! messages, with max_length truncation and TRL's drop of rows left without a label.
 
@@ -83,5 +83,35 @@ fn bfd_packing_equals_trls() {
             "{:?} {sources:?}",
             ours.sources
         );
+    }
+}
+
+/// KTO rows (unpaired, and pairs unpaired by TRL's helper) become TRL 1.16's prompt, completion and mismatched KL
+/// completion ids (tests/fixtures/kto, by tools/fixtures/make_kto_fixtures.py).
+#[test]
+fn kto_rows_equal_trls_prepared_dataset() {
+    let tokenizer = TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap();
+    let tok = PairTokenizer::new(&tokenizer).unwrap();
+    for (name, data) in
+        [("kto_unpaired_ref_model", "kto/unpaired.jsonl"), ("kto_from_paired", "trl_data/standard.jsonl")]
+    {
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(&format!("kto/{name}.json"))).unwrap()).unwrap();
+        let settings = &expected["settings"];
+        let max_length = settings["max_length"].as_u64().map(|m| m as usize);
+        let batch_size = settings["per_device_train_batch_size"].as_u64().unwrap() as usize;
+        let prepared =
+            prefalign::data::kto::prepare_kto(read_rows(&fixture(data)).unwrap(), &tok, max_length, batch_size);
+        assert!(prepared.invalid.is_empty() && prepared.dropped.is_empty(), "{name}");
+        let rows = expected["rows"].as_array().unwrap();
+        assert_eq!(prepared.sequences.len(), rows.len(), "{name}");
+        for (ours, theirs) in prepared.sequences.iter().zip(rows) {
+            let line = theirs["row_index"].as_u64().unwrap() + 1;
+            assert!(ours.location.ends_with(&format!(":{line}")), "{name}: {}", ours.location);
+            assert_eq!(ours.label, theirs["label"].as_bool().unwrap(), "{name} {}", ours.location);
+            assert_eq!(ours.prompt_ids, ids(&theirs["prompt_ids"]), "{name} {}", ours.location);
+            assert_eq!(ours.completion_ids, ids(&theirs["completion_ids"]), "{name} {}", ours.location);
+            assert_eq!(ours.kl_completion_ids, ids(&theirs["KL_completion_ids"]), "{name} {}", ours.location);
+        }
     }
 }
