@@ -23,6 +23,8 @@ impl Message {
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// whether the template has `{% generation %}` blocks (whose text the render marks)
+    has_generation: bool,
     /// The tokenizer's special tokens (`bos_token`, `eos_token`, …), which transformers passes to every render.
     special_tokens: Vec<(String, String)>,
 }
@@ -39,9 +41,12 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", |format: String| strftime(chrono::Local::now().format(&format), &format));
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat", rewrite_generation_tags(source))
+        env.add_filter(GENERATION_FILTER, |body: String| format!("{SPAN_START}{body}{SPAN_END}"));
+        let rewritten = rewrite_generation_tags(source);
+        let has_generation = rewritten != source;
+        env.add_template_owned("chat", rewritten)
             .map_err(|e| anyhow!("the chat template does not parse: {}", template_error(&e)))?;
-        Ok(Self { env, special_tokens })
+        Ok(Self { env, has_generation, special_tokens })
     }
 
     /// Makes `strftime_now` report `date` instead of today (templates like Llama 3.x print the date, so token ids
@@ -53,6 +58,39 @@ impl ChatTemplate {
 
     /// Renders `messages` (with the assistant header appended when `add_generation_prompt`).
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        Ok(self.render_with_generation_spans(messages, add_generation_prompt)?.0)
+    }
+
+    /// Renders `messages`, and returns where the template's `{% generation %}` blocks put their text: (start, end)
+    /// in characters of the rendered string, as transformers' `return_assistant_tokens_mask` finds them.
+    pub fn render_with_generation_spans(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<(usize, usize)>)> {
+        let marked = self.render_marked(messages, add_generation_prompt)?;
+        if !self.has_generation {
+            return Ok((marked, Vec::new()));
+        }
+        if messages.iter().any(|m| m.content.contains([SPAN_START, SPAN_END])) {
+            return Err(anyhow!("a message holds U+F8F0 or U+F8F1, which mark the template's generation blocks"));
+        }
+        let (mut text, mut spans, mut start, mut chars) = (String::with_capacity(marked.len()), Vec::new(), None, 0);
+        for c in marked.chars() {
+            match c {
+                SPAN_START => start = Some(chars),
+                SPAN_END => spans.push((start.take().unwrap_or(chars), chars)),
+                c => {
+                    text.push(c);
+                    chars += 1;
+                }
+            }
+        }
+        Ok((text, spans))
+    }
+
+    /// The rendering with `{% generation %}` blocks between [`SPAN_START`] and [`SPAN_END`].
+    fn render_marked(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self.env.get_template("chat").expect("added in new()");
         let mut context: std::collections::BTreeMap<&str, Value> =
             self.special_tokens.iter().map(|(k, v)| (k.as_str(), Value::from(v.as_str()))).collect();
@@ -76,11 +114,19 @@ impl ChatTemplate {
     }
 }
 
-/// transformers' `{% generation %}…{% endgeneration %}` block (it marks assistant text and renders its body);
-/// minijinja has no such tag, so it becomes an always-true `if` with the same whitespace control.
+/// The filter a `{% generation %}` block becomes, and the private-use characters it puts around the block's text
+/// (stripped again by every render).
+const GENERATION_FILTER: &str = "prefalign_generation_span";
+const SPAN_START: char = '\u{F8F0}';
+const SPAN_END: char = '\u{F8F1}';
+
+/// transformers' `{% generation %}…{% endgeneration %}` block (it renders its body and records where the body's
+/// text is); minijinja has no such tag, so it becomes a filter block, with the same whitespace control, that marks
+/// the text.
 fn rewrite_generation_tags(source: &str) -> String {
     let mut out = source.to_string();
-    for (tag, replacement) in [("endgeneration", "endif"), ("generation", "if true")] {
+    let open_filter = format!("filter {GENERATION_FILTER}");
+    for (tag, replacement) in [("endgeneration", "endfilter"), ("generation", open_filter.as_str())] {
         for (open, close) in [("{%", "%}"), ("{%-", "%}"), ("{%", "-%}"), ("{%-", "-%}")] {
             out = out.replace(&format!("{open} {tag} {close}"), &format!("{open} {replacement} {close}"));
         }

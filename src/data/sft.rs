@@ -2,7 +2,8 @@
 //! (rules with line references: tools/fixtures/make_sft_fixtures.py): language-modeling rows (`text`, or
 //! conversational `messages`) and prompt-completion rows (text, or messages), EOS appended to text as TRL does,
 //! `labels` with -100 outside the loss (the prompt under `completion_only_loss`), then `max_length` truncation and
-//! TRL's drop of rows left with no label. Packing and `assistant_only_loss` are not here yet.
+//! TRL's drop of rows left with no label; `assistant_only_loss` through the template's `{% generation %}` blocks
+//! (conversational language-modeling rows), and TRL's `bfd` packing.
 
 use crate::data::collate::TruncationMode;
 use crate::data::example::{missing_column, parse_turns, Turns};
@@ -30,6 +31,8 @@ pub struct SftOptions {
     pub completion_only_loss: Option<bool>,
     pub max_length: Option<usize>,
     pub truncation_mode: TruncationMode,
+    /// loss on the text of the template's `{% generation %}` blocks only (conversational rows)
+    pub assistant_only_loss: bool,
 }
 
 impl Default for SftOptions {
@@ -39,6 +42,7 @@ impl Default for SftOptions {
             completion_only_loss: None,
             max_length: Some(1024),
             truncation_mode: TruncationMode::KeepStart,
+            assistant_only_loss: false,
         }
     }
 }
@@ -107,6 +111,18 @@ fn tokenize_row(row: &RawRow, tok: &PairTokenizer, options: &SftOptions) -> Resu
     }
     let input_ids = match row.fields.get("messages") {
         Some(_) => match column("messages")? {
+            Turns::Messages(messages) if options.assistant_only_loss => {
+                let (ids, mask) = tok.encode_with_assistant_mask(&messages)?;
+                if !mask.contains(&1) {
+                    return Err(RowError::Template(
+                        "assistant_only_loss: no assistant token (does the chat template mark them with {% generation \
+                         %}?)"
+                            .into(),
+                    ));
+                }
+                let labels = ids.iter().zip(&mask).map(|(&id, &m)| if m == 1 { id } else { IGNORE }).collect();
+                return Ok(SftSequence { location, input_ids: ids, labels });
+            }
             Turns::Messages(messages) => tok.encode(&tok.render(&messages, false)?, false)?,
             Turns::Text(_) => unreachable!("parsed as messages"),
         },

@@ -57,6 +57,30 @@ impl<'a> PairTokenizer<'a> {
         Ok(Self { tokenizer, template, eos_token, eos_id, bos_id, longest_token_bytes })
     }
 
+    /// Token ids of a rendered chat and transformers' assistant mask for it: 1 on the tokens from the one holding
+    /// each span's first character to the one holding its last (to the end when that is token 0 or none).
+    pub(crate) fn encode_with_assistant_mask(&self, messages: &[Message]) -> Result<(Vec<i64>, Vec<i64>), RowError> {
+        let template = self.template()?;
+        let (text, spans) =
+            template.render_with_generation_spans(messages, false).map_err(|e| RowError::Template(format!("{e:#}")))?;
+        let encoding = self
+            .tokenizer
+            .inner
+            .encode_char_offsets(text.as_str(), false)
+            .map_err(|e| RowError::Encoding(e.to_string()))?;
+        let ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
+        let mut mask = vec![0; ids.len()];
+        for (start, end) in spans {
+            let Some(first) = encoding.char_to_token(start, 0) else { break };
+            let last = match encoding.char_to_token(end.saturating_sub(1), 0) {
+                Some(last) if last != 0 => last + 1,
+                _ => ids.len(), // Python's `end_token + 1 if end_token else len(input_ids)`
+            };
+            mask[first..last].iter_mut().for_each(|m| *m = 1);
+        }
+        Ok((ids, mask))
+    }
+
     /// `text` with the EOS token's text appended unless it already ends with it (TRL's `add_eos`).
     pub(crate) fn with_eos(&self, text: &str) -> String {
         if text.ends_with(&self.eos_token) {

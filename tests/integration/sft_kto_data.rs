@@ -115,3 +115,37 @@ fn kto_rows_equal_trls_prepared_dataset() {
         }
     }
 }
+
+/// `assistant_only_loss`: the loss covers the text of the template's `{% generation %}` blocks, as transformers'
+/// assistant mask gives it (the fixture template marks each assistant turn's content and its `<|im_end|>\n`).
+#[test]
+fn assistant_only_loss_labels_equal_trls() {
+    let mut tokenizer = TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap();
+    tokenizer.chat_template = Some(std::fs::read_to_string(fixture("sft/chat_template_generation.jinja")).unwrap());
+    let tok = PairTokenizer::new(&tokenizer).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("sft/sft_assistant_only_loss.json")).unwrap()).unwrap();
+    let options = SftOptions {
+        max_length: expected["settings"]["max_length"].as_u64().map(|m| m as usize),
+        assistant_only_loss: true,
+        ..SftOptions::default()
+    };
+    let prepared = prepare_sft(read_rows(&fixture("sft/messages.jsonl")).unwrap(), &tok, &options);
+    assert!(prepared.invalid.is_empty(), "{:?}", prepared.invalid);
+    let rows = expected["rows"].as_array().unwrap();
+    assert_eq!(prepared.sequences.len(), rows.len());
+    for (ours, theirs) in prepared.sequences.iter().zip(rows) {
+        assert_eq!(ours.input_ids, ids(&theirs["input_ids"]), "{}", ours.location);
+        assert_eq!(ours.labels, ids(&theirs["labels"]), "{}", ours.location);
+    }
+    // the template renders as the fixture tokenizer's own (the generation markers leave no trace)
+    let plain = TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap();
+    let messages = [
+        prefalign::data::chat_template::Message::new("user", "Hi"),
+        prefalign::data::chat_template::Message::new("assistant", "Hello!"),
+    ];
+    assert_eq!(
+        tokenizer.chat_template().unwrap().render(&messages, false).unwrap(),
+        plain.chat_template().unwrap().render(&messages, false).unwrap()
+    );
+}
