@@ -19,6 +19,8 @@ pub struct History {
     tensorboard: TensorBoardWriter,
     /// Print each row on stderr (no progress bar shows there).
     echo: bool,
+    /// The last row kept from before a resume, for the summary of a run resumed at its end.
+    last_kept: Option<Map<String, Value>>,
 }
 
 impl History {
@@ -38,6 +40,10 @@ impl History {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
+        let last_kept = kept.lines().rev().find_map(|line| match serde_json::from_str(line) {
+            Ok(Value::Object(row)) if row.contains_key("loss") => Some(row),
+            _ => None,
+        });
         files::write_file_atomically(&path, kept)?;
         // A fresh run's history starts empty in both files: events an earlier run left in runs/ go too.
         let runs = out.join("runs");
@@ -47,7 +53,12 @@ impl History {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(Self { path, file, tensorboard: TensorBoardWriter::create(&runs)?, echo: no_progress_bar() })
+        Ok(Self { path, file, tensorboard: TensorBoardWriter::create(&runs)?, echo: no_progress_bar(), last_kept })
+    }
+
+    /// The last training row kept from before the resume (`None` on a fresh run).
+    pub fn last_kept_training_row(&self) -> Option<&Map<String, Value>> {
+        self.last_kept.as_ref()
     }
 
     /// Writes `row` with its `epoch` and `step` to both; returns the row as written.

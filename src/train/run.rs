@@ -222,7 +222,17 @@ pub fn train_with_hook(
         }
     }
     bar.finish();
-    write_summary(&config.output_dir, &rows, started.elapsed().as_secs_f64(), progress.num_tokens - tokens_at_start)?;
+    // A run resumed at its last step logged nothing itself: its summary takes the last row it kept.
+    let summary_rows = match (rows.iter().any(|r| r.contains_key("loss")), history.last_kept_training_row()) {
+        (false, Some(row)) => vec![row.clone()],
+        _ => rows.clone(),
+    };
+    write_summary(
+        &config.output_dir,
+        &summary_rows,
+        started.elapsed().as_secs_f64(),
+        progress.num_tokens - tokens_at_start,
+    )?;
     Ok(rows)
 }
 

@@ -223,6 +223,12 @@ fn dpo_from_a_yaml_recipe_with_checkpoints_and_resume() {
         assert!(tensor.equal(&resumed.vs.variables()[&name]), "{name}");
     }
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(), metrics);
+    // Resumed at its end (the final checkpoint), a run trains nothing; its summary keeps the last logged loss.
+    prefalign(&["dpo", "--config", recipe, "--max-steps", "4", "--resume-from-checkpoint", "last"]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("train_summary.json")).unwrap()).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!((&summary["final_loss"], &summary["global_step"]), (&last["loss"], &last["step"]));
 
     let err = prefalign_err(&["dpo", "--config", recipe, "--lerning-rate", "1"]);
     assert!(err.contains("--lerning-rate"), "{err}");
