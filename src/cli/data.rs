@@ -2,7 +2,7 @@
 
 use crate::data::collate::TruncationMode;
 use crate::data::hub::Selection;
-use crate::data::mixture::{legacy_mixer, Mixture};
+use crate::data::mixture::{legacy_mixer, parse_mixer, Mixture};
 use crate::data::pack::{Batching, PackOptions};
 use crate::data::prepare::{prepare, tokenize_pairs, PrepareOptions, Prepared, RowFormat, Rules};
 use crate::data::source::{read_dataset, ReadRows};
@@ -150,18 +150,7 @@ impl DatasetArgs {
                 let mut splits = match (mixture, mixer) {
                     (Some(json), _) => Mixture::parse(json)?.build(load)?,
                     (None, Some(json)) => {
-                        let parsed: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json)
-                            .context("dataset_mixer: expected a mapping of dataset ids to fractions")?;
-                        let mixer = parsed
-                            .into_iter()
-                            .map(|(name, fraction)| {
-                                let fraction = fraction.as_f64().with_context(|| {
-                                    format!("dataset_mixer: {name}: expected a fraction, found {fraction}")
-                                })?;
-                                Ok((name, fraction))
-                            })
-                            .collect::<Result<Vec<_>>>()?;
-                        legacy_mixer(&mixer, &self.dataset_splits, &self.dataset_configs, load)?
+                        legacy_mixer(&parse_mixer(json)?, &self.dataset_splits, &self.dataset_configs, load)?
                     }
                     (None, None) => bail!("no data: give --dataset (dataset_name), dataset_mixture or dataset_mixer"),
                 };

@@ -6,12 +6,12 @@
 use crate::data::hub::{looks_like_repo_id, HubSettings};
 use crate::files;
 use crate::model::lora::LoraConfig;
-use crate::model::push::{folder_files, model_card, python_float, CommitInfo, HubClient, ModelCard};
+use crate::model::push::{folder_files, model_card, CommitInfo, HubClient, ModelCard};
 use crate::objective::cpo::CpoLoss;
 use crate::objective::dpo::DpoLoss;
 use crate::objective::Objective;
 use crate::train::checkpoint::{OPTIMIZER_FILE, STATE_FILE};
-use crate::train::history::python_g4;
+use crate::train::history::{python_float, python_g4};
 use crate::train::schedule::Schedule;
 use crate::train::TrainerConfig;
 use anyhow::{Context, Result};

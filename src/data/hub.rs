@@ -201,28 +201,48 @@ impl Selection<'_> {
     }
 
     fn data_files_config(&self, spec: &str) -> Result<CardConfig> {
-        let strings = |value: &serde_json::Value| -> Result<Vec<String>> {
-            match value {
-                serde_json::Value::String(s) => Ok(vec![s.clone()]),
-                serde_json::Value::Array(items) => items
-                    .iter()
-                    .map(|i| i.as_str().map(str::to_string).context("data_files: a pattern is not a string"))
-                    .collect(),
-                other => bail!("data_files: expected a pattern or a list of them, found {other}"),
-            }
-        };
-        let by_split: Vec<(String, Vec<String>)> = if spec.trim_start().starts_with('{') {
-            let map: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_str(spec).context("data_files: expected {split: pattern(s)}")?;
-            map.iter().map(|(split, patterns)| Ok((split.clone(), strings(patterns)?))).collect::<Result<_>>()?
+        let value = if spec.trim_start().starts_with('{') {
+            serde_json::from_str(spec).context("data_files: expected {split: pattern(s)}")?
         } else {
-            vec![("train".to_string(), spec.split(',').map(|p| p.trim().to_string()).collect())]
+            serde_json::Value::from(spec.split(',').map(str::trim).collect::<Vec<_>>())
         };
-        let prefix = self.data_dir.map(|d| format!("{}/", d.trim_matches('/'))).unwrap_or_default();
-        let data_files =
-            by_split.into_iter().map(|(s, p)| (s, p.into_iter().map(|p| format!("{prefix}{p}")).collect())).collect();
+        let data_files = under_data_dir(data_files_by_split(&value, "data_files")?, self.data_dir);
         Ok(CardConfig { name: "data_files".into(), default: true, data_files })
     }
+}
+
+/// `data_files` as `datasets` takes them, per split: a pattern or a list of them (the train split's), a list of
+/// `{split, path}` entries, or a mapping of splits to a pattern or a list of them. `what` names it in errors.
+fn data_files_by_split(value: &serde_json::Value, what: &str) -> Result<Vec<(String, Vec<String>)>> {
+    use serde_json::Value;
+    let patterns = |value: &Value| -> Result<Vec<String>> {
+        match value {
+            Value::String(s) => Ok(vec![s.clone()]),
+            Value::Array(items) => items
+                .iter()
+                .map(|i| i.as_str().map(str::to_string).with_context(|| format!("{what}: a pattern is not a string")))
+                .collect(),
+            other => bail!("{what}: expected a pattern or a list of them, found {other}"),
+        }
+    };
+    match value {
+        Value::Array(items) if items.iter().all(Value::is_object) => items
+            .iter()
+            .map(|item| {
+                let split = item.get("split").and_then(Value::as_str).unwrap_or("train").to_string();
+                let paths = item.get("path").with_context(|| format!("{what}: an entry has no path"))?;
+                Ok((split, patterns(paths)?))
+            })
+            .collect(),
+        Value::Object(map) => map.iter().map(|(split, paths)| Ok((split.clone(), patterns(paths)?))).collect(),
+        other => Ok(vec![("train".to_string(), patterns(other)?)]),
+    }
+}
+
+/// The patterns relative to `data_dir`, when there is one.
+fn under_data_dir(by_split: Vec<(String, Vec<String>)>, data_dir: Option<&str>) -> Vec<(String, Vec<String>)> {
+    let Some(dir) = data_dir.map(|d| d.trim_matches('/')) else { return by_split };
+    by_split.into_iter().map(|(split, p)| (split, p.into_iter().map(|p| format!("{dir}/{p}")).collect())).collect()
 }
 
 /// `datasets`' `data_dir`: the data files under that folder of the repo (the card's configs do not apply), chosen
@@ -268,49 +288,18 @@ pub fn card_configs(readme: &str, path: &str) -> Result<Vec<CardConfig>> {
         serde_norway::from_str(front).with_context(|| format!("{path}: the YAML front matter does not parse"))?;
     let Some(configs) = yaml.get("configs") else { return Ok(Vec::new()) };
     let configs = configs.as_sequence().with_context(|| format!("{path}: configs: expected a list"))?;
-    let strings = |value: &serde_norway::Value| -> Result<Vec<String>> {
-        match value {
-            serde_norway::Value::String(s) => Ok(vec![s.clone()]),
-            serde_norway::Value::Sequence(items) => items
-                .iter()
-                .map(|i| {
-                    i.as_str().map(str::to_string).with_context(|| format!("{path}: a data_files path is not a string"))
-                })
-                .collect(),
-            _ => bail!("{path}: data_files: expected a path or a list of paths"),
-        }
-    };
     configs
         .iter()
         .map(|config| {
             let name = config.get("config_name").and_then(|n| n.as_str()).unwrap_or("default").to_string();
-            let data_dir = config.get("data_dir").and_then(|d| d.as_str()).map(|d| d.trim_matches('/').to_string());
-            let prefixed = |pattern: String| match &data_dir {
-                Some(dir) => format!("{dir}/{pattern}"),
-                None => pattern,
-            };
             let data_files = match config.get("data_files") {
                 None => vec![("train".to_string(), vec!["**".to_string()])],
-                Some(serde_norway::Value::Sequence(items)) if items.iter().all(|i| i.is_mapping()) => items
-                    .iter()
-                    .map(|item| {
-                        let split = item.get("split").and_then(|s| s.as_str()).unwrap_or("train").to_string();
-                        let paths = item
-                            .get("path")
-                            .with_context(|| format!("{path}: config {name}: a data_files entry has no path"))?;
-                        Ok((split, strings(paths)?))
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-                Some(serde_norway::Value::Mapping(map)) => map
-                    .iter()
-                    .map(|(split, paths)| Ok((split.as_str().unwrap_or("train").to_string(), strings(paths)?)))
-                    .collect::<Result<Vec<_>>>()?,
-                Some(other) => vec![("train".to_string(), strings(other)?)],
+                Some(value) => {
+                    let value = serde_json::to_value(value).with_context(|| format!("{path}: config {name}"))?;
+                    data_files_by_split(&value, &format!("{path}: config {name}: data_files"))?
+                }
             };
-            let data_files = data_files
-                .into_iter()
-                .map(|(split, patterns)| (split, patterns.into_iter().map(prefixed).collect()))
-                .collect();
+            let data_files = under_data_dir(data_files, config.get("data_dir").and_then(|d| d.as_str()));
             let default = config.get("default").and_then(|d| d.as_bool()).unwrap_or(false);
             Ok(CardConfig { name, default, data_files })
         })

@@ -144,17 +144,7 @@ pub fn prepare_kto(read: ReadRows, tok: &PairTokenizer, max_length: Option<usize
 
 /// The prompt's tokens up to where it and prompt+completion diverge, and the rest: the completion.
 fn tokenize(example: &UnpairedExample, tok: &PairTokenizer) -> Result<(Vec<i64>, Vec<i64>), RowError> {
-    let (prompt_ids, ids) = match (&example.prompt, &example.completion) {
-        (Turns::Text(prompt), Turns::Text(completion)) => {
-            let completion = tok.with_eos(completion);
-            (tok.encode(prompt, true)?, tok.encode(&format!("{prompt}{completion}"), true)?)
-        }
-        (Turns::Messages(prompt), Turns::Messages(completion)) => {
-            let all: Vec<_> = prompt.iter().chain(completion).cloned().collect();
-            (tok.encode(&tok.render(prompt, true)?, false)?, tok.encode(&tok.render(&all, false)?, false)?)
-        }
-        _ => return Err(RowError::MixedTurns),
-    };
-    let prompt_len = prompt_ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
-    Ok((prompt_ids[..prompt_len].to_vec(), ids[prompt_len..].to_vec()))
+    let (mut ids, prompt_len) = tok.encode_prompt_completion(&example.prompt, &example.completion)?;
+    let completion_ids = ids.split_off(prompt_len);
+    Ok((ids, completion_ids))
 }

@@ -115,6 +115,22 @@ impl Mixture {
 /// The columns the older handbook kept from each dataset of a `dataset_mixer`.
 const LEGACY_COLUMNS: [&str; 6] = ["messages", "chosen", "rejected", "prompt", "completion", "label"];
 
+/// The older handbook's `dataset_mixer` from its JSON text (the YAML mapping as `--config` passes it on): dataset
+/// ids and fractions, in the recipe's order.
+pub fn parse_mixer(json: &str) -> Result<Vec<(String, f64)>> {
+    let parsed: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(json).context("dataset_mixer: expected a mapping of dataset ids to fractions")?;
+    parsed
+        .into_iter()
+        .map(|(name, fraction)| {
+            let fraction = fraction
+                .as_f64()
+                .with_context(|| format!("dataset_mixer: {name}: expected a fraction, found {fraction}"))?;
+            Ok((name, fraction))
+        })
+        .collect()
+}
+
 /// The older handbook's `dataset_mixer` (dataset -> fraction, in the recipe's order) over `splits` (default
 /// `train`, `test`), with one config per dataset or none: each split whose name holds "train" is cut to the first
 /// fraction of its rows, those containing "test" are kept whole; each side is concatenated and shuffled with
@@ -215,11 +231,9 @@ fn train_test_split(rows: Vec<RawRow>, size: f64, seed: u64) -> Result<(Vec<RawR
     if n_test >= n {
         bail!("dataset_mixture: test_split_size {size} leaves no training rows out of {n}");
     }
-    let mut slots: Vec<Option<RawRow>> = rows.into_iter().map(Some).collect();
-    let order = numpy_permutation(n, seed);
-    let mut take = |range: &[usize]| range.iter().map(|&i| slots[i].take().expect("a permutation")).collect();
-    let test: Vec<RawRow> = take(&order[..n_test]);
-    let train: Vec<RawRow> = take(&order[n_test..]);
+    // the same permutation as shuffle(seed): its first n_test rows are the test split
+    let mut test = shuffled(rows, seed);
+    let train = test.split_off(n_test);
     Ok((train, test))
 }
 

@@ -88,19 +88,7 @@ fn tokenize_row(row: &RawRow, tok: &PairTokenizer, options: &SftOptions) -> Resu
         parse_turns(value, value.is_array()).map_err(|e| RowError::column(name, e))
     };
     if row.fields.contains_key("prompt") {
-        let (prompt_ids, ids) = match (column("prompt")?, column("completion")?) {
-            (Turns::Text(prompt), Turns::Text(completion)) => {
-                let completion = tok.with_eos(&completion);
-                (tok.encode(&prompt, true)?, tok.encode(&format!("{prompt}{completion}"), true)?)
-            }
-            (Turns::Messages(prompt), Turns::Messages(completion)) => {
-                let all: Vec<_> = prompt.iter().chain(&completion).cloned().collect();
-                (tok.encode(&tok.render(&prompt, true)?, false)?, tok.encode(&tok.render(&all, false)?, false)?)
-            }
-            _ => return Err(RowError::MixedTurns),
-        };
-        // The completion starts where the two tokenizations diverge (TRL's common_prefix_length).
-        let prompt_len = prompt_ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+        let (ids, prompt_len) = tok.encode_prompt_completion(&column("prompt")?, &column("completion")?)?;
         let completion_only = options.completion_only_loss.unwrap_or(true);
         let labels = ids
             .iter()

@@ -81,6 +81,30 @@ impl<'a> PairTokenizer<'a> {
         Ok((ids, mask))
     }
 
+    /// SFTTrainer's and KTOTrainer's prompt-completion tokenization: the prompt and prompt+completion tokenized
+    /// apart (text: the completion with EOS appended, special tokens by the tokenizer; messages: through the chat
+    /// template, the prompt with the generation prompt); returns the latter's ids and where the completion starts,
+    /// where the two diverge (TRL's `common_prefix_length`; earlier than the prompt's end when tokens merge).
+    pub(crate) fn encode_prompt_completion(
+        &self,
+        prompt: &Turns,
+        completion: &Turns,
+    ) -> Result<(Vec<i64>, usize), RowError> {
+        let (prompt_ids, ids) = match (prompt, completion) {
+            (Turns::Text(prompt), Turns::Text(completion)) => {
+                let completion = self.with_eos(completion);
+                (self.encode(prompt, true)?, self.encode(&format!("{prompt}{completion}"), true)?)
+            }
+            (Turns::Messages(prompt), Turns::Messages(completion)) => (
+                self.encode(&self.render(prompt, true)?, false)?,
+                self.encode(&self.render(&concat(prompt, completion), false)?, false)?,
+            ),
+            _ => return Err(RowError::MixedTurns),
+        };
+        let prompt_len = common_prefix_len(&prompt_ids, &ids);
+        Ok((ids, prompt_len))
+    }
+
     /// `text` with the EOS token's text appended unless it already ends with it (TRL's `add_eos`).
     pub(crate) fn with_eos(&self, text: &str) -> String {
         if text.ends_with(&self.eos_token) {

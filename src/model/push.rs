@@ -734,57 +734,9 @@ pub fn model_card(card: &ModelCard) -> String {
     out
 }
 
-/// A float as Python's `repr` writes it (`5e-07`, `0.1`, `3.0`), as transformers' model cards show values.
-pub fn python_float(value: f64) -> String {
-    if !value.is_finite() {
-        return if value.is_nan() {
-            "nan".into()
-        } else if value > 0.0 {
-            "inf".into()
-        } else {
-            "-inf".into()
-        };
-    }
-    if value == 0.0 {
-        return if value.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
-    }
-    let exponent = value.abs().log10().floor() as i32;
-    if !(-4..16).contains(&exponent) {
-        // Rust's shortest round-trip digits, with Python's signed two-digit exponent
-        let text = format!("{value:e}");
-        let (mantissa, exp) = text.split_once('e').expect("{:e} has an exponent");
-        let exp: i32 = exp.parse().expect("an integer exponent");
-        let sign = if exp < 0 { '-' } else { '+' };
-        return format!("{mantissa}e{sign}{:02}", exp.abs());
-    }
-    let text = format!("{value}");
-    if text.contains('.') {
-        text
-    } else {
-        format!("{text}.0")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn floats_print_as_python_prints_them() {
-        for (value, python) in [
-            (5e-7, "5e-07"),
-            (1e-6, "1e-06"),
-            (0.0001, "0.0001"),
-            (0.1, "0.1"),
-            (3.0, "3.0"),
-            (1e16, "1e+16"),
-            (123456.5, "123456.5"),
-            (-2.5e-5, "-2.5e-05"),
-            (0.0, "0.0"),
-        ] {
-            assert_eq!(python_float(value), python, "{value}");
-        }
-    }
 
     #[test]
     fn git_blob_ids_are_gits() {

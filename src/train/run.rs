@@ -224,12 +224,12 @@ pub fn train_with_hook(
     bar.finish();
     // A run resumed at its last step logged nothing itself: its summary takes the last row it kept.
     let summary_rows = match (rows.iter().any(|r| r.contains_key("loss")), history.last_kept_training_row()) {
-        (false, Some(row)) => vec![row.clone()],
-        _ => rows.clone(),
+        (false, Some(row)) => std::slice::from_ref(row),
+        _ => &rows[..],
     };
     write_summary(
         &config.output_dir,
-        &summary_rows,
+        summary_rows,
         started.elapsed().as_secs_f64(),
         progress.num_tokens - tokens_at_start,
     )?;

@@ -5,7 +5,7 @@
 use crate::common::{self, fixture, tiny_model_dir};
 use crate::lora::{ok, prefalign};
 use prefalign::data::hub::Selection;
-use prefalign::data::mixture::{legacy_mixer, Mixture};
+use prefalign::data::mixture::{legacy_mixer, parse_mixer, Mixture};
 use prefalign::data::source::{read_dataset, ReadRows};
 use serde_json::Value;
 use std::path::Path;
@@ -32,12 +32,7 @@ fn mixtures_equal_the_handbooks_on_datasets() {
                 .build(|d, c, s| read_dataset(d, &Selection { config: c, ..Selection::default() }, s))
                 .unwrap()
         } else {
-            let mixer: Vec<(String, f64)> = case["dataset_mixer"]
-                .as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
-                .collect();
+            let mixer = parse_mixer(&case["dataset_mixer"].to_string()).unwrap();
             let splits: Vec<String> =
                 case["dataset_splits"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().into()).collect();
             legacy_mixer(&mixer, &splits, &[], |d, c, s| {
