@@ -196,7 +196,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         (None, Some(model)) => Reference::Model(model),
         (None, None) => Reference::None,
     };
-    let mut trainer = Trainer::new(&policy, reference, &objective, &pairs, &trainer_config);
+    let mut trainer = Trainer::new(&policy, reference, &objective, (&pairs).into(), &trainer_config);
     let batch: Vec<usize> = (0..pairs.len()).collect();
     let mut cuda_peak: Option<u64> = None;
     let mut times = Vec::new();

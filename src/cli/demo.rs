@@ -100,7 +100,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let inputs = TrainInputs {
         policy: &policy,
         reference: Reference::Precomputed { train: &reference, eval: None },
-        train: train_pairs,
+        train: train_pairs.into(),
         eval: None,
         objective: &objective,
     };

@@ -9,6 +9,8 @@ use crate::model::lora::LoraConfig;
 use crate::model::push::{folder_files, model_card, CommitInfo, HubClient, ModelCard};
 use crate::objective::cpo::CpoLoss;
 use crate::objective::dpo::DpoLoss;
+use crate::objective::kto::KtoLoss;
+use crate::objective::sft::SftLoss;
 use crate::objective::Objective;
 use crate::train::checkpoint::{OPTIMIZER_FILE, STATE_FILE};
 use crate::train::history::{python_float, python_g4};
@@ -130,12 +132,7 @@ impl HubPush {
             base_model_on_hub: looks_like_repo_id(model),
             dataset: hub_id_or_file_name(dataset),
             dataset_on_hub: looks_like_repo_id(dataset),
-            trainer: match objective {
-                Objective::Dpo(_) => "DPO",
-                Objective::Orpo(_) => "ORPO",
-                Objective::Cpo(_) => "CPO",
-            }
-            .into(),
+            trainer: objective.name().to_uppercase(),
             adapter: lora.is_some(),
             hyperparameters: hyperparameters(config, objective, lora),
             results: Vec::new(),
@@ -276,6 +273,16 @@ fn hyperparameters(config: &TrainerConfig, objective: &Objective, lora: Option<&
             }
         }
         Objective::Orpo(p) => add("beta", python_float(p.beta)),
+        Objective::Sft(p) if p.loss == SftLoss::Dft => add("loss_type", "dft".into()),
+        Objective::Sft(_) => {}
+        Objective::Kto(p) => {
+            add("beta", python_float(p.beta));
+            if p.loss == KtoLoss::ApoZeroUnpaired {
+                add("loss_type", "apo_zero_unpaired".into());
+            }
+            add("desirable_weight", python_float(p.desirable_weight));
+            add("undesirable_weight", python_float(p.undesirable_weight));
+        }
         Objective::Cpo(p) => {
             add("beta", python_float(p.beta));
             let loss = match p.loss {

@@ -528,7 +528,7 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, 
             (None, _, Some(model)) => Reference::Model(model),
             (None, _, None) => Reference::None,
         },
-        train: &prepared.pairs,
+        train: (&prepared.pairs).into(),
         eval: eval_pairs.as_deref(),
         objective,
     };

@@ -40,9 +40,14 @@ pub fn collate(pairs: &[&TokenizedPair], pad_id: i64, truncation: Option<(usize,
         .map(|p| truncated(&p.chosen, truncation))
         .chain(pairs.iter().map(|p| truncated(&p.rejected, truncation)))
         .collect();
+    collate_rows(&rows, pad_id)
+}
+
+/// Collates rows of (token ids, completion mask) into [rows, T] tensors padded on the right with `pad_id`.
+pub fn collate_rows(rows: &[(Vec<i64>, Vec<i64>)], pad_id: i64) -> Batch {
     let width = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
     let (mut ids, mut attention, mut completion) = (Vec::new(), Vec::new(), Vec::new());
-    for (row_ids, row_mask) in &rows {
+    for (row_ids, row_mask) in rows {
         let pad = width - row_ids.len();
         ids.extend(row_ids.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
         attention.extend(std::iter::repeat_n(1i64, row_ids.len()).chain(std::iter::repeat_n(0, pad)));

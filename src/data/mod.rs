@@ -2,8 +2,9 @@
 //! folders; or the Hub: `hub`; several datasets mixed: `mixture`) -> interpret them (`example`, `hh_rlhf`; what is
 //! wrong with a row: `invalid`) -> token ids by TRL's rules (`chat_template`, `tokenize`; SFT and KTO rows: `sft`,
 //! `kto`) -> the whole path with its accounting (`prepare`) -> TRL's batches (`collate`) -> the model's input
-//! layout (`pack`).
+//! layout (`pack`); what a training step consumes of each objective: `batches`.
 
+pub mod batches;
 pub mod chat_template;
 pub mod collate;
 pub mod example;

@@ -68,6 +68,35 @@ pub struct PackedBatch {
     /// [2B, T] index into the flattened model input [R * L] of each logical token; -1 where the logical
     /// token is padding that the packed input does not hold.
     pub source: Tensor,
+    /// KTO: whether each example's completion is desirable, [B] bool
+    pub desirable: Option<Tensor>,
+}
+
+/// A piece of the model's input that runs in one attention group: a pair (prefix, chosen rest, rejected rest)
+/// when sharing its prompt, else one sequence.
+struct Unit {
+    ids: Vec<i64>,
+    positions: Vec<i64>,
+    branch: Vec<i64>,
+    /// (logical row, index in this unit of each of that row's tokens)
+    rows: Vec<(usize, Vec<usize>)>,
+}
+
+impl Unit {
+    /// Logical row `row` as a unit of its own.
+    fn sequence(row: usize, ids: Vec<i64>) -> Unit {
+        let n = ids.len();
+        Unit { positions: (0..n as i64).collect(), branch: vec![0; n], rows: vec![(row, (0..n).collect())], ids }
+    }
+}
+
+impl PackedBatch {
+    /// Tokens whose next token the loss scores: after the first of each logical row, in the completion mask.
+    pub fn label_tokens(&self) -> i64 {
+        let mask = &self.logical.completion_mask;
+        let width = mask.size()[1];
+        mask.narrow(1, 1.min(width), (width - 1).max(0)).sum(tch::Kind::Int64).int64_value(&[])
+    }
 }
 
 /// Lays out `pairs` for the model. The logical batch is exactly `collate`'s.
@@ -78,23 +107,10 @@ pub fn pack(
     options: PackOptions,
 ) -> PackedBatch {
     let logical = crate::data::collate::collate(pairs, pad_id, truncation);
-    let (rows, width) = (logical.input_ids.size()[0], logical.input_ids.size()[1]);
     if options.is_trl_layout() {
-        return PackedBatch {
-            source: Tensor::arange(rows * width, tch::kind::INT64_CPU).view([rows, width]),
-            segments: None,
-            logical,
-        };
+        return padded(logical);
     }
     let batch = pairs.len();
-    // One unit per pair when sharing (prefix, chosen rest, rejected rest), else one per sequence.
-    struct Unit {
-        ids: Vec<i64>,
-        positions: Vec<i64>,
-        branch: Vec<i64>,
-        /// (logical row, index in this unit of each of that row's tokens)
-        rows: Vec<(usize, Vec<usize>)>,
-    }
     let mut units = Vec::new();
     for (i, pair) in pairs.iter().enumerate() {
         let (chosen, _) = truncated(&pair.chosen, truncation);
@@ -117,18 +133,38 @@ pub fn pack(
                 rows: vec![(i, (0..chosen.len()).collect()), (batch + i, rejected_index)],
             });
         } else {
-            for (row, seq) in [(i, chosen), (batch + i, rejected)] {
-                let n = seq.len();
-                units.push(Unit {
-                    positions: (0..n as i64).collect(),
-                    branch: vec![0; n],
-                    rows: vec![(row, (0..n).collect())],
-                    ids: seq,
-                });
-            }
+            units.push(Unit::sequence(i, chosen));
+            units.push(Unit::sequence(batch + i, rejected));
         }
     }
-    // Rows of units: first fit in order, up to the row budget (or one unit per row without packing).
+    lay_out(logical, units, pad_id, options)
+}
+
+/// Lays out independent sequences, given as (token ids, completion mask) rows: the logical batch holds one row
+/// each; with `options.packing` several share a model row, each attending only to itself with positions from 0.
+pub fn pack_sequences(rows: &[(Vec<i64>, Vec<i64>)], pad_id: i64, options: PackOptions) -> PackedBatch {
+    let logical = crate::data::collate::collate_rows(rows, pad_id);
+    if !options.packing {
+        return padded(logical);
+    }
+    let units = rows.iter().enumerate().map(|(i, (ids, _))| Unit::sequence(i, ids.clone())).collect();
+    lay_out(logical, units, pad_id, options)
+}
+
+/// TRL's layout: the model runs the logical batch itself.
+fn padded(logical: Batch) -> PackedBatch {
+    let (rows, width) = (logical.input_ids.size()[0], logical.input_ids.size()[1]);
+    PackedBatch {
+        source: Tensor::arange(rows * width, tch::kind::INT64_CPU).view([rows, width]),
+        segments: None,
+        logical,
+        desirable: None,
+    }
+}
+
+/// Puts `units` into model rows (first fit in order, up to the row budget; one unit per row without packing).
+fn lay_out(logical: Batch, units: Vec<Unit>, pad_id: i64, options: PackOptions) -> PackedBatch {
+    let (rows, width) = (logical.input_ids.size()[0], logical.input_ids.size()[1]);
     let longest = units.iter().map(|u| u.ids.len()).max().unwrap_or(0);
     let budget = if options.row_tokens == 0 { longest } else { options.row_tokens.max(longest) };
     let mut packed_rows: Vec<(Vec<usize>, usize)> = Vec::new();
@@ -182,6 +218,7 @@ pub fn pack(
         }),
         source: Tensor::from_slice(&source).view([rows, width]),
         logical,
+        desirable: None,
     }
 }
 

@@ -33,6 +33,8 @@ pub struct SftOptions {
     pub truncation_mode: TruncationMode,
     /// loss on the text of the template's `{% generation %}` blocks only (conversational rows)
     pub assistant_only_loss: bool,
+    /// TRL's `packing` (strategy `bfd`): sequences packed into rows of `max_length` tokens
+    pub packing: bool,
 }
 
 impl Default for SftOptions {
@@ -43,6 +45,7 @@ impl Default for SftOptions {
             max_length: Some(1024),
             truncation_mode: TruncationMode::KeepStart,
             assistant_only_loss: false,
+            packing: false,
         }
     }
 }
@@ -68,7 +71,8 @@ pub fn prepare_sft(read: ReadRows, tok: &PairTokenizer, options: &SftOptions) ->
                 continue;
             }
         };
-        if let Some(max) = options.max_length {
+        // packing cuts the sequences itself, and keeps those left without a label
+        if let Some(max) = options.max_length.filter(|_| !options.packing) {
             truncate(&mut sequence, max, options.truncation_mode);
             if sequence.labels.iter().all(|&l| l == IGNORE) {
                 let reason = format!("no token left in the loss after truncation to max_length {max}");
@@ -79,6 +83,16 @@ pub fn prepare_sft(read: ReadRows, tok: &PairTokenizer, options: &SftOptions) ->
         out.sequences.push(sequence);
     }
     out
+}
+
+impl PreparedSft {
+    /// The rows of the dataset TRL trains on: the sequences, or with `packing` their `bfd` packs of `max_length`.
+    pub fn rows(&self, options: &SftOptions) -> Vec<SftRow> {
+        match options.max_length.filter(|_| options.packing) {
+            Some(max) => pack_bfd(self.sequences.clone(), max),
+            None => self.sequences.iter().cloned().map(SftRow::from).collect(),
+        }
+    }
 }
 
 fn tokenize_row(row: &RawRow, tok: &PairTokenizer, options: &SftOptions) -> Result<SftSequence, RowError> {
@@ -135,14 +149,42 @@ fn truncate(sequence: &mut SftSequence, max: usize, mode: TruncationMode) {
     sequence.labels = sequence.labels[range].to_vec();
 }
 
-/// Sequences packed into one row (TRL's packing): `seq_lengths` are the lengths of the sequences in it, in order.
+/// A row of the dataset SFT trains on: one sequence, or with TRL's packing several (`seq_lengths`: the lengths of
+/// the sequences in it, in order), each of which attends only to itself.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PackedSft {
+pub struct SftRow {
     pub input_ids: Vec<i64>,
     pub labels: Vec<i64>,
     pub seq_lengths: Vec<usize>,
     /// the location of each packed sequence
     pub sources: Vec<String>,
+}
+
+impl From<SftSequence> for SftRow {
+    fn from(sequence: SftSequence) -> Self {
+        SftRow {
+            seq_lengths: vec![sequence.input_ids.len()],
+            sources: vec![sequence.location],
+            input_ids: sequence.input_ids,
+            labels: sequence.labels,
+        }
+    }
+}
+
+impl SftRow {
+    /// Each sequence as (token ids, 1 where its label is in the loss).
+    pub fn sequences(&self) -> Vec<(Vec<i64>, Vec<i64>)> {
+        let mut start = 0;
+        self.seq_lengths
+            .iter()
+            .map(|&n| {
+                let range = start..start + n;
+                start += n;
+                let scored = self.labels[range.clone()].iter().map(|&l| i64::from(l != IGNORE)).collect();
+                (self.input_ids[range].to_vec(), scored)
+            })
+            .collect()
+    }
 }
 
 /// `datasets`' batch size for `map(batched=True)`: TRL packs each thousand rows on their own.
@@ -151,7 +193,7 @@ const MAP_BATCH: usize = 1000;
 /// TRL's `pack_dataset(strategy="bfd")`: in each thousand sequences, empty ones dropped and each cut to
 /// `seq_length`, Best Fit Decreasing: longest first (ties in order), each into the open row with the least room
 /// that fits it (of equal rooms, the one that got that room first), else a new row.
-pub fn pack_bfd(sequences: Vec<SftSequence>, seq_length: usize) -> Vec<PackedSft> {
+pub fn pack_bfd(sequences: Vec<SftSequence>, seq_length: usize) -> Vec<SftRow> {
     use std::collections::{BTreeSet, HashMap, VecDeque};
     let mut out = Vec::new();
     let mut rest = sequences.into_iter().filter(|s| !s.input_ids.is_empty()).peekable();
@@ -190,7 +232,7 @@ pub fn pack_bfd(sequences: Vec<SftSequence>, seq_length: usize) -> Vec<PackedSft
         }
         for bin in bins {
             let mut row =
-                PackedSft { input_ids: Vec::new(), labels: Vec::new(), seq_lengths: Vec::new(), sources: Vec::new() };
+                SftRow { input_ids: Vec::new(), labels: Vec::new(), seq_lengths: Vec::new(), sources: Vec::new() };
             for index in bin {
                 let sequence = &chunk[index];
                 row.input_ids.extend(&sequence.input_ids);

@@ -1,11 +1,14 @@
 //! Losses over per-token scores (`model::lm_head::TokenScores`): DPO and its loss variants (`dpo`), ORPO
-//! (`orpo`), CPO/SimPO (`cpo`), and TRL's metric averaging (`metrics`).
+//! (`orpo`), CPO/SimPO (`cpo`), SFT (`sft`), KTO (`kto`), and TRL's metric averaging (`metrics`).
 
 pub mod cpo;
 pub mod dpo;
+pub mod kto;
 pub mod metrics;
 pub mod orpo;
+pub mod sft;
 
+use crate::data::pack::PackedBatch;
 use crate::model::lm_head::{Needed, TokenScores};
 use crate::objective::dpo::PairLogps;
 use crate::objective::metrics::MetricLog;
@@ -13,7 +16,9 @@ use tch::Tensor;
 
 pub use cpo::CpoParams;
 pub use dpo::DpoParams;
+pub use kto::KtoParams;
 pub use orpo::OrpoParams;
+pub use sft::SftParams;
 
 /// What a training step optimizes.
 #[derive(Debug, Clone)]
@@ -22,16 +27,39 @@ pub enum Objective {
     Orpo(OrpoParams),
     /// CPO / SimPO (reference-free).
     Cpo(CpoParams),
+    /// Supervised fine-tuning on single sequences.
+    Sft(SftParams),
+    /// KTO on unpaired examples.
+    Kto(KtoParams),
 }
 
 impl Objective {
-    /// β of DPO, λ of ORPO: the scale of the implicit rewards.
+    /// β of DPO and KTO, λ of ORPO: the scale of the implicit rewards (SFT has none: 0).
     pub fn beta(&self) -> f64 {
         match self {
             Objective::Dpo(p) => p.loss.beta,
             Objective::Orpo(p) => p.beta,
             Objective::Cpo(p) => p.beta,
+            Objective::Kto(p) => p.beta,
+            Objective::Sft(_) => 0.0,
         }
+    }
+
+    /// The command that trains it, as TRL names its trainer.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Objective::Dpo(_) => "dpo",
+            Objective::Orpo(_) => "orpo",
+            Objective::Cpo(_) => "cpo",
+            Objective::Sft(_) => "sft",
+            Objective::Kto(_) => "kto",
+        }
+    }
+
+    /// Whether `batch_loss` is a sum over label tokens that the step divides by the label tokens of all its
+    /// micro-batches (transformers' `num_items_in_batch`, SFT), rather than a mean the step averages over them.
+    pub fn sums_over_tokens(&self) -> bool {
+        matches!(self, Objective::Sft(_))
     }
 
     /// The positions whose log-probs the loss reads.
@@ -43,16 +71,24 @@ impl Objective {
     }
 
     pub fn needs_reference(&self) -> bool {
-        matches!(self, Objective::Dpo(DpoParams { reference_free: false, .. }))
+        matches!(self, Objective::Dpo(DpoParams { reference_free: false, .. }) | Objective::Kto(_))
     }
 
-    /// The (differentiable) loss of one batch; its metrics are appended to `log`. `reference` holds the
-    /// reference model's summed completion log-probs when the objective needs them.
-    pub fn batch_loss(&self, scores: &TokenScores, reference: Option<&PairLogps>, log: &mut MetricLog) -> Tensor {
+    /// The (differentiable) loss of `batch`, scored in `scores`; its metrics are appended to `log`. `reference`
+    /// holds the reference model's summed completion log-probs when the objective needs them.
+    pub fn batch_loss(
+        &self,
+        scores: &TokenScores,
+        batch: &PackedBatch,
+        reference: Option<&PairLogps>,
+        log: &mut MetricLog,
+    ) -> Tensor {
         match self {
             Objective::Dpo(params) => dpo::batch_loss(scores, reference, params, log),
             Objective::Orpo(params) => orpo::batch_loss(scores, params, log),
             Objective::Cpo(params) => cpo::batch_loss(scores, params, log),
+            Objective::Sft(params) => sft::batch_loss(scores, params, log),
+            Objective::Kto(params) => kto::batch_loss(scores, batch, reference, params, log),
         }
     }
 }

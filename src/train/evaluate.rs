@@ -84,11 +84,11 @@ pub fn evaluate(
                     summed.chosen.device(),
                 ),
             });
-            let loss = objective.batch_loss(&scores, reference_logps.as_ref(), &mut log);
+            let loss = objective.batch_loss(&scores, &batch, reference_logps.as_ref(), &mut log);
             loss_sum += loss.double_value(&[]) * chunk.len() as f64;
             // The log-probs the objective compares: summed for DPO, averaged for ORPO.
             let (compared, rewards) = match objective {
-                Objective::Dpo(_) => {
+                Objective::Dpo(_) | Objective::Kto(_) | Objective::Sft(_) => {
                     let zero = PairLogps::zeros_like(&summed);
                     let r = reference_logps.as_ref().unwrap_or(&zero);
                     (&summed, ((&summed.chosen - &r.chosen) * beta, (&summed.rejected - &r.rejected) * beta))

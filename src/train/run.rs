@@ -2,6 +2,7 @@
 //! `Trainer::optimizer_step` on each step's micro-batches, the schedule, a `metrics.jsonl` line per logging step
 //! with TRL's keys, evaluation and checkpoints by transformers' strategies, that resume bit for bit.
 
+use crate::data::batches::Examples;
 use crate::data::collate::{epoch_order, SamplingStrategy};
 use crate::data::tokenize::TokenizedPair;
 use crate::files;
@@ -22,7 +23,8 @@ use std::path::{Path, PathBuf};
 pub struct TrainInputs<'a> {
     pub policy: &'a LoadedModel,
     pub reference: Reference<'a>,
-    pub train: &'a [TokenizedPair],
+    pub train: Examples<'a>,
+    /// evaluation pairs (preference objectives only)
     pub eval: Option<&'a [TokenizedPair]>,
     pub objective: &'a Objective,
 }
@@ -42,9 +44,9 @@ pub struct Progress {
     skipped_nonfinite: usize,
 }
 
-/// The pairs in a seeded order per epoch, consumed batch by batch.
+/// The examples in a seeded order per epoch, consumed batch by batch.
 struct BatchCursor {
-    pairs: usize,
+    examples: usize,
     batch_size: usize,
     sampling: SamplingStrategy,
     seed: u64,
@@ -53,17 +55,17 @@ struct BatchCursor {
 
 impl BatchCursor {
     fn batches_per_epoch(&self) -> usize {
-        self.pairs.div_ceil(self.batch_size)
+        self.examples.div_ceil(self.batch_size)
     }
 
     /// Indices of the next batch from `progress`'s position (the last of an epoch may be smaller), advancing it.
     fn next(&mut self, progress: &mut Progress) -> Vec<usize> {
-        if progress.position >= self.pairs {
+        if progress.position >= self.examples {
             progress.epoch += 1;
             progress.position = 0;
         }
         if progress.position == 0 || self.order.is_empty() {
-            self.order = epoch_order(self.pairs, self.sampling, self.seed, progress.epoch);
+            self.order = epoch_order(self.examples, self.sampling, self.seed, progress.epoch);
         }
         let end = (progress.position + self.batch_size).min(self.order.len());
         let batch = self.order[progress.position..end].to_vec();
@@ -90,7 +92,10 @@ pub fn train_with_hook(
     on_checkpoint: &mut dyn FnMut(&Path, usize) -> Result<()>,
 ) -> Result<Vec<Map<String, Value>>> {
     if inputs.train.is_empty() {
-        bail!("no training pairs");
+        bail!("no training examples");
+    }
+    if inputs.eval.is_some() && matches!(inputs.train, Examples::Sft(_) | Examples::Kto(_)) {
+        bail!("evaluation during {} training is not supported yet", inputs.objective.name());
     }
     if inputs.objective.needs_reference() && matches!(inputs.reference, Reference::None) {
         bail!("this objective needs a reference model");
@@ -109,7 +114,7 @@ pub fn train_with_hook(
     tch::manual_seed(config.seed as i64);
 
     let mut cursor = BatchCursor {
-        pairs: inputs.train.len(),
+        examples: inputs.train.len(),
         batch_size: config.per_device_train_batch_size,
         sampling: config.sampling,
         seed: config.data_seed.unwrap_or(config.seed),
@@ -153,7 +158,7 @@ pub fn train_with_hook(
         let mut micro_batches: Vec<Vec<usize>> = Vec::with_capacity(accumulation);
         while micro_batches.len() < accumulation {
             micro_batches.push(cursor.next(&mut progress));
-            if progress.position >= cursor.pairs {
+            if progress.position >= cursor.examples {
                 break;
             }
         }
@@ -172,7 +177,7 @@ pub fn train_with_hook(
         progress.global_step += 1;
         let global_step = progress.global_step;
         let epoch = cursor.epoch_progress(&progress);
-        let epoch_ended = progress.position >= cursor.pairs;
+        let epoch_ended = progress.position >= cursor.examples;
         let last = global_step == total_steps;
         let log_due = config.logging.due(global_step, total_steps, epoch_ended)
             || (config.logging_first_step && global_step == 1)

@@ -50,7 +50,7 @@ pub fn forward_backward(
     }; // [R, L, hidden]
 
     let (scores, tape) = score_hidden(model, packed, &hidden, objective.needed(), options.precision);
-    let loss = objective.batch_loss(&scores, reference, log) * scale;
+    let loss = objective.batch_loss(&scores, packed, reference, log) * scale;
     let value = loss.double_value(&[]);
     if !value.is_finite() {
         return value;

@@ -2,9 +2,9 @@
 //! micro-batch of the step the reference's log-probs and the policy's forward and backward pass, the loss scaled
 //! by 1/micro-batches; then gradient clipping, AdamW and zeroing the gradients, as transformers' Trainer runs them.
 
+use crate::data::batches::Examples;
 use crate::data::collate::SamplingStrategy;
-use crate::data::pack::Batching;
-use crate::data::tokenize::TokenizedPair;
+use crate::data::pack::{Batching, PackedBatch};
 use crate::model::LoadedModel;
 use crate::objective::metrics::MetricLog;
 use crate::objective::Objective;
@@ -14,7 +14,6 @@ use crate::train::schedule::Schedule;
 use crate::train::step::{forward_backward, StepOptions};
 use std::path::PathBuf;
 use std::time::Instant;
-use tch::Kind;
 
 /// When something happens during training: transformers' `*_strategy` (`no`, `steps`, `epoch`) with its `*_steps`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -163,8 +162,8 @@ pub struct Trainer<'a> {
     pub policy: &'a LoadedModel,
     pub reference: Reference<'a>,
     pub objective: &'a Objective,
-    /// The training pairs; micro-batches are indices into them.
-    pub pairs: &'a [TokenizedPair],
+    /// The training examples; micro-batches are indices into them.
+    pub examples: Examples<'a>,
     pub batching: Batching,
     pub step: StepOptions,
     pub max_grad_norm: f64,
@@ -206,12 +205,12 @@ pub struct NonFinite {
 }
 
 impl<'a> Trainer<'a> {
-    /// A trainer over `pairs` with a fresh optimizer for the policy's trainable parameters.
+    /// A trainer over `examples` with a fresh optimizer for the policy's trainable parameters.
     pub fn new(
         policy: &'a LoadedModel,
         reference: Reference<'a>,
         objective: &'a Objective,
-        pairs: &'a [TokenizedPair],
+        examples: Examples<'a>,
         config: &TrainerConfig,
     ) -> Self {
         Trainer {
@@ -219,7 +218,7 @@ impl<'a> Trainer<'a> {
             policy,
             reference,
             objective,
-            pairs,
+            examples,
             batching: config.batching,
             step: config.step,
             max_grad_norm: config.max_grad_norm,
@@ -258,24 +257,33 @@ impl<'a> Trainer<'a> {
         let (mut loss, mut tokens) = (0.0, 0);
         let mut rows = Vec::new();
         let mut step_log = MetricLog::default();
-        let scale = 1.0 / micro_batches.len() as f64;
+        let started = Instant::now();
+        let batches: Vec<PackedBatch> =
+            micro_batches.iter().map(|indices| self.examples.pack(indices, &self.batching)).collect();
+        // A mean loss per micro-batch is averaged over them; SFT's summed loss is divided by every label token of
+        // the step (the tokens after the first of each row whose label is kept: transformers' num_items_in_batch).
+        let scale = if self.objective.sums_over_tokens() {
+            let labels: i64 = batches.iter().map(|b| b.label_tokens()).sum();
+            1.0 / labels.max(1) as f64
+        } else {
+            1.0 / micro_batches.len() as f64
+        };
+        seconds.reference += started.elapsed().as_secs_f64();
         let device = self.policy.vs.device();
-        for indices in micro_batches {
+        for (indices, batch) in micro_batches.iter().zip(&batches) {
             let started = Instant::now();
-            let pairs: Vec<&TokenizedPair> = indices.iter().map(|&i| &self.pairs[i]).collect();
-            rows.extend(pairs.iter().map(|p| p.location.clone()));
-            let batch = self.batching.pack(&pairs);
-            tokens += batch.logical.attention_mask.sum(Kind::Int64).int64_value(&[]);
+            rows.extend(self.examples.locations(indices));
+            tokens += self.examples.num_tokens(batch);
             let reference = match self.reference {
                 Reference::None => None,
-                Reference::Model(r) => Some(reference_logps(&r.model, &batch, self.step.precision)),
+                Reference::Model(r) => Some(reference_logps(&r.model, batch, self.step.precision)),
                 Reference::Precomputed { train, .. } => Some(train.batch(indices, device)),
             };
             let reference_done = Instant::now();
             seconds.reference += (reference_done - started).as_secs_f64();
             let value = forward_backward(
                 &self.policy.model,
-                &batch,
+                batch,
                 self.objective,
                 reference.as_ref(),
                 scale,

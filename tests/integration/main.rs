@@ -21,6 +21,7 @@ mod quantized;
 mod recipes;
 mod reliability;
 mod sft_kto_data;
+mod sft_kto_training;
 mod tensorboard;
 mod training;
 mod trl_data;

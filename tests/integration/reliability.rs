@@ -378,7 +378,7 @@ fn a_nonfinite_weight_is_named_instead_of_the_data_rows() {
     let inputs = TrainInputs {
         policy: &policy,
         reference: Reference::Model(&reference),
-        train: &pairs,
+        train: (&pairs).into(),
         eval: None,
         objective: &objective,
     };

@@ -80,8 +80,44 @@ fn check_layout(name: &str, layout: PackOptions) {
         r
     });
     let out = tempfile::tempdir().unwrap();
-    let config = TrainerConfig {
-        output_dir: out.path().to_path_buf(),
+    let truncation = is_dpo.then_some((f("max_length") as usize, TruncationMode::KeepStart));
+    let config = fixture_config(settings, out.path(), Batching { pad_id: 2, truncation, layout });
+    let reference = match &reference {
+        _ if is_dpo && lora => Reference::Model(&policy),
+        Some(model) => Reference::Model(model),
+        None => Reference::None,
+    };
+    let inputs = TrainInputs { policy: &policy, reference, train: (&pairs).into(), eval: None, objective: &objective };
+    let rows = train(&inputs, &config).unwrap();
+
+    let skip_logits = !is_dpo && !layout.is_trl_layout();
+    assert_history(&format!("{name} ({layout:?})"), &rows, &expected, &|key| skip_logits && key.starts_with("logits/"));
+    if lora {
+        use prefalign::model::weights::{SafetensorsFiles, WeightSource};
+        let last = SafetensorsFiles::open_dir_file(&fixture(&format!("{name}.final/adapter_model.safetensors")));
+        let last = last.unwrap();
+        for (param, ours) in policy.adapter_variables() {
+            if prefalign::model::lora::is_saved_module(&param) {
+                continue; // not in the fixture's file; final_params below checks it
+            }
+            let saved = prefalign::model::lora::saved_name(&param);
+            let theirs = last.tensor(&saved).unwrap().unwrap_or_else(|| panic!("{saved} in the final adapter"));
+            let scale = theirs.abs().max().double_value(&[]).max(1.0);
+            let diff = (&ours - &theirs).abs().max().double_value(&[]);
+            assert!(diff <= 1e-4 * scale, "{name} ({layout:?}): {param} differs by {diff}");
+        }
+    }
+    let line_count = std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap().lines().count();
+    assert_eq!(line_count, expected["log_history"].as_array().unwrap().len());
+    assert_final_params(&format!("{name} ({layout:?})"), &policy, &expected);
+}
+
+/// The trainer settings of a fixture made by tools/fixtures/make_*_fixtures.py (logging every step).
+pub fn fixture_config(settings: &Value, output_dir: &std::path::Path, batching: Batching) -> TrainerConfig {
+    let s = |key: &str| settings[key].as_str().unwrap_or_else(|| panic!("setting {key}")).to_string();
+    let f = |key: &str| settings[key].as_f64().unwrap_or_else(|| panic!("setting {key}"));
+    TrainerConfig {
+        output_dir: output_dir.to_path_buf(),
         learning_rate: f("learning_rate"),
         schedule: Schedule::parse(&s("lr_scheduler_type"), 0.0).unwrap(),
         optimizer: AdamWConfig {
@@ -102,61 +138,49 @@ fn check_layout(name: &str, layout: PackOptions) {
         } else {
             SamplingStrategy::Sequential
         },
-        batching: Batching {
-            pad_id: 2,
-            truncation: is_dpo.then_some((f("max_length") as usize, TruncationMode::KeepStart)),
-            layout,
-        },
+        batching,
         ..TrainerConfig::default()
-    };
-    let reference = match &reference {
-        _ if is_dpo && lora => Reference::Model(&policy),
-        Some(model) => Reference::Model(model),
-        None => Reference::None,
-    };
-    let inputs = TrainInputs { policy: &policy, reference, train: &pairs, eval: None, objective: &objective };
-    let rows = train(&inputs, &config).unwrap();
+    }
+}
 
+/// Every numeric value of every row of the fixture's `log_history` equals ours within 1e-4 relative (`logits/*`
+/// relative to at least 1e-2), except the keys `skip` names.
+pub fn assert_history(
+    name: &str,
+    rows: &[serde_json::Map<String, Value>],
+    expected: &Value,
+    skip: &dyn Fn(&str) -> bool,
+) {
     let history = expected["log_history"].as_array().unwrap();
     assert_eq!(rows.len(), history.len(), "{name}: logged steps");
     for (ours, theirs) in rows.iter().zip(history) {
         let step = theirs["step"].as_i64().unwrap();
         for (key, value) in theirs.as_object().unwrap() {
             let Some(want) = value.as_f64() else { continue };
-            if !is_dpo && !layout.is_trl_layout() && key.starts_with("logits/") {
+            if skip(key) {
                 continue;
             }
             let got =
                 ours.get(key).and_then(Value::as_f64).unwrap_or_else(|| panic!("{name} step {step}: {key} not logged"));
             let tolerance = 1e-4 * want.abs().max(if key.starts_with("logits/") { 1e-2 } else { 1.0 });
-            assert!((got - want).abs() <= tolerance, "{name} ({layout:?}) step {step}: {key} = {got}, TRL {want}");
+            assert!((got - want).abs() <= tolerance, "{name} step {step}: {key} = {got}, TRL {want}");
+        }
+        // prefalign logs num_tokens for every objective (docs/TRAINING.md); TRL's ORPO and CPO do not
+        for key in ours.keys().filter(|k| !["num_tokens", "skipped_nonfinite"].contains(&k.as_str())) {
+            assert!(theirs.get(key).is_some(), "{name} step {step}: {key} not in TRL's log");
         }
     }
-    if lora {
-        use prefalign::model::weights::{SafetensorsFiles, WeightSource};
-        let last = SafetensorsFiles::open_dir_file(&fixture(&format!("{name}.final/adapter_model.safetensors")));
-        let last = last.unwrap();
-        for (param, ours) in policy.adapter_variables() {
-            if prefalign::model::lora::is_saved_module(&param) {
-                continue; // not in the fixture's file; final_params below checks it
-            }
-            let saved = prefalign::model::lora::saved_name(&param);
-            let theirs = last.tensor(&saved).unwrap().unwrap_or_else(|| panic!("{saved} in the final adapter"));
-            let scale = theirs.abs().max().double_value(&[]).max(1.0);
-            let diff = (&ours - &theirs).abs().max().double_value(&[]);
-            assert!(diff <= 1e-4 * scale, "{name} ({layout:?}): {param} differs by {diff}");
-        }
-    }
-    let name = name.rsplit('/').next().unwrap();
-    let line_count = std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap().lines().count();
-    assert_eq!(line_count, history.len());
+}
+
+/// The sum and L2 norm of every trained parameter equal the fixture's `final_params` within 1e-4 relative.
+pub fn assert_final_params(name: &str, policy: &prefalign::model::LoadedModel, expected: &Value) {
     for (param, stats) in expected["final_params"].as_object().unwrap() {
         let ours = policy.vs.variables()[param].to_kind(Kind::Double);
         let (sum, norm) = (ours.sum(Kind::Double).double_value(&[]), ours.norm().double_value(&[]));
         let (want_sum, want_norm) = (stats[0].as_f64().unwrap(), stats[1].as_f64().unwrap());
         assert!(
             (norm - want_norm).abs() <= 1e-4 * want_norm.abs().max(1.0),
-            "{name} ({layout:?}): {param} norm {norm} vs {want_norm}"
+            "{name}: {param} norm {norm} vs {want_norm}"
         );
         assert!((sum - want_sum).abs() <= 1e-4 * want_norm.abs().max(1.0), "{name}: {param} sum {sum} vs {want_sum}");
     }
@@ -312,7 +336,7 @@ fn resume_is_bit_for_bit() {
     let inputs = TrainInputs {
         policy: &a.policy,
         reference: Reference::Model(&a.reference),
-        train: &a.pairs,
+        train: (&a.pairs).into(),
         eval: Some(&a.pairs[..4]),
         objective: &objective,
     };
@@ -327,7 +351,7 @@ fn resume_is_bit_for_bit() {
     let inputs = TrainInputs {
         policy: &b.policy,
         reference: Reference::Model(&b.reference),
-        train: &b.pairs,
+        train: (&b.pairs).into(),
         eval: Some(&b.pairs[..4]),
         objective: &objective,
     };
@@ -373,7 +397,7 @@ fn nonfinite_loss_stops_naming_step_and_rows_or_is_skipped() {
     let inputs = TrainInputs {
         policy: &s.policy,
         reference: Reference::None,
-        train: &s.pairs,
+        train: (&s.pairs).into(),
         eval: None,
         objective: &objective,
     };
@@ -421,7 +445,7 @@ fn precomputed_reference_matches_the_reference_model() {
         let inputs = TrainInputs {
             policy: &s.policy,
             reference,
-            train: &s.pairs,
+            train: (&s.pairs).into(),
             eval: Some(eval_pairs),
             objective: &objective,
         };
