@@ -1,10 +1,13 @@
 //! Dataset flags shared by every subcommand that reads preference data, and `prefalign data inspect`.
 
+use crate::data::batches::KtoExamples;
 use crate::data::collate::TruncationMode;
 use crate::data::hub::Selection;
-use crate::data::mixture::{legacy_mixer, parse_mixer, Mixture};
+use crate::data::kto::prepare_kto;
+use crate::data::mixture::{legacy_mixer, numpy_permutation, parse_mixer, Mixture};
 use crate::data::pack::{Batching, PackOptions};
-use crate::data::prepare::{prepare, tokenize_pairs, PrepareOptions, Prepared, RowFormat, Rules};
+use crate::data::prepare::{prepare, tokenize_pairs, PrepareOptions, PrepareReport, Prepared, RowFormat, Rules};
+use crate::data::sft::{prepare_sft, SftOptions, SftRow};
 use crate::data::source::{read_dataset, ReadRows};
 use crate::data::tokenize::{PairTokenizer, TokenizedPair};
 use crate::model::tokenizer::TextTokenizer;
@@ -202,6 +205,103 @@ impl DatasetArgs {
     pub fn prepare(&self, tokenizer: &TextTokenizer, rules: Rules) -> Result<Prepared> {
         let tok = PairTokenizer::new(tokenizer)?;
         prepare(self.read()?, &tok, &self.options(rules))
+    }
+
+    /// Refuses the flags of preference data for `command` (sft, kto), which reads its own columns.
+    pub fn check_no_pair_flags(&self, command: &str) -> Result<()> {
+        let given = [
+            ("--max-prompt-length", self.max_prompt_length.is_some()),
+            ("--max-completion-length", self.max_completion_length.is_some()),
+            ("--dataset-format hh-rlhf", matches!(self.dataset_format, FormatArg::HhRlhf)),
+            ("--prompt-column", self.prompt_column != "prompt"),
+            ("--chosen-column", self.chosen_column != "chosen"),
+            ("--rejected-column", self.rejected_column != "rejected"),
+            ("--keep-empty-completions", self.keep_empty_completions),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, given)| *given) {
+            bail!("{flag} is a setting of preference data (dpo, orpo, cpo), not of `prefalign {command}`");
+        }
+        Ok(())
+    }
+
+    /// Reads and tokenizes the dataset as TRL's SFTTrainer does (`options`), shuffled with `shuffle_seed` as its
+    /// `shuffle_dataset` does; returns the rows it trains on, each sequence or (with packing) each pack.
+    pub fn prepare_sft(
+        &self,
+        tokenizer: &TextTokenizer,
+        options: &SftOptions,
+        shuffle_seed: Option<u64>,
+    ) -> Result<Vec<SftRow>> {
+        let tok = PairTokenizer::new(tokenizer)?;
+        let read = self.read()?;
+        let rows_read = read.rows.len() + read.invalid.len();
+        let mut prepared = prepare_sft(read, &tok, options);
+        let report = PrepareReport {
+            rows_read,
+            invalid: std::mem::take(&mut prepared.invalid),
+            dropped: std::mem::take(&mut prepared.dropped),
+            ..PrepareReport::default()
+        };
+        report.check_invalid(self.skip_invalid_rows)?;
+        eprintln!(
+            "{} sequences ({rows_read} rows read, {} invalid skipped, {} dropped: no label left after truncation to \
+             max_length {})",
+            prepared.sequences.len(),
+            report.invalid.len(),
+            report.dropped.len(),
+            self.max_length
+        );
+        // datasets' shuffle(seed): TRL shuffles the tokenized rows, and again after packing them
+        let shuffle = |len: usize| shuffle_seed.map(|seed| numpy_permutation(len, seed));
+        if let Some(order) = shuffle(prepared.sequences.len()) {
+            prepared.sequences = order.iter().map(|&i| prepared.sequences[i].clone()).collect();
+        }
+        let mut rows = prepared.rows(options);
+        if options.packing {
+            if let Some(order) = shuffle(rows.len()) {
+                rows = order.iter().map(|&i| rows[i].clone()).collect();
+            }
+            eprintln!(
+                "packed into {} rows of at most {} tokens ({})",
+                rows.len(),
+                self.max_length,
+                options.packing_strategy.name()
+            );
+        }
+        if rows.is_empty() {
+            bail!("no sequence of {} is left to train on", self.describe());
+        }
+        Ok(rows)
+    }
+
+    /// Reads and tokenizes the dataset as TRL's KTOTrainer does (unpaired rows, or pairs unpaired), with the
+    /// mismatched completions of the KL estimate rotated within batches of `batch_size`.
+    pub fn prepare_kto(&self, tokenizer: &TextTokenizer, batch_size: usize) -> Result<KtoExamples> {
+        let tok = PairTokenizer::new(tokenizer)?;
+        let read = self.read()?;
+        let rows_read = read.rows.len() + read.invalid.len();
+        let prepared = prepare_kto(read, &tok, Some(self.max_length), batch_size);
+        let report = PrepareReport {
+            rows_read,
+            invalid: prepared.invalid,
+            dropped: prepared.dropped,
+            ..PrepareReport::default()
+        };
+        report.check_invalid(self.skip_invalid_rows)?;
+        let desirable = prepared.sequences.iter().filter(|s| s.label).count();
+        eprintln!(
+            "{} examples, {desirable} desirable and {} undesirable ({rows_read} rows read, {} invalid skipped, {} \
+             dropped: prompt of at least max_length {} tokens)",
+            prepared.sequences.len(),
+            prepared.sequences.len() - desirable,
+            report.invalid.len(),
+            report.dropped.len(),
+            self.max_length
+        );
+        if prepared.sequences.is_empty() {
+            bail!("no example of {} is left to train on", self.describe());
+        }
+        Ok(KtoExamples::new(&prepared.sequences))
     }
 }
 

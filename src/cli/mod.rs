@@ -21,7 +21,7 @@ use std::path::PathBuf;
 #[command(
     name = "prefalign",
     version,
-    about = "Align causal language models with human preferences (DPO, ORPO, SimPO)",
+    about = "Align causal language models with human preferences (SFT, DPO, ORPO, SimPO, KTO)",
     after_help = "Training commands also take --config recipe.yaml with TRL / alignment-handbook keys; flags override it, \
                   and may be spelled as TRL's (--learning_rate 1e-5, --bf16 false, --no-bf16).",
     args_override_self = true
@@ -48,6 +48,10 @@ enum Command {
     Orpo(train::OrpoArgs),
     /// Train with CPO or SimPO (reference-free; --loss-type simpo)
     Cpo(train::CpoArgs),
+    /// Supervised fine-tuning (TRL's SFTTrainer): text, prompt-completion or messages rows
+    Sft(train::SftArgs),
+    /// Train with KTO on unpaired desirable/undesirable examples (or preference pairs, unpaired)
+    Kto(train::KtoArgs),
     /// Score a model (and a reference) on preference data: log-probs, rewards, TRL's eval metrics
     Eval(eval::EvalArgs),
     /// Train several recipes (or one over a grid of a parameter) and compare them: a Markdown report with a table
@@ -298,6 +302,8 @@ pub fn main() -> i32 {
         Command::Dpo(args) => train::run_dpo(args),
         Command::Orpo(args) => train::run_orpo(args),
         Command::Cpo(args) => train::run_cpo(args),
+        Command::Sft(args) => train::run_sft(args),
+        Command::Kto(args) => train::run_kto(args),
         Command::Compare(args) => compare::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Data(DataCommand::Inspect(args)) => data::inspect(args),

@@ -61,6 +61,7 @@ pub const ACCEPTED: &[(&str, &str)] = &[
     ("ignore_bias_buffers", "no buffers are broadcast in one process"),
     ("pad_to_multiple_of", "rows are packed or padded to the longest; padding does not change results"),
     ("padding_free", "prefalign packs pairs without padding by default (--no-packing: padded rows)"),
+    ("eval_packing", "evaluation during sft is not implemented yet"),
     ("eval_do_concat_batches", "evaluation computes TRL's metrics over all pairs"),
     ("eval_use_gather_object", "one process"),
     ("eval_accumulation_steps", "evaluation computes TRL's metrics over all pairs"),
@@ -140,6 +141,10 @@ const REFUSED: &[(&str, &str)] = &[
     ("do_predict", "prediction is not implemented"),
     ("debug", "PyTorch debug modes do not apply"),
     ("lr_scheduler_kwargs", "only min_lr_rate (cosine_with_min_lr) is taken"),
+    ("eos_token", "the tokenizer's EOS token ends the sequences"),
+    ("dataset_kwargs", "the dataset is always prepared by prefalign"),
+    ("ref_model_mixup_alpha", "TR-DPO's reference syncing is not implemented"),
+    ("ref_model_sync_steps", "TR-DPO's reference syncing is not implemented"),
 ];
 
 /// Where each TRL config's fields and defaults are, by command.
@@ -148,6 +153,8 @@ fn classes(command: &str) -> Option<[&'static str; 4]> {
         "dpo" => "DPOConfig",
         "orpo" => "ORPOConfig",
         "cpo" => "CPOConfig",
+        "sft" => "SFTConfig",
+        "kto" => "KTOConfig",
         _ => return None,
     };
     Some([config, "TrainingArguments", "ModelConfig", "ScriptArguments"])

@@ -1,11 +1,14 @@
-//! `prefalign dpo`, `orpo` and `cpo`: train a model on preference data with TRL's parameter names, and save
-//! it as a Hugging Face folder in --output-dir.
+//! `prefalign dpo`, `orpo`, `cpo`, `sft` and `kto`: train a model with TRL's parameter names, and save it as a
+//! Hugging Face folder in --output-dir.
 
 use crate::cli::data::DatasetArgs;
 use crate::cli::push::HubPushArgs;
 use crate::cli::{values, ComputeArgs, ModelArgs};
-use crate::data::collate::SamplingStrategy;
+use crate::data::batches::{Examples, KtoExamples};
+use crate::data::collate::{SamplingStrategy, TruncationMode};
+use crate::data::pack::Batching;
 use crate::data::prepare::Rules;
+use crate::data::sft::{PackingStrategy, SftOptions, SftRow};
 use crate::data::tokenize::TokenizedPair;
 use crate::files;
 use crate::model::lora::LoraConfig;
@@ -13,8 +16,10 @@ use crate::model::save::{save_hf, save_trained, DEFAULT_MAX_SHARD_BYTES};
 use crate::model::LoadedModel;
 use crate::objective::cpo::CpoParams;
 use crate::objective::dpo::{DpoLoss, DpoParams, LossParams};
+use crate::objective::kto::KtoLoss;
 use crate::objective::orpo::OrpoParams;
-use crate::objective::Objective;
+use crate::objective::sft::SftLoss;
+use crate::objective::{KtoParams, Objective, SftParams};
 use crate::runtime;
 use crate::train::checkpoint::list_checkpoints;
 use crate::train::optimizer::AdamWConfig;
@@ -37,8 +42,9 @@ pub enum SamplingArg {
 pub struct TrainerArgs {
     #[arg(long, default_value = "prefalign-output")]
     output_dir: PathBuf,
-    #[arg(long, value_parser = values::non_negative, default_value_t = TrainerConfig::default().learning_rate)]
-    learning_rate: f64,
+    /// Default: TRL's for the command (1e-6; sft: 2e-5)
+    #[arg(long, value_parser = values::non_negative)]
+    learning_rate: Option<f64>,
     /// constant, constant_with_warmup, linear, cosine, cosine_with_min_lr
     #[arg(long, default_value = "linear")]
     lr_scheduler_type: String,
@@ -122,8 +128,9 @@ pub struct TrainerArgs {
     /// integrations (wandb, trackio, ...) are not built in and only warned about
     #[arg(long, value_delimiter = ',', default_value = "none")]
     report_to: Vec<String>,
-    #[arg(long, value_enum, default_value = "random")]
-    train_sampling_strategy: SamplingArg,
+    /// Default: random (kto: sequential, which its KL estimate needs)
+    #[arg(long, value_enum)]
+    train_sampling_strategy: Option<SamplingArg>,
 }
 
 /// transformers' optimizer names that run AdamW's arithmetic in 32 bits (paged: the same update, paging is a
@@ -132,9 +139,9 @@ const ADAMW_NAMES: [&str; 6] =
     ["adamw_torch", "adamw_torch_fused", "adamw_hf", "paged_adamw_32bit", "paged_adamw", "adamw_apex_fused"];
 
 impl TrainerArgs {
-    /// The trainer's settings from the flags, every one checked before anything is loaded; `batching` is set
-    /// once the tokenizer is known.
-    fn config(&self, eval_dataset_given: bool, compute: &ComputeArgs) -> Result<TrainerConfig> {
+    /// The trainer's settings from the flags for `objective` (whose TRL config has its own defaults), every one
+    /// checked before anything is loaded; `batching` is set once the tokenizer is known.
+    fn config(&self, eval_dataset_given: bool, compute: &ComputeArgs, objective: &Objective) -> Result<TrainerConfig> {
         if !ADAMW_NAMES.contains(&self.optim.as_str()) {
             let why = if self.optim.contains("8bit") {
                 "8-bit optimizer states are not implemented"
@@ -184,7 +191,10 @@ impl TrainerArgs {
         };
         let config = TrainerConfig {
             output_dir: self.output_dir.clone(),
-            learning_rate: self.learning_rate,
+            learning_rate: self.learning_rate.unwrap_or(match objective {
+                Objective::Sft(_) => 2e-5, // SFTConfig's default
+                _ => TrainerConfig::default().learning_rate,
+            }),
             schedule: Schedule::parse(&self.lr_scheduler_type, self.min_lr_rate)?,
             warmup_steps,
             warmup_ratio,
@@ -211,9 +221,9 @@ impl TrainerArgs {
             resume_from_checkpoint,
             seed: self.seed,
             data_seed: self.data_seed,
-            sampling: match self.train_sampling_strategy {
-                SamplingArg::Sequential => SamplingStrategy::Sequential,
-                SamplingArg::Random => SamplingStrategy::Random,
+            sampling: match (self.train_sampling_strategy, objective) {
+                (Some(SamplingArg::Sequential), _) | (None, Objective::Kto(_)) => SamplingStrategy::Sequential,
+                (Some(SamplingArg::Random), _) | (None, _) => SamplingStrategy::Random,
             },
             batching: Default::default(),
             step: compute.step(),
@@ -386,6 +396,109 @@ pub struct CpoArgs {
     simpo_gamma: f64,
 }
 
+#[derive(Args, Debug)]
+pub struct SftArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// The column of language-modeling text (rows with `messages`, or `prompt` and `completion`, need none)
+    #[arg(long, default_value = "text")]
+    dataset_text_field: String,
+    /// Loss on the completion only (prompt-completion rows); default: on for prompt-completion data, as TRL's
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = values::boolean)]
+    completion_only_loss: Option<bool>,
+    /// Loss on the assistant's turns only (`messages` rows): the text in the chat template's {% generation %}
+    /// blocks (--chat-template-path can give a template that has them)
+    #[arg(long)]
+    assistant_only_loss: bool,
+    /// Pack the tokenized sequences into rows of --max-length tokens (TRL's dataset packing: fewer, fuller rows
+    /// per batch)
+    #[arg(long)]
+    packing: bool,
+    /// bfd (whole sequences, each attending only to itself) or wrapped (cut every --max-length tokens)
+    #[arg(long, default_value = "bfd")]
+    packing_strategy: String,
+    /// Accepted: prefalign runs a batch's sequences without padding by default (--no-packing: padded rows); the
+    /// result is the same
+    #[arg(long)]
+    padding_free: bool,
+    /// Shuffle the tokenized rows (and again after packing) with --seed, as TRL's shuffle_dataset
+    #[arg(long)]
+    shuffle_dataset: bool,
+    /// nll, or dft (each token's NLL weighted by its probability, arXiv 2508.05629)
+    #[arg(long, default_value = "nll")]
+    loss_type: String,
+}
+
+#[derive(Args, Debug)]
+pub struct KtoArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// The reference model; default: a frozen copy of the policy (with LoRA: the policy with its adapters off)
+    #[arg(long)]
+    ref_model: Option<String>,
+    /// Compute the reference log-probs once before training (cached on disk across runs)
+    #[arg(long)]
+    precompute_ref_log_probs: bool,
+    #[arg(long, value_parser = values::positive, default_value_t = KtoParams::default().beta)]
+    beta: f64,
+    /// kto, or apo_zero_unpaired (no KL term)
+    #[arg(long, default_value = "kto")]
+    loss_type: String,
+    /// Weight of the desirable examples' losses
+    #[arg(long, value_parser = values::non_negative, default_value_t = KtoParams::default().desirable_weight)]
+    desirable_weight: f64,
+    /// Weight of the undesirable examples' losses
+    #[arg(long, value_parser = values::non_negative, default_value_t = KtoParams::default().undesirable_weight)]
+    undesirable_weight: f64,
+}
+
+pub fn run_sft(args: SftArgs) -> Result<()> {
+    let options = SftOptions {
+        dataset_text_field: args.dataset_text_field.clone(),
+        completion_only_loss: args.completion_only_loss,
+        max_length: Some(args.run.data.max_length),
+        truncation_mode: args.run.data.truncation_mode(),
+        assistant_only_loss: args.assistant_only_loss,
+        packing: args.packing,
+        packing_strategy: PackingStrategy::parse(&args.packing_strategy)?,
+    };
+    let objective = Objective::Sft(SftParams { loss: SftLoss::parse(&args.loss_type)? });
+    let shuffle = args.shuffle_dataset.then_some(args.run.trainer.seed);
+    run(&args.run, ReferenceArg::None, false, Task::Sft { options, shuffle }, &objective)
+}
+
+pub fn run_kto(args: KtoArgs) -> Result<()> {
+    let objective = Objective::Kto(KtoParams {
+        beta: args.beta,
+        loss: KtoLoss::parse(&args.loss_type)?,
+        desirable_weight: args.desirable_weight,
+        undesirable_weight: args.undesirable_weight,
+    });
+    // TRL's KL estimate pairs each prompt with the previous completion of its batch: it needs the batches in
+    // dataset order and more than one example in each
+    let sequential = !matches!(args.run.trainer.train_sampling_strategy, Some(SamplingArg::Random));
+    if args.loss_type == "kto" && (!sequential || args.run.trainer.per_device_train_batch_size < 2) {
+        bail!(
+            "KTO's KL estimate pairs each prompt with another completion of its batch: it needs \
+             --train-sampling-strategy sequential (the default for kto) and --per-device-train-batch-size of at \
+             least 2"
+        );
+    }
+    let reference = reference_arg(&args.run, args.ref_model.as_ref(), false);
+    run(&args.run, reference, args.precompute_ref_log_probs, Task::Kto, &objective)
+}
+
+/// The reference of a command that has one: --ref-model, else as TRL makes it.
+fn reference_arg(run: &RunArgs, ref_model: Option<&String>, reference_free: bool) -> ReferenceArg {
+    match (ref_model, reference_free) {
+        (_, true) => ReferenceArg::None,
+        (Some(path), false) => ReferenceArg::Model(path.clone()),
+        // TRL with PEFT and no reference model: the policy with its adapters off (or as an existing one was)
+        (None, false) if run.lora.use_peft || run.model.adapter.is_some() => ReferenceArg::PolicyAdapters,
+        (None, false) => ReferenceArg::Model(run.model.model.clone()), // a frozen copy, as TRL makes
+    }
+}
+
 pub fn run_cpo(args: CpoArgs) -> Result<()> {
     let params = CpoParams {
         beta: args.beta,
@@ -396,7 +509,7 @@ pub fn run_cpo(args: CpoArgs) -> Result<()> {
     }
     .with_loss_type(&args.loss_type)?;
     // CPOTrainer shares ORPOTrainer's data path.
-    run(&args.run, ReferenceArg::None, false, Rules::Orpo, &Objective::Cpo(params))
+    run(&args.run, ReferenceArg::None, false, Task::Pairs(Rules::Orpo), &Objective::Cpo(params))
 }
 
 pub fn run_dpo(args: DpoArgs) -> Result<()> {
@@ -410,18 +523,40 @@ pub fn run_dpo(args: DpoArgs) -> Result<()> {
         loss: LossParams { beta: args.beta, label_smoothing: args.label_smoothing, discopop_tau: args.discopop_tau },
         reference_free: args.reference_free,
     });
-    let reference = match (&args.ref_model, args.reference_free) {
-        (_, true) => ReferenceArg::None,
-        (Some(path), false) => ReferenceArg::Model(path.clone()),
-        // TRL with PEFT and no reference model: the policy with its adapters off (or as an existing one was)
-        (None, false) if args.run.lora.use_peft || args.run.model.adapter.is_some() => ReferenceArg::PolicyAdapters,
-        (None, false) => ReferenceArg::Model(args.run.model.model.clone()), // a frozen copy, as TRL makes
-    };
-    run(&args.run, reference, args.precompute_ref_log_probs, Rules::Dpo, &objective)
+    let reference = reference_arg(&args.run, args.ref_model.as_ref(), args.reference_free);
+    run(&args.run, reference, args.precompute_ref_log_probs, Task::Pairs(Rules::Dpo), &objective)
 }
 
 pub fn run_orpo(args: OrpoArgs) -> Result<()> {
-    run(&args.run, ReferenceArg::None, false, Rules::Orpo, &Objective::Orpo(OrpoParams { beta: args.beta }))
+    let objective = Objective::Orpo(OrpoParams { beta: args.beta });
+    run(&args.run, ReferenceArg::None, false, Task::Pairs(Rules::Orpo), &objective)
+}
+
+/// What a command trains on, and how its rows become examples.
+enum Task {
+    /// preference pairs, tokenized by DPO's or ORPO's (and CPO's) rules
+    Pairs(Rules),
+    /// SFT sequences, shuffled with the seed when given
+    Sft { options: SftOptions, shuffle: Option<u64> },
+    /// KTO's unpaired examples
+    Kto,
+}
+
+/// The prepared training examples of a task.
+enum TrainingData {
+    Pairs(Vec<TokenizedPair>),
+    Sft(Vec<SftRow>),
+    Kto(KtoExamples),
+}
+
+impl TrainingData {
+    fn examples(&self) -> Examples<'_> {
+        match self {
+            TrainingData::Pairs(pairs) => Examples::Pairs(pairs),
+            TrainingData::Sft(rows) => Examples::Sft(rows),
+            TrainingData::Kto(examples) => Examples::Kto(examples),
+        }
+    }
 }
 
 /// Where a run's reference comes from.
@@ -434,9 +569,19 @@ enum ReferenceArg {
 }
 
 /// `precompute`: compute the reference's log-probs before training.
-fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, objective: &Objective) -> Result<()> {
+fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, objective: &Objective) -> Result<()> {
     let RunArgs { model, lora, merge, data, eval_data, trainer: t, compute, hub } = args;
-    let mut config = t.config(eval_data.eval_dataset.is_some(), compute)?;
+    let mut config = t.config(eval_data.eval_dataset.is_some(), compute, objective)?;
+    let rules = match &task {
+        Task::Pairs(rules) => Some(*rules),
+        Task::Kto if config.eval != Interval::No || config.eval_at_end => {
+            bail!("evaluation during `prefalign kto` training is not implemented yet: leave out eval_strategy and do_eval")
+        }
+        _ => {
+            data.check_no_pair_flags(objective.name())?;
+            None
+        }
+    };
     // One run per output folder, from before anything is read until the model is saved.
     let _lock = files::RunLock::acquire(&t.output_dir)?;
     let hub = hub.connect(&t.output_dir)?; // before anything is loaded: a missing token or right fails at once
@@ -472,9 +617,16 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, 
         }
     }
     let tokenizer = policy.tokenizer()?;
-    let prepared = data.prepare(tokenizer, rules)?;
-    eprintln!("{} pairs ({})", prepared.pairs.len(), prepared.report.counts(rules));
-    let eval_pairs = if config.eval != Interval::No || config.eval_at_end {
+    let training = match &task {
+        Task::Pairs(rules) => {
+            let prepared = data.prepare(tokenizer, *rules)?;
+            eprintln!("{} pairs ({})", prepared.pairs.len(), prepared.report.counts(*rules));
+            TrainingData::Pairs(prepared.pairs)
+        }
+        Task::Sft { options, shuffle } => TrainingData::Sft(data.prepare_sft(tokenizer, options, *shuffle)?),
+        Task::Kto => TrainingData::Kto(data.prepare_kto(tokenizer, t.per_device_train_batch_size)?),
+    };
+    let eval_prepared = if config.eval != Interval::No || config.eval_at_end {
         let (eval_args, source) = match &eval_data.eval_dataset {
             Some(dataset) => (
                 DatasetArgs {
@@ -490,16 +642,31 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, 
         };
         let eval_args = DatasetArgs { dataset_split: eval_data.dataset_test_split.clone(), limit: None, ..eval_args };
         eval_args.check_has_split(eval_data.eval_dataset.is_none())?;
-        let eval = eval_args.prepare(tokenizer, rules)?;
-        eprintln!("{} evaluation pairs from {source} (split {})", eval.pairs.len(), eval_args.dataset_split);
-        Some(eval.pairs)
+        let eval = match &task {
+            Task::Pairs(rules) => TrainingData::Pairs(eval_args.prepare(tokenizer, *rules)?.pairs),
+            Task::Sft { options, shuffle } => TrainingData::Sft(eval_args.prepare_sft(tokenizer, options, *shuffle)?),
+            Task::Kto => bail!("evaluation during `prefalign kto` training is not implemented yet"),
+        };
+        let what = if rules.is_some() { "pairs" } else { "rows" };
+        eprintln!("{} evaluation {what} from {source} (split {})", eval.examples().len(), eval_args.dataset_split);
+        Some(eval)
     } else {
         if eval_data.eval_dataset.is_some() {
             eprintln!("warning: --eval-dataset is not used: --eval-strategy is no (give --eval-strategy steps)");
         }
         None
     };
-    config.batching = data.batching(rules, tokenizer.pad_id()?, compute.layout());
+    let eval_pairs = eval_prepared.as_ref().and_then(|e| e.examples().pairs());
+    config.batching = match task {
+        Task::Pairs(rules) => data.batching(rules, tokenizer.pad_id()?, compute.layout()),
+        Task::Sft { .. } => Batching { pad_id: tokenizer.pad_id()?, truncation: None, layout: compute.layout() },
+        // TRL's KTO collator cuts prompt + completion (and prompt + KL completion) to max_length, keeping the start
+        Task::Kto => Batching {
+            pad_id: tokenizer.pad_id()?,
+            truncation: Some((data.max_length, TruncationMode::KeepStart)),
+            layout: compute.layout(),
+        },
+    };
     // Precomputed (and cached) for the training pairs and the evaluation pairs, as TRL does; the reference model
     // is then released.
     let precompute_for = |r: &LoadedModel, pairs: &[TokenizedPair]| {
@@ -510,11 +677,10 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, 
         ReferenceArg::PolicyAdapters => Some(&policy),
         _ => reference_model.as_ref(),
     };
-    let precomputed = match (reference_source, precompute) {
-        (Some(r), true) => Some((
-            precompute_for(r, &prepared.pairs)?,
-            eval_pairs.as_deref().map(|pairs| precompute_for(r, pairs)).transpose()?,
-        )),
+    let precomputed = match (reference_source, precompute, training.examples().pairs()) {
+        (Some(r), true, Some(pairs)) => {
+            Some((precompute_for(r, pairs)?, eval_pairs.map(|pairs| precompute_for(r, pairs)).transpose()?))
+        }
         _ => None,
     };
     if precomputed.is_some() {
@@ -528,8 +694,8 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, rules: Rules, 
             (None, _, Some(model)) => Reference::Model(model),
             (None, _, None) => Reference::None,
         },
-        train: (&prepared.pairs).into(),
-        eval: eval_pairs.as_deref(),
+        train: training.examples(),
+        eval: eval_prepared.as_ref().map(TrainingData::examples),
         objective,
     };
     let stop_at_step_end = runtime::StopAtStepEnd::new();

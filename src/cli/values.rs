@@ -10,6 +10,16 @@ fn number(text: &str) -> Result<f64, String> {
     }
 }
 
+/// A boolean as transformers' `string_to_bool` reads it (true/false, yes/no, y/n, t/f, 1/0), for the
+/// optional booleans (`--completion-only-loss false`).
+pub fn boolean(text: &str) -> Result<bool, String> {
+    match text.trim().to_lowercase().as_str() {
+        "true" | "yes" | "y" | "t" | "1" => Ok(true),
+        "false" | "no" | "n" | "f" | "0" => Ok(false),
+        _ => Err(format!("'{text}' is not a boolean (true or false)")),
+    }
+}
+
 /// Any finite number.
 pub fn finite(text: &str) -> Result<f64, String> {
     number(text)

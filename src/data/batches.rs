@@ -56,7 +56,7 @@ impl KtoExamples {
     }
 }
 
-impl Examples<'_> {
+impl<'a> Examples<'a> {
     pub fn len(&self) -> usize {
         match self {
             Examples::Pairs(pairs) => pairs.len(),
@@ -70,8 +70,8 @@ impl Examples<'_> {
     }
 
     /// The pairs a reference model scores (KTO's: matched and KL sequences); none for SFT.
-    pub fn pairs(&self) -> Option<&[TokenizedPair]> {
-        match self {
+    pub fn pairs(&self) -> Option<&'a [TokenizedPair]> {
+        match *self {
             Examples::Pairs(pairs) => Some(pairs),
             Examples::Kto(examples) => Some(&examples.pairs),
             Examples::Sft(_) => None,

@@ -33,8 +33,38 @@ pub struct SftOptions {
     pub truncation_mode: TruncationMode,
     /// loss on the text of the template's `{% generation %}` blocks only (conversational rows)
     pub assistant_only_loss: bool,
-    /// TRL's `packing` (strategy `bfd`): sequences packed into rows of `max_length` tokens
+    /// TRL's `packing`: sequences packed into rows of `max_length` tokens, by `packing_strategy`
     pub packing: bool,
+    pub packing_strategy: PackingStrategy,
+}
+
+/// SFTConfig's `packing_strategy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PackingStrategy {
+    /// Best Fit Decreasing: whole sequences (cut to max_length), each attending only to itself
+    #[default]
+    Bfd,
+    /// every token of a thousand rows in a row, cut every max_length tokens: a row's tokens attend to each other
+    /// across the sequences' boundaries, as in pretraining
+    Wrapped,
+}
+
+impl PackingStrategy {
+    pub fn parse(name: &str) -> anyhow::Result<Self> {
+        match name {
+            "bfd" => Ok(PackingStrategy::Bfd),
+            "wrapped" => Ok(PackingStrategy::Wrapped),
+            "bfd_split" => anyhow::bail!("packing_strategy bfd_split is not implemented: use bfd or wrapped"),
+            other => anyhow::bail!("unknown packing_strategy \"{other}\": expected bfd or wrapped"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PackingStrategy::Bfd => "bfd",
+            PackingStrategy::Wrapped => "wrapped",
+        }
+    }
 }
 
 impl Default for SftOptions {
@@ -46,6 +76,7 @@ impl Default for SftOptions {
             truncation_mode: TruncationMode::KeepStart,
             assistant_only_loss: false,
             packing: false,
+            packing_strategy: PackingStrategy::Bfd,
         }
     }
 }
@@ -86,11 +117,12 @@ pub fn prepare_sft(read: ReadRows, tok: &PairTokenizer, options: &SftOptions) ->
 }
 
 impl PreparedSft {
-    /// The rows of the dataset TRL trains on: the sequences, or with `packing` their `bfd` packs of `max_length`.
+    /// The rows of the dataset TRL trains on: the sequences, or with `packing` their packs of `max_length`.
     pub fn rows(&self, options: &SftOptions) -> Vec<SftRow> {
-        match options.max_length.filter(|_| options.packing) {
-            Some(max) => pack_bfd(self.sequences.clone(), max),
-            None => self.sequences.iter().cloned().map(SftRow::from).collect(),
+        match (options.max_length.filter(|_| options.packing), options.packing_strategy) {
+            (Some(max), PackingStrategy::Bfd) => pack_bfd(self.sequences.clone(), max),
+            (Some(max), PackingStrategy::Wrapped) => pack_wrapped(&self.sequences, max),
+            (None, _) => self.sequences.iter().cloned().map(SftRow::from).collect(),
         }
     }
 }
@@ -246,6 +278,36 @@ pub fn pack_bfd(sequences: Vec<SftSequence>, seq_length: usize) -> Vec<SftRow> {
     out
 }
 
+/// TRL's `pack_dataset(strategy="wrapped")`: in each thousand sequences, every token in order, cut into rows of
+/// `seq_length` (the last of each thousand shorter). A row is one sequence to the model: it attends across the
+/// boundaries of the sequences it holds, whose labels it keeps.
+pub fn pack_wrapped(sequences: &[SftSequence], seq_length: usize) -> Vec<SftRow> {
+    let mut out = Vec::new();
+    for chunk in sequences.chunks(MAP_BATCH) {
+        let ids: Vec<i64> = chunk.iter().flat_map(|s| s.input_ids.iter().copied()).collect();
+        let labels: Vec<i64> = chunk.iter().flat_map(|s| s.labels.iter().copied()).collect();
+        // the sequence each token came from, for messages
+        let owners: Vec<usize> =
+            chunk.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i, s.input_ids.len())).collect();
+        for start in (0..ids.len()).step_by(seq_length.max(1)) {
+            let end = (start + seq_length).min(ids.len());
+            let mut sources: Vec<String> = Vec::new();
+            for &owner in &owners[start..end] {
+                if sources.last() != Some(&chunk[owner].location) {
+                    sources.push(chunk[owner].location.clone());
+                }
+            }
+            out.push(SftRow {
+                input_ids: ids[start..end].to_vec(),
+                labels: labels[start..end].to_vec(),
+                seq_lengths: vec![end - start],
+                sources,
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,5 +323,21 @@ mod tests {
         let packed = pack_bfd(sequences, 4);
         let rows: Vec<(Vec<i64>, Vec<usize>)> = packed.into_iter().map(|p| (p.input_ids, p.seq_lengths)).collect();
         assert_eq!(rows, [(vec![1, 2, 3, 4], vec![4]), (vec![8, 9, 10, 11], vec![3, 1]), (vec![6, 7], vec![2])]);
+    }
+
+    #[test]
+    fn wrapped_packing_cuts_the_concatenation_every_seq_length_tokens() {
+        // trl.data_utils.pack_dataset(..., strategy="wrapped") on the docstring's rows at seq_length 4 gives
+        // [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11]]
+        let sequences: Vec<SftSequence> = [vec![1, 2, 3, 4, 5], vec![6, 7], vec![8, 9, 10], vec![11]]
+            .into_iter()
+            .enumerate()
+            .map(|(i, ids)| SftSequence { location: format!("row {i}"), labels: ids.clone(), input_ids: ids })
+            .collect();
+        let packed = pack_wrapped(&sequences, 4);
+        let rows: Vec<Vec<i64>> = packed.iter().map(|p| p.input_ids.clone()).collect();
+        assert_eq!(rows, [vec![1, 2, 3, 4], vec![5, 6, 7, 8], vec![9, 10, 11]]);
+        assert_eq!(packed[1].sources, ["row 0", "row 1", "row 2"]);
+        assert!(packed.iter().all(|p| p.seq_lengths == [p.input_ids.len()]));
     }
 }

@@ -2,6 +2,7 @@
 //! objective's loss and metrics over sequential batches, averaged per batch as TRL's `evaluate()` does (the
 //! loss weighted by batch size, like transformers' eval loop).
 
+use crate::data::batches::Examples;
 use crate::data::pack::Batching;
 use crate::data::tokenize::TokenizedPair;
 use crate::model::decoder::CausalLm;
@@ -133,4 +134,32 @@ pub fn evaluate(
     metrics.insert("eval_loss".into(), loss_sum / pairs.len().max(1) as f64);
     metrics.insert("eval_preference_accuracy".into(), preferred as f64 / pairs.len().max(1) as f64);
     EvalResult { examples, metrics }
+}
+
+/// The loss and metrics of an objective without pairs (SFT) over `examples`, in sequential batches, as
+/// transformers' eval loop averages them: the loss (each batch's mean over its label tokens) weighted by batch size,
+/// each metric per batch. Names with the `eval_` prefix.
+pub fn evaluate_examples(
+    policy: &CausalLm,
+    examples: Examples,
+    objective: &Objective,
+    options: &EvalOptions,
+) -> BTreeMap<String, f64> {
+    let mut log = MetricLog::default();
+    let mut loss_sum = 0.0;
+    let indices: Vec<usize> = (0..examples.len()).collect();
+    tch::no_grad(|| {
+        for chunk in indices.chunks(options.batch_size.max(1)) {
+            let batch = examples.pack(chunk, &options.batching);
+            let scores = score_tokens(policy, &batch, objective.needed(), options.precision);
+            let mut loss = objective.batch_loss(&scores, &batch, None, &mut log).double_value(&[]);
+            if objective.sums_over_tokens() {
+                loss /= batch.label_tokens().max(1) as f64;
+            }
+            loss_sum += loss * chunk.len() as f64;
+        }
+    });
+    let mut metrics = log.drain_means("eval_");
+    metrics.insert("eval_loss".into(), loss_sum / examples.len().max(1) as f64);
+    metrics
 }

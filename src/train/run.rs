@@ -4,14 +4,13 @@
 
 use crate::data::batches::Examples;
 use crate::data::collate::{epoch_order, SamplingStrategy};
-use crate::data::tokenize::TokenizedPair;
 use crate::files;
 use crate::model::LoadedModel;
 use crate::objective::metrics::MetricLog;
 use crate::objective::Objective;
 use crate::runtime;
 use crate::train::checkpoint::{restore, save_checkpoint};
-use crate::train::evaluate::{evaluate, EvalOptions, EvalReference};
+use crate::train::evaluate::{evaluate, evaluate_examples, EvalOptions, EvalReference};
 use crate::train::history::{progress_bar, write_summary, History};
 use crate::train::schedule::warmup_steps;
 use crate::train::trainer::{Interval, NonFinite, Reference, StepOutcome, Trainer, TrainerConfig};
@@ -24,8 +23,7 @@ pub struct TrainInputs<'a> {
     pub policy: &'a LoadedModel,
     pub reference: Reference<'a>,
     pub train: Examples<'a>,
-    /// evaluation pairs (preference objectives only)
-    pub eval: Option<&'a [TokenizedPair]>,
+    pub eval: Option<Examples<'a>>,
     pub objective: &'a Objective,
 }
 
@@ -94,8 +92,8 @@ pub fn train_with_hook(
     if inputs.train.is_empty() {
         bail!("no training examples");
     }
-    if inputs.eval.is_some() && matches!(inputs.train, Examples::Sft(_) | Examples::Kto(_)) {
-        bail!("evaluation during {} training is not supported yet", inputs.objective.name());
+    if inputs.eval.is_some() && matches!(inputs.train, Examples::Kto(_)) {
+        bail!("evaluation during kto training is not implemented yet");
     }
     if inputs.objective.needs_reference() && matches!(inputs.reference, Reference::None) {
         bail!("this objective needs a reference model");
@@ -197,8 +195,8 @@ pub fn train_with_hook(
         let eval_due = config.eval.due(global_step, total_steps, epoch_ended)
             || at_end(config.eval)
             || (last && config.eval_at_end);
-        if let Some(eval_pairs) = inputs.eval.filter(|_| eval_due) {
-            let row = evaluation_row(&trainer, eval_reference, eval_pairs, config);
+        if let Some(eval) = inputs.eval.filter(|_| eval_due) {
+            let row = evaluation_row(&trainer, eval_reference, eval, config);
             rows.push(history.write(row, epoch, global_step)?);
         }
         bar.set_position(global_step as u64);
@@ -247,11 +245,11 @@ fn eval_reference<'a>(inputs: &TrainInputs<'a>) -> Result<Option<EvalReference<'
         Reference::None => None,
         Reference::Model(model) => Some(EvalReference::Model(&model.model)),
         Reference::Precomputed { eval, .. } => match (eval, inputs.eval) {
-            (Some(logps), Some(pairs)) if logps.chosen.size()[0] as usize != pairs.len() => {
+            (Some(logps), Some(eval)) if logps.chosen.size()[0] as usize != eval.len() => {
                 bail!(
                     "precomputed reference log-probs cover {} evaluation pairs, not {}",
                     logps.chosen.size()[0],
-                    pairs.len()
+                    eval.len()
                 )
             }
             (Some(logps), _) => Some(EvalReference::Logps(logps)),
@@ -319,7 +317,7 @@ fn training_row(progress: &mut Progress, outcome: &StepOutcome, learning_rate: f
 fn evaluation_row(
     trainer: &Trainer,
     reference: Option<EvalReference>,
-    pairs: &[TokenizedPair],
+    eval: Examples,
     config: &TrainerConfig,
 ) -> Map<String, Value> {
     let options = EvalOptions {
@@ -327,6 +325,11 @@ fn evaluation_row(
         batching: config.batching,
         precision: config.step.precision,
     };
-    let result = evaluate(&trainer.policy.model, reference, pairs, trainer.objective, &options);
-    result.metrics.into_iter().map(|(k, v)| (k, Value::from(v))).collect()
+    let metrics = match eval {
+        Examples::Pairs(pairs) => {
+            evaluate(&trainer.policy.model, reference, pairs, trainer.objective, &options).metrics
+        }
+        other => evaluate_examples(&trainer.policy.model, other, trainer.objective, &options),
+    };
+    metrics.into_iter().map(|(k, v)| (k, Value::from(v))).collect()
 }

@@ -220,6 +220,97 @@ warmup_ratio: 0.1
     assert_eq!(std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(), TEMPLATE);
 }
 
+/// zephyr-7b-beta's SFT recipe (its keys and inline chat template with `eos_token`) on the fixture model and a chat
+/// set laid out as HuggingFaceH4/ultrachat_200k: the mixture's `messages` column, evaluation at each epoch's end.
+#[test]
+fn a_handbook_sft_recipe_with_an_inline_chat_template_runs_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(dir.path(), "tiny_policy");
+    let out = dir.path().join("zephyr-sft");
+    let template = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + \
+                    message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + \
+                    message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n' \
+                    + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n\
+                    {{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}";
+    let recipe = format!(
+        "# Model arguments
+model_name_or_path: {model}
+model_revision: main
+torch_dtype: auto
+attn_implementation: flash_attention_2
+
+# Data training arguments
+chat_template: {template:?}
+dataset_mixture:
+  datasets:
+    - id: {chat}
+      config: default
+      split: train_sft
+      columns:
+        - messages
+      weight: 1.0
+  seed: 42
+  test_split_size: 0.25
+dataset_num_proc: 12
+
+# SFT trainer config
+bf16: false
+do_eval: true
+eval_strategy: epoch
+gradient_accumulation_steps: 1
+gradient_checkpointing: true
+gradient_checkpointing_kwargs:
+  use_reentrant: False
+hub_model_id: zephyr-7b-sft-full
+hub_strategy: every_save
+learning_rate: 2.0e-04
+log_level: info
+logging_steps: 2
+logging_strategy: steps
+lr_scheduler_type: cosine
+max_length: 256
+max_steps: -1
+num_train_epochs: 2
+output_dir: {out}
+overwrite_output_dir: true
+per_device_eval_batch_size: 2
+per_device_train_batch_size: 4
+push_to_hub: false
+remove_unused_columns: true
+report_to:
+- tensorboard
+save_strategy: \"steps\"
+save_steps: 100
+save_total_limit: 1
+seed: 42
+warmup_ratio: 0.1
+",
+        model = model.display(),
+        chat = fixture("recipes/chat").display(),
+        out = out.display(),
+    );
+    let recipe = write(dir.path(), "sft.yaml", &recipe);
+    let stderr = ok(&["sft", "--config", &recipe]);
+    assert!(stderr.contains("4 evaluation rows"), "the mixture's test split (0.25 of 16): {stderr}");
+    let rows = metrics(&out);
+    // 12 train rows, batch 4: 3 steps per epoch, 6 in all; evaluated at each epoch's end
+    let steps = |eval: bool| -> Vec<u64> {
+        rows.iter().filter(|r| r.get("eval_loss").is_some() == eval).map(|r| r["step"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(steps(false), [2, 4, 6]);
+    assert_eq!(steps(true), [3, 6]);
+    for row in rows.iter().filter(|r| r.get("loss").is_some()) {
+        for key in ["entropy", "mean_token_accuracy", "num_tokens", "grad_norm"] {
+            assert!(row.get(key).is_some(), "{key} in {row}");
+        }
+    }
+    let eval = rows.iter().find(|r| r.get("eval_loss").is_some()).unwrap();
+    assert!(eval.get("eval_entropy").is_some() && eval.get("eval_mean_token_accuracy").is_some(), "{eval}");
+    // the last step is saved; the inline template replaced the tokenizer's and is saved with the model
+    assert!(out.join("checkpoint-6/model.safetensors").exists());
+    assert_eq!(std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(), template);
+}
+
 /// An older handbook recipe (QLoRA zephyr): dataset_mixer + dataset_splits, evaluation_strategy, LoRA keys,
 /// load_in_4bit and a paged optimizer.
 #[test]
@@ -308,6 +399,10 @@ fn refused_keys_say_why() {
         ("cpo", "alpha: 0.5", "AlphaPO"),
         ("dpo", "lr_scheduler_kwargs: {num_cycles: 2}", "only min_lr_rate"),
         ("dpo", "lerning_rate: 0.1", "did you mean \"learning_rate\""),
+        ("sft", "eos_token: <|endoftext|>", "the tokenizer's EOS token ends the sequences"),
+        ("sft", "beta: 0.1", "not of its SFTConfig"),
+        ("kto", "sync_ref_model: true", "TR-DPO"),
+        ("kto", "packing: true", "not of its KTOConfig"),
     ];
     for (command, line, expected) in cases {
         let recipe = write(dir.path(), "r.yaml", &format!("model_name_or_path: m\ndataset_name: d.jsonl\n{line}\n"));
@@ -346,7 +441,9 @@ fn every_trl_field_at_its_default_is_accepted() {
     let fields: Value =
         serde_json::from_str(&std::fs::read_to_string(common::repo_path("src/cli/trl_fields.json")).unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    for (command, config) in [("dpo", "DPOConfig"), ("orpo", "ORPOConfig"), ("cpo", "CPOConfig")] {
+    for (command, config) in
+        [("dpo", "DPOConfig"), ("orpo", "ORPOConfig"), ("cpo", "CPOConfig"), ("sft", "SFTConfig"), ("kto", "KTOConfig")]
+    {
         let mut recipe = serde_json::Map::new();
         for class in ["TrainingArguments", config, "ModelConfig", "ScriptArguments"] {
             for (key, default) in fields[class].as_object().unwrap() {

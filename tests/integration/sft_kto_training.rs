@@ -197,3 +197,107 @@ fn packed_sft_equals_unpacked_sft_in_loss_and_gradients() {
         assert!(diff <= 1e-4 * scale, "{name}: gradients differ by {diff} (largest {scale})");
     }
 }
+
+fn metrics_rows(out: &std::path::Path) -> Vec<serde_json::Map<String, Value>> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The fixture's settings as command-line flags (5 steps, constant rate, sequential order, logging each step).
+fn fixture_flags(settings: &Value) -> Vec<String> {
+    let mut flags = Vec::new();
+    for key in
+        ["learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "max_length"]
+    {
+        flags.extend([format!("--{key}"), settings[key].to_string()]);
+    }
+    flags.extend(
+        ["--lr_scheduler_type", "constant", "--logging_steps", "1", "--train_sampling_strategy", "sequential"]
+            .map(String::from),
+    );
+    flags
+}
+
+/// `prefalign sft` and `prefalign kto` from the command line, with TRL's flag names, train as the fixtures say;
+/// `--completion_only_loss false` and `--packing` reach the data path, KTO's precomputed reference log-probs equal
+/// its reference model's.
+#[test]
+fn the_sft_and_kto_commands_train_as_trl() {
+    use crate::lora::ok;
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::common::tiny_model_dir(dir.path(), "tiny_policy");
+    let reference = crate::common::tiny_model_dir(dir.path(), "tiny_ref");
+    let run = |command: &str, fixture_name: &str, data: &str, extra: &[&str]| {
+        let expected = load_fixture(fixture_name);
+        let out = dir.path().join(fixture_name.replace('/', "_"));
+        let _ = std::fs::remove_dir_all(&out);
+        let mut args: Vec<String> =
+            [command, "--model", model.to_str().unwrap(), "--dataset"].map(String::from).to_vec();
+        args.push(fixture(data).to_str().unwrap().to_string());
+        args.extend(["--output-dir".to_string(), out.to_str().unwrap().to_string()]);
+        args.extend(fixture_flags(&expected["settings"]));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let stderr = ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_history(&format!("{command} {extra:?}"), &metrics_rows(&out), &expected, &|_| false);
+        stderr
+    };
+    let stderr = run("sft", "sft/sft_prompt_completion.json", "sft/prompt_completion.jsonl", &[]);
+    assert!(stderr.contains("1 dropped"), "{stderr}");
+    run("sft", "sft/sft_packing_bfd.json", "sft/messages.jsonl", &["--packing"]);
+    run("sft", "sft/sft_messages.json", "sft/messages.jsonl", &["--no-packing", "--no-prefix-sharing"]);
+    let reference = reference.to_str().unwrap();
+    run("kto", "kto/kto_unpaired_ref_model.json", "kto/unpaired.jsonl", &["--ref_model", reference]);
+    // (each run gets its own reference cache: crate::lora::prefalign)
+    let stderr = run(
+        "kto",
+        "kto/kto_from_paired.json",
+        "trl_data/standard.jsonl",
+        &["--ref_model", reference, "--precompute_ref_log_probs"],
+    );
+    assert!(stderr.contains("reference log-probs: computed for 28"), "{stderr}");
+    // without completion-only loss the prompt is in the loss too: another trajectory
+    let out = dir.path().join("full");
+    let data = fixture("sft/prompt_completion.jsonl");
+    ok(&[
+        "sft",
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "--max-length",
+        "64",
+        "--completion_only_loss",
+        "false",
+        "--logging-steps",
+        "1",
+        "--train-sampling-strategy",
+        "sequential",
+    ]);
+    let full = metrics_rows(&out)[0]["loss"].as_f64().unwrap();
+    let trl = load_fixture("sft/sft_prompt_completion.json")["log_history"][0]["loss"].as_f64().unwrap();
+    assert!((full - trl).abs() > 1e-3, "{full} vs {trl}");
+}
+
+/// What TRL refuses, prefalign refuses before loading anything, saying why.
+#[test]
+fn sft_and_kto_refuse_what_trl_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for (args, expected) in [
+        (&["kto", "--train-sampling-strategy", "random"][..], "--train-sampling-strategy sequential"),
+        (&["kto", "--per-device-train-batch-size", "1"], "at least 2"),
+        (&["sft", "--packing-strategy", "bfd_split"], "bfd_split is not implemented"),
+        (&["sft", "--loss-type", "chunked"], "unknown SFT loss_type"),
+        (&["kto", "--loss-type", "bco"], "unknown KTO loss_type"),
+        (&["sft", "--completion-only-loss", "maybe"], "not a boolean"),
+    ] {
+        let mut argv = args.to_vec();
+        argv.extend(["--model", "no-such-model", "--dataset", "d.jsonl", "--output-dir", out.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&crate::lora::prefalign(&argv).stderr).into_owned();
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+}

@@ -337,7 +337,7 @@ fn resume_is_bit_for_bit() {
         policy: &a.policy,
         reference: Reference::Model(&a.reference),
         train: (&a.pairs).into(),
-        eval: Some(&a.pairs[..4]),
+        eval: Some(a.pairs[..4].into()),
         objective: &objective,
     };
     let rows_a = train(&inputs, &TrainerConfig { eval: Interval::Steps(3.0), ..config.clone() }).unwrap();
@@ -352,7 +352,7 @@ fn resume_is_bit_for_bit() {
         policy: &b.policy,
         reference: Reference::Model(&b.reference),
         train: (&b.pairs).into(),
-        eval: Some(&b.pairs[..4]),
+        eval: Some(b.pairs[..4].into()),
         objective: &objective,
     };
     let resumed = TrainerConfig {
@@ -446,7 +446,7 @@ fn precomputed_reference_matches_the_reference_model() {
             policy: &s.policy,
             reference,
             train: (&s.pairs).into(),
-            eval: Some(eval_pairs),
+            eval: Some(eval_pairs.into()),
             objective: &objective,
         };
         train(&inputs, &config).unwrap()
