@@ -574,9 +574,6 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, ob
     let mut config = t.config(eval_data.eval_dataset.is_some(), compute, objective)?;
     let rules = match &task {
         Task::Pairs(rules) => Some(*rules),
-        Task::Kto if config.eval != Interval::No || config.eval_at_end => {
-            bail!("evaluation during `prefalign kto` training is not implemented yet: leave out eval_strategy and do_eval")
-        }
         _ => {
             data.check_no_pair_flags(objective.name())?;
             None
@@ -645,7 +642,8 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, ob
         let eval = match &task {
             Task::Pairs(rules) => TrainingData::Pairs(eval_args.prepare(tokenizer, *rules)?.pairs),
             Task::Sft { options, shuffle } => TrainingData::Sft(eval_args.prepare_sft(tokenizer, options, *shuffle)?),
-            Task::Kto => bail!("evaluation during `prefalign kto` training is not implemented yet"),
+            // TRL rotates the evaluation rows' KL completions by training batches too
+            Task::Kto => TrainingData::Kto(eval_args.prepare_kto(tokenizer, t.per_device_train_batch_size)?),
         };
         let what = if rules.is_some() { "pairs" } else { "rows" };
         eprintln!("{} evaluation {what} from {source} (split {})", eval.examples().len(), eval_args.dataset_split);

@@ -136,11 +136,12 @@ pub fn evaluate(
     EvalResult { examples, metrics }
 }
 
-/// The loss and metrics of an objective without pairs (SFT) over `examples`, in sequential batches, as
-/// transformers' eval loop averages them: the loss (each batch's mean over its label tokens) weighted by batch size,
-/// each metric per batch. Names with the `eval_` prefix.
+/// The loss and metrics of SFT or KTO over `examples`, in sequential batches, as transformers' eval loop averages
+/// them: the loss (SFT: each batch's mean over its label tokens) weighted by batch size, each metric per batch.
+/// Names with the `eval_` prefix.
 pub fn evaluate_examples(
     policy: &CausalLm,
+    reference: Option<EvalReference>,
     examples: Examples,
     objective: &Objective,
     options: &EvalOptions,
@@ -152,7 +153,12 @@ pub fn evaluate_examples(
         for chunk in indices.chunks(options.batch_size.max(1)) {
             let batch = examples.pack(chunk, &options.batching);
             let scores = score_tokens(policy, &batch, objective.needed(), options.precision);
-            let mut loss = objective.batch_loss(&scores, &batch, None, &mut log).double_value(&[]);
+            let reference_logps = reference.as_ref().map(|r| match r {
+                EvalReference::Model(model) => reference_logps(model, &batch, options.precision),
+                EvalReference::Logps(logps) => logps.batch(chunk, scores.logps.device()),
+            });
+            let loss = objective.batch_loss(&scores, &batch, reference_logps.as_ref(), &mut log);
+            let mut loss = loss.double_value(&[]);
             if objective.sums_over_tokens() {
                 loss /= batch.label_tokens().max(1) as f64;
             }

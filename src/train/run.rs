@@ -92,9 +92,6 @@ pub fn train_with_hook(
     if inputs.train.is_empty() {
         bail!("no training examples");
     }
-    if inputs.eval.is_some() && matches!(inputs.train, Examples::Kto(_)) {
-        bail!("evaluation during kto training is not implemented yet");
-    }
     if inputs.objective.needs_reference() && matches!(inputs.reference, Reference::None) {
         bail!("this objective needs a reference model");
     }
@@ -329,7 +326,7 @@ fn evaluation_row(
         Examples::Pairs(pairs) => {
             evaluate(&trainer.policy.model, reference, pairs, trainer.objective, &options).metrics
         }
-        other => evaluate_examples(&trainer.policy.model, other, trainer.objective, &options),
+        other => evaluate_examples(&trainer.policy.model, reference, other, trainer.objective, &options),
     };
     metrics.into_iter().map(|(k, v)| (k, Value::from(v))).collect()
 }

@@ -280,6 +280,35 @@ fn the_sft_and_kto_commands_train_as_trl() {
     let full = metrics_rows(&out)[0]["loss"].as_f64().unwrap();
     let trl = load_fixture("sft/sft_prompt_completion.json")["log_history"][0]["loss"].as_f64().unwrap();
     assert!((full - trl).abs() > 1e-3, "{full} vs {trl}");
+    // KTO with evaluation (TRL's metrics with eval_), and SFT with LoRA (an adapter is saved)
+    let out = dir.path().join("kto-eval");
+    let data = fixture("kto/unpaired.jsonl");
+    let (data, out_s) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let common = ["--model", model.to_str().unwrap(), "--dataset", data, "--output-dir", out_s, "--max-steps", "2"];
+    let mut args = vec!["kto"];
+    args.extend(common);
+    args.extend(["--eval-dataset", data, "--eval-strategy", "steps", "--eval-steps", "1", "--ref-model", reference]);
+    ok(&args);
+    let evals: Vec<_> = metrics_rows(&out).into_iter().filter(|r| r.contains_key("eval_loss")).collect();
+    assert_eq!(evals.len(), 2);
+    assert!(evals.iter().all(|r| r.contains_key("eval_kl") && r["eval_loss"].as_f64().unwrap().is_finite()));
+    let out = dir.path().join("sft-lora");
+    let data = fixture("sft/messages.jsonl");
+    ok(&[
+        "sft",
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--use-peft",
+        "--lora-r",
+        "4",
+    ]);
+    assert!(out.join("adapter_model.safetensors").exists() && out.join("adapter_config.json").exists());
 }
 
 /// What TRL refuses, prefalign refuses before loading anything, saying why.
@@ -300,4 +329,43 @@ fn sft_and_kto_refuse_what_trl_refuses() {
         let err = String::from_utf8_lossy(&crate::lora::prefalign(&argv).stderr).into_owned();
         assert!(err.contains(expected), "{args:?}: {err}");
     }
+}
+
+/// Evaluation scores a batch as TRL's `compute_loss` does in eval mode: the fixtures' `initial_loss` (the first
+/// batch, initial weights) is the `eval_loss` of that batch, for SFT and for KTO with its reference model.
+#[test]
+fn evaluation_gives_trls_loss_of_a_batch() {
+    use prefalign::model::lm_head::Precision;
+    use prefalign::train::evaluate::{evaluate_examples, EvalOptions, EvalReference};
+    let policy = model::load(&fixture("eval/tiny_policy"), Device::Cpu, Kind::Float).unwrap();
+    let options = |truncation| EvalOptions {
+        batch_size: 4,
+        batching: Batching { pad_id: 2, truncation, layout: PackOptions::default() },
+        precision: Precision::default(),
+    };
+    let expected = load_fixture("sft/sft_messages.json");
+    let rows = sft_rows(&expected, None);
+    let first: Vec<SftRow> = rows[..4].to_vec();
+    let objective = Objective::Sft(SftParams::default());
+    let metrics = evaluate_examples(&policy.model, None, Examples::Sft(&first), &objective, &options(None));
+    let want = expected["initial_loss"].as_f64().unwrap();
+    assert!((metrics["eval_loss"] - want).abs() <= 1e-5 * want, "{} vs {want}", metrics["eval_loss"]);
+    assert!(metrics.contains_key("eval_entropy") && metrics.contains_key("eval_mean_token_accuracy"));
+
+    let expected = load_fixture("kto/kto_unpaired_ref_model.json");
+    let tokenizer = TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap();
+    let tok = PairTokenizer::new(&tokenizer).unwrap();
+    let prepared = prepare_kto(read_rows(&fixture("kto/unpaired.jsonl")).unwrap(), &tok, Some(128), 4);
+    let examples = KtoExamples::new(&prepared.sequences[..4]);
+    let reference = model::load(&fixture("eval/tiny_ref"), Device::Cpu, Kind::Float).unwrap();
+    let metrics = evaluate_examples(
+        &policy.model,
+        Some(EvalReference::Model(&reference.model)),
+        Examples::Kto(&examples),
+        &Objective::Kto(KtoParams::default()),
+        &options(Some((128, TruncationMode::KeepStart))),
+    );
+    let want = expected["initial_loss"].as_f64().unwrap();
+    assert!((metrics["eval_loss"] - want).abs() <= 1e-5 * want, "{} vs {want}", metrics["eval_loss"]);
+    assert!(metrics.contains_key("eval_kl") && metrics.contains_key("eval_rewards/margins"), "{metrics:?}");
 }
