@@ -1,18 +1,21 @@
-//! `prefalign bench`: DPO or ORPO training steps on a randomly initialised model of a given shape and synthetic
-//! pairs of fixed lengths; median step time, pairs/s and peak memory. `tools/bench/trl_bench.py` runs TRL 1.16
+//! `prefalign bench`: DPO, ORPO, SFT or KTO training steps on a randomly initialised model of a given shape and
+//! synthetic examples of fixed lengths; median step time, examples/s and peak memory. `tools/bench/trl_bench.py` runs TRL 1.16
 //! on the same shape, token ids and settings (docs/PERFORMANCE.md).
 
 use crate::cli::train::LoraArgs;
 use crate::cli::ComputeArgs;
+use crate::data::batches::{Examples, KtoExamples};
 use crate::data::collate::TruncationMode;
+use crate::data::kto::KtoSequence;
 use crate::data::pack::Batching;
+use crate::data::sft::{SftRow, IGNORE};
 use crate::data::tokenize::{Sequence, TokenizedPair};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::CausalLm;
 use crate::model::quantized::QuantizedWeight;
 use crate::model::LoadedModel;
 use crate::objective::metrics::MetricLog;
-use crate::objective::{DpoParams, Objective, OrpoParams};
+use crate::objective::{DpoParams, KtoParams, Objective, OrpoParams, SftParams};
 use crate::runtime::peak_rss_bytes;
 use crate::train::reference;
 use crate::train::{Reference, Trainer, TrainerConfig};
@@ -35,6 +38,10 @@ const SMOLLM2_1_7B: &str = r#"{"model_type": "llama", "hidden_size": 2048, "inte
 pub enum BenchObjective {
     Dpo,
     Orpo,
+    /// prompt + chosen completion of each synthetic pair, the loss on the completion
+    Sft,
+    /// prompt + chosen completion (desirable) or rejected one (undesirable), alternately; a reference copy
+    Kto,
 }
 
 #[derive(Args, Debug)]
@@ -47,7 +54,7 @@ pub struct BenchArgs {
     layers: Option<usize>,
     #[arg(long, value_enum, default_value = "dpo")]
     objective: BenchObjective,
-    /// Pairs per step
+    /// Examples per step: pairs (dpo, orpo), sequences (sft) or unpaired examples (kto)
     #[arg(long, value_parser = crate::cli::values::at_least_one, default_value_t = 2)]
     pairs: usize,
     #[arg(long, value_parser = crate::cli::values::at_least_one, default_value_t = 128)]
@@ -59,7 +66,7 @@ pub struct BenchArgs {
     steps: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// DPO: reference log-probs computed once before the timed steps (no reference forward per step)
+    /// DPO, KTO: reference log-probs computed once before the timed steps (no reference forward per step)
     #[arg(long)]
     precompute_ref_log_probs: bool,
     /// cpu, cuda, cuda:N or auto
@@ -155,12 +162,50 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let pairs: Vec<TokenizedPair> = (0..args.pairs)
         .map(|i| synthetic_pair(i, args.prompt_tokens, args.completion_tokens, config.vocab_size))
         .collect();
+    let max_length = Some((args.prompt_tokens + args.completion_tokens, TruncationMode::KeepStart));
     let (objective, truncation) = match args.objective {
-        BenchObjective::Dpo => (
-            Objective::Dpo(DpoParams::default()),
-            Some((args.prompt_tokens + args.completion_tokens, TruncationMode::KeepStart)),
-        ),
+        BenchObjective::Dpo => (Objective::Dpo(DpoParams::default()), max_length),
         BenchObjective::Orpo => (Objective::Orpo(OrpoParams::default()), None),
+        BenchObjective::Sft => (Objective::Sft(SftParams::default()), None),
+        BenchObjective::Kto => (Objective::Kto(KtoParams::default()), max_length),
+    };
+    let sft_rows: Vec<SftRow> = pairs
+        .iter()
+        .map(|p| {
+            let labels =
+                p.chosen.ids.iter().enumerate().map(|(i, &id)| if i < p.chosen.prompt_len { IGNORE } else { id });
+            SftRow {
+                input_ids: p.chosen.ids.clone(),
+                labels: labels.collect(),
+                seq_lengths: vec![p.chosen.ids.len()],
+                sources: vec![p.location.clone()],
+            }
+        })
+        .collect();
+    // TRL's KL completions: rotated by one within the batch (all the examples)
+    let kto_examples = KtoExamples::new(
+        &pairs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let label = i % 2 == 0;
+                let completion = if label { &p.chosen } else { &p.rejected };
+                let previous = &pairs[(i + pairs.len() - 1) % pairs.len()];
+                let kl = if (i + pairs.len() - 1) % 2 == 0 { &previous.chosen } else { &previous.rejected };
+                KtoSequence {
+                    location: p.location.clone(),
+                    label,
+                    prompt_ids: p.prompt_ids.clone(),
+                    completion_ids: completion.completion().to_vec(),
+                    kl_completion_ids: kl.completion().to_vec(),
+                }
+            })
+            .collect::<Vec<_>>(),
+    );
+    let examples = match args.objective {
+        BenchObjective::Sft => Examples::Sft(&sft_rows),
+        BenchObjective::Kto => Examples::Kto(&kto_examples),
+        _ => Examples::Pairs(&pairs),
     };
     let trainer_config = TrainerConfig {
         batching: Batching { pad_id: 2, truncation, layout: args.compute.layout() },
@@ -182,9 +227,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let own_reference = lora && objective.needs_reference();
     let reference_source = if own_reference { Some(&policy) } else { reference_model.as_ref() };
-    let precomputed = match (reference_source, args.precompute_ref_log_probs) {
-        (Some(model), true) => {
-            Some(reference::compute(&model.model, &pairs, &trainer_config.batching, precision, pairs.len()))
+    let precomputed = match (reference_source, args.precompute_ref_log_probs, examples.pairs()) {
+        (Some(model), true, Some(pairs)) => {
+            Some(reference::compute(&model.model, pairs, &trainer_config.batching, precision, pairs.len()))
         }
         _ => None,
     };
@@ -196,7 +241,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         (None, Some(model)) => Reference::Model(model),
         (None, None) => Reference::None,
     };
-    let mut trainer = Trainer::new(&policy, reference, &objective, (&pairs).into(), &trainer_config);
+    let mut trainer = Trainer::new(&policy, reference, &objective, examples, &trainer_config);
     let batch: Vec<usize> = (0..pairs.len()).collect();
     let mut cuda_peak: Option<u64> = None;
     let mut times = Vec::new();

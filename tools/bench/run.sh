@@ -4,6 +4,7 @@
 # tools/bench/table.py turns them into the table of docs/PERFORMANCE.md.
 #
 #   bash tools/bench/run.sh > bench.jsonl                        # CPU: SmolLM2-135M shape, 2 pairs x (128 + 128)
+#   OBJECTIVES="sft kto" bash tools/bench/run.sh > bench.jsonl   # SFT sequences, KTO examples of the same lengths
 #   DEVICE=cuda SHAPES="smollm2-135m smollm2-1.7b" PAIRS=8 PROMPT=256 COMPLETION=256 bash tools/bench/run.sh
 #
 # Needs `scripts/setup.sh --fixtures` (the TRL virtualenv) and a release build.
@@ -28,11 +29,11 @@ for shape in $SHAPES; do
         "$PYTHON" tools/bench/trl_bench.py "${flags[@]}" 2>/dev/null | tail -n 1
       done
     done
-    # prefalign in TRL's layout, and with the reference log-probs computed once (DPO)
+    # prefalign in TRL's layout, and with the reference log-probs computed once (DPO, KTO)
     "$PREFALIGN" bench --json --shape "$shape" --objective "$objective" "${common[@]}" --no-prefix-sharing --no-packing
-    if [ "$objective" = dpo ]; then
-      "$PREFALIGN" bench --json --shape "$shape" --objective dpo "${common[@]}" --precompute-ref-log-probs
-      "$PREFALIGN" bench --json --shape "$shape" --objective dpo "${common[@]}" --precompute-ref-log-probs --gradient-checkpointing
+    if [ "$objective" = dpo ] || [ "$objective" = kto ]; then
+      "$PREFALIGN" bench --json --shape "$shape" --objective "$objective" "${common[@]}" --precompute-ref-log-probs
+      "$PREFALIGN" bench --json --shape "$shape" --objective "$objective" "${common[@]}" --precompute-ref-log-probs --gradient-checkpointing
     fi
   done
 done

@@ -1,4 +1,4 @@
-"""TRL 1.16 on exactly the work of `prefalign bench`: the same model shape (random init), the same synthetic token
+"""TRL 1.16 on exactly the work of `prefalign bench` (dpo, orpo, sft, kto): the same model shape (random init), the same synthetic token
 ids (the formula of `synthetic_pair` in src/cli/bench.rs), the same batch, optimizer and settings.
 
     .venv-fixtures/bin/python tools/bench/trl_bench.py --shape smollm2-135m --objective dpo --pairs 2 \
@@ -78,7 +78,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="smollm2-135m", help=f"{', '.join(SHAPES)}, or a config.json")
     parser.add_argument("--layers", type=int, help="the shape with this many decoder layers instead of its own")
-    parser.add_argument("--objective", default="dpo", choices=["dpo", "orpo"])
+    parser.add_argument("--objective", default="dpo", choices=["dpo", "orpo", "sft", "kto"])
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--completion-tokens", type=int, default=128)
@@ -105,8 +105,9 @@ def main():
         output_dir=str(work / "out"), per_device_train_batch_size=args.pairs, learning_rate=1e-6, max_grad_norm=1.0,
         max_steps=args.warmup + args.steps, lr_scheduler_type="constant", logging_steps=10_000, save_strategy="no",
         report_to=[], bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
-        use_cpu=args.device == "cpu", train_sampling_strategy="sequential", seed=42, beta=0.1,
+        use_cpu=args.device == "cpu", train_sampling_strategy="sequential", seed=42,
     )
+    beta = dict(beta=0.1)
     text = Dataset.from_dict({"prompt": ["a"] * args.pairs, "chosen": [" b"] * args.pairs, "rejected": [" c"] * args.pairs})
     peft = {}
     if args.use_peft:  # as TRL's get_peft_config builds it from ModelConfig
@@ -119,13 +120,33 @@ def main():
         from trl import DPOConfig, DPOTrainer
         # what TRL does without one (with PEFT: none, the adapters are switched off)
         reference = None if args.use_peft else LlamaForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
-        trainer_args = DPOConfig(max_length=args.prompt_tokens + args.completion_tokens, **common)
+        trainer_args = DPOConfig(max_length=args.prompt_tokens + args.completion_tokens, **common, **beta)
         trainer = DPOTrainer(model=policy, ref_model=reference, args=trainer_args, train_dataset=text,
                              processing_class=tokenizer, **peft)
         rows = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in pairs]
+    elif args.objective == "sft":
+        from trl import SFTConfig, SFTTrainer
+        # prompt-completion rows as SFTTrainer prepares them: the prompt out of the loss (completion_only_loss)
+        trainer_args = SFTConfig(max_length=args.prompt_tokens + args.completion_tokens, **common)
+        trainer = SFTTrainer(model=policy, args=trainer_args, train_dataset=Dataset.from_dict({"text": ["a"] * args.pairs}),
+                             processing_class=tokenizer, **peft)
+        rows = [{"input_ids": p + c, "labels": [-100] * len(p) + c} for p, c, _ in pairs]
+    elif args.objective == "kto":
+        from trl import KTOConfig, KTOTrainer
+        reference = None if args.use_peft else LlamaForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+        trainer_args = KTOConfig(max_length=args.prompt_tokens + args.completion_tokens, **common, **beta)
+        unpaired = Dataset.from_dict({"prompt": ["a"] * args.pairs, "completion": [" b"] * args.pairs,
+                                      "label": [i % 2 == 0 for i in range(args.pairs)]})
+        trainer = KTOTrainer(model=policy, ref_model=reference, args=trainer_args, train_dataset=unpaired,
+                             processing_class=tokenizer, **peft)
+        # as prefalign bench: desirable examples take the chosen completion, undesirable ones the rejected; the KL
+        # completions rotated by one within the batch, as KTOTrainer prepares them
+        completions = [c if i % 2 == 0 else r for i, (_, c, r) in enumerate(pairs)]
+        rows = [{"prompt_ids": p, "completion_ids": completions[i], "KL_completion_ids": completions[i - 1],
+                 "label": i % 2 == 0} for i, (p, _, _) in enumerate(pairs)]
     else:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-        trainer_args = ORPOConfig(max_length=args.prompt_tokens + args.completion_tokens, **common)
+        trainer_args = ORPOConfig(max_length=args.prompt_tokens + args.completion_tokens, **common, **beta)
         trainer = ORPOTrainer(model=policy, args=trainer_args, train_dataset=text, processing_class=tokenizer, **peft)
         # ORPOTrainer.tokenize_row's output: labels are the sequence with the prompt masked by -100
         rows = []
