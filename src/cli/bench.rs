@@ -182,26 +182,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         })
         .collect();
-    // TRL's KL completions: rotated by one within the batch (all the examples)
-    let kto_examples = KtoExamples::new(
-        &pairs
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let label = i % 2 == 0;
-                let completion = if label { &p.chosen } else { &p.rejected };
-                let previous = &pairs[(i + pairs.len() - 1) % pairs.len()];
-                let kl = if (i + pairs.len() - 1) % 2 == 0 { &previous.chosen } else { &previous.rejected };
-                KtoSequence {
-                    location: p.location.clone(),
-                    label,
-                    prompt_ids: p.prompt_ids.clone(),
-                    completion_ids: completion.completion().to_vec(),
-                    kl_completion_ids: kl.completion().to_vec(),
-                }
-            })
-            .collect::<Vec<_>>(),
-    );
+    // desirable and undesirable alternately; TRL's KL completions: rotated by one within the batch (all examples)
+    let completion = |i: usize| {
+        let pair = &pairs[i % pairs.len()];
+        if i.is_multiple_of(2) {
+            pair.chosen.completion()
+        } else {
+            pair.rejected.completion()
+        }
+    };
+    let kto_sequences: Vec<KtoSequence> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| KtoSequence {
+            location: p.location.clone(),
+            label: i.is_multiple_of(2),
+            prompt_ids: p.prompt_ids.clone(),
+            completion_ids: completion(i).to_vec(),
+            kl_completion_ids: completion(i + pairs.len() - 1).to_vec(),
+        })
+        .collect();
+    let kto_examples = KtoExamples::new(&kto_sequences);
     let examples = match args.objective {
         BenchObjective::Sft => Examples::Sft(&sft_rows),
         BenchObjective::Kto => Examples::Kto(&kto_examples),

@@ -1,5 +1,6 @@
-"""TRL 1.16 on exactly the work of `prefalign bench` (dpo, orpo, sft, kto): the same model shape (random init), the same synthetic token
-ids (the formula of `synthetic_pair` in src/cli/bench.rs), the same batch, optimizer and settings.
+"""TRL 1.16 on exactly the work of `prefalign bench` (dpo, orpo, sft, kto): the same model shape (random init), the
+same synthetic token ids (the formula of `synthetic_pair` in src/cli/bench.rs), the same batch, optimizer and
+settings.
 
     .venv-fixtures/bin/python tools/bench/trl_bench.py --shape smollm2-135m --objective dpo --pairs 2 \
         --prompt-tokens 128 --completion-tokens 128 --steps 5 [--bf16] [--device cuda]
