@@ -19,18 +19,29 @@ use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::time::Instant;
 
-const TRAINERS: [&str; 3] = ["dpo", "orpo", "cpo"];
+const TRAINERS: [&str; 5] = ["dpo", "orpo", "cpo", "sft", "kto"];
+
+/// The rules `prefalign eval` scores held-out pairs by for a trainer: ORPO's (and CPO's, which shares its data
+/// path), else DPO's (SFT and KTO models are scored on pairs as DPO reads them).
+fn eval_objective(trainer: &str) -> &'static str {
+    if matches!(trainer, "orpo" | "cpo") {
+        "orpo"
+    } else {
+        "dpo"
+    }
+}
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
-A recipe is the YAML that `prefalign dpo|orpo|cpo --config` takes. The command that trains it comes from --trainer, \
-else from one more top-level key in the recipe, `trainer: dpo|orpo|cpo`. compare removes `trainer` (and \
+A recipe is the YAML that `prefalign dpo|orpo|cpo|sft|kto --config` takes. The command that trains it comes from \
+--trainer, else from one more top-level key in the recipe, `trainer: dpo|orpo|cpo|sft|kto`. compare removes `trainer` (and \
 `output_dir`), writes the rest to OUTPUT_DIR/runs/<name>/recipe.yaml and runs `prefalign <trainer> --config \
 OUTPUT_DIR/runs/<name>/recipe.yaml --output-dir OUTPUT_DIR/runs/<name>`.
 
 Held-out data (--held-out, else the recipe's eval_dataset and dataset_test_split) is scored by `prefalign eval` with the recipe's data \
 settings (max_length, dataset_format, columns, truncation_mode, allow_empty_completions, …, and its beta) on the \
-base model before training and on the trained model after; DPO runs are scored against their reference model.
+base model before training and on the trained model after (preference pairs: for sft and kto, held-out pairs as \
+DPO reads them); DPO and KTO runs are scored against their reference model.
 
 Examples:
   prefalign compare --recipe dpo.yaml --recipe orpo.yaml --held-out test.jsonl --output-dir dpo-vs-orpo
@@ -51,7 +62,7 @@ pub struct CompareArgs {
     recipes: Vec<PathBuf>,
     /// The command that trains each --recipe, in the same order, or once for all [default: the recipe's
     /// `trainer:` key]
-    #[arg(long = "trainer", value_name = "dpo|orpo|cpo", value_parser = TRAINERS, action = ArgAction::Append)]
+    #[arg(long = "trainer", value_name = "dpo|orpo|cpo|sft|kto", value_parser = TRAINERS, action = ArgAction::Append)]
     trainers: Vec<String>,
     /// The name of each --recipe, in the same order (default: the file name without its extension)
     #[arg(long = "name", value_name = "NAME", action = ArgAction::Append)]
@@ -206,17 +217,18 @@ fn read_recipe(path: &Path, trainer: Option<&str>, grid: Option<&(String, String
     let trainer = match (from_grid.or(trainer.map(str::to_string)), yaml.remove("trainer")) {
         (Some(trainer), _) => trainer,
         (None, Some(Value::String(t))) => t,
-        (None, Some(_)) => bail!("{}: `trainer` must be one of dpo, orpo, cpo", path.display()),
+        (None, Some(_)) => bail!("{}: `trainer` must be one of {}", path.display(), TRAINERS.join(", ")),
         (None, None) => bail!(
-            "{}: which command trains it? Pass --trainer dpo|orpo|cpo, or add `trainer: dpo` (or orpo, cpo) to the recipe",
+            "{}: which command trains it? Pass --trainer dpo|orpo|cpo|sft|kto, or add `trainer: dpo` (or orpo, cpo, \
+             sft, kto) to the recipe",
             path.display()
         ),
     };
     if !TRAINERS.contains(&trainer.as_str()) {
-        bail!("{}: trainer {trainer:?} is not one of dpo, orpo, cpo", path.display());
+        bail!("{}: trainer {trainer:?} is not one of {}", path.display(), TRAINERS.join(", "));
     }
     yaml.remove("output_dir");
-    let command = super::Cli::command().find_subcommand(&trainer).expect("dpo, orpo and cpo are subcommands").clone();
+    let command = super::Cli::command().find_subcommand(&trainer).expect("the trainers are subcommands").clone();
     if let Some((key, value)) = grid.filter(|(key, _)| key != "trainer") {
         let arg = find_arg(&command, key).with_context(|| {
             format!("--grid {key}: `prefalign {trainer}` has no such flag (see prefalign {trainer} --help)")
@@ -302,8 +314,7 @@ impl Recipe {
                 flags.extend([format!("--{long}"), text]);
             }
         }
-        let objective = if self.trainer == "dpo" { "dpo" } else { "orpo" };
-        flags.extend(["--objective".into(), objective.into()]);
+        flags.extend(["--objective".into(), eval_objective(&self.trainer).into()]);
         if let Some(beta) = self.get("beta").filter(|_| with_beta) {
             flags.extend(["--beta".into(), beta]);
         }
@@ -314,10 +325,11 @@ impl Recipe {
         flags
     }
 
-    /// The reference a trained DPO model is scored against: --ref-model, else the base model; none when
-    /// reference-free or not DPO.
+    /// The reference a trained DPO or KTO model is scored against: --ref-model, else the base model; none when
+    /// reference-free or another trainer.
     fn reference(&self) -> Option<String> {
-        if self.trainer != "dpo" || matches!(self.flags.get("reference-free"), Some(Value::Bool(true))) {
+        let has_reference = matches!(self.trainer.as_str(), "dpo" | "kto");
+        if !has_reference || matches!(self.flags.get("reference-free"), Some(Value::Bool(true))) {
             return None;
         }
         self.get("ref-model").or_else(|| self.get("model"))
@@ -581,7 +593,7 @@ fn one_run(
                 heldout_sets.push(format!(
                     "`{dataset}` split `{split}` ({} pairs with {} rules; base model `{model}` scored in `{}`)",
                     scored.pairs.map_or("?".into(), |n| n.to_string()),
-                    if recipe.trainer == "dpo" { "DPO" } else { "ORPO" },
+                    eval_objective(&recipe.trainer).to_uppercase(),
                     relative(&folder, out)
                 ));
             }

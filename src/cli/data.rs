@@ -6,8 +6,10 @@ use crate::data::hub::Selection;
 use crate::data::kto::prepare_kto;
 use crate::data::mixture::{legacy_mixer, numpy_permutation, parse_mixer, Mixture};
 use crate::data::pack::{Batching, PackOptions};
-use crate::data::prepare::{prepare, tokenize_pairs, PrepareOptions, PrepareReport, Prepared, RowFormat, Rules};
-use crate::data::sft::{prepare_sft, SftOptions, SftRow};
+use crate::data::prepare::{
+    prepare, to_pairs, tokenize_pairs, PrepareOptions, PrepareReport, Prepared, RowFormat, Rules,
+};
+use crate::data::sft::{chosen_as_prompt_completion, prepare_sft, SftOptions, SftRow};
 use crate::data::source::{read_dataset, ReadRows};
 use crate::data::tokenize::{PairTokenizer, TokenizedPair};
 use crate::model::tokenizer::TextTokenizer;
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 pub enum FormatArg {
     /// detected from the columns, as TRL does
     Auto,
-    /// Anthropic HH-RLHF transcripts, cut at the last "\n\nAssistant:"
+    /// Anthropic HH-RLHF transcripts, cut at the last "\n\nAssistant:" (sft: the prompt and the chosen answer)
     HhRlhf,
 }
 
@@ -212,7 +214,6 @@ impl DatasetArgs {
         let given = [
             ("--max-prompt-length", self.max_prompt_length.is_some()),
             ("--max-completion-length", self.max_completion_length.is_some()),
-            ("--dataset-format hh-rlhf", matches!(self.dataset_format, FormatArg::HhRlhf)),
             ("--prompt-column", self.prompt_column != "prompt"),
             ("--chosen-column", self.chosen_column != "chosen"),
             ("--rejected-column", self.rejected_column != "rejected"),
@@ -233,8 +234,14 @@ impl DatasetArgs {
         shuffle_seed: Option<u64>,
     ) -> Result<Vec<SftRow>> {
         let tok = PairTokenizer::new(tokenizer)?;
-        let read = self.read()?;
+        let mut read = self.read()?;
         let rows_read = read.rows.len() + read.invalid.len();
+        if let FormatArg::HhRlhf = self.dataset_format {
+            // each transcript: the conversation up to the last assistant turn, and the chosen answer
+            let (pairs, report) = to_pairs(read, &self.options(Rules::Dpo));
+            read = ReadRows { rows: Vec::new(), invalid: report.invalid };
+            chosen_as_prompt_completion(&pairs, &mut read);
+        }
         let mut prepared = prepare_sft(read, &tok, options);
         let report = PrepareReport {
             rows_read,

@@ -57,7 +57,8 @@ enum Command {
     /// Train several recipes (or one over a grid of a parameter) and compare them: a Markdown report with a table
     /// and plots
     Compare(compare::CompareArgs),
-    /// Time DPO or ORPO steps on a model shape with synthetic pairs: median step time, pairs/s, peak memory
+    /// Time DPO, ORPO, SFT or KTO steps on a model shape with synthetic examples: median step time, examples/s,
+    /// peak memory
     Bench(bench::BenchArgs),
     /// Look at preference data as a trainer will see it, or export it for TRL
     #[command(subcommand)]

@@ -61,7 +61,7 @@ pub const ACCEPTED: &[(&str, &str)] = &[
     ("ignore_bias_buffers", "no buffers are broadcast in one process"),
     ("pad_to_multiple_of", "rows are packed or padded to the longest; padding does not change results"),
     ("padding_free", "prefalign packs pairs without padding by default (--no-packing: padded rows)"),
-    ("eval_packing", "evaluation during sft is not implemented yet"),
+    ("eval_packing", "evaluation rows are packed as the training rows (packing)"),
     ("eval_do_concat_batches", "evaluation computes TRL's metrics over all pairs"),
     ("eval_use_gather_object", "one process"),
     ("eval_accumulation_steps", "evaluation computes TRL's metrics over all pairs"),

@@ -116,6 +116,28 @@ pub fn prepare_sft(read: ReadRows, tok: &PairTokenizer, options: &SftOptions) ->
     out
 }
 
+/// Preference pairs as SFT's prompt-completion rows: the prompt (extracted as TRL does when implicit) and the chosen
+/// completion, the way SFT on a preference set's preferred answers is usually set up (e.g. HH-RLHF transcripts
+/// before DPO on them). A pair whose prompt cannot be extracted is an invalid row.
+pub fn chosen_as_prompt_completion(pairs: &[crate::data::example::PreferencePair], into: &mut ReadRows) {
+    use serde_json::Value;
+    let json = |turns: &Turns| match turns {
+        Turns::Text(text) => Value::String(text.clone()),
+        Turns::Messages(messages) => serde_json::to_value(messages).expect("messages serialize"),
+    };
+    for pair in pairs {
+        match crate::data::tokenize::with_prompt(pair) {
+            Ok(pair) => {
+                let mut fields = serde_json::Map::new();
+                fields.insert("prompt".into(), json(pair.prompt.as_ref().expect("with_prompt gives a prompt")));
+                fields.insert("completion".into(), json(&pair.chosen));
+                into.rows.push(RawRow { location: pair.location.clone(), fields });
+            }
+            Err(reason) => into.invalid.push(InvalidRow { location: pair.location.clone(), reason }),
+        }
+    }
+}
+
 impl PreparedSft {
     /// The rows of the dataset TRL trains on: the sequences, or with `packing` their packs of `max_length`.
     pub fn rows(&self, options: &SftOptions) -> Vec<SftRow> {

@@ -304,3 +304,48 @@ fn comparing_again_reuses_finished_runs_and_resumes_interrupted_ones() {
     let earlier = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert_eq!(row(&table(&report), "beta=0.3")[4..], row(&table(&earlier), "orpo")[4..], "{report}");
 }
+
+/// SFT and KTO recipes are compared like the preference ones: trained, and scored on held-out pairs before and
+/// after (KTO against its reference).
+#[test]
+fn sft_and_kto_runs_are_scored_on_held_out_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model_dir(dir.path(), "tiny_policy");
+    let sft = dir.path().join("sft.yaml");
+    std::fs::write(
+        &sft,
+        format!(
+            "trainer: sft\nmodel_name_or_path: {}\ndataset_name: {}\nlearning_rate: 1.0e-3\n\
+             per_device_train_batch_size: 4\nmax_steps: 2\nlogging_steps: 1\nmax_length: 64\n\
+             allow_empty_completions: true\n",
+            model.display(),
+            common::fixture("sft/prompt_completion.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let kto = recipe(dir.path(), "kto", Some("kto"), &model, "");
+    let out = dir.path().join("report");
+    let held_out = common::fixture("trl_data/standard.jsonl");
+    let output = compare(&[
+        "--recipe",
+        sft.to_str().unwrap(),
+        "--recipe",
+        kto.to_str().unwrap(),
+        "--held-out",
+        held_out.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let rows = table(&report);
+    for (name, trainer) in [("sft", "sft"), ("kto", "kto")] {
+        let r = row(&rows, name);
+        assert_eq!((r[1].as_str(), r[2].as_str(), r[3].as_str()), (trainer, "ok", "2"), "{r:?}");
+        let (before, after) = r[5].split_once(" → ").unwrap();
+        for pct in [before, after] {
+            assert!((0.0..=100.0).contains(&pct.parse::<f64>().unwrap()), "{r:?}");
+        }
+    }
+}

@@ -369,3 +369,68 @@ fn evaluation_gives_trls_loss_of_a_batch() {
     assert!((metrics["eval_loss"] - want).abs() <= 1e-5 * want, "{} vs {want}", metrics["eval_loss"]);
     assert!(metrics.contains_key("eval_kl") && metrics.contains_key("eval_rewards/margins"), "{metrics:?}");
 }
+
+/// Trains 5 steps, and again resumed from the first run's step-3 checkpoint: equal weights and logged rows after it.
+fn assert_resume_is_bit_for_bit(
+    expected: &Value,
+    train_on: Examples,
+    eval: Option<Examples>,
+    reference: Option<&str>,
+    objective: &Objective,
+    truncation: Option<(usize, TruncationMode)>,
+) {
+    use prefalign::train::{Interval, TrainerConfig};
+    let reference = reference.map(|path| model::load(&fixture(path), Device::Cpu, Kind::Float).unwrap());
+    let run = |out: &std::path::Path, resume: Option<std::path::PathBuf>| {
+        let policy = model::load(&fixture("eval/tiny_policy"), Device::Cpu, Kind::Float).unwrap();
+        let batching = Batching { pad_id: 2, truncation, layout: PackOptions::default() };
+        let config = TrainerConfig {
+            save: Interval::Steps(3.0),
+            eval: Interval::Steps(2.0),
+            resume_from_checkpoint: resume,
+            ..fixture_config(&expected["settings"], out, batching)
+        };
+        let inputs = TrainInputs {
+            policy: &policy,
+            reference: reference.as_ref().map_or(Reference::None, Reference::Model),
+            train: train_on,
+            eval,
+            objective,
+        };
+        let rows = train(&inputs, &config).unwrap();
+        (policy, rows)
+    };
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, rows_a) = run(first.path(), None);
+    let (b, rows_b) = run(second.path(), Some(first.path().join("checkpoint-3")));
+    for (name, tensor) in a.vs.variables() {
+        assert!(tensor.equal(&b.vs.variables()[&name]), "{name} differs after resuming");
+    }
+    let after: Vec<_> = rows_a.into_iter().filter(|r| r["step"].as_u64().unwrap() > 3).collect();
+    assert_eq!(after, rows_b);
+}
+
+#[test]
+fn sft_and_kto_resume_bit_for_bit() {
+    let expected = load_fixture("sft/sft_packing_bfd.json");
+    let rows = sft_rows(&expected, None);
+    let objective = Objective::Sft(SftParams::default());
+    assert_resume_is_bit_for_bit(
+        &expected,
+        Examples::Sft(&rows),
+        Some(Examples::Sft(&rows[..3])),
+        None,
+        &objective,
+        None,
+    );
+
+    let expected = load_fixture("kto/kto_unpaired_ref_model.json");
+    let tokenizer = TextTokenizer::from_hf_dir(&fixture("trl_data/tokenizer")).unwrap();
+    let tok = PairTokenizer::new(&tokenizer).unwrap();
+    let prepared = prepare_kto(read_rows(&fixture("kto/unpaired.jsonl")).unwrap(), &tok, Some(128), 4);
+    let examples = KtoExamples::new(&prepared.sequences);
+    let truncation = Some((128, TruncationMode::KeepStart));
+    let objective = Objective::Kto(KtoParams::default());
+    let kto = Examples::Kto(&examples);
+    assert_resume_is_bit_for_bit(&expected, kto, Some(kto), Some("eval/tiny_ref"), &objective, truncation);
+}
