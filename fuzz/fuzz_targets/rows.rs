@@ -1,9 +1,11 @@
-//! Preference rows as JSON Lines, as a JSON array and as CSV: reading, format detection, HH-RLHF transcripts, and TRL's
-//! DPO and ORPO tokenization through the fixture tokenizer and its chat template.
+//! Rows as JSON Lines, as a JSON array and as CSV: reading, format detection, HH-RLHF transcripts, and TRL's DPO,
+//! ORPO, SFT (with both packing strategies) and KTO tokenization through the fixture tokenizer and its chat template.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use prefalign::data::kto::prepare_kto;
 use prefalign::data::prepare::{prepare, PrepareOptions, RowFormat, Rules};
+use prefalign::data::sft::{prepare_sft, PackingStrategy, SftOptions};
 use prefalign::data::source::read_rows;
 use prefalign::data::tokenize::PairTokenizer;
 
@@ -20,6 +22,15 @@ fuzz_target!(|data: &[u8]| {
             options.max_length = Some(64);
             options.skip_invalid_rows = true;
             let _ = prepare(read, &tok, &options);
+        }
+        for packing_strategy in [PackingStrategy::Bfd, PackingStrategy::Wrapped] {
+            let Ok(read) = read_rows(&path) else { continue };
+            let options = SftOptions { max_length: Some(64), packing: true, packing_strategy, ..SftOptions::default() };
+            let _ = prepare_sft(read, &tok, &options).rows(&options);
+        }
+        if let Ok(read) = read_rows(&path) {
+            let sequences = prepare_kto(read, &tok, Some(64), 3).sequences;
+            let _ = prefalign::data::batches::KtoExamples::new(&sequences);
         }
     }
 });

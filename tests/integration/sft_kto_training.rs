@@ -44,29 +44,46 @@ fn sft_rows(expected: &Value, template: Option<&str>) -> Vec<SftRow> {
     prepared.rows(&options)
 }
 
+/// Trains the fixture's 5 steps in TRL's layout and in prefalign's default one; every logged value and the final
+/// weights as TRL's.
+fn check_trajectory(
+    name: &str,
+    expected: &Value,
+    examples: Examples,
+    reference: Option<&str>,
+    objective: &Objective,
+    truncation: Option<(usize, TruncationMode)>,
+) {
+    for layout in [PackOptions::TRL, PackOptions::default()] {
+        let policy = model::load(&fixture("eval/tiny_policy"), Device::Cpu, Kind::Float).unwrap();
+        let reference = reference.map(|path| {
+            let mut model = model::load(&fixture(path), Device::Cpu, Kind::Float).unwrap();
+            model.vs.freeze();
+            model
+        });
+        let out = tempfile::tempdir().unwrap();
+        let config = fixture_config(&expected["settings"], out.path(), Batching { pad_id: 2, truncation, layout });
+        let inputs = TrainInputs {
+            policy: &policy,
+            reference: reference.as_ref().map_or(Reference::None, Reference::Model),
+            train: examples,
+            eval: None,
+            objective,
+        };
+        let logged = train(&inputs, &config).unwrap();
+        let label = format!("{name} ({layout:?})");
+        assert_history(&label, &logged, expected, &|_| false);
+        assert_final_params(&label, &policy, expected);
+    }
+}
+
 fn check_sft(name: &str, template: Option<&str>) {
     let expected = load_fixture(&format!("sft/{name}.json"));
     let rows = sft_rows(&expected, template);
     assert_eq!(rows.len(), expected["rows"].as_array().unwrap().len(), "{name}: rows");
     let loss = SftLoss::parse(expected["settings"]["loss_type"].as_str().unwrap()).unwrap();
     let objective = Objective::Sft(SftParams { loss });
-    for layout in [PackOptions::TRL, PackOptions::default()] {
-        let policy = model::load(&fixture("eval/tiny_policy"), Device::Cpu, Kind::Float).unwrap();
-        let out = tempfile::tempdir().unwrap();
-        let config =
-            fixture_config(&expected["settings"], out.path(), Batching { pad_id: 2, truncation: None, layout });
-        let inputs = TrainInputs {
-            policy: &policy,
-            reference: Reference::None,
-            train: Examples::Sft(&rows),
-            eval: None,
-            objective: &objective,
-        };
-        let logged = train(&inputs, &config).unwrap();
-        let label = format!("{name} ({layout:?})");
-        assert_history(&label, &logged, &expected, &|_| false);
-        assert_final_params(&label, &policy, &expected);
-    }
+    check_trajectory(name, &expected, Examples::Sft(&rows), None, &objective, None);
 }
 
 #[test]
@@ -121,27 +138,11 @@ fn check_kto(name: &str) {
         desirable_weight: f("desirable_weight"),
         undesirable_weight: f("undesirable_weight"),
     });
-    let reference_path =
+    // no ref_model: TRL's reference is a copy of the policy
+    let reference =
         settings["ref_model"].as_str().map_or("eval/tiny_policy", |p| p.trim_start_matches("tests/fixtures/"));
-    for layout in [PackOptions::TRL, PackOptions::default()] {
-        let policy = model::load(&fixture("eval/tiny_policy"), Device::Cpu, Kind::Float).unwrap();
-        let mut reference = model::load(&fixture(reference_path), Device::Cpu, Kind::Float).unwrap();
-        reference.vs.freeze();
-        let out = tempfile::tempdir().unwrap();
-        let truncation = Some((max_length, TruncationMode::KeepStart));
-        let config = fixture_config(settings, out.path(), Batching { pad_id: 2, truncation, layout });
-        let inputs = TrainInputs {
-            policy: &policy,
-            reference: Reference::Model(&reference),
-            train: Examples::Kto(&examples),
-            eval: None,
-            objective: &objective,
-        };
-        let logged = train(&inputs, &config).unwrap();
-        let label = format!("{name} ({layout:?})");
-        assert_history(&label, &logged, &expected, &|_| false);
-        assert_final_params(&label, &policy, &expected);
-    }
+    let truncation = Some((max_length, TruncationMode::KeepStart));
+    check_trajectory(name, &expected, Examples::Kto(&examples), Some(reference), &objective, truncation);
 }
 
 #[test]
