@@ -4,7 +4,7 @@ use crate::data::batches::KtoExamples;
 use crate::data::collate::TruncationMode;
 use crate::data::hub::Selection;
 use crate::data::kto::prepare_kto;
-use crate::data::mixture::{legacy_mixer, numpy_permutation, parse_mixer, Mixture};
+use crate::data::mixture::{legacy_mixer, parse_mixer, Mixture};
 use crate::data::pack::{Batching, PackOptions};
 use crate::data::prepare::{
     prepare, to_pairs, tokenize_pairs, PrepareOptions, PrepareReport, Prepared, RowFormat, Rules,
@@ -225,14 +225,9 @@ impl DatasetArgs {
         Ok(())
     }
 
-    /// Reads and tokenizes the dataset as TRL's SFTTrainer does (`options`), shuffled with `shuffle_seed` as its
-    /// `shuffle_dataset` does; returns the rows it trains on, each sequence or (with packing) each pack.
-    pub fn prepare_sft(
-        &self,
-        tokenizer: &TextTokenizer,
-        options: &SftOptions,
-        shuffle_seed: Option<u64>,
-    ) -> Result<Vec<SftRow>> {
+    /// Reads and tokenizes the dataset as TRL's SFTTrainer does (`options`); returns the rows it trains on, each
+    /// sequence or (with packing) each pack.
+    pub fn prepare_sft(&self, tokenizer: &TextTokenizer, options: &SftOptions) -> Result<Vec<SftRow>> {
         let tok = PairTokenizer::new(tokenizer)?;
         let mut read = self.read()?;
         let rows_read = read.rows.len() + read.invalid.len();
@@ -258,16 +253,8 @@ impl DatasetArgs {
             report.dropped.len(),
             self.max_length
         );
-        // datasets' shuffle(seed): TRL shuffles the tokenized rows, and again after packing them
-        let shuffle = |len: usize| shuffle_seed.map(|seed| numpy_permutation(len, seed));
-        if let Some(order) = shuffle(prepared.sequences.len()) {
-            prepared.sequences = order.iter().map(|&i| prepared.sequences[i].clone()).collect();
-        }
-        let mut rows = prepared.rows(options);
+        let rows = prepared.rows(options);
         if options.packing {
-            if let Some(order) = shuffle(rows.len()) {
-                rows = order.iter().map(|&i| rows[i].clone()).collect();
-            }
             eprintln!(
                 "packed into {} rows of at most {} tokens ({})",
                 rows.len(),

@@ -461,10 +461,10 @@ pub fn run_sft(args: SftArgs) -> Result<()> {
         assistant_only_loss: args.assistant_only_loss,
         packing: args.packing,
         packing_strategy: PackingStrategy::parse(&args.packing_strategy)?,
+        shuffle_seed: args.shuffle_dataset.then_some(args.run.trainer.seed),
     };
     let objective = Objective::Sft(SftParams { loss: SftLoss::parse(&args.loss_type)? });
-    let shuffle = args.shuffle_dataset.then_some(args.run.trainer.seed);
-    run(&args.run, ReferenceArg::None, false, Task::Sft { options, shuffle }, &objective)
+    run(&args.run, ReferenceArg::None, false, Task::Sft(options), &objective)
 }
 
 pub fn run_kto(args: KtoArgs) -> Result<()> {
@@ -536,8 +536,8 @@ pub fn run_orpo(args: OrpoArgs) -> Result<()> {
 enum Task {
     /// preference pairs, tokenized by DPO's or ORPO's (and CPO's) rules
     Pairs(Rules),
-    /// SFT sequences, shuffled with the seed when given
-    Sft { options: SftOptions, shuffle: Option<u64> },
+    /// SFT sequences
+    Sft(SftOptions),
     /// KTO's unpaired examples
     Kto,
 }
@@ -620,7 +620,7 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, ob
             eprintln!("{} pairs ({})", prepared.pairs.len(), prepared.report.counts(*rules));
             TrainingData::Pairs(prepared.pairs)
         }
-        Task::Sft { options, shuffle } => TrainingData::Sft(data.prepare_sft(tokenizer, options, *shuffle)?),
+        Task::Sft(options) => TrainingData::Sft(data.prepare_sft(tokenizer, options)?),
         Task::Kto => TrainingData::Kto(data.prepare_kto(tokenizer, t.per_device_train_batch_size)?),
     };
     let eval_prepared = if config.eval != Interval::No || config.eval_at_end {
@@ -641,7 +641,7 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, ob
         eval_args.check_has_split(eval_data.eval_dataset.is_none())?;
         let eval = match &task {
             Task::Pairs(rules) => TrainingData::Pairs(eval_args.prepare(tokenizer, *rules)?.pairs),
-            Task::Sft { options, shuffle } => TrainingData::Sft(eval_args.prepare_sft(tokenizer, options, *shuffle)?),
+            Task::Sft(options) => TrainingData::Sft(eval_args.prepare_sft(tokenizer, options)?),
             // TRL rotates the evaluation rows' KL completions by training batches too
             Task::Kto => TrainingData::Kto(eval_args.prepare_kto(tokenizer, t.per_device_train_batch_size)?),
         };
@@ -657,7 +657,7 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, ob
     let eval_pairs = eval_prepared.as_ref().and_then(|e| e.examples().pairs());
     config.batching = match task {
         Task::Pairs(rules) => data.batching(rules, tokenizer.pad_id()?, compute.layout()),
-        Task::Sft { .. } => Batching { pad_id: tokenizer.pad_id()?, truncation: None, layout: compute.layout() },
+        Task::Sft(_) => Batching { pad_id: tokenizer.pad_id()?, truncation: None, layout: compute.layout() },
         // TRL's KTO collator cuts prompt + completion (and prompt + KL completion) to max_length, keeping the start
         Task::Kto => Batching {
             pad_id: tokenizer.pad_id()?,

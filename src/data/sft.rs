@@ -36,6 +36,8 @@ pub struct SftOptions {
     /// TRL's `packing`: sequences packed into rows of `max_length` tokens, by `packing_strategy`
     pub packing: bool,
     pub packing_strategy: PackingStrategy,
+    /// `shuffle_dataset` with TRL's seed: the rows shuffled as `datasets`' `shuffle(seed)` does
+    pub shuffle_seed: Option<u64>,
 }
 
 /// SFTConfig's `packing_strategy`.
@@ -77,6 +79,7 @@ impl Default for SftOptions {
             assistant_only_loss: false,
             packing: false,
             packing_strategy: PackingStrategy::Bfd,
+            shuffle_seed: None,
         }
     }
 }
@@ -139,14 +142,25 @@ pub fn chosen_as_prompt_completion(pairs: &[crate::data::example::PreferencePair
 }
 
 impl PreparedSft {
-    /// The rows of the dataset TRL trains on: the sequences, or with `packing` their packs of `max_length`.
+    /// The rows of the dataset TRL trains on: the sequences, or with `packing` their packs of `max_length`; with
+    /// `shuffle_seed` shuffled as TRL does (the sequences, and again the packs).
     pub fn rows(&self, options: &SftOptions) -> Vec<SftRow> {
-        match (options.max_length.filter(|_| options.packing), options.packing_strategy) {
-            (Some(max), PackingStrategy::Bfd) => pack_bfd(self.sequences.clone(), max),
-            (Some(max), PackingStrategy::Wrapped) => pack_wrapped(&self.sequences, max),
-            (None, _) => self.sequences.iter().cloned().map(SftRow::from).collect(),
-        }
+        let sequences = shuffled(self.sequences.clone(), options.shuffle_seed);
+        let rows = match (options.max_length.filter(|_| options.packing), options.packing_strategy) {
+            (Some(max), PackingStrategy::Bfd) => pack_bfd(sequences, max),
+            (Some(max), PackingStrategy::Wrapped) => pack_wrapped(&sequences, max),
+            (None, _) => return sequences.into_iter().map(SftRow::from).collect(),
+        };
+        shuffled(rows, options.shuffle_seed)
     }
+}
+
+/// `items` in the order of `datasets`' `shuffle(seed)` (NumPy's permutation), or as they are without a seed.
+fn shuffled<T>(items: Vec<T>, seed: Option<u64>) -> Vec<T> {
+    let Some(seed) = seed else { return items };
+    let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
+    let order = crate::data::mixture::numpy_permutation(slots.len(), seed);
+    order.into_iter().map(|i| slots[i].take().expect("a permutation takes each item once")).collect()
 }
 
 fn tokenize_row(row: &RawRow, tok: &PairTokenizer, options: &SftOptions) -> Result<SftSequence, RowError> {
