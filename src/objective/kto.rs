@@ -1,12 +1,11 @@
 //! KTO (TRL's `KTOTrainer`, arXiv 2402.01306): each completion's implicit reward β·(log π − log π_ref) pushed above
 //! (desirable) or below (undesirable) a KL estimate taken from mismatched prompt/completion pairs; the metrics TRL
-//! logs. A batch is laid out as pairs (`data::batches`): [B matched rows; B KL rows].
+//! logs. The batch holds the B matched sequences; the KL sequences' log-probs arrive computed (`Given`).
 
 use crate::data::pack::PackedBatch;
 use crate::model::lm_head::TokenScores;
-use crate::objective::dpo::PairLogps;
 use crate::objective::metrics::MetricLog;
-use crate::objective::split_pairs;
+use crate::objective::Given;
 use tch::{Kind, Tensor};
 
 /// KTOConfig's `loss_type`.
@@ -44,18 +43,18 @@ impl Default for KtoParams {
 }
 
 /// The loss of one batch (the mean over its examples, NaNs left out); its metrics are appended to `log`.
-/// `reference` holds the reference's summed log-probs of the matched (`chosen`) and the KL (`rejected`) rows.
 pub fn batch_loss(
     scores: &TokenScores,
     batch: &PackedBatch,
-    reference: Option<&PairLogps>,
+    given: &Given,
     params: &KtoParams,
     log: &mut MetricLog,
 ) -> Tensor {
     let device = scores.logps.device();
     let desirable = batch.desirable.as_ref().expect("a KTO batch carries its labels").to_device(device);
-    let reference = reference.expect("KTO needs its reference's log-probs");
-    let (logps, kl_logps) = split_pairs(&scores.summed_logps());
+    let reference = given.reference.as_ref().expect("KTO needs its reference's log-probs");
+    let kl_logps = given.kl_logps.as_ref().expect("KTO needs the policy's log-probs of its KL sequences");
+    let logps = scores.summed_logps(); // [B]
     let beta = params.beta;
     // the KL estimate: a constant of the loss, at least 0
     let kl = (kl_logps.detach() - &reference.rejected).mean(Kind::Float).clamp_min(0.0);
@@ -73,21 +72,21 @@ pub fn batch_loss(
 
     let scalar = |t: &Tensor| t.double_value(&[]);
     log.push("kl", scalar(&kl));
-    let (completions, _) = split_pairs(&scores.completion_mask);
+    let completions = &scores.completion_mask;
     let tokens = completions.sum(Kind::Float).double_value(&[]);
-    let (entropy, _) = split_pairs(&scores.entropy);
-    log.push("entropy", if tokens > 0.0 { scalar(&(entropy * &completions).sum(Kind::Float)) / tokens } else { 0.0 });
-    let (mean_logits, _) = split_pairs(&scores.mean_logits);
+    let entropy = &scores.entropy;
+    log.push("entropy", if tokens > 0.0 { scalar(&(entropy * completions).sum(Kind::Float)) / tokens } else { 0.0 });
+    let mean_logits = &scores.mean_logits;
     let rewards = logratios.detach() * beta;
     let mut means = [None, None];
     for (i, (label, name)) in [(true, "chosen"), (false, "rejected")].into_iter().enumerate() {
         let rows = if label { desirable.shallow_clone() } else { desirable.logical_not() };
         let count = rows.sum(Kind::Float).double_value(&[]);
         let rows_f = rows.to_kind(Kind::Float).unsqueeze(1);
-        let mask = &completions * &rows_f;
+        let mask = completions * &rows_f;
         let label_tokens = mask.sum(Kind::Float).double_value(&[]);
         if label_tokens > 0.0 {
-            log.push(&format!("logits/{name}"), scalar(&(&mean_logits * &mask).sum(Kind::Float)) / label_tokens);
+            log.push(&format!("logits/{name}"), scalar(&(mean_logits * &mask).sum(Kind::Float)) / label_tokens);
         }
         if count > 0.0 {
             let total = |t: &Tensor| scalar(&t.masked_select(&rows).nansum(None::<&[i64]>, false, Kind::Float)) / count;

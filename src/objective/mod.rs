@@ -74,23 +74,26 @@ impl Objective {
         matches!(self, Objective::Dpo(DpoParams { reference_free: false, .. }) | Objective::Kto(_))
     }
 
-    /// The (differentiable) loss of `batch`, scored in `scores`; its metrics are appended to `log`. `reference`
-    /// holds the reference model's summed completion log-probs when the objective needs them.
-    pub fn batch_loss(
-        &self,
-        scores: &TokenScores,
-        batch: &PackedBatch,
-        reference: Option<&PairLogps>,
-        log: &mut MetricLog,
-    ) -> Tensor {
+    /// The (differentiable) loss of `batch`, scored in `scores`; its metrics are appended to `log`.
+    pub fn batch_loss(&self, scores: &TokenScores, batch: &PackedBatch, given: &Given, log: &mut MetricLog) -> Tensor {
         match self {
-            Objective::Dpo(params) => dpo::batch_loss(scores, reference, params, log),
+            Objective::Dpo(params) => dpo::batch_loss(scores, given.reference.as_ref(), params, log),
             Objective::Orpo(params) => orpo::batch_loss(scores, params, log),
             Objective::Cpo(params) => cpo::batch_loss(scores, params, log),
             Objective::Sft(params) => sft::batch_loss(scores, params, log),
-            Objective::Kto(params) => kto::batch_loss(scores, batch, reference, params, log),
+            Objective::Kto(params) => kto::batch_loss(scores, batch, given, params, log),
         }
     }
+}
+
+/// What a loss takes as constants, computed without gradient before the policy's pass.
+#[derive(Default)]
+pub struct Given {
+    /// The reference model's summed completion log-probs, when the objective needs them (KTO's: of the matched
+    /// sequences as `chosen`, of the KL sequences as `rejected`).
+    pub reference: Option<PairLogps>,
+    /// KTO: the policy's own summed completion log-probs of the KL sequences, [B].
+    pub kl_logps: Option<Tensor>,
 }
 
 /// The chosen and the rejected halves of a batch's per-sequence values ([2B, ...], chosen rows first), [B, ...] each.

@@ -10,8 +10,9 @@ use crate::model::lm_head::{score_tokens, Precision};
 use crate::objective::cpo::CpoLoss;
 use crate::objective::dpo::PairLogps;
 use crate::objective::metrics::MetricLog;
-use crate::objective::Objective;
+use crate::objective::{Given, Objective};
 use crate::train::reference::{reference_logps, ReferenceLogps};
+use crate::train::step::given;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
@@ -85,8 +86,10 @@ pub fn evaluate(
                     summed.chosen.device(),
                 ),
             });
-            let loss = objective.batch_loss(&scores, &batch, reference_logps.as_ref(), &mut log);
+            let given = Given { reference: reference_logps, kl_logps: None };
+            let loss = objective.batch_loss(&scores, &batch, &given, &mut log);
             loss_sum += loss.double_value(&[]) * chunk.len() as f64;
+            let reference_logps = given.reference;
             // The log-probs the objective compares: summed for DPO, averaged for ORPO.
             let (compared, rewards) = match objective {
                 Objective::Dpo(_) | Objective::Kto(_) | Objective::Sft(_) => {
@@ -151,13 +154,15 @@ pub fn evaluate_examples(
     let indices: Vec<usize> = (0..examples.len()).collect();
     tch::no_grad(|| {
         for chunk in indices.chunks(options.batch_size.max(1)) {
-            let batch = examples.pack(chunk, &options.batching);
-            let scores = score_tokens(policy, &batch, objective.needed(), options.precision);
+            let micro = examples.micro_batch(chunk, &options.batching);
+            let batch = &micro.batch;
+            let scores = score_tokens(policy, batch, objective.needed(), options.precision);
             let reference_logps = reference.as_ref().map(|r| match r {
-                EvalReference::Model(model) => reference_logps(model, &batch, options.precision),
+                EvalReference::Model(model) => reference_logps(model, micro.reference_input(), options.precision),
                 EvalReference::Logps(logps) => logps.batch(chunk, scores.logps.device()),
             });
-            let loss = objective.batch_loss(&scores, &batch, reference_logps.as_ref(), &mut log);
+            let given = given(policy, &micro, reference_logps, options.precision);
+            let loss = objective.batch_loss(&scores, batch, &given, &mut log);
             let mut loss = loss.double_value(&[]);
             if objective.sums_over_tokens() {
                 loss /= batch.label_tokens().max(1) as f64;

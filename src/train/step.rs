@@ -3,12 +3,13 @@
 //! hidden states and lm_head weight (`LmHeadTape`), the hidden states to every other parameter (autograd, or
 //! layer by layer with recomputation under gradient checkpointing).
 
+use crate::data::batches::MicroBatch;
 use crate::data::pack::PackedBatch;
 use crate::model::decoder::CausalLm;
-use crate::model::lm_head::{backward_from, score_hidden, ModelInput, Precision};
+use crate::model::lm_head::{backward_from, score_hidden, summed_completion_logps, ModelInput, Precision};
 use crate::objective::dpo::PairLogps;
 use crate::objective::metrics::MetricLog;
-use crate::objective::Objective;
+use crate::objective::{Given, Objective};
 use tch::Tensor;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -18,13 +19,20 @@ pub struct StepOptions {
     pub gradient_checkpointing: bool,
 }
 
+/// What the loss of `micro` takes as given: the reference's log-probs (computed by the caller, or precomputed)
+/// and, for KTO, the policy's log-probs of the KL sequences, without gradient as TRL computes them.
+pub fn given(policy: &CausalLm, micro: &MicroBatch, reference: Option<PairLogps>, precision: Precision) -> Given {
+    let kl_logps = micro.kto.as_ref().map(|k| summed_completion_logps(policy, &k.kl, precision));
+    Given { reference, kl_logps }
+}
+
 /// Computes the loss of `packed` times `scale`, appends its metrics to `log` and, when the loss is finite,
 /// accumulates its gradient in the model's parameters. Returns the scaled loss.
 pub fn forward_backward(
     model: &CausalLm,
     packed: &PackedBatch,
     objective: &Objective,
-    reference: Option<&PairLogps>,
+    given: &Given,
     scale: f64,
     options: StepOptions,
     log: &mut MetricLog,
@@ -50,7 +58,7 @@ pub fn forward_backward(
     }; // [R, L, hidden]
 
     let (scores, tape) = score_hidden(model, packed, &hidden, objective.needed(), options.precision);
-    let loss = objective.batch_loss(&scores, packed, reference, log) * scale;
+    let loss = objective.batch_loss(&scores, packed, given, log) * scale;
     let value = loss.double_value(&[]);
     if !value.is_finite() {
         return value;

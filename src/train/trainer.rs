@@ -3,15 +3,16 @@
 //! by 1/micro-batches; then gradient clipping, AdamW and zeroing the gradients, as transformers' Trainer runs them.
 
 use crate::data::batches::Examples;
+use crate::data::batches::MicroBatch;
 use crate::data::collate::SamplingStrategy;
-use crate::data::pack::{Batching, PackedBatch};
+use crate::data::pack::Batching;
 use crate::model::LoadedModel;
 use crate::objective::metrics::MetricLog;
 use crate::objective::Objective;
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::reference::{reference_logps, ReferenceLogps};
 use crate::train::schedule::Schedule;
-use crate::train::step::{forward_backward, StepOptions};
+use crate::train::step::{forward_backward, given, StepOptions};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -258,12 +259,12 @@ impl<'a> Trainer<'a> {
         let mut rows = Vec::new();
         let mut step_log = MetricLog::default();
         let started = Instant::now();
-        let batches: Vec<PackedBatch> =
-            micro_batches.iter().map(|indices| self.examples.pack(indices, &self.batching)).collect();
+        let batches: Vec<MicroBatch> =
+            micro_batches.iter().map(|indices| self.examples.micro_batch(indices, &self.batching)).collect();
         // A mean loss per micro-batch is averaged over them; SFT's summed loss is divided by every label token of
         // the step (the tokens after the first of each row whose label is kept: transformers' num_items_in_batch).
         let scale = if self.objective.sums_over_tokens() {
-            let labels: i64 = batches.iter().map(|b| b.label_tokens()).sum();
+            let labels: i64 = batches.iter().map(|b| b.batch.label_tokens()).sum();
             1.0 / labels.max(1) as f64
         } else {
             1.0 / micro_batches.len() as f64
@@ -273,19 +274,20 @@ impl<'a> Trainer<'a> {
         for (indices, batch) in micro_batches.iter().zip(&batches) {
             let started = Instant::now();
             rows.extend(self.examples.locations(indices));
-            tokens += self.examples.num_tokens(batch);
+            tokens += batch.num_tokens();
             let reference = match self.reference {
                 Reference::None => None,
-                Reference::Model(r) => Some(reference_logps(&r.model, batch, self.step.precision)),
+                Reference::Model(r) => Some(reference_logps(&r.model, batch.reference_input(), self.step.precision)),
                 Reference::Precomputed { train, .. } => Some(train.batch(indices, device)),
             };
             let reference_done = Instant::now();
             seconds.reference += (reference_done - started).as_secs_f64();
+            let given = given(&self.policy.model, batch, reference, self.step.precision);
             let value = forward_backward(
                 &self.policy.model,
-                batch,
+                &batch.batch,
                 self.objective,
-                reference.as_ref(),
+                &given,
                 scale,
                 self.step,
                 &mut step_log,

@@ -10,7 +10,7 @@ use prefalign::data::tokenize::{Sequence, TokenizedPair};
 use prefalign::model::lm_head::{score_tokens, summed_completion_logps, Needed, Precision};
 use prefalign::model::{self, LoadedModel};
 use prefalign::objective::metrics::MetricLog;
-use prefalign::objective::{CpoParams, DpoParams, Objective, OrpoParams};
+use prefalign::objective::{CpoParams, DpoParams, Given, Objective, OrpoParams};
 use prefalign::train::step::{forward_backward, StepOptions};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -61,7 +61,7 @@ fn run(
     let refs: Vec<&TokenizedPair> = pairs.iter().collect();
     let batch = pack(&refs, 0, Some((28, TruncationMode::KeepStart)), layout);
     let mut log = MetricLog::default();
-    let loss = forward_backward(&model.model, &batch, objective, None, 1.0, step, &mut log);
+    let loss = forward_backward(&model.model, &batch, objective, &Given::default(), 1.0, step, &mut log);
     let grads = model.vs.variables().into_iter().map(|(name, var)| (name, var.grad().copy())).collect();
     Outcome { loss, metrics: log.drain_means(""), grads }
 }

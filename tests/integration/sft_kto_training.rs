@@ -15,7 +15,7 @@ use prefalign::data::tokenize::PairTokenizer;
 use prefalign::model::{self, tokenizer::TextTokenizer};
 use prefalign::objective::kto::KtoLoss;
 use prefalign::objective::sft::SftLoss;
-use prefalign::objective::{KtoParams, Objective, SftParams};
+use prefalign::objective::{Given, KtoParams, Objective, SftParams};
 use prefalign::train::{train, Reference, TrainInputs};
 use serde_json::Value;
 use tch::{Device, Kind};
@@ -174,13 +174,13 @@ fn packed_sft_equals_unpacked_sft_in_loss_and_gradients() {
         let policy = model::load(&fixture("eval/tiny_policy"), Device::Cpu, Kind::Float).unwrap();
         let examples = Examples::Sft(rows);
         let batching = Batching { pad_id: 2, truncation: None, layout: PackOptions::TRL };
-        let batch = examples.pack(&(0..rows.len()).collect::<Vec<_>>(), &batching);
+        let batch = examples.micro_batch(&(0..rows.len()).collect::<Vec<_>>(), &batching).batch;
         let scale = 1.0 / batch.label_tokens() as f64;
         let loss = forward_backward(
             &policy.model,
             &batch,
             &objective,
-            None,
+            &Given::default(),
             scale,
             StepOptions::default(),
             &mut MetricLog::default(),
