@@ -10,7 +10,8 @@
 //! kernels for the CPU's instruction set on AMD CPUs too.
 //!
 //! It also compiles prefalign's C++ (torch's fused AdamW, src/train/optimizer.cpp; the decoder's autograd
-//! functions, src/model/fused.cpp; quantized frozen weights, src/model/quantized.cpp) against the same libtorch's headers and C++ ABI as torch-sys's own C++ wrapper.
+//! functions, src/model/fused.cpp; quantized frozen weights, src/model/quantized.cpp; c10d's process groups,
+//! src/train/distributed.cpp) against the same libtorch's headers and C++ ABI as torch-sys's own C++ wrapper.
 use std::path::Path;
 
 fn main() {
@@ -57,7 +58,8 @@ fn link_tcmalloc() {
 }
 
 fn compile_torch_functions(torch_lib: &Path) {
-    let sources = ["src/train/optimizer.cpp", "src/model/fused.cpp", "src/model/quantized.cpp"];
+    let sources =
+        ["src/train/optimizer.cpp", "src/model/fused.cpp", "src/model/quantized.cpp", "src/train/distributed.cpp"];
     for source in sources.iter().chain(&["src/model/ffi.h"]) {
         println!("cargo:rerun-if-changed={source}");
     }
@@ -69,6 +71,9 @@ fn compile_torch_functions(torch_lib: &Path) {
         .files(sources)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
+        // the Gloo headers c10d's ProcessGroupGloo.hpp includes, which the wheel lacks (third_party/gloo/README.md)
+        .include("third_party/gloo/include")
+        .define("USE_C10D_GLOO", None)
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")

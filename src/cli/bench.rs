@@ -18,6 +18,7 @@ use crate::objective::metrics::MetricLog;
 use crate::objective::{DpoParams, KtoParams, Objective, OrpoParams, SftParams};
 use crate::runtime::peak_rss_bytes;
 use crate::train::reference;
+use crate::train::trainer::StepError;
 use crate::train::{Reference, Trainer, TrainerConfig};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -251,7 +252,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let started = Instant::now();
         let outcome = trainer
             .optimizer_step(std::slice::from_ref(&batch), trainer_config.learning_rate, &mut MetricLog::default())
-            .map_err(|e| anyhow::anyhow!("non-finite {} at step {}", e.what, step + 1))?;
+            .map_err(|e| match e {
+                StepError::NonFinite(n) => anyhow::anyhow!("non-finite {} at step {}", n.what, step + 1),
+                StepError::Group(error) => error,
+            })?;
         if let tch::Device::Cuda(index) = device {
             tch::Cuda::synchronize(index as i64);
         }

@@ -8,6 +8,7 @@ mod data;
 mod demo;
 mod eval;
 mod generate;
+mod launch;
 mod push;
 mod recipe_keys;
 pub mod train;
@@ -52,6 +53,8 @@ enum Command {
     Sft(train::SftArgs),
     /// Train with KTO on unpaired desirable/undesirable examples (or preference pairs, unpaired)
     Kto(train::KtoArgs),
+    /// Run a training command on several processes (torchrun's environment; data-parallel over c10d's Gloo)
+    Launch(launch::LaunchArgs),
     /// Score a model (and a reference) on preference data: log-probs, rewards, TRL's eval metrics
     Eval(eval::EvalArgs),
     /// Train several recipes (or one over a grid of a parameter) and compare them: a Markdown report with a table
@@ -305,6 +308,7 @@ pub fn main() -> i32 {
         Command::Cpo(args) => train::run_cpo(args),
         Command::Sft(args) => train::run_sft(args),
         Command::Kto(args) => train::run_kto(args),
+        Command::Launch(args) => launch::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Data(DataCommand::Inspect(args)) => data::inspect(args),

@@ -22,9 +22,10 @@ use crate::objective::sft::SftLoss;
 use crate::objective::{KtoParams, Objective, SftParams};
 use crate::runtime;
 use crate::train::checkpoint::list_checkpoints;
+use crate::train::distributed::{Launch, ProcessGroup};
 use crate::train::optimizer::AdamWConfig;
-use crate::train::reference::{cache_dir, precompute as precompute_reference};
-use crate::train::run::{train_with_hook, Stopped};
+use crate::train::reference::{cache_dir, precompute as precompute_reference, precompute_on};
+use crate::train::run::{train_on, Stopped};
 use crate::train::schedule::Schedule;
 use crate::train::{Interval, Reference, TrainInputs, TrainerConfig};
 use anyhow::{bail, Context, Result};
@@ -131,6 +132,14 @@ pub struct TrainerArgs {
     /// Default: random (kto: sequential, which its KL estimate needs)
     #[arg(long, value_enum)]
     train_sampling_strategy: Option<SamplingArg>,
+    /// Several processes (torchrun's RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment, or SLURM's): the
+    /// c10d backend, gloo (CPU) or nccl (CUDA; not built yet). Default: gloo
+    #[arg(long)]
+    ddp_backend: Option<String>,
+    /// Several processes: seconds a rank waits for the others (to join, or in a collective) before it stops with an
+    /// error naming the rank(s) that did not arrive
+    #[arg(long, default_value_t = 1800)]
+    ddp_timeout: u64,
 }
 
 /// transformers' optimizer names that run AdamW's arithmetic in 32 bits (paged: the same update, paging is a
@@ -569,9 +578,49 @@ enum ReferenceArg {
 }
 
 /// `precompute`: compute the reference's log-probs before training.
+/// Joins the process group of a launch of several processes, as `--ddp-backend` and `--ddp-timeout` say.
+fn join_group(launch: &Launch, t: &TrainerArgs, objective: &Objective) -> Result<ProcessGroup> {
+    match t.ddp_backend.as_deref() {
+        None | Some("gloo") => {}
+        Some("nccl") => bail!(
+            "--ddp-backend nccl is not built yet: prefalign runs several processes on Gloo (--ddp-backend gloo, \
+             which also takes CUDA tensors)"
+        ),
+        Some(other) => bail!("--ddp-backend {other}: expected gloo or nccl"),
+    }
+    if matches!(objective, Objective::Sft(_) | Objective::Kto(_)) {
+        bail!(
+            "prefalign {} runs in one process so far (WORLD_SIZE is {}): dpo, orpo and cpo run on several",
+            objective.name(),
+            launch.world_size
+        );
+    }
+    let group = ProcessGroup::join(launch, std::time::Duration::from_secs(t.ddp_timeout))?;
+    if group.rank == 0 {
+        eprintln!(
+            "{} processes (Gloo, rendezvous at {}:{}); rank 0 writes the output",
+            group.world_size, launch.master_addr, launch.master_port
+        );
+    }
+    Ok(group)
+}
+
 fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, objective: &Objective) -> Result<()> {
     let RunArgs { model, lora, merge, data, eval_data, trainer: t, compute, hub } = args;
     let mut config = t.config(eval_data.eval_dataset.is_some(), compute, objective)?;
+    let launch = Launch::from_env()?;
+    let group = match &launch {
+        Some(launch) => Some(join_group(launch, t, objective)?),
+        None => None,
+    };
+    let main = group.as_ref().is_none_or(|g| g.rank == 0);
+    // several processes on CUDA: each on its own device, cuda:LOCAL_RANK
+    let model = &match &launch {
+        Some(l) if model.device == "cuda" || (model.device == "auto" && tch::Cuda::is_available()) => {
+            ModelArgs { device: format!("cuda:{}", l.local_rank), ..model.clone() }
+        }
+        _ => model.clone(),
+    };
     let rules = match &task {
         Task::Pairs(rules) => Some(*rules),
         _ => {
@@ -580,8 +629,10 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, ob
         }
     };
     // One run per output folder, from before anything is read until the model is saved.
-    let _lock = files::RunLock::acquire(&t.output_dir)?;
-    let hub = hub.connect(&t.output_dir)?; // before anything is loaded: a missing token or right fails at once
+    // (rank 0's, for all ranks of a data-parallel run)
+    let _lock = if main { Some(files::RunLock::acquire(&t.output_dir)?) } else { None };
+    // before anything is loaded: a missing token or right fails at once
+    let hub = if main { hub.connect(&t.output_dir)? } else { None };
     let use_lora = lora.use_peft || model.adapter.is_some();
     let mut policy = model.load_for_training(use_lora).with_context(|| format!("the policy model {}", model.model))?;
     tch::manual_seed(t.seed as i64); // PEFT draws the adapters' A after TRL's set_seed(seed)
@@ -668,8 +719,11 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, ob
     // Precomputed (and cached) for the training pairs and the evaluation pairs, as TRL does; the reference model
     // is then released.
     let precompute_for = |r: &LoadedModel, pairs: &[TokenizedPair]| {
-        let batch_size = t.per_device_eval_batch_size;
-        precompute_reference(r, pairs, &config.batching, config.step.precision, batch_size, &cache_dir())
+        let (batching, precision, batch_size) = (&config.batching, config.step.precision, t.per_device_eval_batch_size);
+        match &group {
+            Some(group) => precompute_on(group, r, pairs, batching, precision, batch_size, &cache_dir()),
+            None => precompute_reference(r, pairs, batching, precision, batch_size, &cache_dir()),
+        }
     };
     let reference_source = match reference {
         ReferenceArg::PolicyAdapters => Some(&policy),
@@ -700,7 +754,10 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, ob
     let lora_config = policy.adapter.as_ref().map(|a| &a.config);
     let hub = hub.map(|h| h.describing(&model.model, &data.describe(), objective, &config, lora_config));
     let mut on_checkpoint = |dir: &Path, step| hub.as_ref().map_or(Ok(()), |h| h.checkpoint_saved(dir, step));
-    train_with_hook(&inputs, &config, &mut on_checkpoint)?;
+    train_on(&inputs, &config, group.as_ref(), &mut on_checkpoint)?;
+    if !main {
+        return Ok(()); // rank 0 saves the model (the same weights on every rank)
+    }
     save_trained(&policy, &t.output_dir)?;
     let what = if policy.adapter.is_some() { "adapter" } else { "model" };
     eprintln!("saved the trained {what} to {}", t.output_dir.display());

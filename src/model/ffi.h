@@ -13,6 +13,8 @@ static char *guarded(F body) {
     try {
         body();
         return nullptr;
+    } catch (const c10::Error &error) {
+        return strdup(error.what_without_backtrace());  // no C++ stack trace in a user's error message
     } catch (const std::exception &error) {
         return strdup(error.what());
     }

@@ -221,22 +221,18 @@ pub fn batch_loss(
 fn log_batch_metrics(log: &mut MetricLog, scores: &TokenScores, policy: &PairLogps, reference: &PairLogps, beta: f64) {
     let mask = &scores.completion_mask;
     let scalar = |t: Tensor| t.double_value(&[]);
-    let total = scalar(mask.sum(Kind::Float));
-    log.push("entropy", if total > 0.0 { scalar((&scores.entropy * mask).sum(Kind::Float)) / total } else { 0.0 });
+    // token-weighted: across the ranks of a data-parallel run too (TRL gathers sums and counts)
+    log.push_ratio("entropy", scalar((&scores.entropy * mask).sum(Kind::Float)), scalar(mask.sum(Kind::Float)));
     let (chosen_mask, rejected_mask) = split_pairs(mask);
     let (chosen_logits, rejected_logits) = split_pairs(&scores.mean_logits);
     for (name, logits, side_mask) in
         [("logits/chosen", chosen_logits, &chosen_mask), ("logits/rejected", rejected_logits, &rejected_mask)]
     {
-        let tokens = scalar(side_mask.sum(Kind::Float));
-        log.push(name, if tokens > 0.0 { scalar((logits * side_mask).sum(Kind::Float)) / tokens } else { 0.0 });
+        log.push_ratio(name, scalar((logits * side_mask).sum(Kind::Float)), scalar(side_mask.sum(Kind::Float)));
     }
     let (chosen_top1, _) = split_pairs(&scores.is_top1.to_kind(Kind::Float));
-    let chosen_tokens = scalar(chosen_mask.sum(Kind::Float));
-    log.push(
-        "mean_token_accuracy",
-        if chosen_tokens > 0.0 { scalar((chosen_top1 * &chosen_mask).sum(Kind::Float)) / chosen_tokens } else { 0.0 },
-    );
+    let correct = scalar((chosen_top1 * &chosen_mask).sum(Kind::Float));
+    log.push_ratio("mean_token_accuracy", correct, scalar(chosen_mask.sum(Kind::Float)));
     let chosen_rewards = (&policy.chosen - &reference.chosen) * beta;
     let rejected_rewards = (&policy.rejected - &reference.rejected) * beta;
     log_rewards(log, (&chosen_rewards, &rejected_rewards), (&policy.chosen, &policy.rejected));

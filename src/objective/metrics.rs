@@ -7,6 +7,9 @@ use tch::{Kind, Tensor};
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MetricLog {
     values: BTreeMap<String, Vec<f64>>,
+    /// The denominators of the ratios among `values` (`push_ratio`), by name.
+    #[serde(default)]
+    weights: BTreeMap<String, Vec<f64>>,
 }
 
 impl MetricLog {
@@ -14,15 +17,62 @@ impl MetricLog {
         self.values.entry(name.to_string()).or_default().push(value);
     }
 
+    /// A ratio (0 when `denominator` is 0) that ranks of a data-parallel run combine as Σnumerator / Σdenominator,
+    /// as TRL gathers token sums and counts.
+    pub fn push_ratio(&mut self, name: &str, numerator: f64, denominator: f64) {
+        self.push(name, if denominator > 0.0 { numerator / denominator } else { 0.0 });
+        self.weights.entry(name.to_string()).or_default().push(denominator);
+    }
+
     /// Adds every value of `other` after this log's own.
     pub fn append(&mut self, other: MetricLog) {
         for (name, values) in other.values {
             self.values.entry(name).or_default().extend(values);
         }
+        for (name, weights) in other.weights {
+            self.weights.entry(name).or_default().extend(weights);
+        }
+    }
+
+    /// Combines the logs of the ranks of a data-parallel run, given `sum`, which sums a list of values across
+    /// them: each value becomes its mean over the ranks, a ratio Σnumerator / Σdenominator. Every rank must hold
+    /// the same names and counts.
+    pub fn combine_ranks<E>(&mut self, ranks: usize, sum: impl FnOnce(&[f64]) -> Result<Vec<f64>, E>) -> Result<(), E> {
+        // [value or numerator..., denominator...] in name order, then append order
+        let mut flat = Vec::new();
+        for (name, values) in &self.values {
+            match self.weights.get(name) {
+                Some(weights) => flat.extend(values.iter().zip(weights).map(|(v, w)| v * w)),
+                None => flat.extend(values),
+            }
+        }
+        flat.extend(self.weights.values().flatten());
+        let summed = sum(&flat)?;
+        let (sums, mut denominators) = summed.split_at(flat.len() - self.weights.values().map(Vec::len).sum::<usize>());
+        let mut sums = sums.iter();
+        for (name, values) in self.values.iter_mut() {
+            let weights = self.weights.get_mut(name);
+            let count = values.len();
+            let (these, rest) = denominators.split_at(if weights.is_some() { count } else { 0 });
+            for (i, value) in values.iter_mut().enumerate() {
+                let total = *sums.next().expect("as many sums as values");
+                *value = match these.get(i) {
+                    Some(&d) if d > 0.0 => total / d,
+                    Some(_) => 0.0,
+                    None => total / ranks as f64,
+                };
+            }
+            if let Some(weights) = weights {
+                weights.copy_from_slice(these);
+            }
+            denominators = rest;
+        }
+        Ok(())
     }
 
     /// The mean of every metric, names prefixed with `prefix` (e.g. "eval_"); the log is then emptied.
     pub fn drain_means(&mut self, prefix: &str) -> BTreeMap<String, f64> {
+        self.weights.clear();
         std::mem::take(&mut self.values)
             .into_iter()
             .map(|(name, values)| (format!("{prefix}{name}"), values.iter().sum::<f64>() / values.len() as f64))

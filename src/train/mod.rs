@@ -5,6 +5,7 @@
 //! (`checkpoint`), and what a run writes (`history`, `tensorboard`).
 
 pub mod checkpoint;
+pub mod distributed;
 pub mod evaluate;
 pub mod history;
 pub mod optimizer;

@@ -8,6 +8,7 @@ use crate::model::decoder::CausalLm;
 use crate::model::lm_head::{summed_completion_logps, Precision};
 use crate::model::LoadedModel;
 use crate::objective::dpo::PairLogps;
+use crate::train::distributed::{mean_across, ProcessGroup};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -106,6 +107,58 @@ pub fn compute(
     ReferenceLogps { chosen: Tensor::cat(&chosen, 0), rejected: Tensor::cat(&rejected, 0) }
 }
 
+/// [`precompute`] on the ranks of `group`: each computes its contiguous share of `pairs` and all gather the
+/// shares; rank 0 caches the result. The cache is used only where every rank finds it (on several machines each
+/// has its own).
+pub fn precompute_on(
+    group: &ProcessGroup,
+    reference: &LoadedModel,
+    pairs: &[TokenizedPair],
+    batching: &Batching,
+    precision: Precision,
+    batch_size: usize,
+    cache: &Path,
+) -> Result<ReferenceLogps> {
+    let key = fingerprint(reference, pairs, batching, precision);
+    let path = cache.join("ref_logps").join(format!("{key}.safetensors"));
+    let cached = read_cache(&path)?;
+    let found = mean_across(group, &[f64::from(cached.is_some())], "the reference cache check")?[0];
+    if let (Some(cached), true) = (cached, found == 1.0) {
+        return Ok(cached);
+    }
+    let share = pairs.len().div_ceil(group.world_size);
+    let start = (group.rank * share).min(pairs.len());
+    let end = (start + share).min(pairs.len());
+    let mine = compute(&reference.model, &pairs[start..end], batching, precision, batch_size);
+    let padded = |t: &Tensor| {
+        Tensor::cat(
+            &[t.to_kind(Kind::Float), Tensor::zeros([(share - (end - start)) as i64], (Kind::Float, tch::Device::Cpu))],
+            0,
+        )
+    };
+    let gathered = group
+        .all_gather(&Tensor::stack(&[padded(&mine.chosen), padded(&mine.rejected)], 0), "the reference log-probs")?; // [world, 2, share]
+    let lengths: Vec<i64> = (0..group.world_size)
+        .map(|r| ((r * share).min(pairs.len())..((r + 1) * share).min(pairs.len())).len() as i64)
+        .collect();
+    let side = |i: i64| {
+        let parts: Vec<Tensor> =
+            lengths.iter().enumerate().map(|(r, &n)| gathered.get(r as i64).get(i).narrow(0, 0, n)).collect();
+        Tensor::cat(&parts, 0)
+    };
+    let logps = ReferenceLogps { chosen: side(0), rejected: side(1) };
+    if group.rank == 0 {
+        write_cache(&path, &logps)?;
+        eprintln!(
+            "reference log-probs: computed for {} pairs on {} ranks, cached in {}",
+            pairs.len(),
+            group.world_size,
+            path.display()
+        );
+    }
+    Ok(logps)
+}
+
 /// `compute`, or the values cached under `cache` (see `cache_dir`) by an earlier run with the same fingerprint.
 pub fn precompute(
     reference: &LoadedModel,
@@ -122,14 +175,18 @@ pub fn precompute(
         return Ok(cached);
     }
     let logps = compute(&reference.model, pairs, batching, precision, batch_size);
+    write_cache(&path, &logps)?;
+    eprintln!("reference log-probs: computed for {} pairs, cached in {}", pairs.len(), path.display());
+    Ok(logps)
+}
+
+fn write_cache(path: &Path, logps: &ReferenceLogps) -> Result<()> {
     std::fs::create_dir_all(path.parent().expect("cache folder"))
         .with_context(|| format!("cannot create {}", path.display()))?;
     crate::model::weights::save_safetensors_file(
-        &path,
+        path,
         &[("chosen".into(), logps.chosen.shallow_clone()), ("rejected".into(), logps.rejected.shallow_clone())],
-    )?;
-    eprintln!("reference log-probs: computed for {} pairs, cached in {}", pairs.len(), path.display());
-    Ok(logps)
+    )
 }
 
 fn read_cache(path: &Path) -> Result<Option<ReferenceLogps>> {

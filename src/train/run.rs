@@ -10,10 +10,11 @@ use crate::objective::metrics::MetricLog;
 use crate::objective::Objective;
 use crate::runtime;
 use crate::train::checkpoint::{restore, save_checkpoint};
+use crate::train::distributed::{mean_across, ProcessGroup};
 use crate::train::evaluate::{evaluate, evaluate_examples, EvalOptions, EvalReference};
 use crate::train::history::{progress_bar, write_summary, History};
 use crate::train::schedule::warmup_steps;
-use crate::train::trainer::{Interval, NonFinite, Reference, StepOutcome, Trainer, TrainerConfig};
+use crate::train::trainer::{Interval, NonFinite, Reference, StepError, StepOutcome, Trainer, TrainerConfig};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -40,18 +41,36 @@ pub struct Progress {
     /// metrics of the steps since the last log line
     pending: MetricLog,
     skipped_nonfinite: usize,
+    /// the processes of the run that wrote it (its data position counts global batches of theirs)
+    #[serde(default = "one")]
+    world_size: usize,
 }
 
-/// The examples in a seeded order per epoch, consumed batch by batch.
+fn one() -> usize {
+    1
+}
+
+/// The examples in a seeded order per epoch, consumed (global) batch by batch. With several processes a global
+/// batch is each rank's batch in turn, and the epoch's order is padded with its first indices to whole global
+/// batches: what accelerate's `BatchSamplerShard` (`even_batches`) gives each rank of TRL's sampler order.
 struct BatchCursor {
+    /// the length of an epoch's order (padded)
     examples: usize,
     batch_size: usize,
     sampling: SamplingStrategy,
     seed: u64,
     order: Vec<usize>,
+    /// the dataset's size
+    len: usize,
 }
 
 impl BatchCursor {
+    fn new(len: usize, per_device: usize, world_size: usize, sampling: SamplingStrategy, seed: u64) -> Self {
+        let batch_size = per_device * world_size;
+        let examples = if world_size > 1 { len.div_ceil(batch_size) * batch_size } else { len };
+        BatchCursor { examples, batch_size, sampling, seed, order: Vec::new(), len }
+    }
+
     fn batches_per_epoch(&self) -> usize {
         self.examples.div_ceil(self.batch_size)
     }
@@ -63,7 +82,9 @@ impl BatchCursor {
             progress.position = 0;
         }
         if progress.position == 0 || self.order.is_empty() {
-            self.order = epoch_order(self.examples, self.sampling, self.seed, progress.epoch);
+            self.order = epoch_order(self.len, self.sampling, self.seed, progress.epoch);
+            let first = self.order.clone();
+            self.order.extend(first.iter().cycle().take(self.examples - self.len));
         }
         let end = (progress.position + self.batch_size).min(self.order.len());
         let batch = self.order[progress.position..end].to_vec();
@@ -89,6 +110,19 @@ pub fn train_with_hook(
     config: &TrainerConfig,
     on_checkpoint: &mut dyn FnMut(&Path, usize) -> Result<()>,
 ) -> Result<Vec<Map<String, Value>>> {
+    train_on(inputs, config, None, on_checkpoint)
+}
+
+/// [`train_with_hook`] as one rank of `group` (data-parallel), or alone. Each rank runs its share of every
+/// global batch; rank 0 alone writes metrics, TensorBoard, checkpoints and the summary, and returns the rows.
+pub fn train_on(
+    inputs: &TrainInputs,
+    config: &TrainerConfig,
+    group: Option<&ProcessGroup>,
+    on_checkpoint: &mut dyn FnMut(&Path, usize) -> Result<()>,
+) -> Result<Vec<Map<String, Value>>> {
+    let main = group.is_none_or(|g| g.rank == 0);
+    let (rank, world_size) = group.map_or((0, 1), |g| (g.rank, g.world_size));
     if inputs.train.is_empty() {
         bail!("no training examples");
     }
@@ -99,7 +133,7 @@ pub fn train_with_hook(
     let eval_reference = eval_reference(inputs)?;
     std::fs::create_dir_all(&config.output_dir)
         .with_context(|| format!("cannot create {}", config.output_dir.display()))?;
-    let leftovers = files::remove_partials(&config.output_dir)?;
+    let leftovers = if main { files::remove_partials(&config.output_dir)? } else { 0 };
     if leftovers > 0 {
         eprintln!(
             "removed {leftovers} half-written file(s) an interrupted run left in {}",
@@ -108,13 +142,10 @@ pub fn train_with_hook(
     }
     tch::manual_seed(config.seed as i64);
 
-    let mut cursor = BatchCursor {
-        examples: inputs.train.len(),
-        batch_size: config.per_device_train_batch_size,
-        sampling: config.sampling,
-        seed: config.data_seed.unwrap_or(config.seed),
-        order: Vec::new(),
-    };
+    let seed = config.data_seed.unwrap_or(config.seed);
+    let mut cursor =
+        BatchCursor::new(inputs.train.len(), config.per_device_train_batch_size, world_size, config.sampling, seed);
+    let share = config.per_device_train_batch_size;
     let accumulation = config.gradient_accumulation_steps;
     let updates_per_epoch = cursor.batches_per_epoch().div_ceil(accumulation).max(1);
     let total_steps = if config.max_steps > 0 {
@@ -133,15 +164,26 @@ pub fn train_with_hook(
     let lr_at = |step: usize| config.learning_rate * config.schedule.factor(step, warmup, total_steps);
 
     let mut trainer = Trainer::new(inputs.policy, inputs.reference, inputs.objective, inputs.train, config);
-    let mut progress = Progress::default();
+    if let Some(group) = group {
+        trainer = trainer.data_parallel(group)?;
+    }
+    let mut progress = Progress { world_size, ..Progress::default() };
     let mut last_checkpoint: Option<PathBuf> = None;
     if let Some(checkpoint) = &config.resume_from_checkpoint {
         progress = restore(checkpoint, inputs.policy, &mut trainer.optimizer)?;
+        if progress.world_size != world_size {
+            bail!(
+                "{} was written by a run of {} process(es); resume it with as many (this run has {world_size}): \
+                 its data position counts their global batches",
+                checkpoint.display(),
+                progress.world_size
+            );
+        }
         last_checkpoint = Some(checkpoint.clone());
         eprintln!("resuming from {} at step {}", checkpoint.display(), progress.global_step);
     }
-    let mut history = History::open(&config.output_dir, progress.global_step)?;
-    let bar = progress_bar(total_steps, progress.global_step);
+    let mut history = if main { Some(History::open(&config.output_dir, progress.global_step)?) } else { None };
+    let bar = if main { progress_bar(total_steps, progress.global_step) } else { indicatif::ProgressBar::hidden() };
     let started = std::time::Instant::now();
     let tokens_at_start = progress.num_tokens;
     let mut rows = Vec::new();
@@ -152,14 +194,20 @@ pub fn train_with_hook(
         // batches are no multiple of the accumulation steps (its loss is then scaled by 1/that many).
         let mut micro_batches: Vec<Vec<usize>> = Vec::with_capacity(accumulation);
         while micro_batches.len() < accumulation {
-            micro_batches.push(cursor.next(&mut progress));
+            let global = cursor.next(&mut progress);
+            // this rank's share: the r-th per-device batch of the global one
+            micro_batches.push(global.chunks(share).nth(rank).map_or_else(Vec::new, <[usize]>::to_vec));
             if progress.position >= cursor.examples {
                 break;
             }
         }
+        if let Some(group) = group {
+            group.mark_step(step);
+        }
         let outcome = match trainer.optimizer_step(&micro_batches, lr_at(step), &mut progress.pending) {
             Ok(outcome) => outcome,
-            Err(nonfinite) => {
+            Err(StepError::Group(error)) => return Err(error),
+            Err(StepError::NonFinite(nonfinite)) => {
                 progress.num_tokens += nonfinite.tokens;
                 skip_or_stop(&trainer, &nonfinite, step + 1, config.skip_nonfinite, last_checkpoint.as_ref())?;
                 progress.skipped_nonfinite += 1;
@@ -185,7 +233,7 @@ pub fn train_with_hook(
                 row["loss"].as_f64().unwrap_or(f64::NAN),
                 row.get("rewards/accuracies").and_then(Value::as_f64).map_or("-".into(), |a| format!("{a:.2}")),
             ));
-            rows.push(history.write(row, epoch, global_step)?);
+            rows.push(write_row(history.as_mut(), row, epoch, global_step)?);
         }
         // transformers evaluates and saves after the last step too under the `steps` strategies
         let at_end = |interval: Interval| last && matches!(interval, Interval::Steps(_));
@@ -194,12 +242,21 @@ pub fn train_with_hook(
             || (last && config.eval_at_end);
         if let Some(eval) = inputs.eval.filter(|_| eval_due) {
             let row = evaluation_row(&trainer, eval_reference, eval, config);
-            rows.push(history.write(row, epoch, global_step)?);
+            rows.push(write_row(history.as_mut(), row, epoch, global_step)?);
         }
         bar.set_position(global_step as u64);
         let stop = runtime::stop_requested().filter(|_| !last);
+        // every rank stops after the same step (a signal may reach them at different moments)
+        let stop = match group {
+            Some(group) if !last => {
+                let stopping = mean_across(group, &[f64::from(stop.is_some())], "the stop check")?[0] > 0.0;
+                stopping.then(|| stop.unwrap_or(libc::SIGTERM))
+            }
+            _ => stop,
+        };
         let save_due = config.save.due(global_step, total_steps, epoch_ended) || at_end(config.save);
-        if save_due || stop.is_some() {
+        if (save_due || stop.is_some()) && main {
+            let history = history.as_mut().expect("rank 0 keeps the history");
             history.sync()?;
             // a checkpoint written because of a stop signal keeps the optimizer, so that the run can continue
             let optimizer = (!config.save_only_model || stop.is_some()).then_some(&trainer.optimizer);
@@ -209,6 +266,10 @@ pub fn train_with_hook(
                 on_checkpoint(&checkpoint, global_step)?;
             }
             last_checkpoint = Some(checkpoint);
+        }
+        if let (Some(signal), false) = (stop, main) {
+            let message = format!("rank {rank} stopped by {} after step {global_step}", runtime::signal_name(signal));
+            return Err(Stopped { signal, message }.into());
         }
         if let (Some(signal), Some(checkpoint)) = (stop, &last_checkpoint) {
             bar.abandon();
@@ -222,6 +283,7 @@ pub fn train_with_hook(
         }
     }
     bar.finish();
+    let Some(history) = history else { return Ok(Vec::new()) };
     // A run resumed at its last step logged nothing itself: its summary takes the last row it kept.
     let summary_rows = match (rows.iter().any(|r| r.contains_key("loss")), history.last_kept_training_row()) {
         (false, Some(row)) => std::slice::from_ref(row),
@@ -234,6 +296,19 @@ pub fn train_with_hook(
         progress.num_tokens - tokens_at_start,
     )?;
     Ok(rows)
+}
+
+/// Writes `row` to the history where this rank keeps one (rank 0); returns it as written.
+fn write_row(
+    history: Option<&mut History>,
+    row: Map<String, Value>,
+    epoch: f64,
+    step: usize,
+) -> Result<Map<String, Value>> {
+    match history {
+        Some(history) => history.write(row, epoch, step),
+        None => Ok(row),
+    }
 }
 
 /// The reference evaluation uses, checked against the evaluation pairs.

@@ -9,12 +9,14 @@ use crate::data::pack::Batching;
 use crate::model::LoadedModel;
 use crate::objective::metrics::MetricLog;
 use crate::objective::Objective;
+use crate::train::distributed::{average_gradients, broadcast_all, mean_across, sum_across, ProcessGroup};
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::reference::{reference_logps, ReferenceLogps};
 use crate::train::schedule::Schedule;
 use crate::train::step::{forward_backward, given, StepOptions};
 use std::path::PathBuf;
 use std::time::Instant;
+use tch::Tensor;
 
 /// When something happens during training: transformers' `*_strategy` (`no`, `steps`, `epoch`) with its `*_steps`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -169,6 +171,8 @@ pub struct Trainer<'a> {
     pub step: StepOptions,
     pub max_grad_norm: f64,
     pub optimizer: AdamW,
+    /// Data-parallel: the process group whose ranks average their gradients each step.
+    pub group: Option<&'a ProcessGroup>,
 }
 
 /// What an optimizer step did.
@@ -191,6 +195,14 @@ pub struct PhaseSeconds {
     pub reference: f64,
     /// the policy's forward and backward passes
     pub policy: f64,
+}
+
+/// Why an optimizer step did not update the weights.
+#[derive(Debug)]
+pub enum StepError {
+    NonFinite(NonFinite),
+    /// A collective across the ranks failed (a rank died, stalled or lost its connection).
+    Group(anyhow::Error),
 }
 
 /// A step whose loss or gradient norm was not finite: nothing was updated and the gradients are zeroed.
@@ -223,7 +235,16 @@ impl<'a> Trainer<'a> {
             batching: config.batching,
             step: config.step,
             max_grad_norm: config.max_grad_norm,
+            group: None,
         }
+    }
+
+    /// The trainer of one rank of `group`: it starts from rank 0's trainable weights (as DDP broadcasts them).
+    pub fn data_parallel(mut self, group: &'a ProcessGroup) -> anyhow::Result<Self> {
+        let weights: Vec<Tensor> = self.policy.trainable_variables().into_values().collect();
+        broadcast_all(group, &weights, 0, "the initial weights' broadcast")?;
+        self.group = Some(group);
+        Ok(self)
     }
 
     /// The first weight of the policy (or of the reference model) holding a NaN or an infinity, named.
@@ -253,7 +274,7 @@ impl<'a> Trainer<'a> {
         micro_batches: &[Vec<usize>],
         lr: f64,
         log: &mut MetricLog,
-    ) -> Result<StepOutcome, NonFinite> {
+    ) -> Result<StepOutcome, StepError> {
         let mut seconds = PhaseSeconds::default();
         let (mut loss, mut tokens) = (0.0, 0);
         let mut rows = Vec::new();
@@ -293,22 +314,56 @@ impl<'a> Trainer<'a> {
                 &mut step_log,
             );
             seconds.policy += reference_done.elapsed().as_secs_f64();
-            if !value.is_finite() {
-                self.optimizer.zero_grad();
-                return Err(NonFinite { what: format!("loss {value}"), rows, tokens });
-            }
             loss += value;
+            if !value.is_finite() {
+                break;
+            }
+        }
+        if let Some(group) = self.group {
+            self.reduce_across_ranks(group, &mut loss, &mut tokens, &mut step_log).map_err(StepError::Group)?;
+        }
+        if !loss.is_finite() {
+            self.optimizer.zero_grad();
+            return Err(StepError::NonFinite(NonFinite { what: format!("loss {loss}"), rows, tokens }));
         }
         let grad_norm = (self.max_grad_norm > 0.0).then(|| self.optimizer.clip_grad_norm(self.max_grad_norm));
         if let Some(norm) = grad_norm.filter(|n| !n.is_finite()) {
             self.optimizer.zero_grad();
-            return Err(NonFinite { what: format!("gradient norm {norm}"), rows, tokens });
+            return Err(StepError::NonFinite(NonFinite { what: format!("gradient norm {norm}"), rows, tokens }));
         }
         self.optimizer.step(lr);
         self.optimizer.zero_grad();
         crate::runtime::release_free_memory();
         log.append(step_log);
         Ok(StepOutcome { loss, grad_norm, tokens, seconds })
+    }
+
+    /// What DDP and TRL under accelerate make of the ranks' steps: the gradients averaged (in buckets), the loss
+    /// and each metric averaged (the ranks' batches have the same size), the tokens summed. A non-finite loss on any
+    /// rank makes the step's loss non-finite on all, which then skip it together.
+    fn reduce_across_ranks(
+        &self,
+        group: &ProcessGroup,
+        loss: &mut f64,
+        tokens: &mut i64,
+        log: &mut MetricLog,
+    ) -> anyhow::Result<()> {
+        let finite = loss.is_finite();
+        let world = group.world_size as f64;
+        let values = [if finite { *loss } else { 0.0 }, f64::from(finite), *tokens as f64];
+        let [mean, finite_ranks, total_tokens] = match mean_across(group, &values, "the step's loss")?[..] {
+            [a, b, c] => [a, b * world, c * world],
+            _ => unreachable!("three values in, three out"),
+        };
+        *tokens = total_tokens.round() as i64;
+        if finite_ranks.round() as usize != group.world_size {
+            *loss = if finite { f64::NAN } else { *loss };
+            return Ok(());
+        }
+        *loss = mean;
+        let grads = self.optimizer.gradients();
+        average_gradients(group, &grads, 25 << 20)?;
+        log.combine_ranks(group.world_size, |values| sum_across(group, values, "the step's metrics"))
     }
 }
 

@@ -9,6 +9,7 @@ mod cli;
 mod compare;
 mod compute;
 mod data_input;
+mod distributed;
 mod errors;
 mod eval;
 mod gguf_export;

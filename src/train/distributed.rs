@@ -1,0 +1,447 @@
+//! Data-parallel training on libtorch's c10d: the process group that torchrun, `srun` or `prefalign launch` set
+//! up through the environment (torchrun's variable names), Gloo over a TCPStore rendezvous that rank 0 serves, and
+//! the collectives a step needs (the C++ half is distributed.cpp).
+
+use anyhow::{bail, Context, Result};
+use std::ffi::{c_char, CString};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tch::{Kind, Tensor};
+use torch_sys::C_tensor;
+
+#[repr(C)]
+struct RawGroup {
+    _private: [u8; 0],
+}
+
+extern "C" {
+    fn prefalign_group_new(
+        host: *const c_char,
+        port: i32,
+        rank: i32,
+        world: i32,
+        timeout_ms: i64,
+        out: *mut *mut RawGroup,
+    ) -> *mut c_char;
+    fn prefalign_group_free(group: *mut RawGroup);
+    fn prefalign_group_all_reduce_sum(group: *mut RawGroup, tensors: *const *mut C_tensor, count: usize)
+        -> *mut c_char;
+    fn prefalign_group_broadcast(
+        group: *mut RawGroup,
+        tensors: *const *mut C_tensor,
+        count: usize,
+        root: i32,
+    ) -> *mut c_char;
+    fn prefalign_group_all_gather(group: *mut RawGroup, input: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
+    fn prefalign_group_barrier(group: *mut RawGroup) -> *mut c_char;
+    fn prefalign_store_set(group: *mut RawGroup, key: *const c_char, value: *const u8, len: usize) -> *mut c_char;
+    fn prefalign_store_check(group: *mut RawGroup, key: *const c_char, present: *mut bool) -> *mut c_char;
+    fn prefalign_store_get(group: *mut RawGroup, key: *const c_char, out: *mut *mut u8, len: *mut usize)
+        -> *mut c_char;
+}
+
+/// The message a C++ function returned, if any (freeing it).
+fn result(error: *mut c_char) -> Result<(), String> {
+    if error.is_null() {
+        return Ok(());
+    }
+    let message = unsafe { std::ffi::CStr::from_ptr(error) }.to_string_lossy().into_owned();
+    unsafe { libc::free(error.cast()) };
+    Err(message)
+}
+
+fn handle(tensor: &Tensor) -> *mut C_tensor {
+    tensor.as_ptr() as *mut C_tensor
+}
+
+/// Where this process stands in a launch: torchrun's variables, else SLURM's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub local_world_size: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+impl Launch {
+    /// The launch the environment describes; `None` for a single process (no `WORLD_SIZE`/`SLURM_NTASKS`, or 1).
+    pub fn from_env() -> Result<Option<Launch>> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
+        let number = |name: &str| -> Result<Option<usize>> {
+            var(name)
+                .filter(|v| !v.is_empty())
+                .map(|v| v.trim().parse::<usize>().with_context(|| format!("{name} is \"{v}\": not a count")))
+                .transpose()
+        };
+        // torchrun's names first; SLURM's (srun without torchrun) as the fallback
+        let pick = |torchrun: &str, slurm: &str| -> Result<Option<usize>> {
+            Ok(match number(torchrun)? {
+                Some(n) => Some(n),
+                None => number(slurm)?,
+            })
+        };
+        let Some(world_size) = pick("WORLD_SIZE", "SLURM_NTASKS")? else { return Ok(None) };
+        if world_size <= 1 {
+            return Ok(None);
+        }
+        let rank = pick("RANK", "SLURM_PROCID")?
+            .with_context(|| format!("WORLD_SIZE is {world_size} but RANK (or SLURM_PROCID) is not set"))?;
+        if rank >= world_size {
+            bail!("RANK is {rank}, not below WORLD_SIZE {world_size}");
+        }
+        let local_rank = pick("LOCAL_RANK", "SLURM_LOCALID")?.unwrap_or(0);
+        let local_world_size = number("LOCAL_WORLD_SIZE")?.or(number("SLURM_NTASKS_PER_NODE")?).unwrap_or(world_size);
+        let master_addr = var("MASTER_ADDR").filter(|a| !a.is_empty()).with_context(|| {
+            format!("WORLD_SIZE is {world_size} but MASTER_ADDR is not set (rank 0's host name or address)")
+        })?;
+        let master_port = match var("MASTER_PORT").filter(|p| !p.is_empty()) {
+            Some(p) => p.trim().parse::<u16>().with_context(|| format!("MASTER_PORT is \"{p}\": not a port"))?,
+            None => 29500, // torchrun's default
+        };
+        Ok(Some(Launch { rank, world_size, local_rank, local_world_size, master_addr, master_port }))
+    }
+}
+
+/// A joined process group (Gloo). Collectives wait for their result; one that a dead or stalled rank keeps from
+/// completing fails (at the latest after the group's timeout) with an error that names the rank(s) responsible:
+/// each rank keeps a heartbeat and its step in the rendezvous store, which the others read when a collective fails.
+pub struct ProcessGroup {
+    raw: *mut RawGroup,
+    pub rank: usize,
+    pub world_size: usize,
+    timeout: Duration,
+    step: AtomicUsize,
+    heartbeat: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+}
+
+/// The group's handle, for the heartbeat thread (c10d's TCPStore client serializes its requests).
+struct SharedRaw(*mut RawGroup);
+unsafe impl Send for SharedRaw {}
+
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.heartbeat.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
+        unsafe { prefalign_group_free(self.raw) };
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn store_set(raw: *mut RawGroup, key: &str, value: &str) -> Result<(), String> {
+    let key = CString::new(key).expect("no NUL in keys");
+    result(unsafe { prefalign_store_set(raw, key.as_ptr(), value.as_ptr(), value.len()) })
+}
+
+/// The value of `key`, `None` when it is not set.
+fn store_get(raw: *mut RawGroup, key: &str) -> Result<Option<String>, String> {
+    let key = CString::new(key).expect("no NUL in keys");
+    let mut present = false;
+    result(unsafe { prefalign_store_check(raw, key.as_ptr(), &mut present) })?;
+    if !present {
+        return Ok(None);
+    }
+    let (mut out, mut len) = (std::ptr::null_mut(), 0usize);
+    result(unsafe { prefalign_store_get(raw, key.as_ptr(), &mut out, &mut len) })?;
+    let value = String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(out, len) }).into_owned();
+    unsafe { libc::free(out.cast()) };
+    Ok(Some(value))
+}
+
+impl ProcessGroup {
+    /// Joins the group `launch` describes, waiting up to `timeout` for every rank.
+    pub fn join(launch: &Launch, timeout: Duration) -> Result<Self> {
+        let host = CString::new(launch.master_addr.clone()).context("MASTER_ADDR holds a NUL byte")?;
+        let mut raw = std::ptr::null_mut();
+        let error = unsafe {
+            prefalign_group_new(
+                host.as_ptr(),
+                i32::from(launch.master_port),
+                launch.rank as i32,
+                launch.world_size as i32,
+                timeout.as_millis() as i64,
+                &mut raw,
+            )
+        };
+        result(error).map_err(|message| {
+            anyhow::anyhow!(
+                "rank {} could not join the {} processes at {}:{} within {} s (--ddp-timeout): {message}",
+                launch.rank,
+                launch.world_size,
+                launch.master_addr,
+                launch.master_port,
+                timeout.as_secs()
+            )
+        })?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let shared = SharedRaw(raw);
+        let key = format!("prefalign/rank{}/heartbeat", launch.rank);
+        let thread = std::thread::spawn(move || {
+            let shared = shared;
+            loop {
+                if store_set(shared.0, &key, &now_ms().to_string()).is_err() {
+                    return; // the store is gone: the next collective reports it
+                }
+                if !matches!(stopped.recv_timeout(HEARTBEAT), Err(std::sync::mpsc::RecvTimeoutError::Timeout)) {
+                    return;
+                }
+            }
+        });
+        Ok(ProcessGroup {
+            raw,
+            rank: launch.rank,
+            world_size: launch.world_size,
+            timeout,
+            step: AtomicUsize::new(usize::MAX),
+            heartbeat: Some((stop, thread)),
+        })
+    }
+
+    /// Records that this rank reached optimizer step `step`, for the error of a collective that fails.
+    pub fn mark_step(&self, step: usize) {
+        self.step.store(step, Ordering::Relaxed);
+        let _ = store_set(self.raw, &format!("prefalign/rank{}/step", self.rank), &step.to_string());
+    }
+
+    /// Sums `tensor` (contiguous) in place across the ranks.
+    pub fn all_reduce_sum(&self, tensor: &Tensor, what: &str) -> Result<()> {
+        let handles = [handle(tensor)];
+        self.check(unsafe { prefalign_group_all_reduce_sum(self.raw, handles.as_ptr(), 1) }, what)
+    }
+
+    /// Copies rank `root`'s `tensors` into every rank's.
+    pub fn broadcast(&self, tensors: &[Tensor], root: usize, what: &str) -> Result<()> {
+        let handles: Vec<*mut C_tensor> = tensors.iter().map(handle).collect();
+        let error = unsafe { prefalign_group_broadcast(self.raw, handles.as_ptr(), handles.len(), root as i32) };
+        self.check(error, what)
+    }
+
+    /// Every rank's `tensor` (the same shape on all), stacked in rank order: [world, ...].
+    pub fn all_gather(&self, tensor: &Tensor, what: &str) -> Result<Tensor> {
+        let input = tensor.contiguous();
+        let mut out = std::ptr::null_mut();
+        self.check(unsafe { prefalign_group_all_gather(self.raw, handle(&input), &mut out) }, what)?;
+        Ok(unsafe { Tensor::from_ptr(out) })
+    }
+
+    pub fn barrier(&self, what: &str) -> Result<()> {
+        self.check(unsafe { prefalign_group_barrier(self.raw) }, what)
+    }
+
+    /// A collective's error, naming what failed and the rank(s) that the store shows dead, stopped or behind.
+    fn check(&self, error: *mut c_char, what: &str) -> Result<()> {
+        let Err(message) = result(error) else { return Ok(()) };
+        let at = match self.step.load(Ordering::Relaxed) {
+            usize::MAX => String::new(),
+            step => format!(" at step {}", step + 1),
+        };
+        bail!("rank {}: {what} failed{at} ({}): {message}", self.rank, self.blame())
+    }
+
+    /// Which other ranks are to blame, as far as the store can tell after a few heartbeats.
+    fn blame(&self) -> String {
+        std::thread::sleep(HEARTBEAT * 3);
+        let (now, step) = (now_ms(), self.step.load(Ordering::Relaxed).wrapping_add(1));
+        let mut found = Vec::new();
+        for rank in (0..self.world_size).filter(|&r| r != self.rank) {
+            let beat = store_get(self.raw, &format!("prefalign/rank{rank}/heartbeat"));
+            let reached = store_get(self.raw, &format!("prefalign/rank{rank}/step"));
+            match (beat, reached) {
+                (Err(_), _) | (_, Err(_)) => {
+                    return "rank 0, which serves the rendezvous store, is gone".to_string();
+                }
+                (Ok(beat), Ok(reached)) => {
+                    let beat_ms = beat.and_then(|b| b.parse::<u64>().ok()).unwrap_or(0);
+                    let reached = reached.and_then(|r| r.parse::<usize>().ok()).map_or(0, |r| r + 1);
+                    if now.saturating_sub(beat_ms) > 2 * HEARTBEAT.as_millis() as u64 {
+                        found.push(format!("rank {rank} stopped responding (dead or suspended)"));
+                    } else if reached < step {
+                        found.push(format!("rank {rank} is still at step {reached}"));
+                    }
+                }
+            }
+        }
+        if found.is_empty() {
+            format!("every other rank is alive; timeout {} s (--ddp-timeout)", self.timeout.as_secs())
+        } else {
+            found.join(", ")
+        }
+    }
+}
+
+/// Applies `collective` to `tensors` in flat buckets of about `bucket_bytes` (one dtype each; Gloo reduces a
+/// list of tensors only when they have one size), copying the results back; returns the bytes sent.
+fn in_buckets(tensors: &[Tensor], bucket_bytes: usize, collective: impl Fn(&Tensor) -> Result<()>) -> Result<u64> {
+    let mut sent = 0u64;
+    let mut start = 0;
+    while start < tensors.len() {
+        let (mut end, mut bytes) = (start, 0);
+        while end < tensors.len()
+            && (end == start
+                || (bytes + byte_size(&tensors[end]) <= bucket_bytes && tensors[end].kind() == tensors[start].kind()))
+        {
+            bytes += byte_size(&tensors[end]);
+            end += 1;
+        }
+        let bucket = &tensors[start..end];
+        tch::no_grad(|| -> Result<()> {
+            let flat = Tensor::cat(&bucket.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0);
+            collective(&flat)?;
+            let mut offset = 0;
+            for tensor in bucket {
+                let n = tensor.numel() as i64;
+                tensor.view([-1]).copy_(&flat.narrow(0, offset, n));
+                offset += n;
+            }
+            Ok(())
+        })?;
+        sent += bytes as u64;
+        start = end;
+    }
+    Ok(sent)
+}
+
+/// Averages `grads` across the ranks in buckets of about `bucket_bytes` (DDP's `bucket_cap_mb` default is 25
+/// MiB): each bucket summed across the ranks, then divided by the world size. Returns the bytes all-reduced.
+pub fn average_gradients(group: &ProcessGroup, grads: &[Tensor], bucket_bytes: usize) -> Result<u64> {
+    in_buckets(grads, bucket_bytes, |flat| {
+        group.all_reduce_sum(flat, "the gradient all-reduce")?;
+        let _ = flat.shallow_clone().g_div_scalar_(group.world_size as f64);
+        Ok(())
+    })
+}
+
+/// Copies rank `root`'s `tensors` into every rank's, in buckets.
+pub fn broadcast_all(group: &ProcessGroup, tensors: &[Tensor], root: usize, what: &str) -> Result<()> {
+    in_buckets(tensors, 25 << 20, |flat| group.broadcast(std::slice::from_ref(flat), root, what)).map(|_| ())
+}
+
+fn byte_size(tensor: &Tensor) -> usize {
+    tensor.numel() * tensor.kind().elt_size_in_bytes()
+}
+
+/// The sum across the ranks of each of `values` (the same count on every rank).
+pub fn sum_across(group: &ProcessGroup, values: &[f64], what: &str) -> Result<Vec<f64>> {
+    if values.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tensor = Tensor::from_slice(values).to_kind(Kind::Double);
+    group.all_reduce_sum(&tensor, what)?;
+    Ok(Vec::<f64>::try_from(tensor).expect("1-d"))
+}
+
+/// The mean across the ranks of each of `values` (the same count on every rank).
+pub fn mean_across(group: &ProcessGroup, values: &[f64], what: &str) -> Result<Vec<f64>> {
+    Ok(sum_across(group, values, what)?.into_iter().map(|v| v / group.world_size as f64).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port nobody listens on now.
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// Two ranks (threads of this process, as c10d allows) join over a TCPStore and run each collective.
+    #[test]
+    fn two_ranks_reduce_gather_and_broadcast_through_gloo() {
+        let port = free_port();
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let launch = Launch {
+                        rank,
+                        world_size: 2,
+                        local_rank: rank,
+                        local_world_size: 2,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let group = ProcessGroup::join(&launch, Duration::from_secs(30)).unwrap();
+                    let x = Tensor::from_slice(&[1.0f32 + rank as f32, 10.0]);
+                    group.all_reduce_sum(&x, "test").unwrap();
+                    let gathered = group.all_gather(&Tensor::from_slice(&[rank as i64 * 7]), "test").unwrap();
+                    let b = [Tensor::from_slice(&[rank as f64 + 0.5])];
+                    group.broadcast(&b, 1, "test").unwrap();
+                    let grads = [
+                        Tensor::full([3], rank as f64, (Kind::Float, tch::Device::Cpu)),
+                        Tensor::ones([2, 2], (Kind::Float, tch::Device::Cpu)),
+                    ];
+                    let sent = average_gradients(&group, &grads, 8).unwrap();
+                    group.barrier("test").unwrap();
+                    (
+                        Vec::<f32>::try_from(x).unwrap(),
+                        Vec::<i64>::try_from(gathered.view([-1])).unwrap(),
+                        Vec::<f64>::try_from(&b[0]).unwrap(),
+                        Vec::<f32>::try_from(&grads[0]).unwrap(),
+                        sent,
+                    )
+                })
+            })
+            .collect();
+        for rank in ranks {
+            let (x, gathered, b, g, sent) = rank.join().unwrap();
+            assert_eq!(x, [3.0, 20.0]);
+            assert_eq!(gathered, [0, 7]);
+            assert_eq!(b, [1.5]);
+            assert_eq!(g, [0.5, 0.5, 0.5]);
+            assert_eq!(sent, 28);
+        }
+    }
+
+    fn launch(vars: &[(&str, &str)]) -> Result<Option<Launch>> {
+        let vars: std::collections::HashMap<String, String> =
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Launch::from_vars(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn the_launch_comes_from_torchruns_variables_else_slurms() {
+        assert_eq!(launch(&[]).unwrap(), None);
+        assert_eq!(launch(&[("WORLD_SIZE", "1"), ("RANK", "0")]).unwrap(), None);
+        let torchrun = [
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "29400"),
+        ];
+        let want = Launch {
+            rank: 3,
+            world_size: 4,
+            local_rank: 1,
+            local_world_size: 2,
+            master_addr: "node0".into(),
+            master_port: 29400,
+        };
+        assert_eq!(launch(&torchrun).unwrap(), Some(want.clone()));
+        let slurm = [
+            ("SLURM_PROCID", "3"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NTASKS_PER_NODE", "2"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "29400"),
+        ];
+        assert_eq!(launch(&slurm).unwrap(), Some(want));
+        let error = |vars: &[(&str, &str)]| launch(vars).unwrap_err().to_string();
+        assert!(error(&[("WORLD_SIZE", "2"), ("MASTER_ADDR", "a")]).contains("RANK"));
+        assert!(error(&[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "a")]).contains("not below WORLD_SIZE"));
+        assert!(error(&[("WORLD_SIZE", "2"), ("RANK", "0")]).contains("MASTER_ADDR"));
+        assert!(error(&[("WORLD_SIZE", "two")]).contains("WORLD_SIZE is \"two\""));
+    }
+}
