@@ -51,7 +51,6 @@ pub const ACCEPTED: &[(&str, &str)] = &[
     ("tf32", "libtorch's default matmul precision"),
     ("average_tokens_across_devices", "sft runs in one process"),
     ("ddp_find_unused_parameters", "a parameter without a gradient takes part in the average as zeros"),
-    ("ddp_bucket_cap_mb", "gradients are averaged in buckets of 25 MiB, DDP's default"),
     ("ddp_broadcast_buffers", "the models hold no buffers to broadcast"),
     ("ddp_static_graph", "no autograd graph is kept across steps"),
     ("local_rank", "read from LOCAL_RANK"),

@@ -140,6 +140,10 @@ pub struct TrainerArgs {
     /// error naming the rank(s) that did not arrive
     #[arg(long, default_value_t = 1800)]
     ddp_timeout: u64,
+    /// Several processes: gradients are averaged in buckets of this many MiB, each as soon as the backward pass
+    /// has finished it
+    #[arg(long, value_parser = values::non_negative, default_value_t = TrainerConfig::default().ddp_bucket_cap_mb)]
+    ddp_bucket_cap_mb: f64,
 }
 
 /// transformers' optimizer names that run AdamW's arithmetic in 32 bits (paged: the same update, paging is a
@@ -222,6 +226,7 @@ impl TrainerArgs {
             logging_first_step: self.logging_first_step,
             save,
             save_only_model: self.save_only_model,
+            ddp_bucket_cap_mb: self.ddp_bucket_cap_mb,
             save_total_limit: self.save_total_limit,
             eval,
             eval_at_end: self.do_eval,

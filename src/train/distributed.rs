@@ -14,6 +14,11 @@ struct RawGroup {
     _private: [u8; 0],
 }
 
+#[repr(C)]
+struct RawOverlap {
+    _private: [u8; 0],
+}
+
 extern "C" {
     fn prefalign_group_new(
         host: *const c_char,
@@ -34,6 +39,17 @@ extern "C" {
     ) -> *mut c_char;
     fn prefalign_group_all_gather(group: *mut RawGroup, input: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
     fn prefalign_group_barrier(group: *mut RawGroup) -> *mut c_char;
+    fn prefalign_overlap_new(
+        group: *mut RawGroup,
+        params: *const *mut C_tensor,
+        uses: *const i32,
+        count: usize,
+        bucket_bytes: usize,
+        out: *mut *mut RawOverlap,
+    ) -> *mut c_char;
+    fn prefalign_overlap_arm(overlap: *mut RawOverlap);
+    fn prefalign_overlap_finish(overlap: *mut RawOverlap, world: i32, bytes: *mut u64) -> *mut c_char;
+    fn prefalign_overlap_free(overlap: *mut RawOverlap);
     fn prefalign_store_set(group: *mut RawGroup, key: *const c_char, value: *const u8, len: usize) -> *mut c_char;
     fn prefalign_store_check(group: *mut RawGroup, key: *const c_char, present: *mut bool) -> *mut c_char;
     fn prefalign_store_get(group: *mut RawGroup, key: *const c_char, out: *mut *mut u8, len: *mut usize)
@@ -240,7 +256,7 @@ impl ProcessGroup {
     }
 
     /// A collective's error, naming what failed and the rank(s) that the store shows dead, stopped or behind.
-    fn check(&self, error: *mut c_char, what: &str) -> Result<()> {
+    pub(crate) fn check(&self, error: *mut c_char, what: &str) -> Result<()> {
         let Err(message) = result(error) else { return Ok(()) };
         let at = match self.step.load(Ordering::Relaxed) {
             usize::MAX => String::new(),
@@ -280,10 +296,50 @@ impl ProcessGroup {
     }
 }
 
-/// Applies `collective` to `tensors` in flat buckets of about `bucket_bytes` (one dtype each; Gloo reduces a
-/// list of tensors only when they have one size), copying the results back; returns the bytes sent.
-fn in_buckets(tensors: &[Tensor], bucket_bytes: usize, collective: impl Fn(&Tensor) -> Result<()>) -> Result<u64> {
-    let mut sent = 0u64;
+/// Gradient averaging overlapped with the backward pass (DDP's Reducer, in distributed.cpp): buckets of parameters
+/// whose all-reduce starts, from a hook after gradient accumulation, as soon as the bucket's gradients are final.
+pub struct OverlappedAverage<'g> {
+    raw: *mut RawOverlap,
+    group: &'g ProcessGroup,
+}
+
+impl Drop for OverlappedAverage<'_> {
+    fn drop(&mut self) {
+        unsafe { prefalign_overlap_free(self.raw) };
+    }
+}
+
+impl<'g> OverlappedAverage<'g> {
+    /// `params` with the times the backward pass accumulates into each, in the order their gradients become final.
+    pub fn new(group: &'g ProcessGroup, params: &[(Tensor, i32)], bucket_bytes: usize) -> Result<Self> {
+        let handles: Vec<*mut C_tensor> = params.iter().map(|(p, _)| handle(p)).collect();
+        let uses: Vec<i32> = params.iter().map(|&(_, n)| n).collect();
+        let mut raw = std::ptr::null_mut();
+        let error = unsafe {
+            prefalign_overlap_new(group.raw, handles.as_ptr(), uses.as_ptr(), handles.len(), bucket_bytes, &mut raw)
+        };
+        result(error).map_err(|message| anyhow::anyhow!("cannot set up the gradient buckets: {message}"))?;
+        Ok(OverlappedAverage { raw, group })
+    }
+
+    /// From now on the backward pass starts each bucket's all-reduce as its gradients are final.
+    pub fn arm(&self) {
+        unsafe { prefalign_overlap_arm(self.raw) };
+    }
+
+    /// Starts the buckets not started yet, waits for all and leaves the averages in the gradients; returns the
+    /// bytes all-reduced.
+    pub fn finish(&self) -> Result<u64> {
+        let mut bytes = 0u64;
+        let error = unsafe { prefalign_overlap_finish(self.raw, self.group.world_size as i32, &mut bytes) };
+        self.group.check(error, "the gradient all-reduce")?;
+        Ok(bytes)
+    }
+}
+
+/// Applies `collective` to `tensors` in flat buckets of about `bucket_bytes` (one dtype each; Gloo takes a list
+/// of tensors only when they have one size), copying the results back.
+fn in_buckets(tensors: &[Tensor], bucket_bytes: usize, collective: impl Fn(&Tensor) -> Result<()>) -> Result<()> {
     let mut start = 0;
     while start < tensors.len() {
         let (mut end, mut bytes) = (start, 0);
@@ -306,25 +362,14 @@ fn in_buckets(tensors: &[Tensor], bucket_bytes: usize, collective: impl Fn(&Tens
             }
             Ok(())
         })?;
-        sent += bytes as u64;
         start = end;
     }
-    Ok(sent)
-}
-
-/// Averages `grads` across the ranks in buckets of about `bucket_bytes` (DDP's `bucket_cap_mb` default is 25
-/// MiB): each bucket summed across the ranks, then divided by the world size. Returns the bytes all-reduced.
-pub fn average_gradients(group: &ProcessGroup, grads: &[Tensor], bucket_bytes: usize) -> Result<u64> {
-    in_buckets(grads, bucket_bytes, |flat| {
-        group.all_reduce_sum(flat, "the gradient all-reduce")?;
-        let _ = flat.shallow_clone().g_div_scalar_(group.world_size as f64);
-        Ok(())
-    })
+    Ok(())
 }
 
 /// Copies rank `root`'s `tensors` into every rank's, in buckets.
 pub fn broadcast_all(group: &ProcessGroup, tensors: &[Tensor], root: usize, what: &str) -> Result<()> {
-    in_buckets(tensors, 25 << 20, |flat| group.broadcast(std::slice::from_ref(flat), root, what)).map(|_| ())
+    in_buckets(tensors, 25 << 20, |flat| group.broadcast(std::slice::from_ref(flat), root, what))
 }
 
 fn byte_size(tensor: &Tensor) -> usize {
@@ -376,29 +421,26 @@ mod tests {
                     let gathered = group.all_gather(&Tensor::from_slice(&[rank as i64 * 7]), "test").unwrap();
                     let b = [Tensor::from_slice(&[rank as f64 + 0.5])];
                     group.broadcast(&b, 1, "test").unwrap();
-                    let grads = [
-                        Tensor::full([3], rank as f64, (Kind::Float, tch::Device::Cpu)),
-                        Tensor::ones([2, 2], (Kind::Float, tch::Device::Cpu)),
-                    ];
-                    let sent = average_gradients(&group, &grads, 8).unwrap();
+                    let cpu = (Kind::Float, tch::Device::Cpu);
+                    let weights = [Tensor::full([3], rank as f64, cpu), Tensor::full([2, 2], rank as f64 + 1.0, cpu)];
+                    broadcast_all(&group, &weights, 1, "test").unwrap();
                     group.barrier("test").unwrap();
                     (
                         Vec::<f32>::try_from(x).unwrap(),
                         Vec::<i64>::try_from(gathered.view([-1])).unwrap(),
                         Vec::<f64>::try_from(&b[0]).unwrap(),
-                        Vec::<f32>::try_from(&grads[0]).unwrap(),
-                        sent,
+                        Vec::<f32>::try_from(&weights[0]).unwrap(),
+                        Vec::<f32>::try_from(weights[1].view([-1])).unwrap(),
                     )
                 })
             })
             .collect();
         for rank in ranks {
-            let (x, gathered, b, g, sent) = rank.join().unwrap();
+            let (x, gathered, b, w0, w1) = rank.join().unwrap();
             assert_eq!(x, [3.0, 20.0]);
             assert_eq!(gathered, [0, 7]);
             assert_eq!(b, [1.5]);
-            assert_eq!(g, [0.5, 0.5, 0.5]);
-            assert_eq!(sent, 28);
+            assert_eq!((w0, w1), (vec![1.0; 3], vec![2.0; 4]));
         }
     }
 

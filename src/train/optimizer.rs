@@ -96,20 +96,6 @@ impl AdamW {
         }
     }
 
-    /// Every parameter's gradient, in a fixed order; a parameter that got none gets zeros (so that every rank of a
-    /// data-parallel run lays out the same gradients).
-    pub fn gradients(&self) -> Vec<Tensor> {
-        self.params
-            .values()
-            .map(|s| {
-                if !s.param.grad().defined() {
-                    tch::with_grad(|| (s.param.sum(s.param.kind()) * 0.0).backward());
-                }
-                s.param.grad()
-            })
-            .collect()
-    }
-
     /// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping. As
     /// torch's `clip_grad_norm_`, with its foreach kernels on CUDA (a few launches instead of two per parameter).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {

@@ -165,7 +165,7 @@ pub fn train_on(
 
     let mut trainer = Trainer::new(inputs.policy, inputs.reference, inputs.objective, inputs.train, config);
     if let Some(group) = group {
-        trainer = trainer.data_parallel(group)?;
+        trainer = trainer.data_parallel(group, config.ddp_bucket_cap_mb)?;
     }
     let mut progress = Progress { world_size, ..Progress::default() };
     let mut last_checkpoint: Option<PathBuf> = None;
@@ -187,6 +187,7 @@ pub fn train_on(
     let started = std::time::Instant::now();
     let tokens_at_start = progress.num_tokens;
     let mut rows = Vec::new();
+    let mut all_reduce = (0.0, 0u64, 0usize); // seconds, bytes, steps
 
     while progress.global_step < total_steps {
         let step = progress.global_step;
@@ -214,6 +215,9 @@ pub fn train_on(
                 continue;
             }
         };
+        all_reduce.0 += outcome.seconds.all_reduce;
+        all_reduce.1 += outcome.seconds.all_reduce_bytes;
+        all_reduce.2 += 1;
         progress.num_tokens += outcome.tokens;
         progress.loss_since_log += outcome.loss;
         progress.steps_since_log += 1;
@@ -283,6 +287,14 @@ pub fn train_on(
         }
     }
     bar.finish();
+    if let (Some(group), true, (seconds, bytes, steps @ 1..)) = (group, main, all_reduce) {
+        eprintln!(
+            "{} ranks: {:.1} MB of gradients all-reduced per step, {:.3} s per step in combining them ({steps} steps)",
+            group.world_size,
+            bytes as f64 / steps as f64 / 1e6,
+            seconds / steps as f64
+        );
+    }
     let Some(history) = history else { return Ok(Vec::new()) };
     // A run resumed at its last step logged nothing itself: its summary takes the last row it kept.
     let summary_rows = match (rows.iter().any(|r| r.contains_key("loss")), history.last_kept_training_row()) {

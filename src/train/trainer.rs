@@ -9,7 +9,7 @@ use crate::data::pack::Batching;
 use crate::model::LoadedModel;
 use crate::objective::metrics::MetricLog;
 use crate::objective::Objective;
-use crate::train::distributed::{average_gradients, broadcast_all, mean_across, sum_across, ProcessGroup};
+use crate::train::distributed::{broadcast_all, mean_across, sum_across, OverlappedAverage, ProcessGroup};
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::reference::{reference_logps, ReferenceLogps};
 use crate::train::schedule::Schedule;
@@ -97,6 +97,8 @@ pub struct TrainerConfig {
     /// Skip (and count) steps with a non-finite loss or gradient instead of stopping.
     pub skip_nonfinite: bool,
     pub resume_from_checkpoint: Option<PathBuf>,
+    /// Data-parallel: the size of a gradient bucket in MiB (`ddp_bucket_cap_mb`, DDP's default 25)
+    pub ddp_bucket_cap_mb: f64,
 }
 
 impl TrainerConfig {
@@ -147,6 +149,7 @@ impl Default for TrainerConfig {
             step: StepOptions::default(),
             skip_nonfinite: false,
             resume_from_checkpoint: None,
+            ddp_bucket_cap_mb: 25.0,
         }
     }
 }
@@ -171,8 +174,10 @@ pub struct Trainer<'a> {
     pub step: StepOptions,
     pub max_grad_norm: f64,
     pub optimizer: AdamW,
-    /// Data-parallel: the process group whose ranks average their gradients each step.
+    /// Data-parallel: the process group whose ranks average their gradients each step, and the buckets that
+    /// average them during the last backward pass of the step.
     pub group: Option<&'a ProcessGroup>,
+    overlap: Option<OverlappedAverage<'a>>,
 }
 
 /// What an optimizer step did.
@@ -195,6 +200,10 @@ pub struct PhaseSeconds {
     pub reference: f64,
     /// the policy's forward and backward passes
     pub policy: f64,
+    /// data-parallel: combining the ranks' gradients, loss and metrics
+    pub all_reduce: f64,
+    /// data-parallel: the gradient bytes each rank all-reduced
+    pub all_reduce_bytes: u64,
 }
 
 /// Why an optimizer step did not update the weights.
@@ -236,15 +245,42 @@ impl<'a> Trainer<'a> {
             step: config.step,
             max_grad_norm: config.max_grad_norm,
             group: None,
+            overlap: None,
         }
     }
 
-    /// The trainer of one rank of `group`: it starts from rank 0's trainable weights (as DDP broadcasts them).
-    pub fn data_parallel(mut self, group: &'a ProcessGroup) -> anyhow::Result<Self> {
+    /// The trainer of one rank of `group`: it starts from rank 0's trainable weights (as DDP broadcasts them) and
+    /// averages gradients in buckets of `bucket_mb` MiB.
+    pub fn data_parallel(mut self, group: &'a ProcessGroup, bucket_mb: f64) -> anyhow::Result<Self> {
         let weights: Vec<Tensor> = self.policy.trainable_variables().into_values().collect();
         broadcast_all(group, &weights, 0, "the initial weights' broadcast")?;
+        let bucket_bytes = (bucket_mb * (1 << 20) as f64).max(1.0) as usize;
+        self.overlap = Some(OverlappedAverage::new(group, &self.gradient_order(), bucket_bytes)?);
         self.group = Some(group);
         Ok(self)
+    }
+
+    /// The trainable parameters in the order the backward pass finishes their gradients (the norm and LM head,
+    /// the layers from the last, the embeddings), each with the times it accumulates one (2 for an embedding
+    /// tied to the LM head, once through the head and once through the lookup).
+    fn gradient_order(&self) -> Vec<(Tensor, i32)> {
+        let layer = |name: &str| {
+            name.split("layers.").nth(1).and_then(|rest| rest.split('.').next()).and_then(|n| n.parse::<usize>().ok())
+        };
+        let head = self.policy.model.lm_head_weight().data_ptr();
+        let mut params: Vec<(String, Tensor)> = self.policy.trainable_variables().into_iter().collect();
+        params.sort_by_key(|(name, _)| match layer(name) {
+            _ if name.contains("embed_tokens") => (2, 0),
+            Some(i) => (1, usize::MAX - i),
+            None => (0, 0),
+        });
+        params
+            .into_iter()
+            .map(|(name, t)| {
+                let tied = name.contains("embed_tokens") && t.data_ptr() == head;
+                (t, if tied { 2 } else { 1 })
+            })
+            .collect()
     }
 
     /// The first weight of the policy (or of the reference model) holding a NaN or an infinity, named.
@@ -292,8 +328,11 @@ impl<'a> Trainer<'a> {
         };
         seconds.reference += started.elapsed().as_secs_f64();
         let device = self.policy.vs.device();
-        for (indices, batch) in micro_batches.iter().zip(&batches) {
+        for (i, (indices, batch)) in micro_batches.iter().zip(&batches).enumerate() {
             let started = Instant::now();
+            if let (Some(overlap), true) = (&self.overlap, i + 1 == micro_batches.len()) {
+                overlap.arm(); // the step's gradients are final after this backward pass
+            }
             rows.extend(self.examples.locations(indices));
             tokens += batch.num_tokens();
             let reference = match self.reference {
@@ -320,7 +359,10 @@ impl<'a> Trainer<'a> {
             }
         }
         if let Some(group) = self.group {
-            self.reduce_across_ranks(group, &mut loss, &mut tokens, &mut step_log).map_err(StepError::Group)?;
+            let started = Instant::now();
+            seconds.all_reduce_bytes =
+                self.reduce_across_ranks(group, &mut loss, &mut tokens, &mut step_log).map_err(StepError::Group)?;
+            seconds.all_reduce = started.elapsed().as_secs_f64();
         }
         if !loss.is_finite() {
             self.optimizer.zero_grad();
@@ -340,14 +382,16 @@ impl<'a> Trainer<'a> {
 
     /// What DDP and TRL under accelerate make of the ranks' steps: the gradients averaged (in buckets), the loss
     /// and each metric averaged (the ranks' batches have the same size), the tokens summed. A non-finite loss on any
-    /// rank makes the step's loss non-finite on all, which then skip it together.
+    /// rank makes the step's loss non-finite on all, which then skip it together. Returns the gradient bytes sent.
     fn reduce_across_ranks(
         &self,
         group: &ProcessGroup,
         loss: &mut f64,
         tokens: &mut i64,
         log: &mut MetricLog,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u64> {
+        // the buckets first (every rank issues the same collectives in the same order), then the scalars
+        let bytes = self.overlap.as_ref().expect("a data-parallel trainer has its buckets").finish()?;
         let finite = loss.is_finite();
         let world = group.world_size as f64;
         let values = [if finite { *loss } else { 0.0 }, f64::from(finite), *tokens as f64];
@@ -358,12 +402,11 @@ impl<'a> Trainer<'a> {
         *tokens = total_tokens.round() as i64;
         if finite_ranks.round() as usize != group.world_size {
             *loss = if finite { f64::NAN } else { *loss };
-            return Ok(());
+            return Ok(0);
         }
         *loss = mean;
-        let grads = self.optimizer.gradients();
-        average_gradients(group, &grads, 25 << 20)?;
-        log.combine_ranks(group.world_size, |values| sum_across(group, values, "the step's metrics"))
+        log.combine_ranks(group.world_size, |values| sum_across(group, values, "the step's metrics"))?;
+        Ok(bytes)
     }
 }
 

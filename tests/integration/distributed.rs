@@ -137,8 +137,10 @@ fn assert_same_training(what: &str, one: &Path, two: &Path) {
 fn two_ranks_train_as_one_process_with_their_global_batch() {
     let s = setup();
     let reference = s.reference.to_str().unwrap().to_string();
-    let cases: [(&str, Vec<&str>); 3] = [
+    let cases: [(&str, Vec<&str>); 4] = [
         ("dpo-ref", vec!["--ref-model", &reference]),
+        // many buckets, each all-reduced during the backward pass as soon as it is final
+        ("dpo-small-buckets", vec!["--ref-model", &reference, "--ddp-bucket-cap-mb", "0.002"]),
         ("dpo-precomputed", vec!["--ref-model", &reference, "--precompute-ref-log-probs"]),
         ("dpo-accumulation", vec!["--ref-model", &reference, "--gradient-accumulation-steps", "2"]),
     ];
