@@ -111,7 +111,9 @@ impl Launch {
             bail!("RANK is {rank}, not below WORLD_SIZE {world_size}");
         }
         let local_rank = pick("LOCAL_RANK", "SLURM_LOCALID")?.unwrap_or(0);
-        let local_world_size = number("LOCAL_WORLD_SIZE")?.or(number("SLURM_NTASKS_PER_NODE")?).unwrap_or(world_size);
+        // SLURM writes e.g. "8(x2)" for 8 tasks on each of 2 nodes
+        let slurm_per_node = var("SLURM_NTASKS_PER_NODE").and_then(|v| v.split('(').next()?.trim().parse().ok());
+        let local_world_size = number("LOCAL_WORLD_SIZE")?.or(slurm_per_node).unwrap_or(world_size);
         let master_addr = var("MASTER_ADDR").filter(|a| !a.is_empty()).with_context(|| {
             format!("WORLD_SIZE is {world_size} but MASTER_ADDR is not set (rank 0's host name or address)")
         })?;
@@ -475,7 +477,7 @@ mod tests {
             ("SLURM_PROCID", "3"),
             ("SLURM_NTASKS", "4"),
             ("SLURM_LOCALID", "1"),
-            ("SLURM_NTASKS_PER_NODE", "2"),
+            ("SLURM_NTASKS_PER_NODE", "2(x2)"),
             ("MASTER_ADDR", "node0"),
             ("MASTER_PORT", "29400"),
         ];
