@@ -645,6 +645,14 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, ob
     if *merge && policy.adapter.is_none() {
         bail!("--merge merges LoRA adapters: it needs --use-peft or --adapter");
     }
+    // TRL's preference trainers switch dropout off (disable_dropout); its SFTTrainer does not, prefalign never applies it
+    let dropout = policy.adapter.as_ref().map_or(0.0, |a| a.config.dropout);
+    if matches!(objective, Objective::Sft(_)) && dropout > 0.0 && main {
+        eprintln!(
+            "warning: TRL's SFTTrainer applies LoRA dropout ({dropout}); prefalign applies none, so this run differs \
+             from TRL's (--lora-dropout 0 matches it exactly)"
+        );
+    }
     let reference_path = match &reference {
         ReferenceArg::Model(path) => Some(path.clone()),
         _ => None,
