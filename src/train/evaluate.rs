@@ -11,6 +11,7 @@ use crate::objective::cpo::CpoLoss;
 use crate::objective::dpo::PairLogps;
 use crate::objective::metrics::MetricLog;
 use crate::objective::{Given, Objective};
+use crate::train::distributed::{sum_across, ProcessGroup};
 use crate::train::reference::{reference_logps, ReferenceLogps};
 use crate::train::step::given;
 use serde::Serialize;
@@ -66,13 +67,79 @@ pub fn evaluate(
     objective: &Objective,
     options: &EvalOptions,
 ) -> EvalResult {
+    let positions: Vec<usize> = (0..pairs.len()).collect();
+    let mut scored = score_batches(policy, reference, pairs, &positions, objective, options);
+    let mut metrics = scored.log.drain_means("eval_");
+    let loss_sum: f64 =
+        scored.batch_losses.iter().zip(pairs.chunks(options.batch_size.max(1))).map(|(l, c)| l * c.len() as f64).sum();
+    let preferred = scored.preferred.iter().filter(|&&p| p).count();
+    metrics.insert("eval_loss".into(), loss_sum / pairs.len().max(1) as f64);
+    metrics.insert("eval_preference_accuracy".into(), preferred as f64 / pairs.len().max(1) as f64);
+    EvalResult { examples: scored.examples, metrics }
+}
+
+/// [`evaluate`]'s metrics on the ranks of `group`, each scoring its share as accelerate shards TRL's evaluation: the
+/// pairs in order, in global batches of `batch_size` per rank, the last completed with the first pairs; each
+/// global batch's metrics combined as in training. The loss counts each real pair once (as transformers' gather
+/// drops the completion); the other metrics of the last global batch include the completing pairs.
+pub fn evaluate_on(
+    group: &ProcessGroup,
+    policy: &CausalLm,
+    reference: Option<EvalReference>,
+    pairs: &[TokenizedPair],
+    objective: &Objective,
+    options: &EvalOptions,
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    let (per_rank, world) = (options.batch_size.max(1), group.world_size);
+    let global = per_rank * world;
+    let padded = pairs.len().div_ceil(global) * global;
+    let order: Vec<usize> = (0..pairs.len()).cycle().take(padded).collect();
+    let mine: Vec<usize> =
+        order.chunks(global).flat_map(|batch| batch[group.rank * per_rank..][..per_rank].to_vec()).collect();
+    let real: Vec<bool> = (0..padded)
+        .map(|i| i < pairs.len())
+        .collect::<Vec<_>>()
+        .chunks(global)
+        .flat_map(|batch| batch[group.rank * per_rank..][..per_rank].to_vec())
+        .collect();
+    let my_pairs: Vec<TokenizedPair> = mine.iter().map(|&i| pairs[i].clone()).collect();
+    let mut scored = score_batches(policy, reference, &my_pairs, &mine, objective, options);
+    scored.log.combine_ranks(world, |values| sum_across(group, values, "the evaluation's metrics"))?;
+    let real_in_batch = real.chunks(per_rank).map(|b| b.iter().filter(|&&r| r).count() as f64);
+    let loss_sum: f64 = scored.batch_losses.iter().zip(real_in_batch).map(|(l, n)| l * n).sum();
+    let preferred = scored.preferred.iter().zip(&real).filter(|&(&p, &r)| p && r).count() as f64;
+    let totals = sum_across(group, &[loss_sum, preferred], "the evaluation's loss")?;
+    let mut metrics = scored.log.drain_means("eval_");
+    metrics.insert("eval_loss".into(), totals[0] / pairs.len().max(1) as f64);
+    metrics.insert("eval_preference_accuracy".into(), totals[1] / pairs.len().max(1) as f64);
+    Ok(metrics)
+}
+
+/// What scoring `pairs` in batches gives: per-pair scores, the objective's metrics per batch, each batch's loss,
+/// and whether the objective prefers each chosen completion. `positions`: each pair's index among the pairs that
+/// precomputed reference log-probs cover.
+struct Scored {
+    examples: Vec<ExampleScores>,
+    log: MetricLog,
+    batch_losses: Vec<f64>,
+    preferred: Vec<bool>,
+}
+
+fn score_batches(
+    policy: &CausalLm,
+    reference: Option<EvalReference>,
+    pairs: &[TokenizedPair],
+    positions: &[usize],
+    objective: &Objective,
+    options: &EvalOptions,
+) -> Scored {
     let mut log = MetricLog::default();
     let mut examples = Vec::with_capacity(pairs.len());
-    let (mut loss_sum, mut preferred) = (0.0, 0usize);
+    let (mut batch_losses, mut preferred) = (Vec::new(), Vec::new());
     let beta = objective.beta();
     tch::no_grad(|| {
         let batch_size = options.batch_size.max(1);
-        for (index, chunk) in pairs.chunks(batch_size).enumerate() {
+        for (chunk, chunk_positions) in pairs.chunks(batch_size).zip(positions.chunks(batch_size)) {
             let refs: Vec<&TokenizedPair> = chunk.iter().collect();
             let batch = options.batching.pack(&refs);
             let scores = score_tokens(policy, &batch, objective.needed(), options.precision);
@@ -81,14 +148,11 @@ pub fn evaluate(
             let tokens = PairLogps::from_sequences(&scores.completion_tokens());
             let reference_logps = reference.as_ref().map(|r| match r {
                 EvalReference::Model(model) => reference_logps(model, &batch, options.precision),
-                EvalReference::Logps(logps) => logps.batch(
-                    &(index * batch_size..index * batch_size + chunk.len()).collect::<Vec<_>>(),
-                    summed.chosen.device(),
-                ),
+                EvalReference::Logps(logps) => logps.batch(chunk_positions, summed.chosen.device()),
             });
             let given = Given { reference: reference_logps, kl_logps: None };
             let loss = objective.batch_loss(&scores, &batch, &given, &mut log);
-            loss_sum += loss.double_value(&[]) * chunk.len() as f64;
+            batch_losses.push(loss.double_value(&[]));
             let reference_logps = given.reference;
             // The log-probs the objective compares: summed for DPO, averaged for ORPO.
             let (compared, rewards) = match objective {
@@ -104,7 +168,7 @@ pub fn evaluate(
                 }
             };
             let (c, r) = (values(&compared.chosen), values(&compared.rejected));
-            preferred += c.iter().zip(&r).filter(|(c, r)| c > r).count();
+            preferred.extend(c.iter().zip(&r).map(|(c, r)| c > r));
             let columns = [
                 values(&summed.chosen),
                 values(&summed.rejected),
@@ -133,10 +197,7 @@ pub fn evaluate(
             }
         }
     });
-    let mut metrics = log.drain_means("eval_");
-    metrics.insert("eval_loss".into(), loss_sum / pairs.len().max(1) as f64);
-    metrics.insert("eval_preference_accuracy".into(), preferred as f64 / pairs.len().max(1) as f64);
-    EvalResult { examples, metrics }
+    Scored { examples, log, batch_losses, preferred }
 }
 
 /// The loss and metrics of SFT or KTO over `examples`, in sequential batches, as transformers' eval loop averages

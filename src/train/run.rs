@@ -11,7 +11,7 @@ use crate::objective::Objective;
 use crate::runtime;
 use crate::train::checkpoint::{restore, save_checkpoint};
 use crate::train::distributed::{mean_across, ProcessGroup};
-use crate::train::evaluate::{evaluate, evaluate_examples, EvalOptions, EvalReference};
+use crate::train::evaluate::{evaluate, evaluate_examples, evaluate_on, EvalOptions, EvalReference};
 use crate::train::history::{progress_bar, write_summary, History};
 use crate::train::schedule::warmup_steps;
 use crate::train::trainer::{Interval, NonFinite, Reference, StepError, StepOutcome, Trainer, TrainerConfig};
@@ -245,7 +245,7 @@ pub fn train_on(
             || at_end(config.eval)
             || (last && config.eval_at_end);
         if let Some(eval) = inputs.eval.filter(|_| eval_due) {
-            let row = evaluation_row(&trainer, eval_reference, eval, config);
+            let row = evaluation_row(&trainer, eval_reference, eval, config, group)?;
             rows.push(write_row(history.as_mut(), row, epoch, global_step)?);
         }
         bar.set_position(global_step as u64);
@@ -403,17 +403,20 @@ fn evaluation_row(
     reference: Option<EvalReference>,
     eval: Examples,
     config: &TrainerConfig,
-) -> Map<String, Value> {
+    group: Option<&ProcessGroup>,
+) -> Result<Map<String, Value>> {
     let options = EvalOptions {
         batch_size: config.per_device_eval_batch_size,
         batching: config.batching,
         precision: config.step.precision,
     };
-    let metrics = match eval {
-        Examples::Pairs(pairs) => {
-            evaluate(&trainer.policy.model, reference, pairs, trainer.objective, &options).metrics
+    let policy = &trainer.policy.model;
+    let metrics = match (eval, group) {
+        (Examples::Pairs(pairs), Some(group)) => {
+            evaluate_on(group, policy, reference, pairs, trainer.objective, &options)?
         }
-        other => evaluate_examples(&trainer.policy.model, reference, other, trainer.objective, &options),
+        (Examples::Pairs(pairs), None) => evaluate(policy, reference, pairs, trainer.objective, &options).metrics,
+        (other, _) => evaluate_examples(policy, reference, other, trainer.objective, &options),
     };
-    metrics.into_iter().map(|(k, v)| (k, Value::from(v))).collect()
+    Ok(metrics.into_iter().map(|(k, v)| (k, Value::from(v))).collect())
 }

@@ -89,12 +89,18 @@ fn succeed(output: Output, what: &str) -> String {
 
 /// One process with batch 4, and `prefalign launch` of 2 with batch 2.
 fn one_and_two(s: &Setup, name: &str, cmd: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+    one_and_two_with(s, name, cmd, extra, (&[], &[]))
+}
+
+/// [`one_and_two`], with flags for only one of the runs (one process's, the ranks').
+fn one_and_two_with(s: &Setup, name: &str, cmd: &str, extra: &[&str], only: (&[&str], &[&str])) -> (PathBuf, PathBuf) {
     let (one, two) = (s.root.join(format!("{name}-1")), s.root.join(format!("{name}-2")));
-    succeed(command(s, &training_args(s, cmd, &one, 4, extra)).output().unwrap(), "one process");
+    let one_flags = [extra, only.0].concat();
+    succeed(command(s, &training_args(s, cmd, &one, 4, &one_flags)).output().unwrap(), "one process");
     let port = free_port().to_string();
     let mut launch: Vec<String> =
         ["launch", "--nproc-per-node", "2", "--master-port", &port, "--"].map(String::from).to_vec();
-    launch.extend(training_args(s, cmd, &two, 2, extra));
+    launch.extend(training_args(s, cmd, &two, 2, &[extra, only.1].concat()));
     succeed(command(s, &launch).output().unwrap(), "launch");
     (one, two)
 }
@@ -152,6 +158,61 @@ fn two_ranks_train_as_one_process_with_their_global_batch() {
         let (one, two) = one_and_two(&s, name, "dpo", &extra);
         assert_same_training(name, &one, &two);
     }
+}
+
+/// Evaluation in shares: each rank scores its part of every global evaluation batch, and the row equals one
+/// process's with the global batch. A set that is no whole number of global batches is completed with its first
+/// pairs, as accelerate does: the loss and preference accuracy still count each pair once.
+#[test]
+fn evaluation_runs_in_shares_and_gives_one_process_row() {
+    let s = setup();
+    let reference = s.reference.to_str().unwrap().to_string();
+    let twelve = s.root.join("twelve.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(fixture("trl_data/standard.jsonl"))
+        .unwrap()
+        .lines()
+        .take(12)
+        .map(String::from)
+        .collect();
+    std::fs::write(&twelve, lines.join("\n") + "\n").unwrap();
+    let eval = |file: &Path| -> Vec<String> {
+        [
+            "--ref-model",
+            &reference,
+            "--eval-strategy",
+            "steps",
+            "--eval-steps",
+            "5",
+            "--eval-dataset",
+            file.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let batches: (&[&str], &[&str]) = (&["--per-device-eval-batch-size", "4"], &["--per-device-eval-batch-size", "2"]);
+    let flags = eval(&twelve);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (one, two) = one_and_two_with(&s, "eval", "dpo", &flags, batches);
+    assert!(rows_with(&two, "eval_loss") == 1, "one evaluation row");
+    assert_same_training("evaluation", &one, &two);
+    // with the reference log-probs precomputed for the evaluation pairs too (each rank reads its pairs' values)
+    let flags: Vec<&str> = flags.into_iter().chain(["--precompute-ref-log-probs"]).collect();
+    let (one, two) = one_and_two_with(&s, "eval-precomputed", "dpo", &flags, batches);
+    assert_same_training("evaluation, reference precomputed", &one, &two);
+    // 14 pairs: the last global batch holds 2 of them and 2 completing ones
+    let flags = eval(&fixture("trl_data/standard.jsonl"));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (one, two) = one_and_two_with(&s, "eval14", "dpo", &flags, batches);
+    let last = |out: &Path| rows(out).into_iter().find(|r| r.contains_key("eval_loss")).unwrap();
+    let (a, b) = (last(&one), last(&two));
+    for key in ["eval_loss", "eval_preference_accuracy"] {
+        let (p, q) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+        assert!((p - q).abs() <= 1e-5 * p.abs(), "{key}: {p} vs {q}");
+    }
+}
+
+fn rows_with(out: &Path, key: &str) -> usize {
+    rows(out).iter().filter(|r| r.contains_key(key)).count()
 }
 
 /// TRL 1.16 with 2 processes under torchrun and Gloo, 5 steps: every logged metric within 1e-4 relative and the
