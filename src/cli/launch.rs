@@ -55,6 +55,8 @@ pub fn run(args: LaunchArgs) -> Result<()> {
     let world_size = nproc_per_node * nnodes;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| (cores / nproc_per_node).max(1).to_string());
+    // a stop signal is passed on to the ranks, which stop after a step and a checkpoint, instead of ending the launch
+    let _pass_on = crate::runtime::StopAtStepEnd::new();
     let mut children: Vec<(usize, Child)> = Vec::new();
     for local_rank in 0..nproc_per_node {
         let rank = node_rank * nproc_per_node + local_rank;
@@ -107,9 +109,14 @@ fn wait_all(mut running: Vec<(usize, Child)>) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    match failure {
-        Some((rank, status, _)) => bail!("rank {rank} {status}; the launch failed"),
-        None => Ok(()),
+    match (failure, crate::runtime::stop_requested()) {
+        // the ranks stopped as asked, after a checkpoint (each printed where to continue from)
+        (Some(_), Some(signal)) => {
+            let message = format!("the ranks stopped on {}", crate::runtime::signal_name(signal));
+            Err(crate::train::run::Stopped { signal, message }.into())
+        }
+        (Some((rank, status, _)), None) => bail!("rank {rank} {status}; the launch failed"),
+        (None, _) => Ok(()),
     }
 }
 

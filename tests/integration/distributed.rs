@@ -215,6 +215,41 @@ fn rows_with(out: &Path, key: &str) -> usize {
     rows(out).iter().filter(|r| r.contains_key(key)).count()
 }
 
+/// SIGTERM to `prefalign launch` reaches every rank; they stop after the same step, rank 0 writes a checkpoint, the
+/// launch exits with 143, and the run resumes from that checkpoint bit for bit.
+#[test]
+fn a_stop_signal_stops_every_rank_at_one_checkpoint() {
+    let s = setup();
+    let reference = s.reference.to_str().unwrap().to_string();
+    let extra = ["--max-steps", "150", "--save-steps", "25", "--save-total-limit", "2", "--ref-model", &reference];
+    let launch = |out: &Path, more: &[&str]| -> Vec<String> {
+        let port = free_port().to_string();
+        let mut args: Vec<String> =
+            ["launch", "--nproc-per-node", "2", "--master-port", &port, "--"].map(String::from).to_vec();
+        args.extend(training_args(&s, "dpo", out, 2, &[&extra[..], more].concat()));
+        args
+    };
+    let whole = s.root.join("whole");
+    succeed(command(&s, &launch(&whole, &[])).output().unwrap(), "uninterrupted");
+    let stopped = s.root.join("stopped");
+    let child = command(&s, &launch(&stopped, &[])).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for(&stopped.join("checkpoint-25"));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+    // the newest checkpoint is where both ranks stopped: rank 0 logged no step after it
+    let newest = std::fs::read_dir(&stopped)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().into_string().ok()?.strip_prefix("checkpoint-")?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    assert!(newest < 150, "the run ended before the signal; {stderr}");
+    assert_eq!(rows(&stopped).last().unwrap()["step"].as_u64(), Some(newest), "{stderr}");
+    succeed(command(&s, &launch(&stopped, &["--resume-from-checkpoint", "last"])).output().unwrap(), "resumed");
+    assert_eq!(rows(&whole), rows(&stopped));
+}
+
 /// TRL 1.16 with 2 processes under torchrun and Gloo, 5 steps: every logged metric within 1e-4 relative and the
 /// final weights, for DPO with a reference model, ORPO and CPO.
 #[test]
