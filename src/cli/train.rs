@@ -144,6 +144,10 @@ pub struct TrainerArgs {
     /// has finished it
     #[arg(long, value_parser = values::non_negative, default_value_t = TrainerConfig::default().ddp_bucket_cap_mb)]
     ddp_bucket_cap_mb: f64,
+    /// Several processes: each keeps AdamW's moments of a share of the parameters only and updates those (ZeRO-1:
+    /// the moments' memory divided by the number of processes, for one broadcast of the weights per step)
+    #[arg(long)]
+    shard_optimizer_state: bool,
 }
 
 /// transformers' optimizer names that run AdamW's arithmetic in 32 bits (paged: the same update, paging is a
@@ -227,6 +231,7 @@ impl TrainerArgs {
             save,
             save_only_model: self.save_only_model,
             ddp_bucket_cap_mb: self.ddp_bucket_cap_mb,
+            shard_optimizer_state: self.shard_optimizer_state,
             save_total_limit: self.save_total_limit,
             eval,
             eval_at_end: self.do_eval,

@@ -11,6 +11,7 @@ use crate::train::run::Progress;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use tch::Tensor;
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -24,11 +25,12 @@ struct CheckpointState {
 /// Writes `checkpoint-<step>` (a loadable model folder plus optimizer and trainer state) atomically: into a
 /// temporary folder that replaces the checkpoint in one step, so a crash never leaves a half-written checkpoint
 /// (a killed run's temporary folder is removed at the next start). Keeps the newest `keep` checkpoints when given.
-/// Without `optimizer` (transformers' `save_only_model`) the checkpoint holds no moments and cannot be resumed.
+/// `optimizer`: the moments (`Trainer::optimizer_state`) and the optimizer's step count; without it
+/// (transformers' `save_only_model`) the checkpoint holds no moments and cannot be resumed.
 pub fn save_checkpoint(
     out: &Path,
     policy: &LoadedModel,
-    optimizer: Option<&AdamW>,
+    optimizer: Option<(&[(String, Tensor)], i64)>,
     progress: &Progress,
     keep: Option<usize>,
 ) -> Result<PathBuf> {
@@ -38,10 +40,10 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
     }
     save_trained(policy, &tmp)?;
-    if let Some(optimizer) = optimizer {
-        save_safetensors_file(&tmp.join(OPTIMIZER_FILE), &optimizer.state_tensors())?;
+    if let Some((moments, _)) = optimizer {
+        save_safetensors_file(&tmp.join(OPTIMIZER_FILE), moments)?;
     }
-    let state = CheckpointState { progress: progress.clone(), optimizer_step: optimizer.map_or(0, |o| o.step) };
+    let state = CheckpointState { progress: progress.clone(), optimizer_step: optimizer.map_or(0, |(_, step)| step) };
     files::write_file_atomically(&tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
     files::replace_dir(&tmp, &final_dir)?;
     if let Some(keep) = keep {

@@ -235,3 +235,19 @@ extern "C" void prefalign_overlap_free(PrefalignOverlap *overlap) {
     for (size_t i = 0; i < overlap->accumulators.size(); i++) overlap->accumulators[i]->del_post_hook(overlap->hooks[i]);
     delete overlap;
 }
+
+// Point to point, for what one rank gathers (a sharded optimizer's moments for a checkpoint): `tensor` to rank
+// `dst`, or into `tensor` from rank `src`, with a tag that pairs them.
+extern "C" char *prefalign_group_send(PrefalignGroup *group, at::Tensor *tensor, int dst, int tag) {
+    return guarded([&] {
+        std::vector<at::Tensor> list{*tensor};
+        group->backend->send(list, dst, tag)->wait();
+    });
+}
+
+extern "C" char *prefalign_group_recv(PrefalignGroup *group, at::Tensor *tensor, int src, int tag) {
+    return guarded([&] {
+        std::vector<at::Tensor> list{*tensor};
+        group->backend->recv(list, src, tag)->wait();
+    });
+}

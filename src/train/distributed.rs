@@ -39,6 +39,8 @@ extern "C" {
     ) -> *mut c_char;
     fn prefalign_group_all_gather(group: *mut RawGroup, input: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
     fn prefalign_group_barrier(group: *mut RawGroup) -> *mut c_char;
+    fn prefalign_group_send(group: *mut RawGroup, tensor: *mut C_tensor, dst: i32, tag: i32) -> *mut c_char;
+    fn prefalign_group_recv(group: *mut RawGroup, tensor: *mut C_tensor, src: i32, tag: i32) -> *mut c_char;
     fn prefalign_overlap_new(
         group: *mut RawGroup,
         params: *const *mut C_tensor,
@@ -251,6 +253,16 @@ impl ProcessGroup {
         let mut out = std::ptr::null_mut();
         self.check(unsafe { prefalign_group_all_gather(self.raw, handle(&input), &mut out) }, what)?;
         Ok(unsafe { Tensor::from_ptr(out) })
+    }
+
+    /// Sends `tensor` (contiguous) to rank `dst`, which receives it with the same `tag`.
+    pub fn send(&self, tensor: &Tensor, dst: usize, tag: i32, what: &str) -> Result<()> {
+        self.check(unsafe { prefalign_group_send(self.raw, handle(tensor), dst as i32, tag) }, what)
+    }
+
+    /// Receives into `tensor` (contiguous, of the sent shape) what rank `src` sent with `tag`.
+    pub fn recv(&self, tensor: &Tensor, src: usize, tag: i32, what: &str) -> Result<()> {
+        self.check(unsafe { prefalign_group_recv(self.raw, handle(tensor), src as i32, tag) }, what)
     }
 
     pub fn barrier(&self, what: &str) -> Result<()> {

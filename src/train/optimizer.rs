@@ -51,9 +51,12 @@ impl Default for AdamWConfig {
 
 struct ParamState {
     param: Tensor,
+    /// empty where another rank owns the parameter's update (`shard`)
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     decay: bool,
+    /// whether this optimizer updates it
+    owned: bool,
 }
 
 pub struct AdamW {
@@ -79,12 +82,30 @@ impl AdamW {
                     exp_avg: param.zeros_like(),
                     exp_avg_sq: param.zeros_like(),
                     decay: decays(&name),
+                    owned: true,
                     param,
                 };
                 (name, state)
             })
             .collect();
         Self { config, params, step: 0 }
+    }
+
+    /// Optimizer-state sharding (ZeRO-1): from now on only the parameters `owned` names are updated, and only their
+    /// moments are kept; the others' owners update them. Gradient clipping still sees every gradient.
+    pub fn shard(&mut self, owned: impl Fn(&str) -> bool) {
+        for (name, state) in self.params.iter_mut() {
+            state.owned = owned(name);
+            if !state.owned {
+                state.exp_avg = Tensor::empty([0], (state.param.kind(), state.param.device()));
+                state.exp_avg_sq = state.exp_avg.shallow_clone();
+            }
+        }
+    }
+
+    /// The names of the parameters it updates, and the moments' shapes and options to receive another rank's into.
+    pub fn owned(&self) -> impl Iterator<Item = (&String, bool, &Tensor)> {
+        self.params.iter().map(|(name, s)| (name, s.owned, &s.param))
     }
 
     /// torch's `zero_grad(set_to_none=True)`, as transformers' Trainer calls it: gradients hold no memory during
@@ -111,7 +132,7 @@ impl AdamW {
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         for decay in [true, false] {
             let states: Vec<&ParamState> =
-                self.params.values().filter(|s| s.decay == decay && s.param.grad().defined()).collect();
+                self.params.values().filter(|s| s.owned && s.decay == decay && s.param.grad().defined()).collect();
             if states.is_empty() {
                 continue;
             }
@@ -144,10 +165,11 @@ impl AdamW {
         }
     }
 
-    /// The moments as named tensors, for a checkpoint.
+    /// The moments it keeps as named tensors, for a checkpoint (with `shard`, the owned parameters' only).
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.params
             .iter()
+            .filter(|(_, s)| s.owned)
             .flat_map(|(name, s)| {
                 [
                     (format!("{name}.exp_avg"), s.exp_avg.shallow_clone()),
@@ -160,7 +182,7 @@ impl AdamW {
     /// Restores the moments saved by `state_tensors`.
     pub fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>, step: i64) -> anyhow::Result<()> {
         tch::no_grad(|| {
-            for (name, state) in self.params.iter_mut() {
+            for (name, state) in self.params.iter_mut().filter(|(_, s)| s.owned) {
                 for (suffix, target) in [("exp_avg", &mut state.exp_avg), ("exp_avg_sq", &mut state.exp_avg_sq)] {
                     let key = format!("{name}.{suffix}");
                     let saved = tensors

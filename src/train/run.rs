@@ -165,7 +165,7 @@ pub fn train_on(
 
     let mut trainer = Trainer::new(inputs.policy, inputs.reference, inputs.objective, inputs.train, config);
     if let Some(group) = group {
-        trainer = trainer.data_parallel(group, config.ddp_bucket_cap_mb)?;
+        trainer = trainer.data_parallel(group, config.ddp_bucket_cap_mb, config.shard_optimizer_state)?;
     }
     let mut progress = Progress { world_size, ..Progress::default() };
     let mut last_checkpoint: Option<PathBuf> = None;
@@ -259,11 +259,15 @@ pub fn train_on(
             _ => stop,
         };
         let save_due = config.save.due(global_step, total_steps, epoch_ended) || at_end(config.save);
+        // a checkpoint written because of a stop signal keeps the optimizer, so that the run can continue; with the
+        // optimizer state sharded every rank takes part in gathering it
+        let keep_optimizer = !config.save_only_model || stop.is_some();
+        let moments =
+            (keep_optimizer && (save_due || stop.is_some())).then(|| trainer.optimizer_state()).transpose()?;
         if (save_due || stop.is_some()) && main {
             let history = history.as_mut().expect("rank 0 keeps the history");
             history.sync()?;
-            // a checkpoint written because of a stop signal keeps the optimizer, so that the run can continue
-            let optimizer = (!config.save_only_model || stop.is_some()).then_some(&trainer.optimizer);
+            let optimizer = moments.as_deref().map(|m| (m, trainer.optimizer.step));
             let checkpoint =
                 save_checkpoint(&config.output_dir, inputs.policy, optimizer, &progress, config.save_total_limit)?;
             if stop.is_none() {

@@ -99,6 +99,8 @@ pub struct TrainerConfig {
     pub resume_from_checkpoint: Option<PathBuf>,
     /// Data-parallel: the size of a gradient bucket in MiB (`ddp_bucket_cap_mb`, DDP's default 25)
     pub ddp_bucket_cap_mb: f64,
+    /// Data-parallel: each rank keeps the optimizer state of a share of the parameters and updates those (ZeRO-1)
+    pub shard_optimizer_state: bool,
 }
 
 impl TrainerConfig {
@@ -150,6 +152,7 @@ impl Default for TrainerConfig {
             skip_nonfinite: false,
             resume_from_checkpoint: None,
             ddp_bucket_cap_mb: 25.0,
+            shard_optimizer_state: false,
         }
     }
 }
@@ -178,6 +181,8 @@ pub struct Trainer<'a> {
     /// average them during the last backward pass of the step.
     pub group: Option<&'a ProcessGroup>,
     overlap: Option<OverlappedAverage<'a>>,
+    /// With the optimizer state sharded: the parameters each rank updates, by rank.
+    owners: Option<Vec<Vec<(String, Tensor)>>>,
 }
 
 /// What an optimizer step did.
@@ -246,18 +251,63 @@ impl<'a> Trainer<'a> {
             max_grad_norm: config.max_grad_norm,
             group: None,
             overlap: None,
+            owners: None,
         }
     }
 
     /// The trainer of one rank of `group`: it starts from rank 0's trainable weights (as DDP broadcasts them) and
-    /// averages gradients in buckets of `bucket_mb` MiB.
-    pub fn data_parallel(mut self, group: &'a ProcessGroup, bucket_mb: f64) -> anyhow::Result<Self> {
+    /// averages gradients in buckets of `bucket_mb` MiB. With `shard_optimizer_state` each rank keeps the moments
+    /// of a share of the parameters (balanced by size) and updates those, then each share goes to every rank.
+    pub fn data_parallel(
+        mut self,
+        group: &'a ProcessGroup,
+        bucket_mb: f64,
+        shard_optimizer_state: bool,
+    ) -> anyhow::Result<Self> {
         let weights: Vec<Tensor> = self.policy.trainable_variables().into_values().collect();
         broadcast_all(group, &weights, 0, "the initial weights' broadcast")?;
         let bucket_bytes = (bucket_mb * (1 << 20) as f64).max(1.0) as usize;
         self.overlap = Some(OverlappedAverage::new(group, &self.gradient_order(), bucket_bytes)?);
         self.group = Some(group);
+        if shard_optimizer_state {
+            let mut owners: Vec<Vec<(String, Tensor)>> = (0..group.world_size).map(|_| Vec::new()).collect();
+            let mut bytes = vec![0usize; group.world_size];
+            for (name, _, param) in self.optimizer.owned() {
+                let least = (0..group.world_size).min_by_key(|&r| bytes[r]).expect("a rank");
+                bytes[least] += param.numel() * param.kind().elt_size_in_bytes();
+                owners[least].push((name.clone(), param.shallow_clone()));
+            }
+            let mine: std::collections::BTreeSet<String> = owners[group.rank].iter().map(|(n, _)| n.clone()).collect();
+            self.optimizer.shard(|name| mine.contains(name));
+            self.owners = Some(owners);
+        }
         Ok(self)
+    }
+
+    /// The optimizer's moments of every parameter, for a checkpoint. With the state sharded, every rank must call
+    /// it: rank 0 gathers the others' moments (the other ranks return theirs only).
+    pub fn optimizer_state(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
+        let mut state = self.optimizer.state_tensors();
+        let (Some(owners), Some(group)) = (&self.owners, self.group) else { return Ok(state) };
+        let moments: std::collections::BTreeMap<String, Tensor> =
+            state.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        let mut tag = 0;
+        for (owner, params) in owners.iter().enumerate().filter(|(owner, _)| *owner != 0) {
+            for (name, param) in params {
+                for suffix in ["exp_avg", "exp_avg_sq"] {
+                    let key = format!("{name}.{suffix}");
+                    if group.rank == owner {
+                        group.send(&moments[&key], 0, tag, "sending optimizer moments to rank 0")?;
+                    } else if group.rank == 0 {
+                        let received = param.zeros_like();
+                        group.recv(&received, owner, tag, "gathering optimizer moments")?;
+                        state.push((key, received));
+                    }
+                    tag += 1;
+                }
+            }
+        }
+        Ok(state)
     }
 
     /// The trainable parameters in the order the backward pass finishes their gradients (the norm and LM head,
@@ -374,6 +424,12 @@ impl<'a> Trainer<'a> {
             return Err(StepError::NonFinite(NonFinite { what: format!("gradient norm {norm}"), rows, tokens }));
         }
         self.optimizer.step(lr);
+        if let (Some(owners), Some(group)) = (&self.owners, self.group) {
+            for (owner, params) in owners.iter().enumerate() {
+                let params: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
+                broadcast_all(group, &params, owner, "the updated weights' broadcast").map_err(StepError::Group)?;
+            }
+        }
         self.optimizer.zero_grad();
         crate::runtime::release_free_memory();
         log.append(step_log);

@@ -250,6 +250,42 @@ fn a_stop_signal_stops_every_rank_at_one_checkpoint() {
     assert_eq!(rows(&whole), rows(&stopped));
 }
 
+/// `--shard-optimizer-state` (ZeRO-1): each rank keeps and updates a share of AdamW's state, and the run is DDP's
+/// bit for bit; its checkpoints hold every moment (gathered on rank 0), and it resumes from them bit for bit.
+#[test]
+fn a_sharded_optimizer_state_trains_and_resumes_as_ddp() {
+    let s = setup();
+    let reference = s.reference.to_str().unwrap().to_string();
+    let run = |out: &Path, more: &[&str]| {
+        let port = free_port().to_string();
+        let mut args: Vec<String> =
+            ["launch", "--nproc-per-node", "2", "--master-port", &port, "--"].map(String::from).to_vec();
+        args.extend(training_args(
+            &s,
+            "dpo",
+            out,
+            2,
+            &[&["--ref-model", &reference, "--save-steps", "5"], more].concat(),
+        ));
+        succeed(command(&s, &args).output().unwrap(), &out.display().to_string());
+    };
+    let (ddp, sharded) = (s.root.join("ddp"), s.root.join("sharded"));
+    run(&ddp, &[]);
+    run(&sharded, &["--shard-optimizer-state"]);
+    assert_eq!(rows(&ddp), rows(&sharded));
+    for file in ["model.safetensors", "checkpoint-5/optimizer.safetensors"] {
+        let (a, b) = (read_tensors(&ddp.join(file)), read_tensors(&sharded.join(file)));
+        assert_eq!(a.len(), b.len(), "{file}");
+        for (name, t) in &a {
+            assert!(t.equal(&b[name]), "{file}: {name} differs");
+        }
+    }
+    let whole = s.root.join("whole");
+    run(&whole, &["--shard-optimizer-state", "--max-steps", "8"]);
+    run(&sharded, &["--shard-optimizer-state", "--max-steps", "8", "--resume-from-checkpoint", "last"]);
+    assert_eq!(rows(&whole), rows(&sharded));
+}
+
 /// TRL 1.16 with 2 processes under torchrun and Gloo, 5 steps: every logged metric within 1e-4 relative and the
 /// final weights, for DPO with a reference model, ORPO and CPO.
 #[test]
