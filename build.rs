@@ -27,7 +27,7 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
-    compile_torch_functions(lib);
+    compile_torch_functions(lib, cuda_usable(lib).then(|| nccl_includes(lib)).flatten());
     link_tcmalloc();
     // src/runtime.rs defines MKL's vendor check; exported, it takes the place of the one inside libtorch
     println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol=mkl_serv_intel_cpu_true");
@@ -57,7 +57,20 @@ fn link_tcmalloc() {
     println!("cargo:rustc-cfg=prefalign_tcmalloc");
 }
 
-fn compile_torch_functions(torch_lib: &Path) {
+/// The headers c10d's ProcessGroupNCCL.hpp includes (NCCL's and the CUDA runtime's), from the CUDA wheels beside
+/// torch (`PREFALIGN_CUDA=1 bash scripts/setup.sh` installs them); with them distributed.cpp builds the NCCL backend
+/// (`PREFALIGN_NCCL`). Without them (a torch with CUDA libraries but not these headers) the build has Gloo only.
+fn nccl_includes(torch_lib: &Path) -> Option<Vec<std::path::PathBuf>> {
+    let site_packages = torch_lib.parent()?.parent()?;
+    let nccl = site_packages.join("nvidia/nccl/include");
+    // the CUDA 13 wheels put every header under nvidia/cu13/include (crt/ and nv/ from nvidia-cuda-crt and -cccl)
+    let cuda = site_packages.join("nvidia/cu13/include");
+    let complete = nccl.join("nccl.h").exists()
+        && ["cuda_runtime_api.h", "crt/host_config.h", "nv/target"].iter().all(|h| cuda.join(h).exists());
+    complete.then(|| vec![nccl, cuda])
+}
+
+fn compile_torch_functions(torch_lib: &Path, nccl: Option<Vec<std::path::PathBuf>>) {
     let sources =
         ["src/train/optimizer.cpp", "src/model/fused.cpp", "src/model/quantized.cpp", "src/train/distributed.cpp"];
     for source in sources.iter().chain(&["src/model/ffi.h"]) {
@@ -66,7 +79,11 @@ fn compile_torch_functions(torch_lib: &Path) {
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let include = torch_lib.parent().expect("libtorch's lib folder has a parent").join("include");
     let cxx11_abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    if let Some(includes) = nccl {
+        build.define("PREFALIGN_NCCL", None).define("USE_C10D_NCCL", None).includes(includes);
+    }
+    build
         .cpp(true)
         .files(sources)
         .include(&include)

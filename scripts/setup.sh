@@ -50,7 +50,9 @@ PY
 if ! have torch 2.11.0; then
   echo "setup: installing torch==2.11.0 into .venv (libtorch for tch)"
   if [ "${PREFALIGN_CUDA:-0}" = 1 ]; then
-    "${pip[@]}" install torch==2.11.0
+    # with the CUDA runtime's crt/ and CCCL headers, which c10d's NCCL header needs: build.rs then builds the NCCL
+    # backend of src/train/distributed.cpp
+    "${pip[@]}" install torch==2.11.0 nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
   else
     # The CPU parts of the CUDA wheel only need the CUDA runtime and CUPTI to load.
     "${pip[@]}" install --no-deps torch==2.11.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85

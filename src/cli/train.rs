@@ -22,7 +22,7 @@ use crate::objective::sft::SftLoss;
 use crate::objective::{KtoParams, Objective, SftParams};
 use crate::runtime;
 use crate::train::checkpoint::list_checkpoints;
-use crate::train::distributed::{Launch, ProcessGroup};
+use crate::train::distributed::{Backend, Launch, ProcessGroup};
 use crate::train::optimizer::AdamWConfig;
 use crate::train::reference::{cache_dir, precompute as precompute_reference, precompute_on};
 use crate::train::run::{train_on, Stopped};
@@ -133,7 +133,8 @@ pub struct TrainerArgs {
     #[arg(long, value_enum)]
     train_sampling_strategy: Option<SamplingArg>,
     /// Several processes (torchrun's RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment, or SLURM's): the
-    /// c10d backend, gloo (CPU) or nccl (CUDA; not built yet). Default: gloo
+    /// c10d backend, gloo (CPU; CUDA tensors through host memory) or nccl (CUDA). Default: nccl on CUDA where
+    /// this build has it, else gloo
     #[arg(long)]
     ddp_backend: Option<String>,
     /// Several processes: seconds a rank waits for the others (to join, or in a collective) before it stops with an
@@ -589,15 +590,8 @@ enum ReferenceArg {
 
 /// `precompute`: compute the reference's log-probs before training.
 /// Joins the process group of a launch of several processes, as `--ddp-backend` and `--ddp-timeout` say.
-fn join_group(launch: &Launch, t: &TrainerArgs, objective: &Objective) -> Result<ProcessGroup> {
-    match t.ddp_backend.as_deref() {
-        None | Some("gloo") => {}
-        Some("nccl") => bail!(
-            "--ddp-backend nccl is not built yet: prefalign runs several processes on Gloo (--ddp-backend gloo, \
-             which also takes CUDA tensors)"
-        ),
-        Some(other) => bail!("--ddp-backend {other}: expected gloo or nccl"),
-    }
+fn join_group(launch: &Launch, t: &TrainerArgs, objective: &Objective, cuda: bool) -> Result<ProcessGroup> {
+    let backend = Backend::choose(t.ddp_backend.as_deref(), cuda)?;
     if matches!(objective, Objective::Sft(_) | Objective::Kto(_)) {
         bail!(
             "prefalign {} runs in one process so far (WORLD_SIZE is {}): dpo, orpo and cpo run on several",
@@ -605,10 +599,10 @@ fn join_group(launch: &Launch, t: &TrainerArgs, objective: &Objective) -> Result
             launch.world_size
         );
     }
-    let group = ProcessGroup::join(launch, std::time::Duration::from_secs(t.ddp_timeout))?;
+    let group = ProcessGroup::join(launch, std::time::Duration::from_secs(t.ddp_timeout), backend)?;
     if group.rank == 0 {
         eprintln!(
-            "{} processes (Gloo, rendezvous at {}:{}); rank 0 writes the output",
+            "{} processes ({backend:?}, rendezvous at {}:{}); rank 0 writes the output",
             group.world_size, launch.master_addr, launch.master_port
         );
     }
@@ -619,16 +613,15 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, ob
     let RunArgs { model, lora, merge, data, eval_data, trainer: t, compute, hub } = args;
     let mut config = t.config(eval_data.eval_dataset.is_some(), compute, objective)?;
     let launch = Launch::from_env()?;
+    let cuda = model.device.starts_with("cuda") || (model.device == "auto" && tch::Cuda::is_available());
     let group = match &launch {
-        Some(launch) => Some(join_group(launch, t, objective)?),
+        Some(launch) => Some(join_group(launch, t, objective, cuda)?),
         None => None,
     };
     let main = group.as_ref().is_none_or(|g| g.rank == 0);
     // several processes on CUDA: each on its own device, cuda:LOCAL_RANK
     let model = &match &launch {
-        Some(l) if model.device == "cuda" || (model.device == "auto" && tch::Cuda::is_available()) => {
-            ModelArgs { device: format!("cuda:{}", l.local_rank), ..model.clone() }
-        }
+        Some(l) if cuda => ModelArgs { device: format!("cuda:{}", l.local_rank), ..model.clone() },
         _ => model.clone(),
     };
     let rules = match &task {

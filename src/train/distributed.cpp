@@ -9,6 +9,10 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#ifdef PREFALIGN_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
 #include <chrono>
 #include <string>
 
@@ -17,9 +21,18 @@ struct PrefalignGroup {
     c10::intrusive_ptr<c10d::Backend> backend;
 };
 
-// Joins the group of `world` processes whose store rank 0 serves at host:port. Every call blocks until all ranks
-// have joined, or fails after `timeout_ms`.
-extern "C" char *prefalign_group_new(const char *host, int port, int rank, int world, int64_t timeout_ms,
+// Whether this build has the NCCL backend (built against a torch with its CUDA libraries).
+extern "C" bool prefalign_has_nccl() {
+#ifdef PREFALIGN_NCCL
+    return true;
+#else
+    return false;
+#endif
+}
+
+// Joins the group of `world` processes whose store rank 0 serves at host:port, on Gloo or (`nccl`) NCCL. Every
+// call blocks until all ranks have joined, or fails after `timeout_ms`.
+extern "C" char *prefalign_group_new(const char *host, int port, int rank, int world, int64_t timeout_ms, bool nccl,
                                      PrefalignGroup **out) {
     return guarded([&] {
         auto timeout = std::chrono::milliseconds(timeout_ms);
@@ -32,8 +45,19 @@ extern "C" char *prefalign_group_new(const char *host, int port, int rank, int w
         auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
         // the prefix torch.distributed gives its default group's keys
         auto group_store = c10::make_intrusive<c10d::PrefixStore>("default_pg/0/", store);
-        auto gloo = c10d::ProcessGroupGloo::Options::create_default(timeout);
-        auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(group_store, rank, world, gloo);
+        c10::intrusive_ptr<c10d::Backend> backend;
+        if (nccl) {
+#ifdef PREFALIGN_NCCL
+            auto options = c10d::ProcessGroupNCCL::Options::create();
+            options->timeout = timeout;
+            backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(group_store, rank, world, options);
+#else
+            throw std::runtime_error("this build has no NCCL backend (built against torch without its CUDA libraries)");
+#endif
+        } else {
+            auto gloo = c10d::ProcessGroupGloo::Options::create_default(timeout);
+            backend = c10::make_intrusive<c10d::ProcessGroupGloo>(group_store, rank, world, gloo);
+        }
         *out = new PrefalignGroup{store, backend};
     });
 }

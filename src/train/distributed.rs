@@ -20,12 +20,14 @@ struct RawOverlap {
 }
 
 extern "C" {
+    fn prefalign_has_nccl() -> bool;
     fn prefalign_group_new(
         host: *const c_char,
         port: i32,
         rank: i32,
         world: i32,
         timeout_ms: i64,
+        nccl: bool,
         out: *mut *mut RawGroup,
     ) -> *mut c_char;
     fn prefalign_group_free(group: *mut RawGroup);
@@ -127,13 +129,49 @@ impl Launch {
     }
 }
 
-/// A joined process group (Gloo). Collectives wait for their result; one that a dead or stalled rank keeps from
+/// c10d's backend: Gloo (CPU tensors, and CUDA ones through host memory) or NCCL (CUDA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Gloo,
+    Nccl,
+}
+
+impl Backend {
+    /// `--ddp-backend` as transformers takes it; by default NCCL on CUDA and Gloo on the CPU, as torch.distributed
+    /// picks them.
+    pub fn choose(name: Option<&str>, cuda: bool) -> Result<Self> {
+        let backend = match name {
+            None => return Ok(if cuda && Self::nccl_built() { Backend::Nccl } else { Backend::Gloo }),
+            Some("gloo") => Backend::Gloo,
+            Some("nccl") => Backend::Nccl,
+            Some(other) => bail!("--ddp-backend {other}: expected gloo or nccl"),
+        };
+        if backend == Backend::Nccl && !cuda {
+            bail!("--ddp-backend nccl runs on CUDA devices: pass --device cuda, or --ddp-backend gloo on the CPU");
+        }
+        if backend == Backend::Nccl && !Self::nccl_built() {
+            bail!(
+                "this prefalign build has no NCCL backend (it was built against torch without its CUDA libraries: \
+                 PREFALIGN_CUDA=1 bash scripts/setup.sh); --ddp-backend gloo also takes CUDA tensors"
+            );
+        }
+        Ok(backend)
+    }
+
+    pub fn nccl_built() -> bool {
+        unsafe { prefalign_has_nccl() }
+    }
+}
+
+/// A joined process group (Gloo or NCCL). Collectives wait for their result; one that a dead or stalled rank keeps from
 /// completing fails (at the latest after the group's timeout) with an error that names the rank(s) responsible:
 /// each rank keeps a heartbeat and its step in the rendezvous store, which the others read when a collective fails.
 pub struct ProcessGroup {
     raw: *mut RawGroup,
     pub rank: usize,
     pub world_size: usize,
+    /// where the tensors of its collectives live: the CPU for Gloo, this rank's GPU for NCCL
+    pub device: tch::Device,
     timeout: Duration,
     step: AtomicUsize,
     heartbeat: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
@@ -181,7 +219,7 @@ fn store_get(raw: *mut RawGroup, key: &str) -> Result<Option<String>, String> {
 
 impl ProcessGroup {
     /// Joins the group `launch` describes, waiting up to `timeout` for every rank.
-    pub fn join(launch: &Launch, timeout: Duration) -> Result<Self> {
+    pub fn join(launch: &Launch, timeout: Duration, backend: Backend) -> Result<Self> {
         let host = CString::new(launch.master_addr.clone()).context("MASTER_ADDR holds a NUL byte")?;
         let mut raw = std::ptr::null_mut();
         let error = unsafe {
@@ -191,6 +229,7 @@ impl ProcessGroup {
                 launch.rank as i32,
                 launch.world_size as i32,
                 timeout.as_millis() as i64,
+                backend == Backend::Nccl,
                 &mut raw,
             )
         };
@@ -222,6 +261,10 @@ impl ProcessGroup {
             raw,
             rank: launch.rank,
             world_size: launch.world_size,
+            device: match backend {
+                Backend::Gloo => tch::Device::Cpu,
+                Backend::Nccl => tch::Device::Cuda(launch.local_rank),
+            },
             timeout,
             step: AtomicUsize::new(usize::MAX),
             heartbeat: Some((stop, thread)),
@@ -395,9 +438,9 @@ pub fn sum_across(group: &ProcessGroup, values: &[f64], what: &str) -> Result<Ve
     if values.is_empty() {
         return Ok(Vec::new());
     }
-    let tensor = Tensor::from_slice(values).to_kind(Kind::Double);
+    let tensor = Tensor::from_slice(values).to_kind(Kind::Double).to_device(group.device);
     group.all_reduce_sum(&tensor, what)?;
-    Ok(Vec::<f64>::try_from(tensor).expect("1-d"))
+    Ok(Vec::<f64>::try_from(tensor.to_device(tch::Device::Cpu)).expect("1-d"))
 }
 
 /// The mean across the ranks of each of `values` (the same count on every rank).
@@ -429,7 +472,7 @@ mod tests {
                         master_addr: "127.0.0.1".into(),
                         master_port: port,
                     };
-                    let group = ProcessGroup::join(&launch, Duration::from_secs(30)).unwrap();
+                    let group = ProcessGroup::join(&launch, Duration::from_secs(30), Backend::Gloo).unwrap();
                     let x = Tensor::from_slice(&[1.0f32 + rank as f32, 10.0]);
                     group.all_reduce_sum(&x, "test").unwrap();
                     let gathered = group.all_gather(&Tensor::from_slice(&[rank as i64 * 7]), "test").unwrap();
@@ -462,6 +505,16 @@ mod tests {
         let vars: std::collections::HashMap<String, String> =
             vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Launch::from_vars(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn the_backend_is_gloo_on_the_cpu_and_nccl_only_on_cuda() {
+        assert_eq!(Backend::choose(None, false).unwrap(), Backend::Gloo);
+        assert_eq!(Backend::choose(Some("gloo"), true).unwrap(), Backend::Gloo);
+        let want_on_cuda = if Backend::nccl_built() { Backend::Nccl } else { Backend::Gloo };
+        assert_eq!(Backend::choose(None, true).unwrap(), want_on_cuda);
+        assert!(Backend::choose(Some("nccl"), false).unwrap_err().to_string().contains("CUDA devices"));
+        assert!(Backend::choose(Some("mpi"), false).unwrap_err().to_string().contains("expected gloo or nccl"));
     }
 
     #[test]

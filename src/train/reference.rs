@@ -136,8 +136,9 @@ pub fn precompute_on(
             0,
         )
     };
-    let gathered = group
-        .all_gather(&Tensor::stack(&[padded(&mine.chosen), padded(&mine.rejected)], 0), "the reference log-probs")?; // [world, 2, share]
+    let mine = Tensor::stack(&[padded(&mine.chosen), padded(&mine.rejected)], 0).to_device(group.device);
+    // [world, 2, share]
+    let gathered = group.all_gather(&mine, "the reference log-probs")?.to_device(tch::Device::Cpu);
     let lengths: Vec<i64> = (0..group.world_size)
         .map(|r| ((r * share).min(pairs.len())..((r + 1) * share).min(pairs.len())).len() as i64)
         .collect();
