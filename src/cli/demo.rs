@@ -85,7 +85,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let precision = config.step.precision;
     let eval_options = EvalOptions { batch_size: 8, batching, precision };
     // Before training the policy is its own reference; its log-probs serve as the reference from then on.
-    let reference = precompute(&policy, train_pairs, &batching, precision, 8, &cache_dir())?;
+    let reference = precompute(&policy, train_pairs, &batching, precision, 8, &cache_dir(), None)?;
     let score = |label: &str, policy: &LoadedModel| {
         let result = evaluate(&policy.model, None, test_pairs, &objective, &eval_options);
         println!(

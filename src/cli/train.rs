@@ -24,7 +24,7 @@ use crate::runtime;
 use crate::train::checkpoint::list_checkpoints;
 use crate::train::distributed::{Backend, Launch, ProcessGroup};
 use crate::train::optimizer::AdamWConfig;
-use crate::train::reference::{cache_dir, precompute as precompute_reference, precompute_on};
+use crate::train::reference::{cache_dir, precompute as precompute_reference};
 use crate::train::run::{train_on, Stopped};
 use crate::train::schedule::Schedule;
 use crate::train::{Interval, Reference, TrainInputs, TrainerConfig};
@@ -731,10 +731,7 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, ob
     // is then released.
     let precompute_for = |r: &LoadedModel, pairs: &[TokenizedPair]| {
         let (batching, precision, batch_size) = (&config.batching, config.step.precision, t.per_device_eval_batch_size);
-        match &group {
-            Some(group) => precompute_on(group, r, pairs, batching, precision, batch_size, &cache_dir()),
-            None => precompute_reference(r, pairs, batching, precision, batch_size, &cache_dir()),
-        }
+        precompute_reference(r, pairs, batching, precision, batch_size, &cache_dir(), group.as_ref())
     };
     let reference_source = match reference {
         ReferenceArg::PolicyAdapters => Some(&policy),

@@ -107,60 +107,9 @@ pub fn compute(
     ReferenceLogps { chosen: Tensor::cat(&chosen, 0), rejected: Tensor::cat(&rejected, 0) }
 }
 
-/// [`precompute`] on the ranks of `group`: each computes its contiguous share of `pairs` and all gather the
-/// shares; rank 0 caches the result. The cache is used only where every rank finds it (on several machines each
-/// has its own).
-pub fn precompute_on(
-    group: &ProcessGroup,
-    reference: &LoadedModel,
-    pairs: &[TokenizedPair],
-    batching: &Batching,
-    precision: Precision,
-    batch_size: usize,
-    cache: &Path,
-) -> Result<ReferenceLogps> {
-    let key = fingerprint(reference, pairs, batching, precision);
-    let path = cache.join("ref_logps").join(format!("{key}.safetensors"));
-    let cached = read_cache(&path)?;
-    let found = mean_across(group, &[f64::from(cached.is_some())], "the reference cache check")?[0];
-    if let (Some(cached), true) = (cached, found == 1.0) {
-        return Ok(cached);
-    }
-    let share = pairs.len().div_ceil(group.world_size);
-    let start = (group.rank * share).min(pairs.len());
-    let end = (start + share).min(pairs.len());
-    let mine = compute(&reference.model, &pairs[start..end], batching, precision, batch_size);
-    let padded = |t: &Tensor| {
-        Tensor::cat(
-            &[t.to_kind(Kind::Float), Tensor::zeros([(share - (end - start)) as i64], (Kind::Float, tch::Device::Cpu))],
-            0,
-        )
-    };
-    let mine = Tensor::stack(&[padded(&mine.chosen), padded(&mine.rejected)], 0).to_device(group.device);
-    // [world, 2, share]
-    let gathered = group.all_gather(&mine, "the reference log-probs")?.to_device(tch::Device::Cpu);
-    let lengths: Vec<i64> = (0..group.world_size)
-        .map(|r| ((r * share).min(pairs.len())..((r + 1) * share).min(pairs.len())).len() as i64)
-        .collect();
-    let side = |i: i64| {
-        let parts: Vec<Tensor> =
-            lengths.iter().enumerate().map(|(r, &n)| gathered.get(r as i64).get(i).narrow(0, 0, n)).collect();
-        Tensor::cat(&parts, 0)
-    };
-    let logps = ReferenceLogps { chosen: side(0), rejected: side(1) };
-    if group.rank == 0 {
-        write_cache(&path, &logps)?;
-        eprintln!(
-            "reference log-probs: computed for {} pairs on {} ranks, cached in {}",
-            pairs.len(),
-            group.world_size,
-            path.display()
-        );
-    }
-    Ok(logps)
-}
-
 /// `compute`, or the values cached under `cache` (see `cache_dir`) by an earlier run with the same fingerprint.
+/// On the ranks of a `group` each computes a share of `pairs` and all gather the shares; rank 0 caches them, and
+/// the cache counts only where every rank finds it (on several machines each has its own).
 pub fn precompute(
     reference: &LoadedModel,
     pairs: &[TokenizedPair],
@@ -168,17 +117,56 @@ pub fn precompute(
     precision: Precision,
     batch_size: usize,
     cache: &Path,
+    group: Option<&ProcessGroup>,
 ) -> Result<ReferenceLogps> {
     let key = fingerprint(reference, pairs, batching, precision);
     let path = cache.join("ref_logps").join(format!("{key}.safetensors"));
-    if let Some(cached) = read_cache(&path)? {
-        eprintln!("reference log-probs: cached ({})", path.display());
+    let cached = read_cache(&path)?;
+    let everywhere = match group {
+        Some(group) => mean_across(group, &[f64::from(cached.is_some())], "the reference cache check")?[0] == 1.0,
+        None => true,
+    };
+    let main = group.is_none_or(|g| g.rank == 0);
+    if let (Some(cached), true) = (cached, everywhere) {
+        if main {
+            eprintln!("reference log-probs: cached ({})", path.display());
+        }
         return Ok(cached);
     }
-    let logps = compute(&reference.model, pairs, batching, precision, batch_size);
-    write_cache(&path, &logps)?;
-    eprintln!("reference log-probs: computed for {} pairs, cached in {}", pairs.len(), path.display());
+    let logps = match group {
+        Some(group) => compute_shares(group, &reference.model, pairs, batching, precision, batch_size)?,
+        None => compute(&reference.model, pairs, batching, precision, batch_size),
+    };
+    if main {
+        write_cache(&path, &logps)?;
+        eprintln!("reference log-probs: computed for {} pairs, cached in {}", pairs.len(), path.display());
+    }
     Ok(logps)
+}
+
+/// `compute` on the ranks of `group`: each its contiguous share of `pairs`, then all gather the shares.
+fn compute_shares(
+    group: &ProcessGroup,
+    reference: &CausalLm,
+    pairs: &[TokenizedPair],
+    batching: &Batching,
+    precision: Precision,
+    batch_size: usize,
+) -> Result<ReferenceLogps> {
+    let share = pairs.len().div_ceil(group.world_size);
+    let range = |rank: usize| (rank * share).min(pairs.len())..((rank + 1) * share).min(pairs.len());
+    let mine = compute(reference, &pairs[range(group.rank)], batching, precision, batch_size);
+    let padding = Tensor::zeros([(share - range(group.rank).len()) as i64], (Kind::Float, tch::Device::Cpu));
+    let padded = |t: &Tensor| Tensor::cat(&[t.to_kind(Kind::Float), padding.shallow_clone()], 0);
+    let mine = Tensor::stack(&[padded(&mine.chosen), padded(&mine.rejected)], 0).to_device(group.device);
+    // [world, 2, share]
+    let gathered = group.all_gather(&mine, "the reference log-probs")?.to_device(tch::Device::Cpu);
+    let side = |i: i64| {
+        let parts: Vec<Tensor> =
+            (0..group.world_size).map(|r| gathered.get(r as i64).get(i).narrow(0, 0, range(r).len() as i64)).collect();
+        Tensor::cat(&parts, 0)
+    };
+    Ok(ReferenceLogps { chosen: side(0), rejected: side(1) })
 }
 
 fn write_cache(path: &Path, logps: &ReferenceLogps) -> Result<()> {

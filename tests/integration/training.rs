@@ -435,6 +435,7 @@ fn precomputed_reference_matches_the_reference_model() {
                 config.step.precision,
                 4,
                 cache.path(),
+                None,
             )
             .unwrap()
         };
