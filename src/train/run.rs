@@ -370,14 +370,15 @@ fn skip_or_stop(
     if let Some(weight) = trainer.nonfinite_weight() {
         bail!("non-finite {what} at step {step}: {weight}, so no data row is to blame");
     }
+    // (a rank of a data-parallel run whose own rows were fine names the rank that had them instead)
+    let rows = if rows.is_empty() { String::new() } else { format!(" (batch rows: {})", rows.join(", ")) };
     if !skip {
         bail!(
-            "non-finite {what} at step {step} (batch rows: {}); last good checkpoint: {}; pass --skip-nonfinite to skip such batches",
-            rows.join(", "),
+            "non-finite {what} at step {step}{rows}; last good checkpoint: {}; pass --skip-nonfinite to skip such batches",
             last_checkpoint.map_or("none".to_string(), |p| p.display().to_string())
         );
     }
-    eprintln!("warning: skipped a batch with a non-finite {what} at step {step} ({})", rows.join(", "));
+    eprintln!("warning: skipped a batch with a non-finite {what} at step {step}{rows}");
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use crate::data::pack::Batching;
 use crate::model::LoadedModel;
 use crate::objective::metrics::MetricLog;
 use crate::objective::Objective;
-use crate::train::distributed::{broadcast_all, mean_across, sum_across, OverlappedAverage, ProcessGroup};
+use crate::train::distributed::{broadcast_all, sum_across, OverlappedAverage, ProcessGroup};
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::reference::{reference_logps, ReferenceLogps};
 use crate::train::schedule::Schedule;
@@ -408,15 +408,25 @@ impl<'a> Trainer<'a> {
                 break;
             }
         }
+        let local_loss = loss;
+        let mut nonfinite_ranks = Vec::new();
         if let Some(group) = self.group {
             let started = Instant::now();
-            seconds.all_reduce_bytes =
+            (seconds.all_reduce_bytes, nonfinite_ranks) =
                 self.reduce_across_ranks(group, &mut loss, &mut tokens, &mut step_log).map_err(StepError::Group)?;
             seconds.all_reduce = started.elapsed().as_secs_f64();
         }
         if !loss.is_finite() {
             self.optimizer.zero_grad();
-            return Err(StepError::NonFinite(NonFinite { what: format!("loss {loss}"), rows, tokens }));
+            // a rank whose own loss was finite names the rank(s) that had the non-finite one, not its own rows
+            let (what, rows) = match local_loss.is_finite() {
+                true => (
+                    format!("loss on rank(s) {nonfinite_ranks:?} (their batch rows are in their messages)"),
+                    Vec::new(),
+                ),
+                false => (format!("loss {local_loss}"), rows),
+            };
+            return Err(StepError::NonFinite(NonFinite { what, rows, tokens }));
         }
         let grad_norm = (self.max_grad_norm > 0.0).then(|| self.optimizer.clip_grad_norm(self.max_grad_norm));
         if let Some(norm) = grad_norm.filter(|n| !n.is_finite()) {
@@ -438,31 +448,31 @@ impl<'a> Trainer<'a> {
 
     /// What DDP and TRL under accelerate make of the ranks' steps: the gradients averaged (in buckets), the loss
     /// and each metric averaged (the ranks' batches have the same size), the tokens summed. A non-finite loss on any
-    /// rank makes the step's loss non-finite on all, which then skip it together. Returns the gradient bytes sent.
+    /// rank makes the step's loss non-finite on all, which then skip it together. Returns the gradient bytes sent
+    /// and the ranks whose loss was not finite.
     fn reduce_across_ranks(
         &self,
         group: &ProcessGroup,
         loss: &mut f64,
         tokens: &mut i64,
         log: &mut MetricLog,
-    ) -> anyhow::Result<u64> {
+    ) -> anyhow::Result<(u64, Vec<usize>)> {
         // the buckets first (every rank issues the same collectives in the same order), then the scalars
         let bytes = self.overlap.as_ref().expect("a data-parallel trainer has its buckets").finish()?;
         let finite = loss.is_finite();
-        let world = group.world_size as f64;
-        let values = [if finite { *loss } else { 0.0 }, f64::from(finite), *tokens as f64];
-        let [mean, finite_ranks, total_tokens] = match mean_across(group, &values, "the step's loss")?[..] {
-            [a, b, c] => [a, b * world, c * world],
-            _ => unreachable!("three values in, three out"),
-        };
-        *tokens = total_tokens.round() as i64;
-        if finite_ranks.round() as usize != group.world_size {
+        // [loss, tokens, one flag per rank: its loss was not finite]
+        let mut values = vec![if finite { *loss } else { 0.0 }, *tokens as f64];
+        values.extend((0..group.world_size).map(|r| f64::from(r == group.rank && !finite)));
+        let summed = sum_across(group, &values, "the step's loss")?;
+        *tokens = summed[1].round() as i64;
+        let nonfinite: Vec<usize> = (0..group.world_size).filter(|&r| summed[2 + r] > 0.0).collect();
+        if !nonfinite.is_empty() {
             *loss = if finite { f64::NAN } else { *loss };
-            return Ok(0);
+            return Ok((0, nonfinite));
         }
-        *loss = mean;
+        *loss = summed[0] / group.world_size as f64;
         log.combine_ranks(group.world_size, |values| sum_across(group, values, "the step's metrics"))?;
-        Ok(bytes)
+        Ok((bytes, nonfinite))
     }
 }
 

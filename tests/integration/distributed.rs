@@ -286,6 +286,57 @@ fn a_sharded_optimizer_state_trains_and_resumes_as_ddp() {
     assert_eq!(rows(&whole), rows(&sharded));
 }
 
+/// A non-finite loss on one rank stops every rank at that step: that rank names its rows, the others name it.
+#[test]
+fn a_nonfinite_loss_on_one_rank_is_named_by_every_rank() {
+    let s = setup();
+    // ORPO keeps the 4th pair (line 8) with its completion truncated away at max_length 80: a NaN loss on rank 1
+    let lines: Vec<String> = std::fs::read_to_string(fixture("trl_data/standard.jsonl"))
+        .unwrap()
+        .lines()
+        .skip(4)
+        .take(4)
+        .map(String::from)
+        .collect();
+    let data = s.root.join("lines5to8.jsonl");
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let port = free_port().to_string();
+    let out = s.root.join("out");
+    let args = [
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        &port,
+        "--",
+        "orpo",
+        "--model",
+        s.policy.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--per-device-train-batch-size",
+        "2",
+        "--max-length",
+        "80",
+        "--keep-empty-completions",
+        "--allow-empty-completions",
+        "--max-steps",
+        "1",
+        "--train-sampling-strategy",
+        "sequential",
+    ];
+    let output = command(&s, &args.map(String::from)).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("non-finite loss NaN at step 1 (batch rows: ") && stderr.contains("lines5to8.jsonl:4"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("non-finite loss on rank(s) [1]"), "{stderr}");
+}
+
 /// TRL 1.16 with 2 processes under torchrun and Gloo, 5 steps: every logged metric within 1e-4 relative and the
 /// final weights, for DPO with a reference model, ORPO and CPO.
 #[test]
