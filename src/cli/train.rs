@@ -588,7 +588,6 @@ enum ReferenceArg {
     PolicyAdapters,
 }
 
-/// `precompute`: compute the reference's log-probs before training.
 /// Joins the process group of a launch of several processes, as `--ddp-backend` and `--ddp-timeout` say.
 fn join_group(launch: &Launch, t: &TrainerArgs, objective: &Objective, cuda: bool) -> Result<ProcessGroup> {
     let backend = Backend::choose(t.ddp_backend.as_deref(), cuda)?;
@@ -609,6 +608,7 @@ fn join_group(launch: &Launch, t: &TrainerArgs, objective: &Objective, cuda: boo
     Ok(group)
 }
 
+/// `precompute`: compute the reference's log-probs before training.
 fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, objective: &Objective) -> Result<()> {
     let RunArgs { model, lora, merge, data, eval_data, trainer: t, compute, hub } = args;
     let mut config = t.config(eval_data.eval_dataset.is_some(), compute, objective)?;

@@ -41,13 +41,21 @@ pub(crate) fn handle(t: &Tensor) -> *mut C_tensor {
     t.as_ptr() as *mut C_tensor
 }
 
-/// Panics with the message a C++ function returned instead of null (a strdup'd string, freed here): every failure
-/// there is a broken invariant of the caller (shapes, dtypes, devices), a bug rather than a user error.
+/// The message a C++ function returned instead of null (a strdup'd string, freed here), if any.
+pub(crate) fn error_message(error: *mut c_char) -> Option<String> {
+    if error.is_null() {
+        return None;
+    }
+    // Safety: a NUL-terminated string from strdup, ours to free.
+    let message = unsafe { std::ffi::CStr::from_ptr(error) }.to_string_lossy().into_owned();
+    unsafe { libc::free(error.cast()) };
+    Some(message)
+}
+
+/// Panics with the message a C++ function returned instead of null: every failure there is a broken invariant of
+/// the caller (shapes, dtypes, devices), a bug rather than a user error.
 pub(crate) fn panic_on_error(what: &str, error: *mut c_char) {
-    if !error.is_null() {
-        // Safety: a NUL-terminated string from strdup, ours to free.
-        let message = unsafe { std::ffi::CStr::from_ptr(error) }.to_string_lossy().into_owned();
-        unsafe { libc::free(error.cast()) };
+    if let Some(message) = error_message(error) {
         panic!("{what} failed: {message}");
     }
 }

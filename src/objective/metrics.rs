@@ -38,34 +38,34 @@ impl MetricLog {
     /// them: each value becomes its mean over the ranks, a ratio Σnumerator / Σdenominator. Every rank must hold
     /// the same names and counts.
     pub fn combine_ranks<E>(&mut self, ranks: usize, sum: impl FnOnce(&[f64]) -> Result<Vec<f64>, E>) -> Result<(), E> {
-        // [value or numerator..., denominator...] in name order, then append order
+        // per name: its values (a ratio's as numerators), then a ratio's denominators
         let mut flat = Vec::new();
         for (name, values) in &self.values {
             match self.weights.get(name) {
-                Some(weights) => flat.extend(values.iter().zip(weights).map(|(v, w)| v * w)),
+                Some(weights) => {
+                    flat.extend(values.iter().zip(weights).map(|(v, w)| v * w));
+                    flat.extend(weights);
+                }
                 None => flat.extend(values),
             }
         }
-        flat.extend(self.weights.values().flatten());
-        let summed = sum(&flat)?;
-        let (sums, mut denominators) = summed.split_at(flat.len() - self.weights.values().map(Vec::len).sum::<usize>());
-        let mut sums = sums.iter();
+        let mut summed = sum(&flat)?.into_iter();
         for (name, values) in self.values.iter_mut() {
-            let weights = self.weights.get_mut(name);
-            let count = values.len();
-            let (these, rest) = denominators.split_at(if weights.is_some() { count } else { 0 });
-            for (i, value) in values.iter_mut().enumerate() {
-                let total = *sums.next().expect("as many sums as values");
-                *value = match these.get(i) {
-                    Some(&d) if d > 0.0 => total / d,
-                    Some(_) => 0.0,
-                    None => total / ranks as f64,
-                };
+            let totals: Vec<f64> = summed.by_ref().take(values.len()).collect();
+            match self.weights.get_mut(name) {
+                Some(weights) => {
+                    let denominators: Vec<f64> = summed.by_ref().take(values.len()).collect();
+                    for ((value, total), &d) in values.iter_mut().zip(totals).zip(&denominators) {
+                        *value = if d > 0.0 { total / d } else { 0.0 };
+                    }
+                    *weights = denominators;
+                }
+                None => {
+                    for (value, total) in values.iter_mut().zip(totals) {
+                        *value = total / ranks as f64;
+                    }
+                }
             }
-            if let Some(weights) = weights {
-                weights.copy_from_slice(these);
-            }
-            denominators = rest;
         }
         Ok(())
     }

@@ -64,20 +64,20 @@ extern "C" char *prefalign_group_new(const char *host, int port, int rank, int w
 
 extern "C" void prefalign_group_free(PrefalignGroup *group) { delete group; }
 
-// Sums `count` tensors in place across the ranks (one coalesced collective when they share a device and dtype).
-extern "C" char *prefalign_group_all_reduce_sum(PrefalignGroup *group, at::Tensor **tensors, size_t count) {
+// Sums `tensor` in place across the ranks.
+extern "C" char *prefalign_group_all_reduce_sum(PrefalignGroup *group, at::Tensor *tensor) {
     return guarded([&] {
-        auto list = tensor_list(tensors, count);
+        std::vector<at::Tensor> list{*tensor};
         c10d::AllreduceOptions options;
         options.reduceOp = c10d::ReduceOp::SUM;
         group->backend->allreduce(list, options)->wait();
     });
 }
 
-// Copies rank `root`'s tensors into every rank's.
-extern "C" char *prefalign_group_broadcast(PrefalignGroup *group, at::Tensor **tensors, size_t count, int root) {
+// Copies rank `root`'s `tensor` into every rank's.
+extern "C" char *prefalign_group_broadcast(PrefalignGroup *group, at::Tensor *tensor, int root) {
     return guarded([&] {
-        auto list = tensor_list(tensors, count);
+        std::vector<at::Tensor> list{*tensor};
         c10d::BroadcastOptions options;
         options.rootRank = root;
         group->backend->broadcast(list, options)->wait();
@@ -95,10 +95,6 @@ extern "C" char *prefalign_group_all_gather(PrefalignGroup *group, at::Tensor *i
         group->backend->allgather(output_lists, inputs)->wait();
         *out = new at::Tensor(at::stack(output_lists[0]));
     });
-}
-
-extern "C" char *prefalign_group_barrier(PrefalignGroup *group) {
-    return guarded([&] { group->backend->barrier()->wait(); });
 }
 
 // The store's key-value operations, for what is not a tensor (a failed rank's message, a run's settings).

@@ -2,6 +2,7 @@
 //! up through the environment (torchrun's variable names), Gloo over a TCPStore rendezvous that rank 0 serves, and
 //! the collectives a step needs (the C++ half is distributed.cpp).
 
+use crate::model::fused::{error_message, handle};
 use anyhow::{bail, Context, Result};
 use std::ffi::{c_char, CString};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,16 +32,9 @@ extern "C" {
         out: *mut *mut RawGroup,
     ) -> *mut c_char;
     fn prefalign_group_free(group: *mut RawGroup);
-    fn prefalign_group_all_reduce_sum(group: *mut RawGroup, tensors: *const *mut C_tensor, count: usize)
-        -> *mut c_char;
-    fn prefalign_group_broadcast(
-        group: *mut RawGroup,
-        tensors: *const *mut C_tensor,
-        count: usize,
-        root: i32,
-    ) -> *mut c_char;
+    fn prefalign_group_all_reduce_sum(group: *mut RawGroup, tensor: *mut C_tensor) -> *mut c_char;
+    fn prefalign_group_broadcast(group: *mut RawGroup, tensor: *mut C_tensor, root: i32) -> *mut c_char;
     fn prefalign_group_all_gather(group: *mut RawGroup, input: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
-    fn prefalign_group_barrier(group: *mut RawGroup) -> *mut c_char;
     fn prefalign_group_send(group: *mut RawGroup, tensor: *mut C_tensor, dst: i32, tag: i32) -> *mut c_char;
     fn prefalign_group_recv(group: *mut RawGroup, tensor: *mut C_tensor, src: i32, tag: i32) -> *mut c_char;
     fn prefalign_overlap_new(
@@ -60,18 +54,9 @@ extern "C" {
         -> *mut c_char;
 }
 
-/// The message a C++ function returned, if any (freeing it).
+/// A C++ function's outcome: its message when it failed (freed).
 fn result(error: *mut c_char) -> Result<(), String> {
-    if error.is_null() {
-        return Ok(());
-    }
-    let message = unsafe { std::ffi::CStr::from_ptr(error) }.to_string_lossy().into_owned();
-    unsafe { libc::free(error.cast()) };
-    Err(message)
-}
-
-fn handle(tensor: &Tensor) -> *mut C_tensor {
-    tensor.as_ptr() as *mut C_tensor
+    error_message(error).map_or(Ok(()), Err)
 }
 
 /// Where this process stands in a launch: torchrun's variables, else SLURM's.
@@ -279,15 +264,12 @@ impl ProcessGroup {
 
     /// Sums `tensor` (contiguous) in place across the ranks.
     pub fn all_reduce_sum(&self, tensor: &Tensor, what: &str) -> Result<()> {
-        let handles = [handle(tensor)];
-        self.check(unsafe { prefalign_group_all_reduce_sum(self.raw, handles.as_ptr(), 1) }, what)
+        self.check(unsafe { prefalign_group_all_reduce_sum(self.raw, handle(tensor)) }, what)
     }
 
-    /// Copies rank `root`'s `tensors` into every rank's.
-    pub fn broadcast(&self, tensors: &[Tensor], root: usize, what: &str) -> Result<()> {
-        let handles: Vec<*mut C_tensor> = tensors.iter().map(handle).collect();
-        let error = unsafe { prefalign_group_broadcast(self.raw, handles.as_ptr(), handles.len(), root as i32) };
-        self.check(error, what)
+    /// Copies rank `root`'s `tensor` (contiguous) into every rank's.
+    pub fn broadcast(&self, tensor: &Tensor, root: usize, what: &str) -> Result<()> {
+        self.check(unsafe { prefalign_group_broadcast(self.raw, handle(tensor), root as i32) }, what)
     }
 
     /// Every rank's `tensor` (the same shape on all), stacked in rank order: [world, ...].
@@ -306,10 +288,6 @@ impl ProcessGroup {
     /// Receives into `tensor` (contiguous, of the sent shape) what rank `src` sent with `tag`.
     pub fn recv(&self, tensor: &Tensor, src: usize, tag: i32, what: &str) -> Result<()> {
         self.check(unsafe { prefalign_group_recv(self.raw, handle(tensor), src as i32, tag) }, what)
-    }
-
-    pub fn barrier(&self, what: &str) -> Result<()> {
-        self.check(unsafe { prefalign_group_barrier(self.raw) }, what)
     }
 
     /// A collective's error, naming what failed and the rank(s) that the store shows dead, stopped or behind.
@@ -426,7 +404,7 @@ fn in_buckets(tensors: &[Tensor], bucket_bytes: usize, collective: impl Fn(&Tens
 
 /// Copies rank `root`'s `tensors` into every rank's, in buckets.
 pub fn broadcast_all(group: &ProcessGroup, tensors: &[Tensor], root: usize, what: &str) -> Result<()> {
-    in_buckets(tensors, 25 << 20, |flat| group.broadcast(std::slice::from_ref(flat), root, what))
+    in_buckets(tensors, 25 << 20, |flat| group.broadcast(flat, root, what))
 }
 
 fn byte_size(tensor: &Tensor) -> usize {
@@ -476,16 +454,15 @@ mod tests {
                     let x = Tensor::from_slice(&[1.0f32 + rank as f32, 10.0]);
                     group.all_reduce_sum(&x, "test").unwrap();
                     let gathered = group.all_gather(&Tensor::from_slice(&[rank as i64 * 7]), "test").unwrap();
-                    let b = [Tensor::from_slice(&[rank as f64 + 0.5])];
+                    let b = Tensor::from_slice(&[rank as f64 + 0.5]);
                     group.broadcast(&b, 1, "test").unwrap();
                     let cpu = (Kind::Float, tch::Device::Cpu);
                     let weights = [Tensor::full([3], rank as f64, cpu), Tensor::full([2, 2], rank as f64 + 1.0, cpu)];
                     broadcast_all(&group, &weights, 1, "test").unwrap();
-                    group.barrier("test").unwrap();
                     (
                         Vec::<f32>::try_from(x).unwrap(),
                         Vec::<i64>::try_from(gathered.view([-1])).unwrap(),
-                        Vec::<f64>::try_from(&b[0]).unwrap(),
+                        Vec::<f64>::try_from(&b).unwrap(),
                         Vec::<f32>::try_from(&weights[0]).unwrap(),
                         Vec::<f32>::try_from(weights[1].view([-1])).unwrap(),
                     )

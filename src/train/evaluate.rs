@@ -92,16 +92,14 @@ pub fn evaluate_on(
 ) -> anyhow::Result<BTreeMap<String, f64>> {
     let (per_rank, world) = (options.batch_size.max(1), group.world_size);
     let global = per_rank * world;
+    // this rank's places in the padded order: its slice of each global batch; the places past the set's end hold
+    // its first pairs again
     let padded = pairs.len().div_ceil(global) * global;
-    let order: Vec<usize> = (0..pairs.len()).cycle().take(padded).collect();
-    let mine: Vec<usize> =
-        order.chunks(global).flat_map(|batch| batch[group.rank * per_rank..][..per_rank].to_vec()).collect();
-    let real: Vec<bool> = (0..padded)
-        .map(|i| i < pairs.len())
-        .collect::<Vec<_>>()
-        .chunks(global)
-        .flat_map(|batch| batch[group.rank * per_rank..][..per_rank].to_vec())
-        .collect();
+    let first = group.rank * per_rank;
+    let places: Vec<usize> =
+        (0..padded).step_by(global).flat_map(|start| start + first..start + first + per_rank).collect();
+    let mine: Vec<usize> = places.iter().map(|&place| place % pairs.len()).collect();
+    let real: Vec<bool> = places.iter().map(|&place| place < pairs.len()).collect();
     let my_pairs: Vec<TokenizedPair> = mine.iter().map(|&i| pairs[i].clone()).collect();
     let mut scored = score_batches(policy, reference, &my_pairs, &mine, objective, options);
     scored.log.combine_ranks(world, |values| sum_across(group, values, "the evaluation's metrics"))?;

@@ -103,9 +103,9 @@ impl AdamW {
         }
     }
 
-    /// The names of the parameters it updates, and the moments' shapes and options to receive another rank's into.
-    pub fn owned(&self) -> impl Iterator<Item = (&String, bool, &Tensor)> {
-        self.params.iter().map(|(name, s)| (name, s.owned, &s.param))
+    /// The parameters it tracks, by name.
+    pub fn parameters(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.params.iter().map(|(name, s)| (name, &s.param))
     }
 
     /// torch's `zero_grad(set_to_none=True)`, as transformers' Trainer calls it: gradients hold no memory during

@@ -177,11 +177,16 @@ pub struct Trainer<'a> {
     pub step: StepOptions,
     pub max_grad_norm: f64,
     pub optimizer: AdamW,
-    /// Data-parallel: the process group whose ranks average their gradients each step, and the buckets that
-    /// average them during the last backward pass of the step.
-    pub group: Option<&'a ProcessGroup>,
-    overlap: Option<OverlappedAverage<'a>>,
-    /// With the optimizer state sharded: the parameters each rank updates, by rank.
+    /// Data-parallel: this rank's part.
+    parallel: Option<DataParallel<'a>>,
+}
+
+/// A rank's part in data-parallel training.
+struct DataParallel<'a> {
+    group: &'a ProcessGroup,
+    /// the buckets that average the gradients during the last backward pass of a step
+    overlap: OverlappedAverage<'a>,
+    /// with the optimizer state sharded: the parameters each rank updates, by rank
     owners: Option<Vec<Vec<(String, Tensor)>>>,
 }
 
@@ -249,9 +254,7 @@ impl<'a> Trainer<'a> {
             batching: config.batching,
             step: config.step,
             max_grad_norm: config.max_grad_norm,
-            group: None,
-            overlap: None,
-            owners: None,
+            parallel: None,
         }
     }
 
@@ -267,20 +270,21 @@ impl<'a> Trainer<'a> {
         let weights: Vec<Tensor> = self.policy.trainable_variables().into_values().collect();
         broadcast_all(group, &weights, 0, "the initial weights' broadcast")?;
         let bucket_bytes = (bucket_mb * (1 << 20) as f64).max(1.0) as usize;
-        self.overlap = Some(OverlappedAverage::new(group, &self.gradient_order(), bucket_bytes)?);
-        self.group = Some(group);
+        let overlap = OverlappedAverage::new(group, &self.gradient_order(), bucket_bytes)?;
+        let mut owners = None;
         if shard_optimizer_state {
-            let mut owners: Vec<Vec<(String, Tensor)>> = (0..group.world_size).map(|_| Vec::new()).collect();
+            let mut shares: Vec<Vec<(String, Tensor)>> = (0..group.world_size).map(|_| Vec::new()).collect();
             let mut bytes = vec![0usize; group.world_size];
-            for (name, _, param) in self.optimizer.owned() {
+            for (name, param) in self.optimizer.parameters() {
                 let least = (0..group.world_size).min_by_key(|&r| bytes[r]).expect("a rank");
                 bytes[least] += param.numel() * param.kind().elt_size_in_bytes();
-                owners[least].push((name.clone(), param.shallow_clone()));
+                shares[least].push((name.clone(), param.shallow_clone()));
             }
-            let mine: std::collections::BTreeSet<String> = owners[group.rank].iter().map(|(n, _)| n.clone()).collect();
+            let mine: std::collections::BTreeSet<String> = shares[group.rank].iter().map(|(n, _)| n.clone()).collect();
             self.optimizer.shard(|name| mine.contains(name));
-            self.owners = Some(owners);
+            owners = Some(shares);
         }
+        self.parallel = Some(DataParallel { group, overlap, owners });
         Ok(self)
     }
 
@@ -288,7 +292,7 @@ impl<'a> Trainer<'a> {
     /// it: rank 0 gathers the others' moments (the other ranks return theirs only).
     pub fn optimizer_state(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
         let mut state = self.optimizer.state_tensors();
-        let (Some(owners), Some(group)) = (&self.owners, self.group) else { return Ok(state) };
+        let Some(DataParallel { group, owners: Some(owners), .. }) = &self.parallel else { return Ok(state) };
         let moments: std::collections::BTreeMap<String, Tensor> =
             state.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         let mut tag = 0;
@@ -380,8 +384,8 @@ impl<'a> Trainer<'a> {
         let device = self.policy.vs.device();
         for (i, (indices, batch)) in micro_batches.iter().zip(&batches).enumerate() {
             let started = Instant::now();
-            if let (Some(overlap), true) = (&self.overlap, i + 1 == micro_batches.len()) {
-                overlap.arm(); // the step's gradients are final after this backward pass
+            if let (Some(parallel), true) = (&self.parallel, i + 1 == micro_batches.len()) {
+                parallel.overlap.arm(); // the step's gradients are final after this backward pass
             }
             rows.extend(self.examples.locations(indices));
             tokens += batch.num_tokens();
@@ -410,10 +414,10 @@ impl<'a> Trainer<'a> {
         }
         let local_loss = loss;
         let mut nonfinite_ranks = Vec::new();
-        if let Some(group) = self.group {
+        if let Some(parallel) = &self.parallel {
             let started = Instant::now();
             (seconds.all_reduce_bytes, nonfinite_ranks) =
-                self.reduce_across_ranks(group, &mut loss, &mut tokens, &mut step_log).map_err(StepError::Group)?;
+                parallel.reduce(&mut loss, &mut tokens, &mut step_log).map_err(StepError::Group)?;
             seconds.all_reduce = started.elapsed().as_secs_f64();
         }
         if !loss.is_finite() {
@@ -434,7 +438,7 @@ impl<'a> Trainer<'a> {
             return Err(StepError::NonFinite(NonFinite { what: format!("gradient norm {norm}"), rows, tokens }));
         }
         self.optimizer.step(lr);
-        if let (Some(owners), Some(group)) = (&self.owners, self.group) {
+        if let Some(DataParallel { group, owners: Some(owners), .. }) = &self.parallel {
             for (owner, params) in owners.iter().enumerate() {
                 let params: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
                 broadcast_all(group, &params, owner, "the updated weights' broadcast").map_err(StepError::Group)?;
@@ -445,20 +449,17 @@ impl<'a> Trainer<'a> {
         log.append(step_log);
         Ok(StepOutcome { loss, grad_norm, tokens, seconds })
     }
+}
 
+impl DataParallel<'_> {
     /// What DDP and TRL under accelerate make of the ranks' steps: the gradients averaged (in buckets), the loss
     /// and each metric averaged (the ranks' batches have the same size), the tokens summed. A non-finite loss on any
     /// rank makes the step's loss non-finite on all, which then skip it together. Returns the gradient bytes sent
     /// and the ranks whose loss was not finite.
-    fn reduce_across_ranks(
-        &self,
-        group: &ProcessGroup,
-        loss: &mut f64,
-        tokens: &mut i64,
-        log: &mut MetricLog,
-    ) -> anyhow::Result<(u64, Vec<usize>)> {
+    fn reduce(&self, loss: &mut f64, tokens: &mut i64, log: &mut MetricLog) -> anyhow::Result<(u64, Vec<usize>)> {
         // the buckets first (every rank issues the same collectives in the same order), then the scalars
-        let bytes = self.overlap.as_ref().expect("a data-parallel trainer has its buckets").finish()?;
+        let group = self.group;
+        let bytes = self.overlap.finish()?;
         let finite = loss.is_finite();
         // [loss, tokens, one flag per rank: its loss was not finite]
         let mut values = vec![if finite { *loss } else { 0.0 }, *tokens as f64];

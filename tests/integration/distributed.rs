@@ -72,6 +72,22 @@ fn training_args(s: &Setup, command: &str, out: &Path, batch: usize, extra: &[&s
     args
 }
 
+/// `prefalign launch` of 2 processes (on a free port) running `training` (a command and its flags).
+fn launch_two(training: Vec<String>) -> Vec<String> {
+    let port = free_port().to_string();
+    let launch = ["launch", "--nproc-per-node", "2", "--master-port", &port, "--"].map(String::from);
+    launch.into_iter().chain(training).collect()
+}
+
+/// A file of the fixture pairs' rows `rows` (0-based lines of trl_data/standard.jsonl).
+fn standard_rows(s: &Setup, rows: std::ops::Range<usize>) -> PathBuf {
+    let path = s.root.join(format!("rows{}-{}.jsonl", rows.start, rows.end));
+    let text = std::fs::read_to_string(fixture("trl_data/standard.jsonl")).unwrap();
+    let lines: Vec<&str> = text.lines().skip(rows.start).take(rows.len()).collect();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
 fn command(s: &Setup, args: &[String]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_prefalign"));
     command.args(args).env("OMP_NUM_THREADS", "1").env("PREFALIGN_CACHE", &s.cache);
@@ -97,10 +113,7 @@ fn one_and_two_with(s: &Setup, name: &str, cmd: &str, extra: &[&str], only: (&[&
     let (one, two) = (s.root.join(format!("{name}-1")), s.root.join(format!("{name}-2")));
     let one_flags = [extra, only.0].concat();
     succeed(command(s, &training_args(s, cmd, &one, 4, &one_flags)).output().unwrap(), "one process");
-    let port = free_port().to_string();
-    let mut launch: Vec<String> =
-        ["launch", "--nproc-per-node", "2", "--master-port", &port, "--"].map(String::from).to_vec();
-    launch.extend(training_args(s, cmd, &two, 2, &[extra, only.1].concat()));
+    let launch = launch_two(training_args(s, cmd, &two, 2, &[extra, only.1].concat()));
     succeed(command(s, &launch).output().unwrap(), "launch");
     (one, two)
 }
@@ -167,14 +180,7 @@ fn two_ranks_train_as_one_process_with_their_global_batch() {
 fn evaluation_runs_in_shares_and_gives_one_process_row() {
     let s = setup();
     let reference = s.reference.to_str().unwrap().to_string();
-    let twelve = s.root.join("twelve.jsonl");
-    let lines: Vec<String> = std::fs::read_to_string(fixture("trl_data/standard.jsonl"))
-        .unwrap()
-        .lines()
-        .take(12)
-        .map(String::from)
-        .collect();
-    std::fs::write(&twelve, lines.join("\n") + "\n").unwrap();
+    let twelve = standard_rows(&s, 0..12);
     let eval = |file: &Path| -> Vec<String> {
         [
             "--ref-model",
@@ -223,11 +229,7 @@ fn a_stop_signal_stops_every_rank_at_one_checkpoint() {
     let reference = s.reference.to_str().unwrap().to_string();
     let extra = ["--max-steps", "150", "--save-steps", "25", "--save-total-limit", "2", "--ref-model", &reference];
     let launch = |out: &Path, more: &[&str]| -> Vec<String> {
-        let port = free_port().to_string();
-        let mut args: Vec<String> =
-            ["launch", "--nproc-per-node", "2", "--master-port", &port, "--"].map(String::from).to_vec();
-        args.extend(training_args(&s, "dpo", out, 2, &[&extra[..], more].concat()));
-        args
+        launch_two(training_args(&s, "dpo", out, 2, &[&extra[..], more].concat()))
     };
     let whole = s.root.join("whole");
     succeed(command(&s, &launch(&whole, &[])).output().unwrap(), "uninterrupted");
@@ -257,16 +259,8 @@ fn a_sharded_optimizer_state_trains_and_resumes_as_ddp() {
     let s = setup();
     let reference = s.reference.to_str().unwrap().to_string();
     let run = |out: &Path, more: &[&str]| {
-        let port = free_port().to_string();
-        let mut args: Vec<String> =
-            ["launch", "--nproc-per-node", "2", "--master-port", &port, "--"].map(String::from).to_vec();
-        args.extend(training_args(
-            &s,
-            "dpo",
-            out,
-            2,
-            &[&["--ref-model", &reference, "--save-steps", "5"], more].concat(),
-        ));
+        let flags = [&["--ref-model", &reference, "--save-steps", "5"], more].concat();
+        let args = launch_two(training_args(&s, "dpo", out, 2, &flags));
         succeed(command(&s, &args).output().unwrap(), &out.display().to_string());
     };
     let (ddp, sharded) = (s.root.join("ddp"), s.root.join("sharded"));
@@ -291,24 +285,9 @@ fn a_sharded_optimizer_state_trains_and_resumes_as_ddp() {
 fn a_nonfinite_loss_on_one_rank_is_named_by_every_rank() {
     let s = setup();
     // ORPO keeps the 4th pair (line 8) with its completion truncated away at max_length 80: a NaN loss on rank 1
-    let lines: Vec<String> = std::fs::read_to_string(fixture("trl_data/standard.jsonl"))
-        .unwrap()
-        .lines()
-        .skip(4)
-        .take(4)
-        .map(String::from)
-        .collect();
-    let data = s.root.join("lines5to8.jsonl");
-    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
-    let port = free_port().to_string();
+    let data = standard_rows(&s, 4..8);
     let out = s.root.join("out");
-    let args = [
-        "launch",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        &port,
-        "--",
+    let training = [
         "orpo",
         "--model",
         s.policy.to_str().unwrap(),
@@ -327,11 +306,12 @@ fn a_nonfinite_loss_on_one_rank_is_named_by_every_rank() {
         "--train-sampling-strategy",
         "sequential",
     ];
-    let output = command(&s, &args.map(String::from)).output().unwrap();
+    let args = launch_two(training.map(String::from).to_vec());
+    let output = command(&s, &args).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
-        stderr.contains("non-finite loss NaN at step 1 (batch rows: ") && stderr.contains("lines5to8.jsonl:4"),
+        stderr.contains("non-finite loss NaN at step 1 (batch rows: ") && stderr.contains("rows4-8.jsonl:4"),
         "{stderr}"
     );
     assert!(stderr.contains("non-finite loss on rank(s) [1]"), "{stderr}");
@@ -357,11 +337,7 @@ fn two_ranks_train_as_trl_under_accelerate() {
                 .unwrap();
         assert_eq!(expected["settings"]["world_size"], 2);
         let out = s.root.join(name);
-        let port = free_port().to_string();
-        let mut launch: Vec<String> =
-            ["launch", "--nproc-per-node", "2", "--master-port", &port, "--"].map(String::from).to_vec();
-        launch.extend(training_args(&s, cmd, &out, 2, &extra));
-        succeed(command(&s, &launch).output().unwrap(), name);
+        succeed(command(&s, &launch_two(training_args(&s, cmd, &out, 2, &extra))).output().unwrap(), name);
         crate::training::assert_history(name, &rows(&out), &expected, &|_| false);
         let weights = read_tensors(&out.join("model.safetensors"));
         for (param, stats) in expected["final_params"].as_object().unwrap() {
