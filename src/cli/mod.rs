@@ -53,7 +53,8 @@ enum Command {
     Sft(train::SftArgs),
     /// Train with KTO on unpaired desirable/undesirable examples (or preference pairs, unpaired)
     Kto(train::KtoArgs),
-    /// Run a training command on several processes (torchrun's environment; data-parallel over c10d's Gloo)
+    /// Run a training command on several processes (torchrun's environment; data-parallel over c10d: Gloo, or
+    /// NCCL on CUDA)
     Launch(launch::LaunchArgs),
     /// Score a model (and a reference) on preference data: log-probs, rewards, TRL's eval metrics
     Eval(eval::EvalArgs),

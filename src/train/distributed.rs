@@ -1,6 +1,6 @@
 //! Data-parallel training on libtorch's c10d: the process group that torchrun, `srun` or `prefalign launch` set
-//! up through the environment (torchrun's variable names), Gloo over a TCPStore rendezvous that rank 0 serves, and
-//! the collectives a step needs (the C++ half is distributed.cpp).
+//! up through the environment (torchrun's variable names), Gloo or NCCL over a TCPStore rendezvous that rank 0
+//! serves, and the collectives a step needs (the C++ half is distributed.cpp).
 
 use crate::model::fused::{error_message, handle};
 use anyhow::{bail, Context, Result};
