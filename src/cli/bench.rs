@@ -251,7 +251,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for step in 0..args.warmup + args.steps {
         let started = Instant::now();
         let outcome = trainer
-            .optimizer_step(std::slice::from_ref(&batch), trainer_config.learning_rate, &mut MetricLog::default())
+            .optimizer_step(step, std::slice::from_ref(&batch), trainer_config.learning_rate, &mut MetricLog::default())
             .map_err(|e| match e {
                 StepError::NonFinite(n) => anyhow::anyhow!("non-finite {} at step {}", n.what, step + 1),
                 StepError::Group(error) => error,

@@ -257,6 +257,7 @@ impl ComputeArgs {
         crate::train::step::StepOptions {
             precision: crate::model::lm_head::Precision { cast: self.bf16.then_some(tch::Kind::BFloat16) },
             gradient_checkpointing: self.gradient_checkpointing,
+            lora_dropout: None, // the trainer's, per step
         }
     }
 }

@@ -122,7 +122,7 @@ const REFUSED: &[(&str, &str)] = &[
     ("enable_jit_checkpoint", "checkpoints are written at save steps and on SIGINT/SIGTERM"),
     ("ignore_data_skip", "a resumed run continues the data order exactly"),
     ("dataset_streaming", "datasets are read whole"),
-    ("disable_dropout", "prefalign applies no dropout, as TRL's default disable_dropout: true"),
+    ("disable_dropout", "the preference trainers apply no dropout, as TRL's default disable_dropout: true"),
     ("sync_ref_model", "TR-DPO's reference syncing is not implemented"),
     ("f_divergence_type", "f-divergence DPO is not implemented (reverse KL)"),
     ("f_alpha_divergence_coef", "f-divergence DPO is not implemented (reverse KL)"),

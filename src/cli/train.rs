@@ -274,8 +274,8 @@ pub struct LoraArgs {
     lora_r: usize,
     #[arg(long, value_parser = values::positive, default_value_t = LoraConfig::default().alpha)]
     lora_alpha: f64,
-    /// Recorded in the adapter's config; like TRL (whose disable_dropout, true by default, switches it off) no
-    /// dropout is applied
+    /// Dropout on the adapters' input: applied by sft, as TRL's SFTTrainer does; the preference trainers switch it
+    /// off, as TRL's do (disable_dropout, true by default)
     #[arg(long, value_parser = values::fraction, default_value_t = LoraConfig::default().dropout)]
     lora_dropout: f64,
     /// Module names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or all-linear; default: PEFT's for
@@ -642,14 +642,6 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, ob
     lora.apply(&mut policy, &model.model, compute.step().precision.cast)?;
     if *merge && policy.adapter.is_none() {
         bail!("--merge merges LoRA adapters: it needs --use-peft or --adapter");
-    }
-    // TRL's preference trainers switch dropout off (disable_dropout); its SFTTrainer does not, prefalign never applies it
-    let dropout = policy.adapter.as_ref().map_or(0.0, |a| a.config.dropout);
-    if matches!(objective, Objective::Sft(_)) && dropout > 0.0 && main {
-        eprintln!(
-            "warning: TRL's SFTTrainer applies LoRA dropout ({dropout}); prefalign applies none, so this run differs \
-             from TRL's (--lora-dropout 0 matches it exactly)"
-        );
     }
     let reference_path = match &reference {
         ReferenceArg::Model(path) => Some(path.clone()),

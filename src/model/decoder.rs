@@ -69,7 +69,7 @@ impl Linear {
 
     /// `base`, the projection of `x`, plus its adapter's update when it has one, in `base`'s dtype.
     fn with_update(&self, x: &Tensor, base: Tensor, ctx: &LayerContext) -> Tensor {
-        match self.lora.as_ref().and_then(|l| l.update(x, ctx.cast, ctx.reference)) {
+        match self.lora.as_ref().and_then(|l| l.update(x, ctx.cast, ctx.reference, ctx.lora_dropout)) {
             Some(update) => (&base + update).to_kind(base.kind()),
             None => base,
         }
@@ -316,6 +316,8 @@ pub struct LayerContext {
     cast: Option<Kind>,
     /// The reference pass of a model with adapters: their frozen copies, or none (see `CausalLm::as_reference`).
     reference: bool,
+    /// The seed of the adapters' dropout masks in this pass; None: no dropout.
+    lora_dropout: Option<u64>,
 }
 
 impl LayerContext {
@@ -337,7 +339,13 @@ impl LayerContext {
                 (window, additive.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY))
             })
             .collect();
-        LayerContext { rotary, masks, cast, reference }
+        LayerContext { rotary, masks, cast, reference, lora_dropout: None }
+    }
+
+    /// The same pass with the adapters' dropout (LoRA's `lora_dropout`, where an adapter has one), its masks drawn
+    /// from `seed`: a layer run again with this context (gradient checkpointing) draws the same masks.
+    pub fn with_lora_dropout(self, seed: Option<u64>) -> Self {
+        LayerContext { lora_dropout: seed, ..self }
     }
 
     fn mask_for(&self, window: Option<i64>) -> &Tensor {
@@ -457,7 +465,7 @@ impl CausalLm {
         }
         let mut matched: Vec<String> = Vec::new();
         let (scaling, r) = (config.scaling(), config.r as i64);
-        for (module, linear) in self.projections_mut() {
+        for (index, (module, linear)) in self.projections_mut().into_iter().enumerate() {
             let Some(name) = names.iter().find(|n| module == **n || module.ends_with(&format!(".{n}"))) else {
                 continue;
             };
@@ -471,7 +479,8 @@ impl CausalLm {
             let a = (&path / "lora_A").add("weight", zeros([r, in_dim]), true);
             let b = (&path / "lora_B").add("weight", zeros([out_dim, r]), true);
             lora::init_a(&a);
-            linear.lora = Some(Lora { a, b, scaling, reference: None });
+            let (dropout, index) = (config.dropout, index as u64);
+            linear.lora = Some(Lora { a, b, scaling, reference: None, dropout, index });
         }
         // PEFT refuses targets that match nothing, and passes over a name of several that matches nothing.
         if matched.is_empty() {
@@ -639,10 +648,14 @@ impl CausalLm {
     /// Final hidden states [batch, len, hidden], after the last norm; with `cast`, matrix products run in
     /// that dtype (autocast) while norms, softmax statistics and the residual stream stay in the weights' dtype.
     pub fn hidden_states(&self, input_ids: &Tensor, layout: &TokenLayout, cast: Option<Kind>) -> Tensor {
-        let ctx = self.layer_context(input_ids, layout, cast);
+        self.hidden_states_in(input_ids, &self.layer_context(input_ids, layout, cast))
+    }
+
+    /// `hidden_states` with a context made beforehand (`layer_context`).
+    pub fn hidden_states_in(&self, input_ids: &Tensor, ctx: &LayerContext) -> Tensor {
         let mut x = self.embed(input_ids);
         for i in 0..self.num_layers() {
-            x = self.layer(i, &x, &ctx);
+            x = self.layer(i, &x, ctx);
         }
         self.final_norm(&x)
     }

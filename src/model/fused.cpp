@@ -1,10 +1,11 @@
-// Two pieces of the decoder layer as autograd functions that keep less for the backward pass than the same
+// Pieces of the decoder layer as autograd functions that keep less for the backward pass than the same
 // tensor ops would, for model/fused.rs. The forward computations are the ops decoder.rs used before (and
 // transformers runs); the backward passes recompute the cheap element-wise parts from what they kept. tch 0.24
 // has no custom autograd functions, hence C++.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
+#include <mutex>
 #include <optional>
 
 #include "ffi.h"
@@ -144,5 +145,29 @@ extern "C" char *prefalign_cast_linears(at::Tensor *x, at::Tensor **weights, at:
         // as TensorLists, which autograd counts as inputs (a std::vector would count as one non-tensor argument)
         auto outputs = CastLinears::apply(*x, at::TensorList(weight_list), at::TensorList(bias_list), cast);
         for (size_t i = 0; i < count; i++) outs[i] = new at::Tensor(outputs[i]);
+    });
+}
+
+// Dropout as torch's (keep with probability 1 - p, kept values times 1 / (1 - p)), the mask drawn from a generator
+// of x's device seeded with `seed` alone: the same seed gives the same mask whatever ran before, so a resumed run
+// and a layer recomputed under gradient checkpointing draw what the first pass drew. Autograd keeps the boolean
+// mask, as torch's dropout does.
+extern "C" char *prefalign_dropout(at::Tensor *x, double p, uint64_t seed, at::Tensor **out) {
+    return guarded([&] {
+        auto generator = [&] {
+            auto global = at::globalContext().defaultGenerator(x->device());
+            std::lock_guard<std::mutex> lock(global.mutex());
+            return global.clone();  // a generator of the device's kind, which the seed then resets
+        }();
+        {
+            std::lock_guard<std::mutex> lock(generator.mutex());
+            generator.set_current_seed(seed);
+        }
+        if (p >= 1) {  // torch's dropout zeroes everything, with a gradient of zero
+            *out = new at::Tensor(x->mul(0));
+            return;
+        }
+        auto keep = at::empty_like(*x, x->options().dtype(at::kBool)).bernoulli_(1 - p, generator);
+        *out = new at::Tensor(x->mul(keep).mul_(1 / (1 - p)));
     });
 }

@@ -1,7 +1,7 @@
 //! RMSNorm, the SwiGLU MLP's output projection and the other projections under autocast as autograd functions
 //! that keep less for the backward pass (src/model/fused.cpp): the same forward computation, with the element-wise
 //! intermediates and the casts recomputed in the backward pass instead of kept (what that saves:
-//! docs/PERFORMANCE.md).
+//! docs/PERFORMANCE.md). Also dropout with masks from a seed of their own (`dropout`).
 
 use std::ffi::c_char;
 use tch::{Kind, Tensor};
@@ -24,6 +24,7 @@ extern "C" {
         cast: i64,
         outs: *mut *mut C_tensor,
     ) -> *mut c_char;
+    fn prefalign_dropout(x: *mut C_tensor, p: f64, seed: u64, out: *mut *mut C_tensor) -> *mut c_char;
 }
 
 /// The c10::ScalarType code of a floating dtype the C++ functions compute in (autocast's, or a weight's).
@@ -132,6 +133,16 @@ pub fn cast_linears(x: &Tensor, weights: &[&Tensor], biases: Option<&[&Tensor]>,
     outs.into_iter().map(|out| unsafe { Tensor::from_ptr(out) }).collect()
 }
 
+/// torch's dropout of x in training (each element kept with probability 1 - p and divided by 1 - p, zeroed
+/// otherwise) with the mask drawn from a generator seeded with `seed` only: the same seed, the same mask.
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Tensor {
+    assert!((0.0..=1.0).contains(&p), "dropout probability {p} outside [0, 1]");
+    let mut out = std::ptr::null_mut();
+    // Safety: the handle points at a tensor borrowed for the call.
+    let error = unsafe { prefalign_dropout(handle(x), p, seed, &mut out) };
+    finish("dropout", error, out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +206,29 @@ mod tests {
                 assert_close(name, &got.to_device(tch::Device::Cpu), want, 1e-5);
             }
         }
+    }
+
+    /// Kept elements are x / (1 - p), about 1 - p of them, as torch's dropout; the gradient is the mask over 1 - p; a seed gives one
+    /// mask whatever else drew random numbers in between.
+    #[test]
+    fn dropout_keeps_and_scales_as_torch_and_its_seed_fixes_the_mask() {
+        let x = leaf(&[64, 256], 3);
+        let p = 0.25;
+        let out = dropout(&x, p, 7);
+        let kept = out.ne(0.0);
+        let fraction = kept.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        assert!((fraction - 0.75).abs() < 0.01, "kept {fraction}");
+        // torch's dropout multiplies by 1 / (1 - p) rounded to x's dtype
+        let scaled = (&x * (1.0 / (1.0 - p))).masked_fill(&kept.logical_not(), 0.0);
+        assert!(out.equal(&scaled), "kept values are not x / (1 - p)");
+        let x_grad = grads(&out, &Tensor::ones_like(&x), &[&x]).remove(0);
+        let want = kept.to_kind(Kind::Float) / (1.0 - p);
+        assert!(x_grad.allclose(&want, 1e-7, 0.0, false));
+        let _ = Tensor::rand([100], (Kind::Float, tch::Device::Cpu)); // the global generator moves on
+        assert!(dropout(&x, p, 7).equal(&out), "the same seed drew another mask");
+        assert!(!dropout(&x, p, 8).equal(&out), "another seed drew the same mask");
+        assert!(dropout(&x, 0.0, 7).equal(&x));
+        assert_eq!(dropout(&x, 1.0, 7).abs().sum(Kind::Float).double_value(&[]), 0.0);
     }
 
     #[test]

@@ -7,8 +7,11 @@
 //! of the module, used by the policy pass; the reference pass uses the original, as PEFT does with its adapters
 //! disabled.
 //!
-//! Dropout on the adapters' input is not applied: TRL's preference trainers switch every dropout of the model off
-//! (`disable_dropout`, true by default), PEFT's LoRA dropout included, after wrapping the model.
+//! Dropout on the adapters' input (`lora_dropout`) applies in SFT's gradient passes, as TRL's SFTTrainer trains
+//! with it; TRL's preference trainers switch every dropout of the model off (`disable_dropout`, true by default),
+//! PEFT's LoRA dropout included, and so does prefalign for them. Its masks come from a seed per pass and adapter
+//! (`LayerContext::with_lora_dropout`), not from torch's global generator: a resumed run and a recomputed layer
+//! draw the same masks, but not the masks TRL draws.
 
 use crate::files::write_file_atomically;
 use anyhow::{bail, Context, Result};
@@ -34,7 +37,7 @@ const SAVED_MODULE: &str = ".modules_to_save.";
 pub struct LoraConfig {
     pub r: usize,
     pub alpha: f64,
-    /// Recorded in the adapter's config; not applied (see the module's note).
+    /// On the adapters' input, in SFT only (see the module's note).
     pub dropout: f64,
     /// Module names (a module is adapted when its full name is one of them or ends with "." and one of them),
     /// or `all-linear`; None: PEFT's default for the architecture.
@@ -130,6 +133,10 @@ impl LoraConfig {
             }
         }
         let r = field("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or_else(|| refuse("no positive r".into()))?;
+        let dropout = field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&dropout) {
+            return Err(refuse(format!("lora_dropout is {dropout}; a probability is in [0, 1]")));
+        }
         let target_modules = match field("target_modules") {
             Some(Value::Array(names)) => {
                 names.iter().map(|n| n.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()
@@ -141,7 +148,7 @@ impl LoraConfig {
         Ok(Self {
             r: r as usize,
             alpha: field("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0),
-            dropout: field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+            dropout,
             target_modules: Some(target_modules.ok_or_else(|| refuse("target_modules is not a list".into()))?),
             use_rslora: field("use_rslora").and_then(Value::as_bool).unwrap_or(false),
             modules_to_save: match field("modules_to_save") {
@@ -233,22 +240,42 @@ pub struct Lora {
     pub b: Tensor,
     pub scaling: f64,
     pub reference: Option<(Tensor, Tensor)>,
+    /// PEFT's `lora_dropout` on x, where a pass asks for it
+    pub dropout: f64,
+    /// The adapter's place among the model's projections, which makes its dropout masks its own.
+    pub index: u64,
 }
 
 impl Lora {
     /// scaling · B A x, [..., out], for x [..., in] (PEFT: `lora_B(lora_A(dropout(x))) * scaling`): in the autocast
     /// dtype under autocast, else in the adapter's dtype (PEFT casts x to it). In the reference pass the frozen
-    /// copy's, or None when there is none (the base model alone, adapters off).
-    pub fn update(&self, x: &Tensor, cast: Option<Kind>, reference: bool) -> Option<Tensor> {
+    /// copy's, or None when there is none (the base model alone, adapters off). With `dropout_seed` (a gradient
+    /// pass that trains with dropout) x goes through the adapter's dropout first, its mask drawn from that seed and
+    /// the adapter's index.
+    pub fn update(&self, x: &Tensor, cast: Option<Kind>, reference: bool, dropout_seed: Option<u64>) -> Option<Tensor> {
         let (a, b) = match (reference, &self.reference) {
             (false, _) => (&self.a, &self.b),
             (true, Some((a, b))) => (a, b),
             (true, None) => return None,
         };
+        let x = match dropout_seed {
+            Some(seed) if self.dropout > 0.0 && !reference => {
+                crate::model::fused::dropout(x, self.dropout, mix_seeds(seed, self.index))
+            }
+            _ => x.shallow_clone(),
+        };
         let kind = cast.unwrap_or(a.kind());
         let down = x.to_kind(kind).linear::<&Tensor>(&a.to_kind(kind), None);
         Some(down.linear::<&Tensor>(&b.to_kind(kind), None) * self.scaling)
     }
+}
+
+/// One seed from two (splitmix64's finalizer over their combination): nearby inputs give unrelated seeds.
+pub fn mix_seeds(seed: u64, value: u64) -> u64 {
+    let mut z = seed ^ value.wrapping_add(0x9e37_79b9_7f4a_7c15).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// PEFT's initialisation of A: `kaiming_uniform_(a=√5)`, uniform in ±1/√in.

@@ -62,6 +62,12 @@ impl Objective {
         matches!(self, Objective::Sft(_))
     }
 
+    /// Whether training keeps the model's dropout (LoRA's `lora_dropout`): TRL's SFTTrainer does; its preference
+    /// trainers switch every dropout off (`disable_dropout`, true by default).
+    pub fn trains_with_dropout(&self) -> bool {
+        matches!(self, Objective::Sft(_))
+    }
+
     /// The positions whose log-probs the loss reads.
     pub fn needed(&self) -> Needed {
         match self {

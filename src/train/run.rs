@@ -205,7 +205,7 @@ pub fn train_on(
         if let Some(group) = group {
             group.mark_step(step);
         }
-        let outcome = match trainer.optimizer_step(&micro_batches, lr_at(step), &mut progress.pending) {
+        let outcome = match trainer.optimizer_step(step, &micro_batches, lr_at(step), &mut progress.pending) {
             Ok(outcome) => outcome,
             Err(StepError::Group(error)) => return Err(error),
             Err(StepError::NonFinite(nonfinite)) => {

@@ -17,6 +17,9 @@ pub struct StepOptions {
     pub precision: Precision,
     /// Keep only each layer's input during the forward pass and recompute the layer during backward.
     pub gradient_checkpointing: bool,
+    /// The seed of this gradient pass's dropout masks on the adapters' input (LoRA's `lora_dropout`); None: no
+    /// dropout. The trainer derives one per step and micro-batch where the objective trains with dropout (SFT).
+    pub lora_dropout: Option<u64>,
 }
 
 /// What the loss of `micro` takes as given: the reference's log-probs (computed by the caller, or precomputed)
@@ -40,7 +43,7 @@ pub fn forward_backward(
     let input = ModelInput::new(packed, model.lm_head_weight().device());
     let layout = input.layout();
     let cast = options.precision.cast;
-    let ctx = model.layer_context(&input.input_ids, &layout, cast);
+    let ctx = model.layer_context(&input.input_ids, &layout, cast).with_lora_dropout(options.lora_dropout);
     // With checkpointing the forward pass builds no graph and keeps the input of every layer (and of the norm).
     let mut layer_inputs = Vec::new();
     let hidden = if options.gradient_checkpointing {
@@ -54,7 +57,7 @@ pub fn forward_backward(
             model.final_norm(&x)
         })
     } else {
-        model.hidden_states(&input.input_ids, &layout, cast)
+        model.hidden_states_in(&input.input_ids, &ctx)
     }; // [R, L, hidden]
 
     let (scores, tape) = score_hidden(model, packed, &hidden, objective.needed(), options.precision);

@@ -6,6 +6,7 @@ use crate::data::batches::Examples;
 use crate::data::batches::MicroBatch;
 use crate::data::collate::SamplingStrategy;
 use crate::data::pack::Batching;
+use crate::model::lora::mix_seeds;
 use crate::model::LoadedModel;
 use crate::objective::metrics::MetricLog;
 use crate::objective::Objective;
@@ -177,6 +178,8 @@ pub struct Trainer<'a> {
     pub step: StepOptions,
     pub max_grad_norm: f64,
     pub optimizer: AdamW,
+    /// Where the objective trains with dropout (SFT), the run's seed, from which each step's masks derive.
+    dropout_seed: Option<u64>,
     /// Data-parallel: this rank's part.
     parallel: Option<DataParallel<'a>>,
 }
@@ -254,6 +257,7 @@ impl<'a> Trainer<'a> {
             batching: config.batching,
             step: config.step,
             max_grad_norm: config.max_grad_norm,
+            dropout_seed: objective.trains_with_dropout().then_some(config.seed),
             parallel: None,
         }
     }
@@ -356,11 +360,12 @@ impl<'a> Trainer<'a> {
         None
     }
 
-    /// One optimizer step at learning rate `lr` over `micro_batches` (indices into `pairs`); the metrics of its
-    /// batches are appended to `log` when the step succeeds. A non-finite loss stops the step at that micro-batch
+    /// Optimizer step `step` (0-based, which seeds its dropout masks) at learning rate `lr` over `micro_batches`
+    /// (indices into `pairs`); the metrics of its batches are appended to `log` when the step succeeds. A non-finite loss stops the step at that micro-batch
     /// (the later ones are not run) and, like a non-finite gradient norm, leaves the weights as they were.
     pub fn optimizer_step(
         &mut self,
+        step: usize,
         micro_batches: &[Vec<usize>],
         lr: f64,
         log: &mut MetricLog,
@@ -397,13 +402,15 @@ impl<'a> Trainer<'a> {
             let reference_done = Instant::now();
             seconds.reference += (reference_done - started).as_secs_f64();
             let given = given(&self.policy.model, batch, reference, self.step.precision);
+            let lora_dropout = self.dropout_seed.map(|seed| mix_seeds(mix_seeds(seed, step as u64), i as u64));
+            let options = StepOptions { lora_dropout, ..self.step };
             let value = forward_backward(
                 &self.policy.model,
                 &batch.batch,
                 self.objective,
                 &given,
                 scale,
-                self.step,
+                options,
                 &mut step_log,
             );
             seconds.policy += reference_done.elapsed().as_secs_f64();

@@ -133,7 +133,7 @@ fn layouts_and_checkpointing_match_trl_layout() {
 fn bf16_autocast_stays_close_to_f32() {
     let model = model::load(&fixture("models/llama"), Device::Cpu, Kind::Float).unwrap();
     let pairs = random_pairs(7, model.config().vocab_size as i64);
-    let bf16 = StepOptions { precision: Precision { cast: Some(Kind::BFloat16) }, gradient_checkpointing: false };
+    let bf16 = StepOptions { precision: Precision { cast: Some(Kind::BFloat16) }, ..Default::default() };
     for (name, objective) in objectives() {
         let f32 = run(&model, &pairs, &objective, PackOptions::default(), StepOptions::default());
         let half = run(&model, &pairs, &objective, PackOptions::default(), bf16);

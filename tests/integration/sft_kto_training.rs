@@ -435,3 +435,43 @@ fn sft_and_kto_resume_bit_for_bit() {
     let kto = Examples::Kto(&examples);
     assert_resume_is_bit_for_bit(&expected, kto, Some(kto), Some("eval/tiny_ref"), &objective, truncation);
 }
+
+/// SFT with LoRA trains with the adapters' dropout, as TRL's SFTTrainer does: it changes the gradients (the first
+/// step's loss is the same, B being zero); a seed gives one run, again under gradient checkpointing (each layer
+/// recomputed draws its masks again) and across a resume.
+#[test]
+fn sft_applies_lora_dropout_reproducibly() {
+    use crate::lora::ok;
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::common::tiny_model_dir(dir.path(), "tiny_policy");
+    let data = fixture("sft/messages.jsonl");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["sft", "--model", model.to_str().unwrap(), "--dataset", data.to_str().unwrap()];
+        args.extend(["--output-dir", out.to_str().unwrap(), "--max-steps", "4", "--logging-steps", "1"]);
+        args.extend(["--use-peft", "--lora-r", "4", "--learning-rate", "1e-2", "--save-steps", "2"]);
+        args.extend(extra);
+        ok(&args);
+        (metrics_rows(&out), out)
+    };
+    let value = |rows: &[serde_json::Map<String, Value>], step: usize, key: &str| rows[step][key].as_f64().unwrap();
+    let (dropped, out) = run("dropout", &["--lora-dropout", "0.3"]);
+    let (again, _) = run("again", &["--lora-dropout", "0.3"]);
+    assert_eq!(dropped, again, "the same seed trained differently");
+    let (none, _) = run("none", &["--lora-dropout", "0"]);
+    assert_eq!(value(&dropped, 0, "loss"), value(&none, 0, "loss"));
+    assert_ne!(value(&dropped, 0, "grad_norm"), value(&none, 0, "grad_norm"), "dropout changed no gradient");
+    let (checkpointed, _) = run("checkpointed", &["--lora-dropout", "0.3", "--gradient-checkpointing"]);
+    for step in 0..4 {
+        for key in ["loss", "grad_norm"] {
+            let (got, want) = (value(&checkpointed, step, key), value(&dropped, step, key));
+            assert!((got - want).abs() <= 1e-5 * want.abs(), "step {}: {key} {got} vs {want}", step + 1);
+        }
+    }
+    let checkpoint = out.join("checkpoint-2");
+    let (resumed, resumed_out) =
+        run("resumed", &["--lora-dropout", "0.3", "--resume-from-checkpoint", checkpoint.to_str().unwrap()]);
+    assert_eq!(resumed, dropped[2..].to_vec());
+    let adapter = |dir: &std::path::Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter(&resumed_out), adapter(&out), "the resumed run's adapter differs");
+}
