@@ -3,8 +3,9 @@
 //! loss makes), so every tensor here is TRL's logical [2B, T-1], whatever layout the model ran (`data::pack`).
 //!
 //! The [tokens, vocab] logits are never materialized for the whole batch: the lm_head, log-softmax and gather
-//! run over chunks of the positions whose log-probs are needed, in f32, and `LmHeadTape::backward` recomputes
-//! each chunk to turn d loss / d log-prob into gradients of the hidden states and the lm_head weight.
+//! run over chunks of the positions whose log-probs are needed, in f32, and `LmHeadTape::backward` turns d loss /
+//! d log-prob into gradients of the hidden states and the lm_head weight from each chunk's softmax: kept from the
+//! forward pass when all of them fit in `KEPT_ELEMENTS`, else recomputed chunk by chunk.
 
 use crate::data::pack::PackedBatch;
 use crate::model::decoder::{CausalLm, TokenLayout};
@@ -12,6 +13,9 @@ use tch::{Device, Kind, Tensor};
 
 /// Logits of at most this many elements exist at once (64 MiB in f32).
 const CHUNK_ELEMENTS: i64 = 1 << 24;
+/// The softmax of every chunk is kept for the backward pass when it has at most this many elements (128 MiB in
+/// f32): no more than recomputing one chunk's logits and softmax there would hold at once.
+const KEPT_ELEMENTS: i64 = 2 * CHUNK_ELEMENTS;
 
 pub struct TokenScores {
     /// log p(input[t+1] | input[..=t]) where needed (see `Needed`), 0 elsewhere, [2B, T-1] f32
@@ -130,6 +134,8 @@ pub struct LmHeadTape {
     /// rows of the flattened model hidden states
     hidden_rows: i64,
     cast: Option<Kind>,
+    /// each chunk's softmax [c, V] f32, from the forward pass, when kept (see `KEPT_ELEMENTS`)
+    kept_softmax: Vec<Tensor>,
 }
 
 /// The lm_head weight [vocab, hidden] in the dtype its matrix products run in.
@@ -151,7 +157,7 @@ fn chunk_rows(vocab: i64) -> i64 {
 pub fn score_tokens(model: &CausalLm, packed: &PackedBatch, needed: Needed, precision: Precision) -> TokenScores {
     let input = ModelInput::new(packed, model.lm_head_weight().device());
     let hidden = tch::no_grad(|| model.hidden_states(&input.input_ids, &input.layout(), precision.cast));
-    let mut scores = score_hidden(model, packed, &hidden, needed, precision).0;
+    let mut scores = score_hidden(model, packed, &hidden, needed, precision, false).0;
     scores.logps = scores.logps.detach();
     scores
 }
@@ -166,7 +172,7 @@ pub fn summed_completion_logps(model: &CausalLm, packed: &PackedBatch, precision
         let masks = ShiftedMasks::new(packed);
         let tape = LmHeadTape::new(packed, &hidden, &masks, Needed::Completions, precision.cast);
         let masks = masks.to_device(hidden.device());
-        let (logps, _) = tape.chunked_scores(model, false);
+        let (logps, _, _) = tape.chunked_scores(model, false, false);
         let rows = packed.logical.input_ids.size()[0];
         let logps = tape.dense(&logps, rows, masks.len);
         (logps * &masks.completion).sum_dim_intlist(-1, false, Kind::Float)
@@ -203,25 +209,29 @@ impl ShiftedMasks {
 }
 
 /// Scores the needed tokens from the model's final hidden states [R, L, hidden]. The returned log-probs are a
-/// leaf that requires grad: after `loss.backward()`, its gradient goes to `LmHeadTape::backward`.
+/// leaf that requires grad: after `loss.backward()`, its gradient goes to `LmHeadTape::backward`, which `backward`
+/// says will run (the tape then keeps what it can of the forward pass for it).
 pub fn score_hidden(
     model: &CausalLm,
     packed: &PackedBatch,
     hidden: &Tensor,
     needed: Needed,
     precision: Precision,
+    backward: bool,
 ) -> (TokenScores, LmHeadTape) {
     let weight = model.lm_head_weight();
     let device = weight.device();
     let (rows, width) = (packed.logical.input_ids.size()[0], packed.logical.input_ids.size()[1]);
     let masks = ShiftedMasks::new(packed);
     let len = masks.len;
-    let tape = LmHeadTape::new(packed, hidden, &masks, needed, precision.cast);
+    let mut tape = LmHeadTape::new(packed, hidden, &masks, needed, precision.cast);
     let masks = masks.to_device(device);
     let source = packed.source.to_device(device); // [2B, T]
 
+    let keep = backward && tape.targets.size()[0] * weight.size()[0] <= KEPT_ELEMENTS;
     let (logps, entropy, is_top1, mean_logits) = tch::no_grad(|| {
-        let (logps, metrics) = tape.chunked_scores(model, true);
+        let (logps, metrics, kept) = tape.chunked_scores(model, true, keep);
+        tape.kept_softmax = kept;
         let (entropy, top1) = metrics.expect("metrics requested");
         // The mean logit is the hidden state times the mean lm_head row: no vocabulary-wide logits needed.
         let hidden_flat = hidden.detach().reshape([tape.hidden_rows, -1]); // [R*L, hidden]
@@ -276,17 +286,24 @@ impl LmHeadTape {
             hidden_index,
             hidden_rows: hidden_flat.size()[0],
             cast,
+            kept_softmax: Vec::new(),
         }
     }
 
     /// Log-prob of each scored row's target, [N]; with `metrics` also the entropy of its next-token
-    /// distribution and whether the target is the argmax, [N] each. Runs under no_grad.
-    fn chunked_scores(&self, model: &CausalLm, metrics: bool) -> (Tensor, Option<(Tensor, Tensor)>) {
+    /// distribution and whether the target is the argmax, [N] each; with `keep` each chunk's softmax. Runs under
+    /// no_grad.
+    fn chunked_scores(
+        &self,
+        model: &CausalLm,
+        metrics: bool,
+        keep: bool,
+    ) -> (Tensor, Option<(Tensor, Tensor)>, Vec<Tensor>) {
         let device = self.hidden.device();
         let n = self.targets.size()[0];
         let matmul_weight = matmul_weight(model, self.cast);
         let rows_per_chunk = chunk_rows(matmul_weight.size()[0]);
-        let (mut logps, mut entropy, mut top1) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut logps, mut entropy, mut top1, mut kept) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for start in (0..n).step_by(rows_per_chunk as usize) {
             let size = rows_per_chunk.min(n - start);
             let logits = chunk_logits(&self.hidden.narrow(0, start, size), &matmul_weight); // [c, V]
@@ -294,12 +311,20 @@ impl LmHeadTape {
             if metrics {
                 top1.push(logits.argmax(-1, false).eq_tensor(&targets.squeeze_dim(1)));
             }
+            // the softmax as the backward pass would recompute it: the same numbers kept or not
+            let softmax = (metrics || keep).then(|| logits.softmax(-1, Kind::Float));
             let log_probs = logits.log_softmax(-1, Kind::Float);
-            drop(logits); // at most two [c, V] buffers at a time
+            drop(logits); // at most three [c, V] buffers at a time
             logps.push(log_probs.gather(1, &targets, false).squeeze_dim(1));
-            if metrics {
-                let mut plogp = log_probs.exp();
-                entropy.push(-plogp.g_mul_(&log_probs).sum_dim_intlist(-1, false, Kind::Float));
+            if let Some(softmax) = softmax {
+                if metrics {
+                    // in place unless the softmax is kept
+                    let plogp = if keep { &softmax * &log_probs } else { softmax.shallow_clone().g_mul_(&log_probs) };
+                    entropy.push(-plogp.sum_dim_intlist(-1, false, Kind::Float));
+                }
+                if keep {
+                    kept.push(softmax);
+                }
             }
         }
         let cat = |parts: Vec<Tensor>, kind: Kind| {
@@ -310,7 +335,7 @@ impl LmHeadTape {
             }
         };
         let logps = cat(logps, Kind::Float);
-        (logps, metrics.then(|| (cat(entropy, Kind::Float), cat(top1, Kind::Bool))))
+        (logps, metrics.then(|| (cat(entropy, Kind::Float), cat(top1, Kind::Bool))), kept)
     }
 
     /// Per-row values [N] placed at their logical positions, zero elsewhere, [2B, T-1].
@@ -321,8 +346,9 @@ impl LmHeadTape {
     }
 
     /// From d loss / d logps [2B, T-1]: accumulates the lm_head weight's gradient and returns d loss / d hidden
-    /// states, [R * L, hidden]. Each chunk's logits are recomputed: d logp / d logits = onehot(target) - softmax.
-    pub fn backward(&self, model: &CausalLm, logps_grad: &Tensor) -> Tensor {
+    /// states, [R * L, hidden]. d logp / d logits = onehot(target) - softmax, from each chunk's kept softmax or
+    /// its logits recomputed.
+    pub fn backward(self, model: &CausalLm, logps_grad: &Tensor) -> Tensor {
         let weight = model.lm_head_weight();
         let grad_logps = logps_grad.flatten(0, -1).index_select(0, &self.logical_index); // [N]
         let n = self.targets.size()[0];
@@ -338,6 +364,7 @@ impl LmHeadTape {
             }
         });
         let mut grad_hidden = Vec::new();
+        let mut kept = self.kept_softmax.into_iter();
         tch::no_grad(|| {
             let matmul_weight = matmul_weight(model, self.cast);
             let kind = matmul_weight.kind();
@@ -346,7 +373,10 @@ impl LmHeadTape {
                 let size = rows_per_chunk.min(n - start);
                 let h = self.hidden.narrow(0, start, size);
                 let g = grad_logps.narrow(0, start, size).unsqueeze(1); // [c, 1]
-                let mut grad_logits = chunk_logits(&h, &matmul_weight).softmax(-1, Kind::Float); // [c, V]
+                let mut grad_logits = match kept.next() {
+                    Some(softmax) => softmax, // overwritten in place: the last use
+                    None => chunk_logits(&h, &matmul_weight).softmax(-1, Kind::Float), // [c, V]
+                };
                 let _ = grad_logits.g_mul_(&-&g).scatter_add_(1, &self.targets.narrow(0, start, size).unsqueeze(1), &g);
                 let grad_logits = grad_logits.to_kind(kind);
                 grad_hidden.push(grad_logits.matmul(&matmul_weight).to_kind(Kind::Float)); // [c, hidden]

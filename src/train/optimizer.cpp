@@ -3,7 +3,8 @@
 //   torch >= 2.8: `adamw_torch_fused`): one pass over parameter, gradient and both moments instead of the ten
 //   element-wise passes (and temporaries) of the same update written with tensor ops;
 // - `clip_grad_norm_` as torch runs it: the foreach kernels on CUDA (a few launches instead of two per parameter),
-//   one norm and one multiplication per gradient elsewhere;
+//   one norm and one multiplication per gradient elsewhere (none where the norm is within max_norm: torch
+//   multiplies by exactly 1 there);
 // - `zero_grad(set_to_none=True)`.
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_foreach_norm.h>
@@ -59,7 +60,7 @@ extern "C" char *prefalign_clip_grad_norm(at::Tensor **grads, size_t count, doub
         auto coef = at::clamp(at::mul(at::reciprocal(at::add(total, 1e-6)), max_norm), std::nullopt, 1.0);
         if (foreach) {
             at::_foreach_mul_(grad_list, coef);
-        } else {
+        } else if (coef.item<double>() < 1.0) {  // on the CPU reading it costs nothing
             for (auto &grad : grad_list) grad.mul_(coef);
         }
         *total_out = new at::Tensor(total);

@@ -60,7 +60,7 @@ pub fn forward_backward(
         model.hidden_states_in(&input.input_ids, &ctx)
     }; // [R, L, hidden]
 
-    let (scores, tape) = score_hidden(model, packed, &hidden, objective.needed(), options.precision);
+    let (scores, tape) = score_hidden(model, packed, &hidden, objective.needed(), options.precision, true);
     let loss = objective.batch_loss(&scores, packed, given, log) * scale;
     let value = loss.double_value(&[]);
     if !value.is_finite() {
