@@ -280,6 +280,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
     }
+    let step_times = times.clone(); // in order, as TRL's bench lists them
     let step_seconds = median(&mut times);
     let [reference_s, policy_s, optimizer_s] = phases.map(|mut p| median(&mut p));
     let peak_rss = peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64;
@@ -307,6 +308,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "steps": args.steps,
         "median_step_s": step_seconds,
         "pairs_per_s": args.pairs as f64 / step_seconds,
+        "step_times_s": step_times,
         "median_phase_s": {"reference": reference_s, "policy": policy_s, "optimizer": optimizer_s},
         "peak_rss_gib": peak_rss,
         "peak_gpu_used_gib": cuda_peak.map(|b| b as f64 / (1u64 << 30) as f64),
