@@ -643,6 +643,14 @@ fn run(args: &RunArgs, reference: ReferenceArg, precompute: bool, task: Task, ob
     if *merge && policy.adapter.is_none() {
         bail!("--merge merges LoRA adapters: it needs --use-peft or --adapter");
     }
+    // TRL's SFTTrainer keeps the model's own dropout (its preference trainers switch it off); prefalign has none
+    let attention_dropout = policy.config().attention_dropout.unwrap_or(0.0);
+    if objective.trains_with_dropout() && attention_dropout > 0.0 && main {
+        eprintln!(
+            "warning: the model's attention_dropout ({attention_dropout}) is not applied; TRL's SFTTrainer trains \
+             with it, so this run differs from TRL's (set it to 0 in config.json to match exactly)"
+        );
+    }
     let reference_path = match &reference {
         ReferenceArg::Model(path) => Some(path.clone()),
         _ => None,

@@ -114,6 +114,9 @@ pub struct ModelConfig {
     pub attention_bias: Option<bool>,
     #[serde(default)]
     pub mlp_bias: bool,
+    /// Dropout on the attention weights in training; prefalign applies none (see `cli::train`'s warning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_dropout: Option<f64>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]

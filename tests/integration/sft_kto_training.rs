@@ -438,7 +438,7 @@ fn sft_and_kto_resume_bit_for_bit() {
 
 /// SFT with LoRA trains with the adapters' dropout, as TRL's SFTTrainer does: it changes the gradients (the first
 /// step's loss is the same, B being zero); a seed gives one run, again under gradient checkpointing (each layer
-/// recomputed draws its masks again) and across a resume.
+/// recomputed draws its masks again) and across a resume. The model's attention dropout, not applied, is named.
 #[test]
 fn sft_applies_lora_dropout_reproducibly() {
     use crate::lora::ok;
@@ -474,4 +474,23 @@ fn sft_applies_lora_dropout_reproducibly() {
     assert_eq!(resumed, dropped[2..].to_vec());
     let adapter = |dir: &std::path::Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
     assert_eq!(adapter(&resumed_out), adapter(&out), "the resumed run's adapter differs");
+
+    // the model's own attention dropout, which TRL's SFTTrainer would apply too, is named, not silently left out
+    let config_path = model.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["attention_dropout"] = serde_json::json!(0.1);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let out = dir.path().join("attention-dropout");
+    let stderr = ok(&[
+        "sft",
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "1",
+    ]);
+    assert!(stderr.contains("attention_dropout (0.1) is not applied"), "{stderr}");
 }

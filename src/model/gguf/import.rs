@@ -99,6 +99,7 @@ fn config_from_metadata(
         rope_parameters: None,
         attention_bias: Some(file.tensors.iter().any(|t| t.name == "blk.0.attn_q.bias") && arch != Architecture::Qwen2),
         mlp_bias: false,
+        attention_dropout: None,
         tie_word_embeddings: !has_output,
         sliding_window: None,
         use_sliding_window: false,
