@@ -208,8 +208,8 @@ mod tests {
         }
     }
 
-    /// Kept elements are x / (1 - p), about 1 - p of them, as torch's dropout; the gradient is the mask over 1 - p; a seed gives one
-    /// mask whatever else drew random numbers in between.
+    /// Kept elements are x / (1 - p), about 1 - p of them, as torch's dropout; the gradient is the mask over
+    /// 1 - p; a seed gives one mask whatever else drew random numbers in between.
     #[test]
     fn dropout_keeps_and_scales_as_torch_and_its_seed_fixes_the_mask() {
         let x = leaf(&[64, 256], 3);

@@ -13,8 +13,8 @@ use tch::{Device, Kind, Tensor};
 
 /// Logits of at most this many elements exist at once (64 MiB in f32).
 const CHUNK_ELEMENTS: i64 = 1 << 24;
-/// The softmax of every chunk is kept for the backward pass when it has at most this many elements (128 MiB in
-/// f32): no more than recomputing one chunk's logits and softmax there would hold at once.
+/// The softmax of every chunk is kept for the backward pass when they have at most this many elements together
+/// (128 MiB in f32): what recomputing a chunk's logits and softmax there would hold at once.
 const KEPT_ELEMENTS: i64 = 2 * CHUNK_ELEMENTS;
 
 pub struct TokenScores {
@@ -311,21 +311,16 @@ impl LmHeadTape {
             if metrics {
                 top1.push(logits.argmax(-1, false).eq_tensor(&targets.squeeze_dim(1)));
             }
-            // the softmax as the backward pass would recompute it: the same numbers kept or not
-            let softmax = (metrics || keep).then(|| logits.softmax(-1, Kind::Float));
+            // kept: the softmax as the backward pass would recompute it, so the numbers are the same either way
+            let softmax = keep.then(|| logits.softmax(-1, Kind::Float));
             let log_probs = logits.log_softmax(-1, Kind::Float);
-            drop(logits); // at most three [c, V] buffers at a time
+            drop(logits); // at most two [c, V] buffers at a time besides the kept ones
             logps.push(log_probs.gather(1, &targets, false).squeeze_dim(1));
-            if let Some(softmax) = softmax {
-                if metrics {
-                    // in place unless the softmax is kept
-                    let plogp = if keep { &softmax * &log_probs } else { softmax.shallow_clone().g_mul_(&log_probs) };
-                    entropy.push(-plogp.sum_dim_intlist(-1, false, Kind::Float));
-                }
-                if keep {
-                    kept.push(softmax);
-                }
+            if metrics {
+                let mut plogp = log_probs.exp();
+                entropy.push(-plogp.g_mul_(&log_probs).sum_dim_intlist(-1, false, Kind::Float));
             }
+            kept.extend(softmax);
         }
         let cat = |parts: Vec<Tensor>, kind: Kind| {
             if parts.is_empty() {
@@ -377,6 +372,7 @@ impl LmHeadTape {
                     Some(softmax) => softmax, // overwritten in place: the last use
                     None => chunk_logits(&h, &matmul_weight).softmax(-1, Kind::Float), // [c, V]
                 };
+                debug_assert_eq!(grad_logits.size()[0], size, "a kept softmax of another chunk");
                 let _ = grad_logits.g_mul_(&-&g).scatter_add_(1, &self.targets.narrow(0, start, size).unsqueeze(1), &g);
                 let grad_logits = grad_logits.to_kind(kind);
                 grad_hidden.push(grad_logits.matmul(&matmul_weight).to_kind(Kind::Float)); // [c, hidden]

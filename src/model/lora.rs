@@ -259,8 +259,9 @@ impl Lora {
             (true, None) => return None,
         };
         let x = match dropout_seed {
+            // PEFT casts x to the adapter's dtype first (an f32 adapter on a bf16 model drops out in f32)
             Some(seed) if self.dropout > 0.0 && !reference => {
-                crate::model::fused::dropout(x, self.dropout, mix_seeds(seed, self.index))
+                crate::model::fused::dropout(&x.to_kind(a.kind()), self.dropout, mix_seeds(seed, self.index))
             }
             _ => x.shallow_clone(),
         };

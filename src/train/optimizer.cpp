@@ -60,7 +60,7 @@ extern "C" char *prefalign_clip_grad_norm(at::Tensor **grads, size_t count, doub
         auto coef = at::clamp(at::mul(at::reciprocal(at::add(total, 1e-6)), max_norm), std::nullopt, 1.0);
         if (foreach) {
             at::_foreach_mul_(grad_list, coef);
-        } else if (coef.item<double>() < 1.0) {  // on the CPU reading it costs nothing
+        } else if (!(coef.item<double>() >= 1.0)) {  // on the CPU reading it costs nothing; NaN multiplies, as torch
             for (auto &grad : grad_list) grad.mul_(coef);
         }
         *total_out = new at::Tensor(total);

@@ -361,8 +361,9 @@ impl<'a> Trainer<'a> {
     }
 
     /// Optimizer step `step` (0-based, which seeds its dropout masks) at learning rate `lr` over `micro_batches`
-    /// (indices into `pairs`); the metrics of its batches are appended to `log` when the step succeeds. A non-finite loss stops the step at that micro-batch
-    /// (the later ones are not run) and, like a non-finite gradient norm, leaves the weights as they were.
+    /// (indices into `pairs`); the metrics of its batches are appended to `log` when the step succeeds. A
+    /// non-finite loss stops the step at that micro-batch (the later ones are not run) and, like a non-finite
+    /// gradient norm, leaves the weights as they were.
     pub fn optimizer_step(
         &mut self,
         step: usize,
