@@ -1,7 +1,8 @@
 //! Prefix sharing, packing and gradient checkpointing compute the losses, metrics and gradients of TRL's
 //! layout within f32 rounding, on Llama (tied), Mistral (sliding window 8, shorter than the sequences) and
 //! Qwen2 (q/k/v biases), for DPO, ORPO and SimPO; bf16 autocast stays close to f32;
-//! the reference's log-probs-only path equals the policy's scores bit for bit.
+//! the reference's log-probs-only path equals the policy's scores bit for bit; the lm_head's kept softmax gives
+//! the gradients its recomputation gives.
 
 use crate::common::fixture;
 use prefalign::data::collate::TruncationMode;
@@ -170,5 +171,34 @@ fn reference_logps_equal_the_policy_scores_bit_for_bit() {
                 assert!(lean.equal(&full), "{model_name} {layout:?} {precision:?}: {lean:?} vs {full:?}");
             }
         }
+    }
+}
+
+/// The lm_head's backward pass gives the same gradients, bit for bit, from the softmax kept in the forward pass as
+/// from logits recomputed there (in f32 and under bf16 autocast).
+#[test]
+fn kept_and_recomputed_softmax_give_the_same_lm_head_gradients() {
+    use prefalign::model::lm_head::{score_hidden, ModelInput};
+    let model = model::load(&fixture("models/llama"), Device::Cpu, Kind::Float).unwrap();
+    let pairs = random_pairs(7, model.config().vocab_size as i64);
+    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+    let batch = pack(&refs, 0, Some((28, TruncationMode::KeepStart)), PackOptions::default());
+    let input = ModelInput::new(&batch, Device::Cpu);
+    let weight = model.model.lm_head_weight();
+    for precision in [Precision { cast: None }, Precision { cast: Some(Kind::BFloat16) }] {
+        let hidden = tch::no_grad(|| model.model.hidden_states(&input.input_ids, &input.layout(), precision.cast));
+        let mut results = Vec::new();
+        for keep in [true, false] {
+            let (scores, tape) = score_hidden(&model.model, &batch, &hidden, Needed::Completions, precision, keep);
+            let probe = Tensor::linspace(-1.0, 1.0, scores.logps.numel() as i64, (Kind::Float, Device::Cpu));
+            (&scores.logps * probe.view_as(&scores.logps)).sum(Kind::Float).backward();
+            let grad_hidden = tape.backward(&model.model, &scores.logps.grad());
+            results.push((grad_hidden, weight.grad().copy(), scores.entropy));
+            let _ = weight.grad().zero_();
+        }
+        let ((hidden_a, weight_a, entropy_a), (hidden_b, weight_b, entropy_b)) = (&results[0], &results[1]);
+        assert!(hidden_a.equal(hidden_b), "{precision:?}: the hidden states' gradients differ");
+        assert!(weight_a.equal(weight_b), "{precision:?}: the lm_head weight's gradients differ");
+        assert!(entropy_a.equal(entropy_b), "{precision:?}: the entropies differ");
     }
 }
