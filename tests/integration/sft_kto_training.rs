@@ -44,18 +44,21 @@ fn sft_rows(expected: &Value, template: Option<&str>) -> Vec<SftRow> {
     prepared.rows(&options)
 }
 
-/// Trains the fixture's 5 steps in TRL's layout and in prefalign's default one; every logged value and the final
-/// weights as TRL's.
+/// Trains the fixture's 5 steps in TRL's layout and in prefalign's default one (from the LoRA adapter `adapter`,
+/// when given, as TRL's PEFT run started); every logged value and the final weights as TRL's.
 fn check_trajectory(
     name: &str,
     expected: &Value,
     examples: Examples,
-    reference: Option<&str>,
+    (reference, adapter): (Option<&str>, Option<&str>),
     objective: &Objective,
     truncation: Option<(usize, TruncationMode)>,
 ) {
     for layout in [PackOptions::TRL, PackOptions::default()] {
-        let policy = model::load(&fixture("eval/tiny_policy"), Device::Cpu, Kind::Float).unwrap();
+        let mut policy = model::load(&fixture("eval/tiny_policy"), Device::Cpu, Kind::Float).unwrap();
+        if let Some(adapter) = adapter {
+            policy.load_adapter(&fixture(adapter), "tiny").unwrap();
+        }
         let reference = reference.map(|path| {
             let mut model = model::load(&fixture(path), Device::Cpu, Kind::Float).unwrap();
             model.vs.freeze();
@@ -83,7 +86,8 @@ fn check_sft(name: &str, template: Option<&str>) {
     assert_eq!(rows.len(), expected["rows"].as_array().unwrap().len(), "{name}: rows");
     let loss = SftLoss::parse(expected["settings"]["loss_type"].as_str().unwrap()).unwrap();
     let objective = Objective::Sft(SftParams { loss });
-    check_trajectory(name, &expected, Examples::Sft(&rows), None, &objective, None);
+    let adapter = expected["settings"].get("lora").map(|_| format!("sft/{name}.initial"));
+    check_trajectory(name, &expected, Examples::Sft(&rows), (None, adapter.as_deref()), &objective, None);
 }
 
 #[test]
@@ -99,6 +103,13 @@ fn sft_prompt_completion_with_completion_only_loss() {
 #[test]
 fn sft_prompt_completion_conversational() {
     check_sft("sft_prompt_completion_conversational", None);
+}
+
+/// With LoRA (PEFT's adapters on every projection, dropout 0: TRL's masks come from torch's generator), from the
+/// adapter TRL's run started from.
+#[test]
+fn sft_with_lora_adapters() {
+    check_sft("sft_lora_messages", None);
 }
 
 #[test]
@@ -142,7 +153,7 @@ fn check_kto(name: &str) {
     let reference =
         settings["ref_model"].as_str().map_or("eval/tiny_policy", |p| p.trim_start_matches("tests/fixtures/"));
     let truncation = Some((max_length, TruncationMode::KeepStart));
-    check_trajectory(name, &expected, Examples::Kto(&examples), Some(reference), &objective, truncation);
+    check_trajectory(name, &expected, Examples::Kto(&examples), (Some(reference), None), &objective, truncation);
 }
 
 #[test]
