@@ -44,13 +44,23 @@ fn sft_rows(expected: &Value, template: Option<&str>) -> Vec<SftRow> {
     prepared.rows(&options)
 }
 
+/// Where a trajectory's reference log-probs come from.
+#[derive(Clone, Copy)]
+enum ReferenceSource<'a> {
+    None,
+    /// a model folder under tests/fixtures
+    Folder(&'a str),
+    /// the policy with its adapters off (TRL with a peft_config and no ref_model)
+    Policy,
+}
+
 /// Trains the fixture's 5 steps in TRL's layout and in prefalign's default one (from the LoRA adapter `adapter`,
 /// when given, as TRL's PEFT run started); every logged value and the final weights as TRL's.
 fn check_trajectory(
     name: &str,
     expected: &Value,
     examples: Examples,
-    (reference, adapter): (Option<&str>, Option<&str>),
+    (reference, adapter): (ReferenceSource, Option<&str>),
     objective: &Objective,
     truncation: Option<(usize, TruncationMode)>,
 ) {
@@ -59,16 +69,23 @@ fn check_trajectory(
         if let Some(adapter) = adapter {
             policy.load_adapter(&fixture(adapter), "tiny").unwrap();
         }
-        let reference = reference.map(|path| {
-            let mut model = model::load(&fixture(path), Device::Cpu, Kind::Float).unwrap();
-            model.vs.freeze();
-            model
-        });
+        let reference_model = match reference {
+            ReferenceSource::Folder(path) => {
+                let mut model = model::load(&fixture(path), Device::Cpu, Kind::Float).unwrap();
+                model.vs.freeze();
+                Some(model)
+            }
+            _ => None,
+        };
         let out = tempfile::tempdir().unwrap();
         let config = fixture_config(&expected["settings"], out.path(), Batching { pad_id: 2, truncation, layout });
         let inputs = TrainInputs {
             policy: &policy,
-            reference: reference.as_ref().map_or(Reference::None, Reference::Model),
+            reference: match (reference, &reference_model) {
+                (ReferenceSource::Policy, _) => Reference::Model(&policy),
+                (_, Some(model)) => Reference::Model(model),
+                _ => Reference::None,
+            },
             train: examples,
             eval: None,
             objective,
@@ -87,7 +104,8 @@ fn check_sft(name: &str, template: Option<&str>) {
     let loss = SftLoss::parse(expected["settings"]["loss_type"].as_str().unwrap()).unwrap();
     let objective = Objective::Sft(SftParams { loss });
     let adapter = expected["settings"].get("lora").map(|_| format!("sft/{name}.initial"));
-    check_trajectory(name, &expected, Examples::Sft(&rows), (None, adapter.as_deref()), &objective, None);
+    let sources = (ReferenceSource::None, adapter.as_deref());
+    check_trajectory(name, &expected, Examples::Sft(&rows), sources, &objective, None);
 }
 
 #[test]
@@ -149,11 +167,23 @@ fn check_kto(name: &str) {
         desirable_weight: f("desirable_weight"),
         undesirable_weight: f("undesirable_weight"),
     });
-    // no ref_model: TRL's reference is a copy of the policy
-    let reference =
-        settings["ref_model"].as_str().map_or("eval/tiny_policy", |p| p.trim_start_matches("tests/fixtures/"));
+    // no ref_model: with LoRA the policy with its adapters off, else a copy of the policy
+    let lora = settings.get("lora").is_some();
+    let adapter = lora.then(|| format!("kto/{name}.initial"));
+    let reference = match settings["ref_model"].as_str() {
+        Some(path) => ReferenceSource::Folder(path.trim_start_matches("tests/fixtures/")),
+        None if lora => ReferenceSource::Policy,
+        None => ReferenceSource::Folder("eval/tiny_policy"),
+    };
     let truncation = Some((max_length, TruncationMode::KeepStart));
-    check_trajectory(name, &expected, Examples::Kto(&examples), (Some(reference), None), &objective, truncation);
+    let sources = (reference, adapter.as_deref());
+    check_trajectory(name, &expected, Examples::Kto(&examples), sources, &objective, truncation);
+}
+
+/// With LoRA (every projection) and no reference model: the reference is the policy with its adapters off.
+#[test]
+fn kto_with_lora_adapters() {
+    check_kto("kto_lora_unpaired");
 }
 
 #[test]
