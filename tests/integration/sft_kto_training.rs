@@ -492,17 +492,17 @@ fn sft_applies_lora_dropout_reproducibly() {
         args.extend(["--output-dir", out.to_str().unwrap(), "--max-steps", "4", "--logging-steps", "1"]);
         args.extend(["--use-peft", "--lora-r", "4", "--learning-rate", "1e-2", "--save-steps", "2"]);
         args.extend(extra);
-        ok(&args);
-        (metrics_rows(&out), out)
+        let stderr = ok(&args);
+        (metrics_rows(&out), out, stderr)
     };
     let value = |rows: &[serde_json::Map<String, Value>], step: usize, key: &str| rows[step][key].as_f64().unwrap();
-    let (dropped, out) = run("dropout", &["--lora-dropout", "0.3"]);
-    let (again, _) = run("again", &["--lora-dropout", "0.3"]);
+    let (dropped, out, _) = run("dropout", &["--lora-dropout", "0.3"]);
+    let (again, _, _) = run("again", &["--lora-dropout", "0.3"]);
     assert_eq!(dropped, again, "the same seed trained differently");
-    let (none, _) = run("none", &["--lora-dropout", "0"]);
+    let (none, _, _) = run("none", &["--lora-dropout", "0"]);
     assert_eq!(value(&dropped, 0, "loss"), value(&none, 0, "loss"));
     assert_ne!(value(&dropped, 0, "grad_norm"), value(&none, 0, "grad_norm"), "dropout changed no gradient");
-    let (checkpointed, _) = run("checkpointed", &["--lora-dropout", "0.3", "--gradient-checkpointing"]);
+    let (checkpointed, _, _) = run("checkpointed", &["--lora-dropout", "0.3", "--gradient-checkpointing"]);
     for step in 0..4 {
         for key in ["loss", "grad_norm"] {
             let (got, want) = (value(&checkpointed, step, key), value(&dropped, step, key));
@@ -510,7 +510,7 @@ fn sft_applies_lora_dropout_reproducibly() {
         }
     }
     let checkpoint = out.join("checkpoint-2");
-    let (resumed, resumed_out) =
+    let (resumed, resumed_out, _) =
         run("resumed", &["--lora-dropout", "0.3", "--resume-from-checkpoint", checkpoint.to_str().unwrap()]);
     assert_eq!(resumed, dropped[2..].to_vec());
     let adapter = |dir: &std::path::Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
@@ -521,17 +521,6 @@ fn sft_applies_lora_dropout_reproducibly() {
     let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
     config["attention_dropout"] = serde_json::json!(0.1);
     std::fs::write(&config_path, config.to_string()).unwrap();
-    let out = dir.path().join("attention-dropout");
-    let stderr = ok(&[
-        "sft",
-        "--model",
-        model.to_str().unwrap(),
-        "--dataset",
-        data.to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "1",
-    ]);
+    let (_, _, stderr) = run("attention-dropout", &[]);
     assert!(stderr.contains("attention_dropout (0.1) is not applied"), "{stderr}");
 }
